@@ -1,0 +1,1 @@
+//! Attention executors over [`crate::AttentionInput`].
