@@ -8,7 +8,9 @@
 
 pub mod error;
 pub mod exec;
+pub mod pattern;
 mod shape;
 
 pub use error::{Error, Result};
+pub use pattern::{build_index, HeadIndex, HeadQk, PatternContext};
 pub use shape::{AttentionInput, AttnShape};

@@ -1,0 +1,102 @@
+//! `query_adaptive`: FlexPrefill's per-head choice between a query-aware block set and a
+//! vertical-slash shape, made online from the last queries.
+//!
+//! 1. The true distribution: the exact causal attention of the last `L = min(last_q, N)` queries
+//!    (the [`super::vertical_slash::estimate`] column scores), pooled into key blocks and normalized.
+//! 2. The pooled estimate: `mean(Q of the last L rows) · mean(K of kb) / sqrt(d)`, softmax over all
+//!    key blocks.
+//! 3. `js` = Jensen-Shannon divergence of the two (natural log, so in `[0, ln 2]`; no square root).
+//! 4. `js < tau`: query-aware: per query block, the [`super::block_sparse`] ranking with
+//!    `coverage = gamma`, at least `min_budget` blocks.
+//!    Otherwise: vertical-slash with the fewest top columns whose vertical scores reach `gamma` of
+//!    their total, and likewise for diagonals; each at least `min_budget * block_k` tokens.
+
+use super::block_sparse::BlockRanking;
+use super::rank::dot;
+use super::vertical_slash::VsRanking;
+use super::{HeadIndex, HeadQk, PatternContext};
+use crate::error::{Error, Result};
+
+/// Jensen-Shannon divergence (natural log) between the pooled estimate and the true block distribution
+/// of the last queries; `vs` must be this head's ranking.
+pub fn divergence(ctx: &PatternContext, qk: &HeadQk<'_>, vs: &VsRanking) -> f64 {
+    let nkb = ctx.k_blocks();
+    let rows = ctx.last_rows();
+    let d = qk.head_dim;
+    let mut qbar = vec![0.0f32; d];
+    for i in rows.clone() {
+        for (a, &x) in qbar.iter_mut().zip(qk.q_row(i)) {
+            *a += x / rows.len() as f32;
+        }
+    }
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut est: Vec<f64> = (0..nkb)
+        .map(|kb| {
+            let cols = ctx.k_cols(kb);
+            let mut kbar = vec![0.0f32; d];
+            for j in cols.clone() {
+                for (a, &x) in kbar.iter_mut().zip(qk.k_row(j)) {
+                    *a += x / cols.len() as f32;
+                }
+            }
+            f64::from(dot(&qbar, &kbar)) * scale
+        })
+        .collect();
+    let m = est.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    est.iter_mut().for_each(|x| *x = (*x - m).exp());
+    let z: f64 = est.iter().sum();
+    let truth: Vec<f64> = (0..nkb)
+        .map(|kb| {
+            vs.col_scores
+                .get(ctx.k_cols(kb))
+                .map_or(0.0, |c| c.iter().sum())
+        })
+        .collect();
+    let t: f64 = truth.iter().sum();
+    let kl = |p: f64, mid: f64| if p > 0.0 { p * (p / mid).ln() } else { 0.0 };
+    est.iter()
+        .zip(&truth)
+        .map(|(&e, &a)| {
+            let (p, q) = (e / z, a / t);
+            let mid = 0.5 * (p + q);
+            0.5 * kl(p, mid) + 0.5 * kl(q, mid)
+        })
+        .sum()
+}
+
+/// The query-adaptive index of one head.
+pub fn index(
+    ctx: &PatternContext,
+    qk: &HeadQk<'_>,
+    p: &schemas::QueryAdaptive,
+) -> Result<HeadIndex> {
+    let valid = p.gamma > 0.0 && p.gamma <= 1.0 && p.tau >= 0.0;
+    if !valid {
+        return Err(Error::Pattern {
+            kind: "query_adaptive",
+            message: format!(
+                "needs gamma in (0, 1] and tau >= 0, got gamma {}, tau {}",
+                p.gamma, p.tau
+            ),
+        });
+    }
+    let min_blocks = ctx.resolve(&p.min_budget);
+    let vs = VsRanking::new(ctx, qk)?;
+    if divergence(ctx, qk, &vs) < p.tau {
+        let blocks = BlockRanking::new(ctx, qk)?;
+        Ok(blocks.index_with(ctx, |qb| {
+            blocks
+                .coverage_count(qb, p.gamma)
+                .max(min_blocks.min(blocks.order(qb).len()))
+        }))
+    } else {
+        let min_tokens = min_blocks.saturating_mul(ctx.block_k);
+        let v = vs
+            .columns
+            .coverage_count(&vs.col_scores, p.gamma, min_tokens);
+        let s = vs
+            .diagonals
+            .coverage_count(&vs.diag_scores, p.gamma, min_tokens);
+        Ok(vs.index(ctx, v, s))
+    }
+}
