@@ -33,21 +33,22 @@ fn options() -> Options {
 
 /// Deserializes `text` into `T`, reporting the field path of the first error.
 pub(crate) fn from_str<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    // The closure must fail with the parser's own error, or the parser goes on to read the rest of the
+    // document and reports that instead; the field path is kept aside.
+    let mut field = String::new();
     let outcome = serde_saphyr::with_deserializer_from_str_with_options(text, options(), |de| {
-        Ok(serde_path_to_error::deserialize(de))
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            field = e.path().to_string();
+            e.into_inner()
+        })
     });
-    match outcome {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => {
-            let field = e.path().to_string();
-            Err(syntax(path, &field, e.into_inner().to_string()))
-        }
-        Err(e) => Err(syntax(path, ".", e.to_string())),
-    }
+    outcome.map_err(|e| syntax(path, &field, e.to_string()))
 }
 
 fn syntax(path: &Path, field: &str, message: String) -> Error {
-    let field = if field.is_empty() || field == "." {
+    // serde_path_to_error writes `?` for a segment it cannot name (a key not yet read).
+    let field = field.trim_end_matches(".?");
+    let field = if field.is_empty() || field == "." || field == "?" {
         "(document)".to_string()
     } else {
         field.to_string()
