@@ -35,6 +35,12 @@ pub enum Error {
         location: String,
         message: String,
     },
+    /// A `--data` spec that names no known source, or a request that cannot be met (`seq_len` 0).
+    #[error("data source {spec:?}: {message}")]
+    DataSpec { spec: String, message: String },
+    /// A synthetic task that cannot be built as asked, e.g. `seq_len` too short for its question.
+    #[error("synthetic:{task}: {message}")]
+    Synthetic { task: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
