@@ -41,6 +41,13 @@ pub enum Error {
     /// A synthetic task that cannot be built as asked, e.g. `seq_len` too short for its question.
     #[error("synthetic:{task}: {message}")]
     Synthetic { task: String, message: String },
+
+    // --- profile files (profile.rs) --------------------------------------------------------------
+    /// Statistics that do not fit together (shapes, counts); a bug or a foreign file.
+    #[error("profile: {0}")]
+    Profile(String),
+    #[error(transparent)]
+    Plan(#[from] schemas::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
