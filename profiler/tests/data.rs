@@ -622,3 +622,35 @@ proptest! {
         }
     }
 }
+
+// --- the real tokenizer ---------------------------------------------------------------------------
+
+/// SmolLM2's own tokenizer (rebuilt from the GGUF): exact lengths, needle spans and ChatML markers.
+/// Needs the model file; `scripts/fetch-model.sh` fetches it.
+#[test]
+#[ignore = "needs the real model: run scripts/fetch-model.sh"]
+fn real_tokenizer_gives_exact_prompts() {
+    let model = profiler::model::Model::load(&profiler::model::default_model_path())
+        .expect("model file; run scripts/fetch-model.sh");
+    let tok = model.tokenizer();
+    for chat in [ChatTemplate::Plain, ChatTemplate::ChatMl] {
+        for kind in ["passkey", "kv-retrieval", "needle"] {
+            let samples = load_samples(&synthetic(kind, chat, vec![]), tok, 2048, 3, 1).unwrap();
+            for s in &samples {
+                let t = task(s);
+                assert_eq!(s.tokens.len(), 2048);
+                let needle = decode(tok, &s.tokens[t.needle.clone().unwrap()]);
+                assert!(needle.contains(t.answer.trim()), "{kind}: {needle}");
+                let prompt = decode(tok, &s.tokens);
+                assert_eq!(
+                    prompt.starts_with("<|im_start|>user\n"),
+                    chat == ChatTemplate::ChatMl
+                );
+                if kind == "kv-retrieval" {
+                    let object = &prompt[prompt.find('{').unwrap()..=prompt.rfind('}').unwrap()];
+                    serde_json::from_str::<serde_json::Value>(object).unwrap();
+                }
+            }
+        }
+    }
+}
