@@ -8,5 +8,6 @@
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod stats;
 
 pub use error::{Error, Result};

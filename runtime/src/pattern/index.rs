@@ -146,7 +146,7 @@ fn runs(sorted: &[u32]) -> impl Iterator<Item = Range<usize>> + '_ {
 }
 
 /// Cells `(i, j)` with `i` in `rows`, `j` in `cols`, `j <= i`.
-pub(crate) fn causal_cells(rows: &Range<usize>, cols: &Range<usize>) -> u64 {
+pub fn causal_cells(rows: &Range<usize>, cols: &Range<usize>) -> u64 {
     if cols.is_empty() || rows.is_empty() {
         return 0;
     }

@@ -44,7 +44,7 @@ use schemas::{Defaults, Pattern};
 use crate::error::{Error, Result};
 use crate::AttentionInput;
 
-pub use index::{HeadIndex, Piece};
+pub use index::{causal_cells, HeadIndex, Piece};
 pub use rank::Ranking;
 
 /// Where a pattern is applied: the sequence length and the kernel's block sizes (all in tokens).

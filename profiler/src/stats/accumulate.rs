@@ -1,0 +1,271 @@
+//! The statistics pass over one layer: [`layer_stats`].
+//!
+//! Per query head: the runtime's rankings (vertical-slash, block-sparse) from the head's Q and K, then
+//! every query block's exact softmax ([`RowBlock`]) consumed tile by tile into the sums of
+//! [`HeadStats`]. Work is split into fixed chunks of query blocks per head, run with rayon and added in
+//! chunk order, so the result does not depend on the number of threads.
+
+use rayon::prelude::*;
+use runtime::pattern::block_sparse::BlockRanking;
+use runtime::pattern::vertical_slash::VsRanking;
+use runtime::pattern::{causal_cells, HeadQk, PatternContext};
+use runtime::AttentionInput;
+
+use super::edges::{bucket, rank_edges, COVERAGE_GRID};
+use super::head::{Curve, HeadStats, RankHistogram};
+use super::tile::{PackedKeys, RowBlock};
+use super::{StatsConfig, SINK_TOKENS};
+use crate::Result;
+
+/// Query blocks per work item.
+const CHUNK: usize = 4;
+
+/// What one head needs before its tiles: rankings and per-index buckets.
+struct HeadPrep {
+    ctx: PatternContext,
+    vs: VsRanking,
+    blocks: BlockRanking,
+    edges: Vec<u32>,
+    /// `[N]`: bucket of each column's vertical rank.
+    col_bucket: Vec<u16>,
+    /// `[N]`: bucket of each distance `i - j`.
+    dist_bucket: Vec<u16>,
+}
+
+impl HeadPrep {
+    fn new(ctx: &PatternContext, qk: &HeadQk<'_>) -> Result<Self> {
+        let vs = VsRanking::new(ctx, qk)?;
+        let blocks = BlockRanking::new(ctx, qk)?;
+        let edges = rank_edges(ctx.seq_len);
+        let col_bucket = vs
+            .columns
+            .rank
+            .iter()
+            .map(|&r| bucket(&edges, r) as u16)
+            .collect();
+        let dist_bucket = (0..ctx.seq_len as u32)
+            .map(|o| bucket(&edges, o) as u16)
+            .collect();
+        Ok(Self {
+            ctx: *ctx,
+            vs,
+            blocks,
+            edges,
+            col_bucket,
+            dist_bucket,
+        })
+    }
+}
+
+/// Sums of one chunk of query blocks of one head.
+struct Partial {
+    vertical_slash: RankHistogram,
+    a_shape: RankHistogram,
+    distance: Vec<f64>,
+    sink: f64,
+    entropy: f64,
+    /// One row per query block of the chunk: mass per causal key block.
+    heat: Vec<Vec<f64>>,
+}
+
+/// Exact statistics of every query head of one layer's input (one sample).
+pub fn layer_stats(input: &AttentionInput<'_>, cfg: &StatsConfig) -> Result<Vec<HeadStats>> {
+    let shape = input.shape;
+    shape.check()?;
+    let ctx = cfg.context(shape.seq_len);
+    ctx.check()?;
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let packed: Vec<PackedKeys> = (0..shape.kv_heads)
+        .into_par_iter()
+        .map(|g| PackedKeys::pack(input.k_head(g), n, d, ctx.block_k))
+        .collect();
+    let preps: Vec<HeadPrep> = (0..shape.q_heads)
+        .into_par_iter()
+        .map(|h| HeadPrep::new(&ctx, &HeadQk::from_input(input, h)?))
+        .collect::<Result<_>>()?;
+    let nqb = ctx.q_blocks();
+    let items: Vec<(usize, usize)> = (0..shape.q_heads)
+        .flat_map(|h| (0..nqb.div_ceil(CHUNK)).map(move |c| (h, c)))
+        .collect();
+    let partials: Vec<Partial> = items
+        .par_iter()
+        .map_init(
+            || RowBlock::new(d, ctx.block_q, ctx.block_k),
+            |rb, &(h, c)| {
+                let g = shape.kv_head_of(h);
+                let qbs = c * CHUNK..((c + 1) * CHUNK).min(nqb);
+                chunk(&preps[h], input.q_head(h), &packed[g], qbs, rb)
+            },
+        )
+        .collect::<Result<_>>()?;
+    let per_head = nqb.div_ceil(CHUNK);
+    let mut out = Vec::with_capacity(shape.q_heads);
+    for (h, prep) in preps.iter().enumerate() {
+        let parts = partials
+            .get(h * per_head..(h + 1) * per_head)
+            .unwrap_or(&[]);
+        out.push(combine(prep, parts));
+    }
+    Ok(out)
+}
+
+/// Tiles of query blocks `qbs` of one head.
+fn chunk(
+    prep: &HeadPrep,
+    q: &[f32],
+    keys: &PackedKeys,
+    qbs: std::ops::Range<usize>,
+    rb: &mut RowBlock,
+) -> Result<Partial> {
+    let ctx = &prep.ctx;
+    let nb = prep.edges.len();
+    let mut p = Partial {
+        vertical_slash: RankHistogram::new(nb),
+        a_shape: RankHistogram::new(nb),
+        distance: vec![0.0; nb],
+        sink: 0.0,
+        entropy: 0.0,
+        heat: Vec::with_capacity(qbs.len()),
+    };
+    let stride = rb.stride();
+    let mut colsum = vec![0.0f32; stride];
+    let mut diag = vec![0.0f32; ctx.block_q + stride];
+    for qb in qbs {
+        rb.compute(q, keys, qb)?;
+        let rows = rb.rows();
+        let inv_l = rb.inv_l();
+        let mut heat_row = Vec::with_capacity(rb.k_blocks());
+        for kb in 0..rb.k_blocks() {
+            let cols = ctx.k_cols(kb);
+            let tile = rb.tile(kb);
+            colsum.fill(0.0);
+            // Distances in this tile: rows.start - (cols.end - 1) ..= rows.end - 1 - cols.start.
+            let lo = rows.start.saturating_sub(cols.end - 1);
+            let hi = rows.end - 1 - cols.start;
+            let one_bucket = prep.dist_bucket.get(lo) == prep.dist_bucket.get(hi);
+            if !one_bucket {
+                diag.fill(0.0);
+            }
+            for r in 0..rows.len() {
+                let nv = rb.visible(r, kb);
+                let il = inv_l[r];
+                let row = &tile[r * stride..r * stride + nv];
+                for (s, &e) in colsum.iter_mut().zip(row) {
+                    *s += e * il;
+                }
+                if !one_bucket {
+                    // local index r - c + stride - 1 for column c
+                    let base = r + stride - nv;
+                    for (dst, &e) in diag[base..base + nv].iter_mut().zip(row.iter().rev()) {
+                        *dst += e * il;
+                    }
+                }
+            }
+            let ncols = cols.len();
+            let mass: f64 = colsum[..ncols].iter().map(|&x| f64::from(x)).sum();
+            heat_row.push(mass);
+            if one_bucket {
+                if let Some(&b) = prep.dist_bucket.get(lo) {
+                    p.distance[b as usize] += mass;
+                }
+            } else {
+                // local index x is distance rows.start + x - (stride - 1) - cols.start
+                for (x, &m) in diag.iter().enumerate() {
+                    if m != 0.0 {
+                        let o = (x + rows.start).checked_sub(cols.start + stride - 1);
+                        if let Some(&b) = o.and_then(|o| prep.dist_bucket.get(o)) {
+                            p.distance[b as usize] += f64::from(m);
+                        }
+                    }
+                }
+            }
+            if cols.start < SINK_TOKENS {
+                let k = (SINK_TOKENS - cols.start).min(ncols);
+                p.sink += colsum[..k].iter().map(|&x| f64::from(x)).sum::<f64>();
+            }
+            // Vertical-slash: axis a = column rank bucket, axis b = block slash rank bucket.
+            let sb = bucket(&prep.edges, prep.vs.block_rank(qb, kb));
+            for (c, &s) in colsum[..ncols].iter().enumerate() {
+                let j = cols.start + c;
+                let cb = prep.col_bucket.get(j).map_or(0, |&b| b as usize);
+                let at = cb * nb + sb;
+                p.vertical_slash.mass[at] += f64::from(s);
+                p.vertical_slash.cells[at] += rows.end.saturating_sub(j.max(rows.start)) as f64;
+            }
+            // A-shape: axis a = sink rank kb * block_k, axis b = local rank.
+            let sink_rank = u32::try_from(cols.start).unwrap_or(u32::MAX);
+            let local_rank = (rows.start + 1).saturating_sub(cols.end);
+            let at = bucket(&prep.edges, sink_rank) * nb
+                + bucket(&prep.edges, u32::try_from(local_rank).unwrap_or(u32::MAX));
+            p.a_shape.mass[at] += mass;
+            p.a_shape.cells[at] += causal_cells(&rows, &cols) as f64;
+        }
+        p.entropy += (0..rows.len()).map(|r| rb.entropy_bits(r)).sum::<f64>();
+        p.heat.push(heat_row);
+    }
+    Ok(p)
+}
+
+/// Adds a head's partials in order and derives the block-sparse curves from the full heat map.
+fn combine(prep: &HeadPrep, parts: &[Partial]) -> HeadStats {
+    let ctx = &prep.ctx;
+    let n = ctx.seq_len;
+    let mut s = HeadStats::empty(ctx);
+    let nb = prep.edges.len();
+    s.samples = 1;
+    s.rows = n as u64;
+    s.dense_cells = (n as f64) * (n as f64 + 1.0) / 2.0;
+    s.max_len = n;
+    s.edges.clone_from(&prep.edges);
+    s.distance_mass = vec![0.0; nb];
+    s.vertical_slash = RankHistogram::new(nb);
+    s.a_shape = RankHistogram::new(nb);
+    for p in parts {
+        s.sink_mass += p.sink;
+        s.entropy_bits += p.entropy;
+        for (a, b) in s.distance_mass.iter_mut().zip(&p.distance) {
+            *a += b;
+        }
+        s.vertical_slash.merge(&p.vertical_slash);
+        s.a_shape.merge(&p.a_shape);
+        s.heat.extend(p.heat.iter().cloned());
+    }
+    s.heat_rows = (0..ctx.q_blocks())
+        .map(|qb| ctx.q_rows(qb).len() as u64)
+        .collect();
+
+    // Block-sparse: cumulative exact mass and cells along each query block's ranking.
+    let nkb = ctx.k_blocks();
+    let mut top_k = Curve {
+        mass: vec![0.0; nkb],
+        cells: vec![0.0; nkb],
+    };
+    let mut coverage = Curve {
+        mass: vec![0.0; COVERAGE_GRID.len()],
+        cells: vec![0.0; COVERAGE_GRID.len()],
+    };
+    for (qb, heat) in s.heat.iter().enumerate() {
+        let rows = ctx.q_rows(qb);
+        let order = prep.blocks.order(qb);
+        let mut cum_mass = vec![0.0f64; order.len() + 1];
+        let mut cum_cells = vec![0.0f64; order.len() + 1];
+        for (r, &kb) in order.iter().enumerate() {
+            let kb = kb as usize;
+            cum_mass[r + 1] = cum_mass[r] + heat.get(kb).copied().unwrap_or(0.0);
+            cum_cells[r + 1] = cum_cells[r] + causal_cells(&rows, &ctx.k_cols(kb)) as f64;
+        }
+        for k in 1..=nkb {
+            let c = prep.blocks.top_k_count(qb, k);
+            top_k.mass[k - 1] += cum_mass[c];
+            top_k.cells[k - 1] += cum_cells[c];
+        }
+        for (g, &cov) in COVERAGE_GRID.iter().enumerate() {
+            let c = prep.blocks.coverage_count(qb, cov);
+            coverage.mass[g] += cum_mass[c];
+            coverage.cells[g] += cum_cells[c];
+        }
+    }
+    s.block_top_k = top_k;
+    s.block_coverage = coverage;
+    s
+}
