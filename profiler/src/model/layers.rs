@@ -21,10 +21,12 @@ pub(crate) fn linear(x: &Tensor, l: &Linear) -> Result<Tensor> {
     })
 }
 
-/// SwiGLU: `down(silu(gate(x)) * up(x))`.
-pub(crate) fn mlp(x: &Tensor, gate: &Linear, up: &Linear, down: &Linear) -> Result<Tensor> {
-    let g = candle_nn::ops::silu(&linear(x, gate)?)?;
-    let u = linear(x, up)?;
+/// SwiGLU: `down(silu(gate(x)) * up(x))`, with gate and up stacked in `gate_up` (`[2 * ff, in]`).
+pub(crate) fn mlp(x: &Tensor, gate_up: &Linear, down: &Linear) -> Result<Tensor> {
+    let gu = linear(x, gate_up)?;
+    let ff = gu.dim(1)? / 2;
+    let g = candle_nn::ops::silu(&gu.narrow(1, 0, ff)?)?;
+    let u = gu.narrow(1, ff, ff)?;
     linear(&(g * u)?, down)
 }
 
@@ -81,10 +83,14 @@ impl RopeTable {
     }
 }
 
-/// Scatters `rows` token rows of a projection (`src` `[rows, heads * head_dim]`, token `first + t`)
-/// into the head-major buffer `dst` `[heads, seq_len, head_dim]`, rotating by RoPE when `rope` is given.
+/// Scatters token rows of a projection into the head-major buffer `dst` `[heads, seq_len, head_dim]`,
+/// rotating by RoPE when `rope` is given. Row `t` of `src` (row stride `stride`) is token `first + t`;
+/// its columns `col..col + heads * head_dim` are read.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn scatter_heads(
     src: &[f32],
+    stride: usize,
+    col: usize,
     first: usize,
     heads: usize,
     head_dim: usize,
@@ -92,7 +98,8 @@ pub(crate) fn scatter_heads(
     rope: Option<(&RopeTable, RopeStyle)>,
     dst: &mut [f32],
 ) {
-    for (t, row) in src.chunks_exact(heads * head_dim).enumerate() {
+    for (t, row) in src.chunks_exact(stride).enumerate() {
+        let row = &row[col..col + heads * head_dim];
         let pos = first + t;
         for (h, x) in row.chunks_exact(head_dim).enumerate() {
             let at = (h * seq_len + pos) * head_dim;

@@ -200,14 +200,16 @@ impl Model {
                 let rows = CHUNK_ROWS.min(t - first);
                 let xc = Tensor::from_slice(&x[first * h..(first + rows) * h], (rows, h), &dev)?;
                 let xn = rms_norm(&xc, &lw.attn_norm, cfg.rms_eps)?;
+                let y: Vec<f32> = linear(&xn, &lw.qkv)?.flatten_all()?.to_vec1()?;
+                let (q_cols, kv_cols) = (cfg.q_heads * d, cfg.kv_heads * d);
+                let stride = q_cols + 2 * kv_cols;
                 let rot = Some((&rope, cfg.rope_style));
-                for (l, heads, buf, r) in [
-                    (&lw.q, cfg.q_heads, &mut q, rot),
-                    (&lw.k, cfg.kv_heads, &mut k, rot),
-                    (&lw.v, cfg.kv_heads, &mut v, None),
+                for (col, heads, buf, r) in [
+                    (0, cfg.q_heads, &mut q, rot),
+                    (q_cols, cfg.kv_heads, &mut k, rot),
+                    (q_cols + kv_cols, cfg.kv_heads, &mut v, None),
                 ] {
-                    let y: Vec<f32> = linear(&xn, l)?.flatten_all()?.to_vec1()?;
-                    scatter_heads(&y, first, heads, d, t, r, buf);
+                    scatter_heads(&y, stride, col, first, heads, d, t, r, buf);
                 }
             }
             let input = AttentionInput::new(shape, &q, &k, &v)?;
@@ -221,8 +223,7 @@ impl Model {
                 let x1 = (linear(&a, &lw.o)? + xc)?;
                 let x2 = (mlp(
                     &rms_norm(&x1, &lw.ffn_norm, cfg.rms_eps)?,
-                    &lw.gate,
-                    &lw.up,
+                    &lw.gate_up,
                     &lw.down,
                 )? + x1)?;
                 xs.copy_from_slice(&x2.flatten_all()?.to_vec1::<f32>()?);

@@ -40,16 +40,27 @@ pub(crate) struct Linear {
     pub b: Option<Tensor>,
 }
 
+impl Linear {
+    /// Stacks projections of the same input along the output dimension, so one matmul computes all.
+    fn stack(parts: &[Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+        let bs: Option<Vec<&Tensor>> = parts.iter().map(|l| l.b.as_ref()).collect();
+        Ok(Self {
+            w: Tensor::cat(&ws, 0)?,
+            b: bs.map(|bs| Tensor::cat(&bs, 0)).transpose()?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct LayerWeights {
     pub attn_norm: Tensor,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// Q, K and V stacked: `[q_heads * head_dim + 2 * kv_heads * head_dim, hidden]` (one matmul).
+    pub qkv: Linear,
     pub o: Linear,
     pub ffn_norm: Tensor,
-    pub gate: Linear,
-    pub up: Linear,
+    /// Gate and up stacked: `[2 * intermediate, hidden]` (one matmul).
+    pub gate_up: Linear,
     pub down: Linear,
 }
 
@@ -121,13 +132,17 @@ impl Weights {
             let p = |n: &str| format!("{}{i}.{n}", names.layer_prefix);
             layers.push(LayerWeights {
                 attn_norm: ld.get(&p(names.attn_norm), &[h])?,
-                q: ld.linear(&p(names.q), q_out, h, cfg.qkv_bias)?,
-                k: ld.linear(&p(names.k), kv_out, h, cfg.qkv_bias)?,
-                v: ld.linear(&p(names.v), kv_out, h, cfg.qkv_bias)?,
+                qkv: Linear::stack(&[
+                    ld.linear(&p(names.q), q_out, h, cfg.qkv_bias)?,
+                    ld.linear(&p(names.k), kv_out, h, cfg.qkv_bias)?,
+                    ld.linear(&p(names.v), kv_out, h, cfg.qkv_bias)?,
+                ])?,
                 o: ld.linear(&p(names.o), h, q_out, false)?,
                 ffn_norm: ld.get(&p(names.ffn_norm), &[h])?,
-                gate: ld.linear(&p(names.gate), ff, h, false)?,
-                up: ld.linear(&p(names.up), ff, h, false)?,
+                gate_up: Linear::stack(&[
+                    ld.linear(&p(names.gate), ff, h, false)?,
+                    ld.linear(&p(names.up), ff, h, false)?,
+                ])?,
                 down: ld.linear(&p(names.down), h, ff, false)?,
             });
         }
