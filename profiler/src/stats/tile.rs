@@ -270,6 +270,9 @@ fn avx512(rb: &mut RowBlock, keys: &PackedKeys) {
     unsafe { avx512_inner(rb, keys) }
 }
 
+// The micro-kernel keeps `ROWS x C` accumulators. With 4 x 16 (four zmm registers) LLVM vectorizes it
+// to broadcast-FMAs; 4 x 32 or 8 x 16 were compiled to scalar code with memory accumulators, 15-40x
+// slower (rustc 1.95). Re-check with `perf annotate` and `examples/stats_bench.rs` before widening.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn avx512_inner(rb: &mut RowBlock, keys: &PackedKeys) {
