@@ -33,14 +33,22 @@ fn validate_refuses_every_invalid_fixture_with_exit_1_naming_file_and_field() {
     let dir = plans().join("invalid");
     let table = std::fs::read_to_string(dir.join("EXPECTED.tsv")).unwrap();
     let mut n = 0;
-    for row in table.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for row in table
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let cols: Vec<&str> = row.split('\t').collect();
         let path = dir.join(cols[0]);
         let out = attnplan(&["validate", path.to_str().unwrap()]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{}: {stderr}", cols[0]);
         assert!(stderr.contains(cols[0]), "{stderr}");
-        assert!(stderr.contains(cols[1]), "{}: no field {:?}: {stderr}", cols[0], cols[1]);
+        assert!(
+            stderr.contains(cols[1]),
+            "{}: no field {:?}: {stderr}",
+            cols[0],
+            cols[1]
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
         n += 1;
     }
@@ -67,7 +75,13 @@ fn inspect_prints_a_readable_summary() {
     let out = attnplan(&["inspect", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let s = text(&out.stdout);
-    for needle in ["toy-llama", "layer", "vertical_slash.vertical", "mean 0.964", "0.260 of dense"] {
+    for needle in [
+        "toy-llama",
+        "layer",
+        "vertical_slash.vertical",
+        "mean 0.964",
+        "0.260 of dense",
+    ] {
         assert!(s.contains(needle), "missing {needle:?} in\n{s}");
     }
 }

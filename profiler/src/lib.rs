@@ -8,6 +8,7 @@
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod profile;
 pub mod stats;
 
 pub use error::{Error, Result};

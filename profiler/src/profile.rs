@@ -245,7 +245,10 @@ impl Profile {
             return Err(bad(
                 path,
                 "version",
-                format!("{}, this tool reads version {PROFILE_VERSION}", meta.version),
+                format!(
+                    "{}, this tool reads version {PROFILE_VERSION}",
+                    meta.version
+                ),
             ));
         }
         let st = safetensors::SafeTensors::deserialize(bytes)

@@ -75,7 +75,10 @@ fn merge_refuses_double_counting_and_foreign_profiles() {
     let p = Path::new("other.safetensors");
     let mut a = profile(&["s0"], &[0, 1], 1.0);
     let err = a.merge(&profile(&["s0"], &[0, 1], 1.0), p).unwrap_err();
-    assert!(err.to_string().contains("other.safetensors: sample_ids"), "{err}");
+    assert!(
+        err.to_string().contains("other.safetensors: sample_ids"),
+        "{err}"
+    );
     for (field, tweak) in [
         ("model.fingerprint", 0),
         ("seq_len", 1),
@@ -90,7 +93,10 @@ fn merge_refuses_double_counting_and_foreign_profiles() {
             _ => b.meta.block_k = 32,
         }
         let err = a.merge(&b, p).unwrap_err().to_string();
-        assert!(err.contains(&format!("other.safetensors: {field}:")), "{err}");
+        assert!(
+            err.contains(&format!("other.safetensors: {field}:")),
+            "{err}"
+        );
     }
     let mut b = profile(&["s9"], &[0, 1], 1.0);
     b.tensors.get_mut("L0.H0.heat").unwrap().shape = vec![3, 2];
@@ -104,12 +110,23 @@ fn corrupt_and_foreign_files_are_clear_errors() {
     let good = profile(&["s0"], &[0], 1.0).to_bytes().unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", vec![], "(header)"),
-        ("truncated", good[..good.len() - 5].to_vec(), "not fully covered"),
-        ("garbage", b"hello world, not a profile".to_vec(), "(header)"),
+        (
+            "truncated",
+            good[..good.len() - 5].to_vec(),
+            "not fully covered",
+        ),
+        (
+            "garbage",
+            b"hello world, not a profile".to_vec(),
+            "(header)",
+        ),
         (
             "plain-safetensors",
-            safetensors::serialize(Vec::<(String, safetensors::tensor::TensorView)>::new(), None)
-                .unwrap(),
+            safetensors::serialize(
+                Vec::<(String, safetensors::tensor::TensorView)>::new(),
+                None,
+            )
+            .unwrap(),
             "__metadata__.attnplan",
         ),
     ];
