@@ -13,6 +13,23 @@ pub enum Error {
     /// `context`, and `message` names the field, the value and what was expected.
     #[error("pattern {kind}: {message}")]
     Pattern { kind: &'static str, message: String },
+
+    // --- cuda (exec/cuda) ------------------------------------------------------------------------
+    /// The crate was built without the `cuda` feature.
+    #[error("CUDA support not compiled in (build runtime with --features cuda)")]
+    CudaNotCompiled,
+    /// No usable driver, NVRTC or device at run time.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+    /// NVRTC rejected a kernel file; `log` is its compile log.
+    #[error("NVRTC failed to compile {file}:\n{log}")]
+    CudaCompile { file: &'static str, log: String },
+    /// A driver call failed (allocation, copy, launch, synchronization).
+    #[error("CUDA driver: {0}")]
+    Cuda(String),
+    /// Input the CUDA kernels do not handle (head_dim, block sizes, sizes past their index types).
+    #[error("CUDA kernels: {0}")]
+    CudaUnsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -2,7 +2,15 @@
 //!
 //! - [`dense`]: exact causal attention, tiled with an online softmax ([`dense_attention`]); its tile
 //!   routine ([`TileState`], [`KeyBlock`]) is the building block of the sparse executor.
+//! - [`cuda`]: the CUDA executor (sparse flash attention over `HeadIndex` lists, GPU vertical-slash
+//!   index building); without the `cuda` feature a stub with the same API returns
+//!   [`crate::Error::CudaNotCompiled`].
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_disabled.rs"]
+pub mod cuda;
 pub mod dense;
 
 pub use dense::{dense_attention, KeyBlock, PackedKeys, TileState, Visible};

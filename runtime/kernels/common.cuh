@@ -1,0 +1,80 @@
+// Shared device helpers for attnplan's kernels: headerless (bf16 as raw u16, PTX inline), so NVRTC
+// needs no include path. Prepended to each kernel source by the Rust side (see exec/cuda/device.rs).
+//
+// Fragment layouts are those of `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`
+// (g = lane / 4, t = lane % 4):
+//   A (16x16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B (16x8, "col"):      b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
+//   C (16x8, f32):        c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+#define POS_NONE 0x7fffffff
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16-byte async copy global -> shared; `bytes` is 16 or 0 (0 zero-fills the destination).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// c += a * b, m16n8k16, bf16 inputs, f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 to packed bf16x2 (round to nearest even): `lo` in bits 0..15.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float(((u32)x) << 16); }
+
+// Byte offset of 16-byte chunk `c` of row `r` in a tile of rows of `D` bf16 values, XOR-swizzled so
+// that the 8 rows an ldmatrix phase reads fall in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ u32 swz(int r, int c) {
+    return (u32)(r * D * 2 + ((c ^ (r & 7)) << 4));
+}
+
+// Loads one 64 x D bf16 tile of rows `pos[r]` (rows with pos == POS_NONE are zero-filled) from
+// `base` (row stride D) into swizzled shared memory at `dst`, with 128 threads.
+template <int D>
+__device__ __forceinline__ void load_rows_async(u32 dst, const bf16_t* base, int r, int pos, int c) {
+    const bool ok = pos != POS_NONE;
+    const bf16_t* src = base + (ok ? (u64)pos * D + c * 8 : 0);
+    cp_async16(dst + swz<D>(r, c), src, ok ? 16 : 0);
+}

@@ -1,0 +1,441 @@
+// Vertical-slash index building on the GPU, all heads of a layer per launch. Same selection as the CPU
+// `runtime::pattern::vertical_slash` (see its module docs); stages, in launch order:
+//
+// 1. vs_est<0>: scores of the last L queries against all keys (mma.sync), per (head, row tile of 64
+//    of the last L rows, chunk of EST_CHUNK keys): running max and sum of exp2 per row -> `part`.
+// 2. vs_est_reduce: per (head, row): combines the partials into (max, 1 / sum) -> `ml`.
+// 3. vs_est<1>: recomputes the scores, p = softmax, sums p per key column (`col`) and per diagonal
+//    offset i - j (`diag`) with shared-memory then global f32 atomics (both zeroed before).
+// 4. vs_topk: per (head, columns | diagonals): radix select of the top-k (forced items first, then
+//    descending score, ties to the lower index), writes inclusive prefix counts `cum[h][0..=n]` of the
+//    selected items and, for columns, the sorted list of selected columns.
+// 5. vs_count: per (head, query block), one warp: the number of key blocks (tiles touched by a selected
+//    diagonal) and of gathered columns (selected columns <= the block's last row, outside those tiles).
+// 6. vs_scan: exclusive scan of both count arrays -> `blk_off`, `col_off` (the flattened CSR offsets).
+// 7. vs_fill: per (head, query block), one warp: writes the sorted key blocks and columns.
+//
+// Scores: q . k in f32 from bf16 products (exact) with tensor-core accumulation order; softmax in f32.
+// The CPU reference uses f32 dots and f64 softmax, so selections can differ only at near-ties.
+
+#define EST_TILES 8  // key tiles of 64 per CTA in vs_est
+#define EST_CHUNK (EST_TILES * 64)
+
+template <int D, int PASS>
+__device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n,
+                                       int q_heads, int group, int last_q, float scale_log2,
+                                       float2* __restrict__ part, const float2* __restrict__ ml,
+                                       float* __restrict__ col, float* __restrict__ diag) {
+    constexpr int CPR = D / 8, ROWS_PER_PASS = 128 / CPR, PASSES = 64 / ROWS_PER_PASS;
+    constexpr int TILE_BYTES = 64 * D * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 sQ = smem_u32(smem), sK = sQ + TILE_BYTES;
+    float* colacc = (float*)(smem + 2 * TILE_BYTES);  // [64]
+    float* diagacc = colacc + 64;                     // [128]
+
+    const int h = blockIdx.x % q_heads, chunk = blockIdx.x / q_heads, rt = blockIdx.y;
+    const int nchunks = (n + EST_CHUNK - 1) / EST_CHUNK;
+    const int rows_pad = gridDim.y * 64;
+    const int i0 = n - last_q + rt * 64;  // first row of this row tile (absolute)
+    const int i_last = min(i0 + 63, n - 1);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const bf16_t* qh = q + (u64)h * n * D;
+    const bf16_t* kh = k + (u64)(h / group) * n * D;
+
+    {
+        const int c = tid % CPR;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = tid / CPR + p * ROWS_PER_PASS;
+            load_rows_async<D>(sQ, qh, r, i0 + r < n ? i0 + r : POS_NONE, c);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+
+    const int ra = i0 + warp * 16 + g, rb = ra + 8;  // absolute rows of this thread
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+    float2 mla = make_float2(0.f, 0.f), mlb = mla;
+    if (PASS == 1) {
+        mla = ml[(u64)h * rows_pad + rt * 64 + warp * 16 + g];
+        mlb = ml[(u64)h * rows_pad + rt * 64 + warp * 16 + g + 8];
+    }
+
+    for (int tt = 0; tt < EST_TILES; ++tt) {
+        const int j0 = chunk * EST_CHUNK + tt * 64;
+        if (j0 > i_last) break;  // uniform across the CTA
+        {
+            const int c = tid % CPR;
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int r = tid / CPR + p * ROWS_PER_PASS;
+                load_rows_async<D>(sK, kh, r, j0 + r < n ? j0 + r : POS_NONE, c);
+            }
+            cp_async_commit();
+        }
+        if (PASS == 1) {
+            for (int x = tid; x < 192; x += 128) colacc[x] = 0.f;  // colacc and diagacc
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                const int r = j * 8 + (lane & 7) + ((lane >> 4) << 3);
+                u32 b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, sK + swz<D>(r, kk * 2 + ((lane >> 3) & 1)));
+                mma_bf16(s[j], qf[kk], b0, b1);
+                mma_bf16(s[j + 1], qf[kk], b2, b3);
+            }
+        }
+        // Causal mask; rows past n (not among the last L) never count.
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int jj = j0 + j * 8 + 2 * tq + (e & 1);
+                const int ii = e < 2 ? ra : rb;
+                s[j][e] = (jj <= ii && ii < n) ? s[j][e] * scale_log2 : NEG_INF;
+            }
+        }
+        if (PASS == 0) {
+            float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+            }
+            const float na = fmaxf(m_a, mx_a), nb = fmaxf(m_b, mx_b);
+            const float ua = na == NEG_INF ? 0.f : na, ub = nb == NEG_INF ? 0.f : nb;
+            l_a *= exp2f(m_a - ua);
+            l_b *= exp2f(m_b - ub);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                l_a += exp2f(s[j][0] - ua) + exp2f(s[j][1] - ua);
+                l_b += exp2f(s[j][2] - ub) + exp2f(s[j][3] - ub);
+            }
+            m_a = na;
+            m_b = nb;
+        } else {
+            // p = 2^(x - m) / l: per column sums (over rows) and per diagonal sums.
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float cs[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pa = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - mla.x) * mla.y;
+                    const float pb = s[j][e + 2] == NEG_INF ? 0.f : exp2f(s[j][e + 2] - mlb.x) * mlb.y;
+                    cs[e] = pa + pb;
+                    const int cc = j * 8 + 2 * tq + e;        // column within the tile
+                    const int la = warp * 16 + g;             // row within the tile
+                    if (pa > 0.f) atomicAdd(&diagacc[la - cc + 63], pa);
+                    if (pb > 0.f) atomicAdd(&diagacc[la + 8 - cc + 63], pb);
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float x = cs[e];
+                    x += __shfl_xor_sync(0xffffffff, x, 4);
+                    x += __shfl_xor_sync(0xffffffff, x, 8);
+                    x += __shfl_xor_sync(0xffffffff, x, 16);
+                    if (g == 0 && x > 0.f) atomicAdd(&colacc[j * 8 + 2 * tq + e], x);
+                }
+            }
+            __syncthreads();
+            // Tile (i0.., j0..): offset of diagacc[x] is (i0 - j0) + x - 63.
+            for (int x = tid; x < 192; x += 128) {
+                if (x < 64) {
+                    const float c = colacc[x];
+                    if (c != 0.f && j0 + x < n) atomicAdd(&col[(u64)h * n + j0 + x], c);
+                } else {
+                    const int dx = x - 64;
+                    const int off = i0 - j0 + dx - 63;
+                    const float d = diagacc[dx];
+                    if (dx < 127 && d != 0.f && off >= 0 && off < n) atomicAdd(&diag[(u64)h * n + off], d);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (PASS == 0) {
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+            const float oma = __shfl_xor_sync(0xffffffff, m_a, sh), ola = __shfl_xor_sync(0xffffffff, l_a, sh);
+            const float omb = __shfl_xor_sync(0xffffffff, m_b, sh), olb = __shfl_xor_sync(0xffffffff, l_b, sh);
+            float na = fmaxf(m_a, oma), nb = fmaxf(m_b, omb);
+            const float ua = na == NEG_INF ? 0.f : na, ub = nb == NEG_INF ? 0.f : nb;
+            l_a = l_a * exp2f(m_a - ua) + ola * exp2f(oma - ua);
+            l_b = l_b * exp2f(m_b - ub) + olb * exp2f(omb - ub);
+            m_a = na;
+            m_b = nb;
+        }
+        if (tq == 0) {
+            const u64 ba = ((u64)h * rows_pad + rt * 64 + warp * 16 + g) * nchunks + chunk;
+            part[ba] = make_float2(m_a, l_a);
+            part[ba + 8 * (u64)nchunks] = make_float2(m_b, l_b);
+        }
+    }
+}
+
+#define EST_ARGS                                                                                    \
+    const bf16_t *__restrict__ q, const bf16_t *__restrict__ k, int n, int q_heads, int group,     \
+        int last_q, float scale_log2, float2 *__restrict__ part, const float2 *__restrict__ ml,    \
+        float *__restrict__ col, float *__restrict__ diag
+
+extern "C" __global__ void __launch_bounds__(128) vs_est_max_d128(EST_ARGS) {
+    vs_est<128, 0>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+}
+extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d128(EST_ARGS) {
+    vs_est<128, 1>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+}
+extern "C" __global__ void __launch_bounds__(128) vs_est_max_d64(EST_ARGS) {
+    vs_est<64, 0>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+}
+extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d64(EST_ARGS) {
+    vs_est<64, 1>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+}
+
+// One warp per (head, padded row): combines the per-chunk (max, sum) into (max, 1 / sum).
+extern "C" __global__ void vs_est_reduce(const float2* __restrict__ part, float2* __restrict__ ml, int rows,
+                                         int nchunks) {
+    const int row = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float m = NEG_INF, l = 0.f;
+    for (int c = lane; c < nchunks; c += 32) {
+        const float2 p = part[(u64)row * nchunks + c];
+        if (p.y > 0.f) {
+            const float nm = fmaxf(m, p.x);
+            l = l * exp2f(m - nm) + p.y * exp2f(p.x - nm);
+            m = nm;
+        }
+    }
+#pragma unroll
+    for (int sh = 16; sh >= 1; sh >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffff, m, sh), ol = __shfl_xor_sync(0xffffffff, l, sh);
+        const float nm = fmaxf(m, om);
+        const float u = nm == NEG_INF ? 0.f : nm;
+        l = l * exp2f(m - u) + ol * exp2f(om - u);
+        m = nm;
+    }
+    if (lane == 0) ml[row] = make_float2(m, l > 0.f ? 1.f / l : 0.f);
+}
+
+// Exclusive scan of one value per thread over a 1024-thread block; returns the prefix, sets *total.
+// Every thread of the block must call it.
+__device__ __forceinline__ u32 block_scan_1024(u32 x, u32* total) {
+    __shared__ u32 ws[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 inc = x;
+#pragma unroll
+    for (int sh = 1; sh < 32; sh <<= 1) {
+        const u32 y = __shfl_up_sync(0xffffffff, inc, sh);
+        if (lane >= sh) inc += y;
+    }
+    __syncthreads();  // ws may still be read by a previous call
+    if (lane == 31) ws[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        const u32 w = ws[lane];
+        u32 wi = w;
+#pragma unroll
+        for (int sh = 1; sh < 32; sh <<= 1) {
+            const u32 y = __shfl_up_sync(0xffffffff, wi, sh);
+            if (lane >= sh) wi += y;
+        }
+        ws[lane] = wi - w;
+        if (lane == 31) *total = wi;
+    }
+    __syncthreads();
+    return ws[warp] + inc - x;
+}
+
+// Sort key: forced items highest, then the score's bits (scores are >= 0, so bits order like values).
+__device__ __forceinline__ u32 rank_key(const float* s, int i, int forced) {
+    if (i < forced) return 0xffffffffu;
+    const float x = s[i];
+    return x > 0.f ? __float_as_uint(x) : 0u;
+}
+
+// grid (2, q_heads), 1024 threads. blockIdx.x == 0: columns (budget v, `forced_cols` forced),
+// 1: diagonals (budget s, `forced_diags` forced). Budgets are per head, already clamped
+// (v <= n, 1 <= s <= n). Writes cum[h][0..=n] (selected items before each index) and, for columns,
+// col_list[h][0..v] (selected columns ascending).
+extern "C" __global__ void __launch_bounds__(1024)
+    vs_topk(const float* __restrict__ col, const float* __restrict__ diag, const u32* __restrict__ budget_v,
+            const u32* __restrict__ budget_s, int n, int forced_cols, int forced_diags, u32* __restrict__ col_cum,
+            u32* __restrict__ diag_cum, u32* __restrict__ col_list) {
+    __shared__ u32 hist[256];
+    __shared__ u32 s_digit, s_rem, s_total;
+    const int h = blockIdx.y, tid = threadIdx.x;
+    const bool cols = blockIdx.x == 0;
+    const float* s = (cols ? col : diag) + (u64)h * n;
+    const int forced = cols ? forced_cols : forced_diags;
+    const u32 kk = cols ? budget_v[h] : budget_s[h];
+    u32* cum = (cols ? col_cum : diag_cum) + (u64)h * (n + 1);
+
+    // Radix select, 8 bits at a time from the top: `prefix` ends as the k-th largest key, `rem` the
+    // number of items equal to it that are selected (the lowest-indexed ones).
+    u32 prefix = 0, pmask = 0, rem = kk;
+    const bool all = kk >= (u32)n, none = kk == 0;
+    if (!all && !none) {
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            if (tid < 256) hist[tid] = 0;
+            __syncthreads();
+            for (int i = tid; i < n; i += 1024) {
+                const u32 key = rank_key(s, i, forced);
+                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                u32 acc = 0;
+                int d = 255;
+                for (; d > 0; --d) {
+                    if (acc + hist[d] >= rem) break;
+                    acc += hist[d];
+                }
+                s_digit = (u32)d;
+                s_rem = rem - acc;
+            }
+            __syncthreads();
+            prefix |= s_digit << shift;
+            pmask |= 255u << shift;
+            rem = s_rem;
+            __syncthreads();
+        }
+    }
+    const int per = (n + 1023) / 1024;
+    const int a = min(n, tid * per), b = min(n, a + per);
+    u32 eq = 0;
+    if (!all && !none)
+        for (int i = a; i < b; ++i) eq += rank_key(s, i, forced) == prefix;
+    const u32 eq_before = block_scan_1024(eq, &s_total);
+    u32 cnt = 0, e_run = eq_before;
+    for (int i = a; i < b; ++i) {
+        bool sel = all;
+        if (!all && !none) {
+            const u32 key = rank_key(s, i, forced);
+            sel = key > prefix || (key == prefix && e_run < rem);
+            e_run += key == prefix;
+        }
+        cnt += sel;
+    }
+    const u32 sel_before = block_scan_1024(cnt, &s_total);
+    u32 run = sel_before;
+    e_run = eq_before;
+    if (tid == 0) cum[0] = 0;
+    for (int i = a; i < b; ++i) {
+        bool sel = all;
+        if (!all && !none) {
+            const u32 key = rank_key(s, i, forced);
+            sel = key > prefix || (key == prefix && e_run < rem);
+            e_run += key == prefix;
+        }
+        if (sel) {
+            if (cols) col_list[(u64)h * n + run] = (u32)i;
+            ++run;
+        }
+        cum[i + 1] = run;
+    }
+}
+
+// Whether key block kb is computed for query block qb: some selected diagonal offset lies in
+// [max(0, r0 - (k1 - 1)), r1 - 1 - k0] (`dcum` is the head's prefix count of selected diagonals).
+__device__ __forceinline__ bool tile_selected(const u32* dcum, int n, int qb, int kb) {
+    const int r0 = qb * 64, r1 = min(r0 + 64, n), k0 = kb * 64, k1 = min(k0 + 64, n);
+    const int lo = max(0, r0 - (k1 - 1)), hi = r1 - 1 - k0;
+    return dcum[hi + 1] > dcum[lo];
+}
+
+// One warp per (head, query block): counts of key blocks and gathered columns.
+extern "C" __global__ void vs_count(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum, int n,
+                                    int q_heads, u32* __restrict__ cnt_blk, u32* __restrict__ cnt_col) {
+    const int q_blocks = (n + 63) / 64;
+    const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= q_heads * q_blocks) return;
+    const int h = e / q_blocks, qb = e % q_blocks;
+    const u32* dcum = diag_cum + (u64)h * (n + 1);
+    const u32* ccum = col_cum + (u64)h * (n + 1);
+    const int last = min(qb * 64 + 64, n) - 1;
+    const int nkb = last / 64 + 1;
+    u32 nb = 0, inside = 0;
+    for (int kb = lane; kb < nkb; kb += 32) {
+        if (tile_selected(dcum, n, qb, kb)) {
+            ++nb;
+            inside += ccum[min(kb * 64 + 64, last + 1)] - ccum[kb * 64];
+        }
+    }
+#pragma unroll
+    for (int sh = 16; sh >= 1; sh >>= 1) {
+        nb += __shfl_xor_sync(0xffffffff, nb, sh);
+        inside += __shfl_xor_sync(0xffffffff, inside, sh);
+    }
+    if (lane == 0) {
+        cnt_blk[e] = nb;
+        cnt_col[e] = ccum[last + 1] - inside;
+    }
+}
+
+// grid 2 (block counts, column counts), 1024 threads: off[0..=m] = exclusive scan of cnt[0..m].
+extern "C" __global__ void __launch_bounds__(1024) vs_scan(const u32* __restrict__ cnt_blk, const u32* __restrict__ cnt_col,
+                                                           int m, u32* __restrict__ blk_off, u32* __restrict__ col_off) {
+    __shared__ u32 s_total;
+    const u32* cnt = blockIdx.x == 0 ? cnt_blk : cnt_col;
+    u32* off = blockIdx.x == 0 ? blk_off : col_off;
+    const int per = (m + 1023) / 1024;
+    const int a = min(m, (int)threadIdx.x * per), b = min(m, a + per);
+    u32 sum = 0;
+    for (int i = a; i < b; ++i) sum += cnt[i];
+    u32 run = block_scan_1024(sum, &s_total);
+    for (int i = a; i < b; ++i) {
+        off[i] = run;
+        run += cnt[i];
+    }
+    if (threadIdx.x == 0) off[m] = s_total;
+}
+
+// One warp per (head, query block): writes the sorted key blocks and gathered columns.
+extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum,
+                                   const u32* __restrict__ col_list, int n, int q_heads,
+                                   const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
+                                   u32* __restrict__ blk_idx, u32* __restrict__ col_idx) {
+    const int q_blocks = (n + 63) / 64;
+    const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= q_heads * q_blocks) return;
+    const int h = e / q_blocks, qb = e % q_blocks;
+    const u32* dcum = diag_cum + (u64)h * (n + 1);
+    const u32* ccum = col_cum + (u64)h * (n + 1);
+    const u32* list = col_list + (u64)h * n;
+    const int last = min(qb * 64 + 64, n) - 1;
+    const int nkb = last / 64 + 1;
+    const u32 lt = (1u << lane) - 1;
+    u32 w = blk_off[e];
+    for (int base = 0; base < nkb; base += 32) {
+        const int kb = base + lane;
+        const bool sel = kb < nkb && tile_selected(dcum, n, qb, kb);
+        const u32 bal = __ballot_sync(0xffffffff, sel);
+        if (sel) blk_idx[w + __popc(bal & lt)] = (u32)kb;
+        w += __popc(bal);
+    }
+    const int ncand = (int)ccum[last + 1];
+    w = col_off[e];
+    for (int base = 0; base < ncand; base += 32) {
+        const int x = base + lane;
+        bool keep = false;
+        u32 j = 0;
+        if (x < ncand) {
+            j = list[x];
+            keep = !tile_selected(dcum, n, qb, (int)(j / 64));
+        }
+        const u32 bal = __ballot_sync(0xffffffff, keep);
+        if (keep) col_idx[w + __popc(bal & lt)] = j;
+        w += __popc(bal);
+    }
+}

@@ -1,0 +1,175 @@
+//! One CUDA device: context, stream, and the NVRTC-compiled modules of [`KernelFile`], cached per device.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+use crate::error::{Error, Result};
+
+/// Helpers prepended to every kernel file (headerless: bf16 as raw `u16`, PTX inline).
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Environment variable overriding the NVRTC target (default `compute_90`, e.g. `sm_90a`).
+pub const ARCH_ENV: &str = "ATTNPLAN_NVRTC_ARCH";
+
+/// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelFile {
+    /// `attention.cu`: `attn_fwd_d64`, `attn_fwd_d128`.
+    Attention,
+    /// `vertical_slash.cu`: `vs_est_*`, `vs_est_reduce`, `vs_topk`, `vs_count`, `vs_scan`, `vs_fill`.
+    VerticalSlash,
+}
+
+impl KernelFile {
+    pub const ALL: [KernelFile; 2] = [KernelFile::Attention, KernelFile::VerticalSlash];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            KernelFile::Attention => "attention.cu",
+            KernelFile::VerticalSlash => "vertical_slash.cu",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            KernelFile::Attention => include_str!("../../../kernels/attention.cu"),
+            KernelFile::VerticalSlash => include_str!("../../../kernels/vertical_slash.cu"),
+        }
+    }
+}
+
+/// Compiles `file` with NVRTC for `arch` (e.g. `compute_90`); needs libnvrtc, not a device.
+pub fn compile(file: KernelFile, arch: &'static str) -> Result<Ptx> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::CudaUnavailable(
+            "no NVRTC: libnvrtc could not be loaded".into(),
+        ));
+    }
+    let src = format!("{COMMON}\n{}", file.body());
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["-std=c++17".into()],
+        name: Some(file.file_name().into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(src, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => Error::CudaCompile {
+            file: file.file_name(),
+            log: log.to_string_lossy().into_owned(),
+        },
+        other => Error::CudaCompile {
+            file: file.file_name(),
+            log: format!("{other:?}"),
+        },
+    })
+}
+
+/// Maps a driver error into the crate's error, naming what was being done.
+pub(crate) fn drv<T>(
+    what: &str,
+    r: std::result::Result<T, cudarc::driver::DriverError>,
+) -> Result<T> {
+    r.map_err(|e| Error::Cuda(format!("{what}: {e:?}")))
+}
+
+/// A CUDA device with one stream and a module cache.
+#[derive(Debug)]
+pub struct Device {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<KernelFile, Arc<CudaModule>>>,
+    arch: &'static str,
+}
+
+impl Device {
+    /// Opens device `ordinal`. Fails with [`Error::CudaUnavailable`] when libcuda or libnvrtc cannot be
+    /// loaded or no device exists.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the shared libraries can be opened.
+        let (cu, rtc) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !cu {
+            return Err(Error::CudaUnavailable(
+                "no CUDA driver: libcuda could not be loaded".into(),
+            ));
+        }
+        if !rtc {
+            return Err(Error::CudaUnavailable(
+                "no NVRTC: libnvrtc could not be loaded".into(),
+            ));
+        }
+        let count = drv("cuDeviceGetCount", CudaContext::device_count())?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::CudaUnavailable(format!(
+                "device {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = drv("cuCtx", CudaContext::new(ordinal))?;
+        // One stream, in order: per-buffer event tracking only adds launch overhead.
+        // SAFETY: every buffer of this device is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = drv("cuStreamCreate", ctx.new_stream())?;
+        let arch = match std::env::var(ARCH_ENV).as_deref() {
+            Ok("sm_90a") => "sm_90a",
+            Ok("sm_90") => "sm_90",
+            Ok("compute_90a") => "compute_90a",
+            _ => "compute_90",
+        };
+        Ok(Self {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            arch,
+        })
+    }
+
+    /// The device's name and compute capability.
+    pub fn describe(&self) -> Result<String> {
+        let name = drv("cuDeviceGetName", self.ctx.name())?;
+        let (ma, mi) = drv("compute capability", self.ctx.compute_capability())?;
+        Ok(format!("{name} (sm_{ma}{mi})"))
+    }
+
+    /// The module of `file`, compiling it with NVRTC at first use.
+    pub fn module(&self, file: KernelFile) -> Result<Arc<CudaModule>> {
+        let mut cache = self
+            .modules
+            .lock()
+            .map_err(|_| Error::Cuda("module cache lock poisoned".into()))?;
+        if let Some(m) = cache.get(&file) {
+            return Ok(m.clone());
+        }
+        let ptx = compile(file, self.arch)?;
+        let module = drv("cuModuleLoadData", self.ctx.load_module(ptx))?;
+        cache.insert(file, module.clone());
+        Ok(module)
+    }
+
+    /// Function `name` of `file`; `dyn_smem` bytes of dynamic shared memory are allowed when above 48 KB.
+    pub fn function(&self, file: KernelFile, name: &str, dyn_smem: u32) -> Result<CudaFunction> {
+        let f = drv(name, self.module(file)?.load_function(name))?;
+        if dyn_smem > 48 * 1024 {
+            drv(
+                "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dyn_smem as i32,
+                ),
+            )?;
+        }
+        Ok(f)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        drv("cuStreamSynchronize", self.stream.synchronize())
+    }
+}

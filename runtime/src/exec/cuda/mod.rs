@@ -1,0 +1,361 @@
+//! CUDA executor (feature `cuda`): sparse causal flash attention over the [`HeadIndex`] form, and GPU
+//! index building for vertical-slash. Kernels are the `.cu` files of `runtime/kernels/`, embedded and
+//! compiled with NVRTC at first use (`compute_90`, override with [`device::ARCH_ENV`]), cached per
+//! device; libcuda and libnvrtc are opened at run time, so building needs no CUDA toolkit. Without the
+//! feature, `exec/cuda_disabled.rs` offers the same API, returning [`Error::CudaNotCompiled`].
+//!
+//! Main types:
+//! - [`SparsePrefill`]: a device with its compiled kernels; [`SparsePrefill::forward`] computes one
+//!   layer's attention for all heads in one launch, over a [`DeviceIndex`] or densely ([`Keys`]).
+//! - [`DeviceIndex`]: a layer's per-head indexes on the device ([`FlatIndex`] layout: per (head, query
+//!   block) CSR offsets into key blocks and gathered columns).
+//! - [`VerticalSlashBuilder`]: estimation, top-k and list building on the GPU, one launch per stage for
+//!   all heads, per-head budgets; same selection as [`crate::pattern::vertical_slash`].
+//! - [`DeviceBuffer`]: a typed device allocation; bf16 tensors are `DeviceBuffer<u16>` (raw bits).
+//!
+//! Shapes follow [`AttnShape`]: Q and O `[q_heads, seq_len, head_dim]`, K and V
+//! `[kv_heads, seq_len, head_dim]`, bf16, head_dim 64 or 128, blocks of 64 queries and 64 keys.
+
+pub mod device;
+mod flat;
+mod vertical_slash;
+
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+
+pub use device::{Device, KernelFile};
+pub use flat::{FlatIndex, CUDA_BLOCK};
+pub use vertical_slash::VerticalSlashBuilder;
+
+use crate::error::{Error, Result};
+use crate::pattern::HeadIndex;
+use crate::AttnShape;
+use device::drv;
+
+/// bf16 bit pattern of `x`, rounded to nearest even (NaN stays NaN).
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+pub fn bf16_to_f32(x: u16) -> f32 {
+    f32::from_bits(u32::from(x) << 16)
+}
+
+/// A typed allocation on the device of a [`SparsePrefill`].
+#[derive(Debug)]
+pub struct DeviceBuffer<T> {
+    pub(crate) inner: CudaSlice<T>,
+}
+
+impl<T> DeviceBuffer<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+/// A layer's per-head indexes on the device, in the [`FlatIndex`] layout.
+#[derive(Debug)]
+pub struct DeviceIndex {
+    pub q_heads: usize,
+    pub seq_len: usize,
+    pub q_blocks: usize,
+    pub(crate) blk_off: CudaSlice<u32>,
+    pub(crate) blk_idx: CudaSlice<u32>,
+    pub(crate) col_off: CudaSlice<u32>,
+    pub(crate) col_idx: CudaSlice<u32>,
+    /// Entries in use in `blk_idx` and `col_idx` (the buffers may be larger).
+    pub(crate) n_blk: usize,
+    pub(crate) n_col: usize,
+}
+
+impl DeviceIndex {
+    /// Key-block and column entries, over all heads.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.n_blk, self.n_col)
+    }
+}
+
+/// The key set of every query block: all causal key blocks, or a per-head index.
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    Dense,
+    Index(&'a DeviceIndex),
+}
+
+/// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions.
+fn attn_smem(head_dim: usize) -> u32 {
+    (5 * 64 * head_dim * 2 + 2 * 64 * 4) as u32
+}
+
+/// A CUDA device with the compiled attention and index-building kernels.
+#[derive(Debug)]
+pub struct SparsePrefill {
+    pub(crate) dev: Device,
+    attn_d64: CudaFunction,
+    attn_d128: CudaFunction,
+    /// One-element buffer passed as the index of the dense case (never read).
+    dummy: CudaSlice<u32>,
+}
+
+impl SparsePrefill {
+    /// Opens device `ordinal` and compiles the kernels (NVRTC, cached per device).
+    ///
+    /// Errors: [`Error::CudaUnavailable`] without a driver or device, [`Error::CudaCompile`] with NVRTC's
+    /// log, [`Error::Cuda`] for other driver errors.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let dev = Device::new(ordinal)?;
+        for f in KernelFile::ALL {
+            dev.module(f)?;
+        }
+        let attn_d64 = dev.function(KernelFile::Attention, "attn_fwd_d64", attn_smem(64))?;
+        let attn_d128 = dev.function(KernelFile::Attention, "attn_fwd_d128", attn_smem(128))?;
+        let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
+        Ok(Self {
+            dev,
+            attn_d64,
+            attn_d128,
+            dummy,
+        })
+    }
+
+    /// The device (name, stream, module cache).
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Resource use of each attention kernel: `(name, registers, static shared bytes, local bytes)`.
+    pub fn kernel_resources(&self) -> Result<Vec<(String, i32, i32, i32)>> {
+        let mut out = Vec::new();
+        for (name, f) in [
+            ("attn_fwd_d64", &self.attn_d64),
+            ("attn_fwd_d128", &self.attn_d128),
+        ] {
+            out.push((
+                name.to_string(),
+                drv("regs", f.num_regs())?,
+                drv("smem", f.shared_size_bytes())?,
+                drv("local", f.local_size_bytes())?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Copies `host` to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        let inner = drv("cuMemcpyHtoD", self.dev.stream.clone_htod(host))?;
+        Ok(DeviceBuffer { inner })
+    }
+
+    /// Rounds `host` to bf16 and copies it to a new device buffer.
+    pub fn upload_bf16(&self, host: &[f32]) -> Result<DeviceBuffer<u16>> {
+        let bits: Vec<u16> = host.iter().map(|&x| bf16_bits(x)).collect();
+        self.upload(&bits)
+    }
+
+    /// A zeroed device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let inner = drv("cuMemAlloc", self.dev.stream.alloc_zeros::<T>(len))?;
+        Ok(DeviceBuffer { inner })
+    }
+
+    /// Overwrites `buf` with copies of `value` (e.g. a NaN pattern before a run).
+    pub fn fill<T: DeviceRepr + Copy>(&self, buf: &mut DeviceBuffer<T>, value: T) -> Result<()> {
+        let host = vec![value; buf.len()];
+        drv(
+            "cuMemcpyHtoD",
+            self.dev.stream.memcpy_htod(&host, &mut buf.inner),
+        )
+    }
+
+    /// Copies `buf` back to the host (waits for queued work).
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        buf: &DeviceBuffer<T>,
+    ) -> Result<Vec<T>> {
+        drv("cuMemcpyDtoH", self.dev.stream.clone_dtoh(&buf.inner))
+    }
+
+    /// Uploads one [`HeadIndex`] per query head (64-token blocks, `seq_len` tokens).
+    pub fn upload_index(&self, seq_len: usize, heads: &[HeadIndex]) -> Result<DeviceIndex> {
+        self.upload_flat(&FlatIndex::from_heads(seq_len, heads)?)
+    }
+
+    /// Uploads a flattened index.
+    pub fn upload_flat(&self, f: &FlatIndex) -> Result<DeviceIndex> {
+        let nonempty = |v: &Vec<u32>| if v.is_empty() { vec![0] } else { v.clone() };
+        let s = &self.dev.stream;
+        Ok(DeviceIndex {
+            q_heads: f.q_heads,
+            seq_len: f.seq_len,
+            q_blocks: f.q_blocks,
+            blk_off: drv("upload", s.clone_htod(&f.blk_off))?,
+            blk_idx: drv("upload", s.clone_htod(&nonempty(&f.blk_idx)))?,
+            col_off: drv("upload", s.clone_htod(&f.col_off))?,
+            col_idx: drv("upload", s.clone_htod(&nonempty(&f.col_idx)))?,
+            n_blk: f.blk_idx.len(),
+            n_col: f.col_idx.len(),
+        })
+    }
+
+    /// Copies an index back to the host.
+    pub fn download_index(&self, d: &DeviceIndex) -> Result<FlatIndex> {
+        let s = &self.dev.stream;
+        let mut blk_idx = drv("download", s.clone_dtoh(&d.blk_idx))?;
+        let mut col_idx = drv("download", s.clone_dtoh(&d.col_idx))?;
+        blk_idx.truncate(d.n_blk);
+        col_idx.truncate(d.n_col);
+        Ok(FlatIndex {
+            q_heads: d.q_heads,
+            seq_len: d.seq_len,
+            q_blocks: d.q_blocks,
+            blk_off: drv("download", s.clone_dtoh(&d.blk_off))?,
+            blk_idx,
+            col_off: drv("download", s.clone_dtoh(&d.col_off))?,
+            col_idx,
+        })
+    }
+
+    /// Causal attention of one layer, all heads in one launch: `out = softmax(q k^T / sqrt(d)) v` over
+    /// the cells of `keys` (bf16 in and out, f32 accumulation). Query head `h` reads KV head
+    /// `h / (q_heads / kv_heads)`. Asynchronous: call [`Device::synchronize`] or download to wait.
+    pub fn forward(
+        &self,
+        shape: &AttnShape,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        v: &DeviceBuffer<u16>,
+        keys: Keys<'_>,
+        out: &mut DeviceBuffer<u16>,
+    ) -> Result<()> {
+        check_qkv(shape, q, k, v)?;
+        if out.len() != q.len() {
+            return Err(Error::Shape(format!(
+                "output has {} elements, Q has {}",
+                out.len(),
+                q.len()
+            )));
+        }
+        let n = shape.seq_len;
+        if n == 0 {
+            return Ok(());
+        }
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        let (index, dense) = match keys {
+            Keys::Dense => (None, 1i32),
+            Keys::Index(ix) => {
+                if ix.q_heads != shape.q_heads || ix.seq_len != n {
+                    return Err(Error::Shape(format!(
+                        "index for {} heads x {} tokens, shape {shape:?}",
+                        ix.q_heads, ix.seq_len
+                    )));
+                }
+                (Some(ix), 0i32)
+            }
+        };
+        let f = if shape.head_dim == 64 {
+            &self.attn_d64
+        } else {
+            &self.attn_d128
+        };
+        let grid = grid_u32(q_blocks * shape.q_heads)?;
+        let (n_i, heads_i, group_i) = (n as i32, shape.q_heads as i32, shape.group() as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: attn_smem(shape.head_dim),
+        };
+        let (bo, bi, co, ci) = match index {
+            Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),
+            None => (&self.dummy, &self.dummy, &self.dummy, &self.dummy),
+        };
+        let mut b = self.dev.stream.launch_builder(f);
+        b.arg(&q.inner)
+            .arg(&k.inner)
+            .arg(&v.inner)
+            .arg(&mut out.inner)
+            .arg(bo)
+            .arg(bi)
+            .arg(co)
+            .arg(ci)
+            .arg(&n_i)
+            .arg(&heads_i)
+            .arg(&group_i)
+            .arg(&scale_log2)
+            .arg(&dense);
+        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu; Q/K/V/out lengths were
+        // checked against the shape, and the index's offsets were built for this shape (q_heads,
+        // seq_len) by `FlatIndex` or `VerticalSlashBuilder`, which only write in-range entries.
+        drv("attn_fwd launch", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
+    /// Milliseconds of device time taken by the work `f` queues (events around it; waits).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ctx = &self.dev.ctx;
+        let (a, z) = (
+            drv("event", ctx.new_event(flags))?,
+            drv("event", ctx.new_event(flags))?,
+        );
+        drv("event record", a.record(&self.dev.stream))?;
+        f()?;
+        drv("event record", z.record(&self.dev.stream))?;
+        drv("event sync", z.synchronize())?;
+        drv("event elapsed", a.elapsed_ms(&z))
+    }
+}
+
+/// Checks head_dim, head counts and the lengths of Q, K and V.
+pub(crate) fn check_qkv(
+    shape: &AttnShape,
+    q: &DeviceBuffer<u16>,
+    k: &DeviceBuffer<u16>,
+    v: &DeviceBuffer<u16>,
+) -> Result<()> {
+    shape.check()?;
+    if shape.head_dim != 64 && shape.head_dim != 128 {
+        return Err(Error::CudaUnsupported(format!(
+            "head_dim {}, the CUDA kernels take 64 or 128",
+            shape.head_dim
+        )));
+    }
+    if shape.seq_len > i32::MAX as usize / 2 {
+        return Err(Error::CudaUnsupported(format!(
+            "seq_len {} too long",
+            shape.seq_len
+        )));
+    }
+    let overflow = || Error::Shape(format!("attention shape {shape:?} overflows usize"));
+    let (ql, kl) = (
+        shape.q_len().ok_or_else(overflow)?,
+        shape.kv_len().ok_or_else(overflow)?,
+    );
+    for (name, got, want) in [("q", q.len(), ql), ("k", k.len(), kl), ("v", v.len(), kl)] {
+        if got != want {
+            return Err(Error::Shape(format!(
+                "{name} has {got} elements, shape {shape:?} needs {want}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn grid_u32(x: usize) -> Result<u32> {
+    u32::try_from(x)
+        .ok()
+        .filter(|&g| g < i32::MAX as u32)
+        .ok_or_else(|| Error::CudaUnsupported(format!("grid of {x} blocks")))
+}

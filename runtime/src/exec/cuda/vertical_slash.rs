@@ -1,0 +1,326 @@
+//! [`VerticalSlashBuilder`]: the vertical-slash index of every head of a layer, built on the GPU.
+//!
+//! Stages (one launch each, all heads; see `kernels/vertical_slash.cu`): estimation (`vs_est_max`,
+//! `vs_est_reduce`, `vs_est_sum`: softmax of the last `last_q` queries, summed per column and per
+//! diagonal), selection (`vs_topk`: top-v columns and top-s diagonals with the CPU ranking's forced
+//! items and tie rule), lists (`vs_count`, `vs_scan`, `vs_fill`). The two totals are read back once
+//! (a 16-byte copy) to size the lists; the buffers are reused across calls.
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::{drv, KernelFile};
+use super::{check_qkv, grid_u32, DeviceBuffer, DeviceIndex, SparsePrefill, CUDA_BLOCK};
+use crate::error::{Error, Result};
+use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
+use crate::pattern::PatternContext;
+use crate::AttnShape;
+
+/// Keys per CTA of the estimation kernels (`EST_CHUNK` in vertical_slash.cu).
+const EST_CHUNK: usize = 512;
+
+/// Reusable buffers and kernels for one layer shape and `last_q`.
+#[derive(Debug)]
+pub struct VerticalSlashBuilder {
+    shape: AttnShape,
+    last_q: usize,
+    row_tiles: usize,
+    nchunks: usize,
+    est_max: CudaFunction,
+    est_sum: CudaFunction,
+    est_reduce: CudaFunction,
+    topk: CudaFunction,
+    count: CudaFunction,
+    scan: CudaFunction,
+    fill: CudaFunction,
+    /// `[q_heads][row_tiles * 64][nchunks]` (max, sum) pairs.
+    part: CudaSlice<f32>,
+    /// `[q_heads][row_tiles * 64]` (max, 1 / sum) pairs.
+    ml: CudaSlice<f32>,
+    /// Vertical and slash scores, `[q_heads][n]` each.
+    col: CudaSlice<f32>,
+    diag: CudaSlice<f32>,
+    /// Prefix counts of selected items, `[q_heads][n + 1]`, and selected columns `[q_heads][n]`.
+    col_cum: CudaSlice<u32>,
+    diag_cum: CudaSlice<u32>,
+    col_list: CudaSlice<u32>,
+    cnt_blk: CudaSlice<u32>,
+    cnt_col: CudaSlice<u32>,
+    budget_v: CudaSlice<u32>,
+    budget_s: CudaSlice<u32>,
+}
+
+impl VerticalSlashBuilder {
+    /// Buffers for `shape` with the estimate over the last `ctx.last_q` queries; `ctx` must use 64-token
+    /// blocks and `ctx.seq_len == shape.seq_len`.
+    pub fn new(sp: &SparsePrefill, shape: &AttnShape, ctx: &PatternContext) -> Result<Self> {
+        ctx.check()?;
+        shape.check()?;
+        if ctx.block_q != CUDA_BLOCK || ctx.block_k != CUDA_BLOCK || ctx.seq_len != shape.seq_len {
+            return Err(Error::CudaUnsupported(format!(
+                "context {ctx:?}: the CUDA builder needs 64x64 blocks and seq_len {}",
+                shape.seq_len
+            )));
+        }
+        if shape.head_dim != 64 && shape.head_dim != 128 {
+            return Err(Error::CudaUnsupported(format!(
+                "head_dim {}, the CUDA kernels take 64 or 128",
+                shape.head_dim
+            )));
+        }
+        let n = shape.seq_len.max(1);
+        let h = shape.q_heads;
+        let last_q = ctx.last_q.min(n);
+        let row_tiles = last_q.div_ceil(64);
+        let nchunks = n.div_ceil(EST_CHUNK);
+        let d = &sp.dev;
+        let sfx = if shape.head_dim == 64 { "d64" } else { "d128" };
+        let est_smem = (2 * 64 * shape.head_dim * 2 + 192 * 4) as u32;
+        let vs = KernelFile::VerticalSlash;
+        let s = &d.stream;
+        let z32 = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<u32>(len.max(1)));
+        let zf = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<f32>(len.max(1)));
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        Ok(Self {
+            shape: *shape,
+            last_q,
+            row_tiles,
+            nchunks,
+            est_max: d.function(vs, &format!("vs_est_max_{sfx}"), est_smem)?,
+            est_sum: d.function(vs, &format!("vs_est_sum_{sfx}"), est_smem)?,
+            est_reduce: d.function(vs, "vs_est_reduce", 0)?,
+            topk: d.function(vs, "vs_topk", 0)?,
+            count: d.function(vs, "vs_count", 0)?,
+            scan: d.function(vs, "vs_scan", 0)?,
+            fill: d.function(vs, "vs_fill", 0)?,
+            part: zf(h * row_tiles * 64 * nchunks * 2)?,
+            ml: zf(h * row_tiles * 64 * 2)?,
+            col: zf(h * n)?,
+            diag: zf(h * n)?,
+            col_cum: z32(h * (n + 1))?,
+            diag_cum: z32(h * (n + 1))?,
+            col_list: z32(h * n)?,
+            cnt_blk: z32(h * q_blocks)?,
+            cnt_col: z32(h * q_blocks)?,
+            budget_v: z32(h)?,
+            budget_s: z32(h)?,
+        })
+    }
+
+    fn est_smem(&self) -> u32 {
+        (2 * 64 * self.shape.head_dim * 2 + 192 * 4) as u32
+    }
+
+    /// Stage 1: vertical and slash scores of every head (asynchronous).
+    pub fn estimate(
+        &mut self,
+        sp: &SparsePrefill,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+    ) -> Result<()> {
+        check_qkv(&self.shape, q, k, k)?;
+        let sh = self.shape;
+        let s = &sp.dev.stream;
+        drv("memset", s.memset_zeros(&mut self.col))?;
+        drv("memset", s.memset_zeros(&mut self.diag))?;
+        let (n, heads, group) = (sh.seq_len as i32, sh.q_heads as i32, sh.group() as i32);
+        let last_q = self.last_q as i32;
+        let scale_log2 = std::f32::consts::LOG2_E / (sh.head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_u32(sh.q_heads * self.nchunks)?,
+                self.row_tiles as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: self.est_smem(),
+        };
+        for pass in 0..2 {
+            let f = if pass == 0 {
+                &self.est_max
+            } else {
+                &self.est_sum
+            };
+            let mut b = s.launch_builder(f);
+            b.arg(&q.inner)
+                .arg(&k.inner)
+                .arg(&n)
+                .arg(&heads)
+                .arg(&group)
+                .arg(&last_q)
+                .arg(&scale_log2)
+                .arg(&mut self.part)
+                .arg(&self.ml)
+                .arg(&mut self.col)
+                .arg(&mut self.diag);
+            // SAFETY: arguments match `vs_est_*` (EST_ARGS); buffers were sized in `new` for this shape:
+            // part [heads][row_tiles*64][nchunks] x 2, ml [heads][row_tiles*64] x 2, col/diag [heads][n].
+            drv("vs_est launch", unsafe { b.launch(cfg) })?;
+            if pass == 0 {
+                let rows = sh.q_heads * self.row_tiles * 64;
+                let (rows_i, nch) = (rows as i32, self.nchunks as i32);
+                let mut b = s.launch_builder(&self.est_reduce);
+                b.arg(&self.part).arg(&mut self.ml).arg(&rows_i).arg(&nch);
+                let cfg = LaunchConfig {
+                    grid_dim: (grid_u32(rows.div_ceil(4))?, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches `vs_est_reduce(part, ml, rows, nchunks)`; ml has 2 * rows floats.
+                drv("vs_est_reduce launch", unsafe { b.launch(cfg) })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages 2 and 3: selection at per-head budgets `(vertical, slash)` (tokens, clamped as on the
+    /// CPU) and the lists, written into `out` (reused when large enough). Waits for a 16-byte read-back.
+    pub fn select(
+        &mut self,
+        sp: &SparsePrefill,
+        budgets: &[(usize, usize)],
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        let sh = self.shape;
+        let n = sh.seq_len;
+        if budgets.len() != sh.q_heads {
+            return Err(Error::Shape(format!(
+                "{} budgets for {} query heads",
+                budgets.len(),
+                sh.q_heads
+            )));
+        }
+        let s = &sp.dev.stream;
+        let bv: Vec<u32> = budgets.iter().map(|&(v, _)| v.min(n) as u32).collect();
+        let bs: Vec<u32> = budgets
+            .iter()
+            .map(|&(_, sl)| sl.clamp(1, n.max(1)) as u32)
+            .collect();
+        drv("upload", s.memcpy_htod(&bv, &mut self.budget_v))?;
+        drv("upload", s.memcpy_htod(&bs, &mut self.budget_s))?;
+        let (n_i, heads) = (n as i32, sh.q_heads as i32);
+        let (fc, fd) = (FORCED_COLUMNS as i32, FORCED_DIAGONALS as i32);
+        let mut b = s.launch_builder(&self.topk);
+        b.arg(&self.col)
+            .arg(&self.diag)
+            .arg(&self.budget_v)
+            .arg(&self.budget_s)
+            .arg(&n_i)
+            .arg(&fc)
+            .arg(&fd)
+            .arg(&mut self.col_cum)
+            .arg(&mut self.diag_cum)
+            .arg(&mut self.col_list);
+        let cfg = LaunchConfig {
+            grid_dim: (2, sh.q_heads as u32, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `vs_topk`; col/diag/col_list are [heads][n], the cums [heads][n + 1].
+        drv("vs_topk launch", unsafe { b.launch(cfg) })?;
+
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        let m = sh.q_heads * q_blocks;
+        let warps = LaunchConfig {
+            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(&self.count);
+        b.arg(&self.col_cum)
+            .arg(&self.diag_cum)
+            .arg(&n_i)
+            .arg(&heads)
+            .arg(&mut self.cnt_blk)
+            .arg(&mut self.cnt_col);
+        // SAFETY: matches `vs_count`; the count arrays hold heads * q_blocks entries.
+        drv("vs_count launch", unsafe { b.launch(warps) })?;
+
+        let mut ix = match out.take() {
+            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
+            _ => DeviceIndex {
+                q_heads: sh.q_heads,
+                seq_len: n,
+                q_blocks,
+                blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+                blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+                col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+                col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+                n_blk: 0,
+                n_col: 0,
+            },
+        };
+        let m_i = m as i32;
+        let mut b = s.launch_builder(&self.scan);
+        b.arg(&self.cnt_blk)
+            .arg(&self.cnt_col)
+            .arg(&m_i)
+            .arg(&mut ix.blk_off)
+            .arg(&mut ix.col_off);
+        let one = LaunchConfig {
+            grid_dim: (2, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `vs_scan`; the offsets hold m + 1 entries.
+        drv("vs_scan launch", unsafe { b.launch(one) })?;
+        let nb = drv("read total", s.clone_dtoh(&ix.blk_off.slice(m..m + 1)))?;
+        let nc = drv("read total", s.clone_dtoh(&ix.col_off.slice(m..m + 1)))?;
+        let (nb, nc) = (
+            nb.first().copied().unwrap_or(0) as usize,
+            nc.first().copied().unwrap_or(0) as usize,
+        );
+        if ix.blk_idx.len() < nb.max(1) {
+            ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
+        }
+        if ix.col_idx.len() < nc.max(1) {
+            ix.col_idx = drv("alloc", s.alloc_zeros::<u32>(nc.max(1)))?;
+        }
+        ix.n_blk = nb;
+        ix.n_col = nc;
+        let mut b = s.launch_builder(&self.fill);
+        b.arg(&self.col_cum)
+            .arg(&self.diag_cum)
+            .arg(&self.col_list)
+            .arg(&n_i)
+            .arg(&heads)
+            .arg(&ix.blk_off)
+            .arg(&ix.col_off)
+            .arg(&mut ix.blk_idx)
+            .arg(&mut ix.col_idx);
+        // SAFETY: matches `vs_fill`; blk_idx / col_idx hold at least the scanned totals.
+        drv("vs_fill launch", unsafe { b.launch(warps) })?;
+        *out = Some(ix);
+        Ok(())
+    }
+
+    /// Estimation and selection in one call.
+    pub fn build(
+        &mut self,
+        sp: &SparsePrefill,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        budgets: &[(usize, usize)],
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        self.estimate(sp, q, k)?;
+        self.select(sp, budgets, out)
+    }
+
+    /// Vertical and slash scores `[q_heads][n]` of the last [`Self::estimate`] (for tests).
+    pub fn scores(&self, sp: &SparsePrefill) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = &sp.dev.stream;
+        Ok((
+            drv("download", s.clone_dtoh(&self.col))?,
+            drv("download", s.clone_dtoh(&self.diag))?,
+        ))
+    }
+
+    /// Prefix counts of selected columns and diagonals `[q_heads][n + 1]` of the last selection.
+    pub fn selection(&self, sp: &SparsePrefill) -> Result<(Vec<u32>, Vec<u32>)> {
+        let s = &sp.dev.stream;
+        Ok((
+            drv("download", s.clone_dtoh(&self.col_cum))?,
+            drv("download", s.clone_dtoh(&self.diag_cum))?,
+        ))
+    }
+}

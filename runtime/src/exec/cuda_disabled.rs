@@ -1,0 +1,191 @@
+//! Stand-in for the CUDA executor when the crate is built without the `cuda` feature: the same types
+//! and functions as `exec/cuda/mod.rs`; everything that would touch a device returns
+//! [`Error::CudaNotCompiled`]. [`FlatIndex`] (host only) is the real one.
+
+#[path = "cuda/flat.rs"]
+mod flat;
+
+use std::marker::PhantomData;
+
+pub use flat::{FlatIndex, CUDA_BLOCK};
+
+use crate::error::{Error, Result};
+use crate::pattern::{HeadIndex, PatternContext};
+use crate::AttnShape;
+
+/// bf16 bit pattern of `x`, rounded to nearest even (NaN stays NaN).
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+pub fn bf16_to_f32(x: u16) -> f32 {
+    f32::from_bits(u32::from(x) << 16)
+}
+
+/// The kernel files (never compiled without the feature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelFile {
+    Attention,
+    VerticalSlash,
+}
+
+/// A CUDA device (cannot be opened without the feature).
+#[derive(Debug)]
+pub struct Device {
+    _never: (),
+}
+
+impl Device {
+    pub fn new(_ordinal: usize) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn describe(&self) -> Result<String> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn synchronize(&self) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+}
+
+/// A device allocation (none exist without the feature).
+#[derive(Debug)]
+pub struct DeviceBuffer<T> {
+    _t: PhantomData<T>,
+}
+
+impl<T> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        0
+    }
+    pub fn is_empty(&self) -> bool {
+        true
+    }
+}
+
+/// A layer's indexes on the device (none exist without the feature).
+#[derive(Debug)]
+pub struct DeviceIndex {
+    pub q_heads: usize,
+    pub seq_len: usize,
+    pub q_blocks: usize,
+}
+
+impl DeviceIndex {
+    pub fn entries(&self) -> (usize, usize) {
+        (0, 0)
+    }
+}
+
+/// The key set of every query block.
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    Dense,
+    Index(&'a DeviceIndex),
+}
+
+/// The CUDA executor; [`SparsePrefill::new`] returns [`Error::CudaNotCompiled`].
+#[derive(Debug)]
+pub struct SparsePrefill {
+    _never: (),
+}
+
+impl SparsePrefill {
+    pub fn new(_ordinal: usize) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn device(&self) -> &Device {
+        &Device { _never: () }
+    }
+    pub fn kernel_resources(&self) -> Result<Vec<(String, i32, i32, i32)>> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn upload<T: Copy>(&self, _host: &[T]) -> Result<DeviceBuffer<T>> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn upload_bf16(&self, _host: &[f32]) -> Result<DeviceBuffer<u16>> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn zeros<T: Copy>(&self, _len: usize) -> Result<DeviceBuffer<T>> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn fill<T: Copy>(&self, _buf: &mut DeviceBuffer<T>, _value: T) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn download<T: Copy>(&self, _buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn upload_index(&self, _seq_len: usize, _heads: &[HeadIndex]) -> Result<DeviceIndex> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn upload_flat(&self, _f: &FlatIndex) -> Result<DeviceIndex> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn download_index(&self, _d: &DeviceIndex) -> Result<FlatIndex> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn forward(
+        &self,
+        _shape: &AttnShape,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+        _v: &DeviceBuffer<u16>,
+        _keys: Keys<'_>,
+        _out: &mut DeviceBuffer<u16>,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn time_ms(&self, _f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        Err(Error::CudaNotCompiled)
+    }
+}
+
+/// GPU vertical-slash index building; [`VerticalSlashBuilder::new`] returns
+/// [`Error::CudaNotCompiled`].
+#[derive(Debug)]
+pub struct VerticalSlashBuilder {
+    _never: (),
+}
+
+impl VerticalSlashBuilder {
+    pub fn new(_sp: &SparsePrefill, _shape: &AttnShape, _ctx: &PatternContext) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn estimate(
+        &mut self,
+        _sp: &SparsePrefill,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn select(
+        &mut self,
+        _sp: &SparsePrefill,
+        _budgets: &[(usize, usize)],
+        _out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn build(
+        &mut self,
+        _sp: &SparsePrefill,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+        _budgets: &[(usize, usize)],
+        _out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn scores(&self, _sp: &SparsePrefill) -> Result<(Vec<f32>, Vec<f32>)> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn selection(&self, _sp: &SparsePrefill) -> Result<(Vec<u32>, Vec<u32>)> {
+        Err(Error::CudaNotCompiled)
+    }
+}

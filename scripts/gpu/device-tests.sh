@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Device correctness run (on the GPU machine): `cuda_bench check` cases with fresh random inputs and a
+# NaN-poisoned output, then scripts/gpu/check.py against an f64 reference restricted to the same cells.
+# usage: scripts/gpu/device-tests.sh [BIN] [RESULT_DIR]   (defaults: .cuda-carry/cuda_bench, $OUT)
+set -uo pipefail
+BIN=${1:-.cuda-carry/cuda_bench}
+RES=${2:-${OUT:-/tmp}}
+W=${CASE_DIR:-/tmp/attnplan-cases}
+rm -rf "$W"; mkdir -p "$W"
+# n hq hkv d index v s       (GQA groups 1, 4, 8; head_dim 64 and 128; odd lengths)
+cases=(
+  "1023 8 8 64 dense 0 0"
+  "1023 8 8 128 cpu-vs 100 200"
+  "1023 32 4 128 gpu-vs 100 200"
+  "4097 32 8 128 dense 0 0"
+  "4097 32 4 64 gpu-vs 300 600"
+  "4097 8 8 128 gpu-vs 300 600"
+  "4097 32 8 64 cpu-vs 300 600"
+  "33000 32 8 128 gpu-vs 1000 6096"
+  "33000 32 4 128 dense 0 0"
+  "33000 8 8 64 cpu-vs 1000 3000"
+)
+dirs=()
+fail=0
+for i in "${!cases[@]}"; do
+  read -r n hq hkv d ix v s <<<"${cases[$i]}"
+  dir="$W/case$i"
+  seed=$(( (RANDOM << 15) | RANDOM ))
+  if ! "$BIN" check "$dir" --n "$n" --hq "$hq" --hkv "$hkv" --d "$d" --index "$ix" --v "$v" --s "$s" --seed "$seed"; then
+    echo "case $i failed to run"; fail=1; continue
+  fi
+  dirs+=("$dir")
+done
+python3 scripts/gpu/check.py "$RES/check.json" "${dirs[@]}" || fail=1
+exit $fail
