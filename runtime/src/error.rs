@@ -14,6 +14,24 @@ pub enum Error {
     #[error("pattern {kind}: {message}")]
     Pattern { kind: &'static str, message: String },
 
+    // --- sparse prefill (exec/sparse, prefill) ---------------------------------------------------
+    /// An index handed to the sparse executor that breaks its contract (see
+    /// `exec::sparse::CellLists`): `head` is the query head, `message` what broke.
+    #[error("sparse index of query head {head}: {message}")]
+    SparseIndex { head: usize, message: String },
+    /// A plan made for another model; `issues` names each differing field (`model.query_heads: plan
+    /// says 4, the model has 9`).
+    #[error("plan does not match the model: {}", issues.join("; "))]
+    PlanMismatch { issues: Vec<String> },
+    /// A head of the plan the executor cannot run as given: names layer, head, pattern kind and why.
+    #[error("plan layers[{layer}].heads[{head}] (pattern {kind}): {message}")]
+    HeadPlan {
+        layer: usize,
+        head: usize,
+        kind: &'static str,
+        message: String,
+    },
+
     // --- cuda (exec/cuda) ------------------------------------------------------------------------
     /// The crate was built without the `cuda` feature.
     #[error("CUDA support not compiled in (build runtime with --features cuda)")]

@@ -160,17 +160,23 @@ pub struct KeyBlock<'a> {
     pub first_pos: usize,
 }
 
-/// Which keys of a block a query row may see.
+/// Which keys of a block a query row may see. Query row `r` of the tile is at position
+/// `q_first_pos + r`; the keys a row sees are always a prefix of the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Visible {
+pub enum Visible<'a> {
     /// All `n` keys.
     All,
-    /// Keys at positions `<=` the query's position (query row `r` is at `q_first_pos + r`; key `j` at
-    /// `KeyBlock::first_pos + j`).
+    /// Keys at positions `<=` the query's position, key `j` being at `KeyBlock::first_pos + j`.
     Causal { q_first_pos: usize },
+    /// Keys at positions `<=` the query's position, key `j` being at `positions[j]`: gathered keys,
+    /// `positions` sorted ascending with at least `n` entries (`KeyBlock::first_pos` is not used).
+    Sorted {
+        q_first_pos: usize,
+        positions: &'a [u32],
+    },
 }
 
-impl Visible {
+impl Visible<'_> {
     #[inline]
     fn count(self, row: usize, keys: &KeyBlock<'_>) -> usize {
         match self {
@@ -178,6 +184,16 @@ impl Visible {
             Visible::Causal { q_first_pos } => (q_first_pos + row + 1)
                 .saturating_sub(keys.first_pos)
                 .min(keys.n),
+            Visible::Sorted {
+                q_first_pos,
+                positions,
+            } => {
+                let pos = q_first_pos + row;
+                positions
+                    .get(..keys.n)
+                    .unwrap_or(positions)
+                    .partition_point(|&p| p as usize <= pos)
+            }
         }
     }
 }
@@ -234,7 +250,7 @@ impl TileState {
     }
 
     /// Folds one key block into the state (the online-softmax step).
-    pub fn attend(&mut self, keys: &KeyBlock<'_>, visible: Visible) {
+    pub fn attend(&mut self, keys: &KeyBlock<'_>, visible: Visible<'_>) {
         KERNELS.with(|k| (k.attend)(self, keys, visible));
     }
 
@@ -257,14 +273,14 @@ impl TileState {
 
 /// The kernel flavour chosen for this CPU, once per thread.
 struct Kernels {
-    attend: fn(&mut TileState, &KeyBlock<'_>, Visible),
+    attend: fn(&mut TileState, &KeyBlock<'_>, Visible<'_>),
 }
 
 thread_local! {
     static KERNELS: Kernels = Kernels { attend: select_attend() };
 }
 
-fn select_attend() -> fn(&mut TileState, &KeyBlock<'_>, Visible) {
+fn select_attend() -> fn(&mut TileState, &KeyBlock<'_>, Visible<'_>) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::env::var_os("NO512").is_none()
@@ -282,26 +298,26 @@ fn select_attend() -> fn(&mut TileState, &KeyBlock<'_>, Visible) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn attend_avx512(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible) {
+fn attend_avx512(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible<'_>) {
     // SAFETY: selected only after `is_x86_feature_detected!` confirmed avx512f and fma.
     unsafe { attend_avx512_inner(st, keys, visible) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn attend_avx512_inner(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible) {
+fn attend_avx512_inner(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible<'_>) {
     attend_generic::<Fused, 32, 64>(st, keys, visible)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn attend_avx2(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible) {
+fn attend_avx2(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible<'_>) {
     // SAFETY: selected only after `is_x86_feature_detected!` confirmed avx2 and fma.
     unsafe { attend_avx2_inner(st, keys, visible) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2_inner(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible) {
+fn attend_avx2_inner(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible<'_>) {
     attend_generic::<Fused, COLS, COLS>(st, keys, visible)
 }
 
@@ -311,7 +327,7 @@ fn attend_avx2_inner(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible) 
 fn attend_generic<A: MulAdd, const QK_COLS: usize, const PV_COLS: usize>(
     st: &mut TileState,
     keys: &KeyBlock<'_>,
-    visible: Visible,
+    visible: Visible<'_>,
 ) {
     let d = st.head_dim;
     let rows = st.rows;
