@@ -1,5 +1,17 @@
 //! attnplan calibrator and the `attnplan` command-line tool.
 //!
-//! - [`cli`]: the subcommands (`validate`, `inspect`, ...), one file each.
+//! - [`search`]: every nested candidate of every family scored from profile statistics, the choice per
+//!   head, and MInference's search replayed for comparison.
+//! - [`calibration`]: the search over all heads and lengths, held-out validation.
+//! - [`emit`]: the plan (budgets per length, dense threshold, provenance).
+//! - [`report`]: the per-head report and summary (text and JSON).
+//! - [`cli`]: the subcommands, one file each.
 
+pub mod calibration;
 pub mod cli;
+pub mod emit;
+mod error;
+pub mod report;
+pub mod search;
+
+pub use error::Error;

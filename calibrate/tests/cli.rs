@@ -1,4 +1,5 @@
 //! The `attnplan` binary end to end: exit codes, messages naming file and field, inspect output.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -65,6 +65,18 @@ pub struct Profile {
     pub tensors: BTreeMap<String, StatTensor>,
 }
 
+/// `S{k}.rest` → `S{k + offset}.rest`; other names unchanged.
+fn renumber_sample(name: &str, offset: usize) -> String {
+    let parsed = name
+        .strip_prefix('S')
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(k, rest)| k.parse::<usize>().ok().map(|k| (k, rest)));
+    match parsed {
+        Some((k, rest)) if offset > 0 => format!("S{}.{rest}", k + offset),
+        _ => name.to_string(),
+    }
+}
+
 fn bad(path: &Path, field: impl Into<String>, message: impl Into<String>) -> Error {
     Error::Model {
         path: path.to_path_buf(),
@@ -121,8 +133,15 @@ impl Profile {
     /// Adds `other` into `self`. `other_path` names the other profile in errors.
     pub fn merge(&mut self, other: &Profile, other_path: &Path) -> Result<()> {
         self.check_mergeable(other, other_path)?;
+        // Per-sample tensors (`S{k}.…`) of other samples are renumbered after ours.
+        let offset = if self.meta.sample_ids == other.meta.sample_ids {
+            0
+        } else {
+            self.meta.sample_ids.len()
+        };
         for (name, t) in &other.tensors {
-            self.accumulate(name, &t.shape, &t.data)
+            let name = renumber_sample(name, offset);
+            self.accumulate(&name, &t.shape, &t.data)
                 .map_err(|e| bad(other_path, name.clone(), e.to_string()))?;
         }
         let b = &other.meta;

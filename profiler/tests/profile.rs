@@ -1,4 +1,5 @@
 //! Profile files: round trip, merge rules, and refusal of foreign or corrupt files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 

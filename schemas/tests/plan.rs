@@ -1,4 +1,5 @@
 //! Plan format v1: valid fixtures, one invalid fixture per defect, round trips, the JSON Schema, size
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! limits, migration and property tests.
 
 use std::path::{Path, PathBuf};

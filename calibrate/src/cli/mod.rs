@@ -3,7 +3,11 @@
 //! Exit codes: 0 success; 1 a check failed (the plan is invalid or does not match the model); 2 usage
 //! or I/O error. Output to a closed pipe ends quietly with 0.
 
+mod calibrate;
+mod common;
 mod inspect;
+mod merge;
+mod profile;
 mod validate;
 
 use std::io::Write;
@@ -26,6 +30,12 @@ pub enum Command {
     Validate(validate::Args),
     /// Summarize a plan: pattern mix per layer, recall, expected FLOPs, budgets at a few lengths.
     Inspect(inspect::Args),
+    /// Run a model on calibration data and write exact per-head attention statistics (a profile).
+    Profile(profile::Args),
+    /// Join profiles of other samples (or other layers) into one.
+    Merge(merge::Args),
+    /// Search the best pattern and budget per head, validate on held-out samples, write the plan.
+    Calibrate(calibrate::Args),
 }
 
 /// Why a command failed, which decides the exit code.
@@ -40,6 +50,24 @@ pub enum Failure {
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Error(e)
+    }
+}
+
+impl From<profiler::Error> for Failure {
+    fn from(e: profiler::Error) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+impl From<crate::Error> for Failure {
+    fn from(e: crate::Error) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+impl From<schemas::Error> for Failure {
+    fn from(e: schemas::Error) -> Self {
+        Failure::Error(e.into())
     }
 }
 
@@ -64,6 +92,9 @@ pub fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => validate::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Profile(args) => profile::run(&args),
+        Command::Merge(args) => merge::run(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,8 +2,10 @@
 //!
 //! - [`rank_edges`]`(n)`: budgets in tokens (columns, diagonals, sink, local) at which the rank
 //!   histograms are exact: `0, 1, ..., 8`, then four steps per octave (`p, 1.25p, 1.5p, 1.75p` for
-//!   `p = 8, 16, 32, ...`), every edge `< n`. A prefix of one universal sequence, so statistics of
-//!   different lengths merge by padding. 48 edges at `n = 8192`, 64 at `n = 131072`.
+//!   `p = 8, 16, 32, ...`), plus the budgets of MInference's offline search space
+//!   ([`REFERENCE_BUDGETS`], so the comparison with it is exact), every edge `< n`. A prefix of one
+//!   universal sequence, so statistics of different lengths merge by padding. 57 edges at
+//!   `n = 8192`, 73 at `n = 131072`.
 //! - [`COVERAGE_GRID`]: the block-sparse `coverage` values the statistics are exact on.
 //! - [`bucket`]: the histogram bucket of a rank, the last edge `<= rank`.
 
@@ -11,6 +13,11 @@
 pub const COVERAGE_GRID: [f64; 16] = [
     0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0,
 ];
+
+/// Vertical, slash, sink and local sizes of MInference's search candidates (`minference_forward.py`:
+/// vertical-slash (30, 800), (100, 750), (500, 700), (3500, 100), (1000, 4096), (1000, 6096);
+/// stream_llm (100, 800)), added to the edges so that those candidates are read exactly.
+pub const REFERENCE_BUDGETS: [u32; 9] = [30, 100, 500, 700, 750, 800, 1000, 3500, 6096];
 
 /// Universal budget edges below `n` (see the module docs). Never empty: always starts with 0.
 pub fn rank_edges(n: usize) -> Vec<u32> {
@@ -26,6 +33,9 @@ pub fn rank_edges(n: usize) -> Vec<u32> {
         }
         p *= 2;
     }
+    edges.extend(REFERENCE_BUDGETS.iter().filter(|&&e| (e as usize) < n));
+    edges.sort_unstable();
+    edges.dedup();
     edges.retain(|&e| e == 0 || (e as usize) < n);
     edges
 }
@@ -63,9 +73,12 @@ mod tests {
             assert_eq!(&long[..e.len()], &e[..], "n = {n}");
             assert!(e.iter().all(|&x| x == 0 || (x as usize) < n));
         }
-        assert_eq!(rank_edges(8192).len(), 48);
-        assert_eq!(rank_edges(131_072).len(), 64);
-        assert_eq!(&rank_edges(40)[9..], &[10, 12, 14, 16, 20, 24, 28, 32]);
+        assert_eq!(rank_edges(8192).len(), 57);
+        assert_eq!(rank_edges(131_072).len(), 73);
+        assert_eq!(&rank_edges(40)[9..], &[10, 12, 14, 16, 20, 24, 28, 30, 32]);
+        for b in REFERENCE_BUDGETS {
+            assert!(is_exact(&rank_edges(8192), 8192, b as usize));
+        }
     }
 
     #[test]

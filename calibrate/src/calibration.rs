@@ -1,0 +1,311 @@
+//! Calibration from profiles: the search over every head, held-out validation, and the plan.
+//!
+//! [`calibrate`] takes calibration profiles (one per sequence length), optional held-out profiles of
+//! the same lengths, and a [`Goal`]; it returns the [`Calibration`]: one [`HeadResult`] per head
+//! (chosen candidate per length, recall, held-out recall, MInference's choice on the same statistics)
+//! and the plan built from them ([`crate::emit`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use profiler::profile::Profile;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::search::minference::{self, MInferenceChoice};
+use crate::search::{best_per_family, choose, Goal, HeadSamples, Scored};
+use crate::Error;
+
+/// A profile and the file it came from (for error messages).
+pub struct ProfileFile {
+    pub path: PathBuf,
+    pub profile: Profile,
+}
+
+impl ProfileFile {
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            profile: Profile::read(path)?,
+        })
+    }
+}
+
+/// The outcome for one head.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadResult {
+    pub layer: usize,
+    pub head: usize,
+    /// Chosen candidate per calibrated length, in length order.
+    pub chosen: Vec<Scored>,
+    /// Held-out recall (mean over rows) of the chosen candidate per length, when held-out data exist.
+    pub heldout: Option<Vec<f64>>,
+    /// MInference's choice per length.
+    pub minference: Vec<MInferenceChoice>,
+    /// MInference's single default, vertical-slash (1000, 6096), per length.
+    pub minference_default: Vec<Scored>,
+}
+
+impl HeadResult {
+    pub fn recall(&self) -> f64 {
+        mean(self.chosen.iter().map(|s| s.recall))
+    }
+    pub fn worst(&self) -> f64 {
+        self.chosen
+            .iter()
+            .map(|s| s.worst)
+            .fold(f64::INFINITY, f64::min)
+    }
+    pub fn density(&self) -> f64 {
+        mean(self.chosen.iter().map(|s| s.density))
+    }
+    pub fn validated(&self) -> Option<f64> {
+        self.heldout.as_ref().map(|v| mean(v.iter().copied()))
+    }
+    /// Lowest held-out recall over lengths.
+    pub fn validated_min(&self) -> Option<f64> {
+        self.heldout
+            .as_ref()
+            .map(|v| v.iter().copied().fold(f64::INFINITY, f64::min))
+    }
+}
+
+pub(crate) fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = values.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// Everything [`calibrate`] found.
+pub struct Calibration {
+    pub heads: Vec<HeadResult>,
+    /// Calibrated lengths, increasing.
+    pub seq_lens: Vec<u64>,
+    pub goal: Goal,
+}
+
+fn bad(path: &Path, field: &str, message: impl Into<String>) -> Error {
+    Error::Input {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Checks the profiles belong together and to this tool, and orders them by length.
+fn check_profiles(
+    calib: &mut [ProfileFile],
+    heldout: &mut [ProfileFile],
+    tool: &str,
+) -> Result<(), Error> {
+    let Some(first) = calib.first() else {
+        return Err(Error::Usage("no calibration profile given".into()));
+    };
+    let reference = first.profile.meta.clone();
+    for f in calib.iter().chain(heldout.iter()) {
+        let m = &f.profile.meta;
+        if m.tool != tool {
+            return Err(bad(
+                &f.path,
+                "tool",
+                format!(
+                    "made by {}, this is {tool}: profile again with this version",
+                    m.tool
+                ),
+            ));
+        }
+        if m.model.fingerprint != reference.model.fingerprint {
+            return Err(bad(
+                &f.path,
+                "model.fingerprint",
+                format!(
+                    "{} ({}), but {} is for {} ({})",
+                    m.model.fingerprint,
+                    m.model.name.as_deref().unwrap_or("?"),
+                    first.path.display(),
+                    reference.model.fingerprint,
+                    reference.model.name.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+        for (field, a, b) in [
+            ("block_q", m.block_q, reference.block_q),
+            ("block_k", m.block_k, reference.block_k),
+            ("last_q", m.last_q, reference.last_q),
+        ] {
+            if a != b {
+                return Err(bad(
+                    &f.path,
+                    field,
+                    format!("{a}, but {} has {b}", first.path.display()),
+                ));
+            }
+        }
+        if m.samples == 0 || m.sample_ids.is_empty() {
+            return Err(bad(&f.path, "samples", "the profile holds no samples"));
+        }
+        let layers: Vec<u32> = (0..m.model.layers).collect();
+        if m.layers != layers {
+            return Err(bad(
+                &f.path,
+                "layers",
+                format!(
+                    "holds layers {:?}; merge the layer ranges into one profile first",
+                    m.layers
+                ),
+            ));
+        }
+    }
+    calib.sort_by_key(|f| f.profile.meta.seq_len);
+    for pair in calib.windows(2) {
+        if pair[0].profile.meta.seq_len == pair[1].profile.meta.seq_len {
+            return Err(bad(
+                &pair[1].path,
+                "seq_len",
+                format!(
+                    "{} tokens like {}: merge profiles of one length with `attnplan merge` first",
+                    pair[1].profile.meta.seq_len,
+                    pair[0].path.display()
+                ),
+            ));
+        }
+    }
+    let lens: Vec<u64> = calib.iter().map(|f| f.profile.meta.seq_len).collect();
+    heldout.sort_by_key(|f| f.profile.meta.seq_len);
+    for h in heldout.iter() {
+        if !lens.contains(&h.profile.meta.seq_len) {
+            return Err(bad(
+                &h.path,
+                "seq_len",
+                format!(
+                    "{} tokens, but calibration profiles are at {lens:?}",
+                    h.profile.meta.seq_len
+                ),
+            ));
+        }
+        for c in calib.iter() {
+            if let Some(id) = h
+                .profile
+                .meta
+                .sample_ids
+                .iter()
+                .find(|id| c.profile.meta.sample_ids.contains(id))
+            {
+                return Err(bad(
+                    &h.path,
+                    "sample_ids",
+                    format!(
+                        "sample {id:?} is also in {}: held-out samples must not be calibration samples",
+                        c.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn head_samples(f: &ProfileFile, layer: usize, head: usize) -> Result<HeadSamples, Error> {
+    let per_sample = f.profile.per_sample_stats(&f.path, layer, head)?;
+    Ok(HeadSamples::new(per_sample)?)
+}
+
+/// Searches every head of the profiles' model (rayon over heads).
+pub fn calibrate(
+    mut calib: Vec<ProfileFile>,
+    mut heldout: Vec<ProfileFile>,
+    goal: Goal,
+    tool: &str,
+) -> Result<(Calibration, Vec<ProfileFile>, Vec<ProfileFile>), Error> {
+    check_profiles(&mut calib, &mut heldout, tool)?;
+    let model = calib[0].profile.meta.model.clone();
+    let pairs: Vec<(usize, usize)> = (0..model.layers as usize)
+        .flat_map(|l| (0..model.query_heads as usize).map(move |h| (l, h)))
+        .collect();
+    let heldout_by_len: BTreeMap<u64, &ProfileFile> = heldout
+        .iter()
+        .map(|f| (f.profile.meta.seq_len, f))
+        .collect();
+    let heads = pairs
+        .par_iter()
+        .map(|&(layer, head)| {
+            let per_len: Vec<HeadSamples> = calib
+                .iter()
+                .map(|f| head_samples(f, layer, head))
+                .collect::<Result<_, _>>()?;
+            let scored: Vec<Vec<Scored>> = per_len
+                .iter()
+                .map(|hs| hs.candidates().into_iter().map(|c| hs.score(c)).collect())
+                .collect();
+            let chosen = choose_across_lengths(&scored, &goal);
+            let heldout = if heldout_by_len.is_empty() {
+                None
+            } else {
+                let mut v = Vec::new();
+                for (f, s) in calib.iter().zip(&chosen) {
+                    match heldout_by_len.get(&f.profile.meta.seq_len) {
+                        Some(h) => v.push(head_samples(h, layer, head)?.score(s.candidate).recall),
+                        None => v.push(f64::NAN),
+                    }
+                }
+                Some(v.into_iter().filter(|x| !x.is_nan()).collect())
+            };
+            Ok(HeadResult {
+                layer,
+                head,
+                chosen,
+                heldout,
+                minference: per_len.iter().map(minference::choose).collect(),
+                minference_default: per_len.iter().map(minference::single_best).collect(),
+            })
+        })
+        .collect::<Result<Vec<HeadResult>, Error>>()?;
+    let seq_lens = calib.iter().map(|f| f.profile.meta.seq_len).collect();
+    Ok((
+        Calibration {
+            heads,
+            seq_lens,
+            goal,
+        },
+        calib,
+        heldout,
+    ))
+}
+
+/// One family for all lengths (a plan entry has one pattern), with the cheapest budgets per length:
+/// the family with the lowest mean density among those that reach the goal at every length.
+fn choose_across_lengths(scored: &[Vec<Scored>], goal: &Goal) -> Vec<Scored> {
+    if let [only] = scored {
+        return vec![choose(only, goal)];
+    }
+    let per_len: Vec<Vec<Scored>> = scored.iter().map(|s| best_per_family(s, goal)).collect();
+    let mut best: Option<(f64, u8, Vec<Scored>)> = None;
+    for family in 0..5u8 {
+        let picks: Option<Vec<Scored>> = per_len
+            .iter()
+            .map(|b| b.iter().find(|s| s.candidate.family() == family).copied())
+            .collect();
+        if let Some(picks) = picks {
+            let cost = mean(picks.iter().map(|s| s.density));
+            if best.as_ref().is_none_or(|(c, _, _)| cost < *c) {
+                best = Some((cost, family, picks));
+            }
+        }
+    }
+    match best {
+        Some((_, _, picks)) => picks,
+        // No family fits at every length (a FLOPs budget below what any family reaches everywhere).
+        None => scored
+            .iter()
+            .map(|_| Scored {
+                candidate: crate::search::Candidate::Dense,
+                recall: 1.0,
+                worst: 1.0,
+                density: 1.0,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,293 @@
+//! `attnplan calibrate`: search the best pattern and budget per head from profiles (or profile first),
+//! validate on held-out samples, and write the plan and a report.
+//!
+//! Two forms:
+//! - from profiles: `--profile P [--profile P2 ...] [--heldout H ...]` (one profile per length);
+//! - one shot: `[--model M] [--data D] [--seq-len N ...] [--samples K] [--heldout-samples H]`, which
+//!   profiles calibration and held-out samples first. With no arguments at all it calibrates the cached
+//!   SmolLM2 on synthetic passkey data: the README's main job.
+
+use std::path::PathBuf;
+
+use crate::calibration::{calibrate, ProfileFile};
+use crate::search::{Goal, Objective};
+use crate::{emit, report};
+use anyhow::Context;
+use profiler::profiling::{profile_samples, ProfileRun};
+use profiler::stats::StatsConfig;
+
+use super::common::{load_model, tool_version, Progress};
+use super::{Failure, Outcome};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Calibration profile (repeat for several sequence lengths). Excludes the one-shot options.
+    #[arg(long = "profile", value_name = "PROFILE")]
+    pub profiles: Vec<PathBuf>,
+    /// Held-out profile of the same lengths, with other samples (repeatable).
+    #[arg(long = "heldout", value_name = "PROFILE")]
+    pub heldout: Vec<PathBuf>,
+
+    /// One shot: a .gguf file or Hugging Face directory [default: the cached SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// One shot: calibration data (text file, JSONL file, synthetic:passkey, synthetic:kv-retrieval,
+    /// synthetic:needle).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// One shot: field holding the text in JSONL files.
+    #[arg(long, default_value = profiler::data::DEFAULT_JSONL_FIELD)]
+    pub field: String,
+    /// One shot: tokens per sample; repeat to calibrate several lengths [default: 4096].
+    #[arg(long = "seq-len")]
+    pub seq_lens: Vec<usize>,
+    /// One shot: calibration samples per length.
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// One shot: held-out samples per length (0 skips validation).
+    #[arg(long, default_value_t = 2)]
+    pub heldout_samples: usize,
+    /// One shot: seed for synthetic data (held-out samples use a different one).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// One shot: save the profiles made into this directory.
+    #[arg(long)]
+    pub save_profiles: Option<PathBuf>,
+
+    /// Attention recall each head must keep, in (0, 1].
+    #[arg(long, default_value_t = 0.95)]
+    pub target_recall: f64,
+    /// Instead: the best recall within this fraction of dense attention FLOPs, in (0, 1].
+    #[arg(long)]
+    pub flops_budget: Option<f64>,
+    /// Which recall must reach the target: over all samples, or of the worst sample.
+    #[arg(long, value_enum, default_value_t = Objective::Worst)]
+    pub objective: Objective,
+    /// Held-out recall may miss the target by this much before the plan is refused.
+    #[arg(long, default_value_t = 0.02)]
+    pub tolerance: f64,
+    /// Write the plan even if heads miss the target on held-out data.
+    #[arg(long)]
+    pub force: bool,
+    /// Output plan.
+    #[arg(long, default_value = "plan.yaml")]
+    pub out: PathBuf,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+fn check(args: &Args) -> anyhow::Result<Goal> {
+    let unit = |x: f64| x > 0.0 && x <= 1.0;
+    if !unit(args.target_recall) {
+        anyhow::bail!("--target-recall {} is outside (0, 1]", args.target_recall);
+    }
+    if let Some(f) = args.flops_budget {
+        if !unit(f) {
+            anyhow::bail!("--flops-budget {f} is outside (0, 1]");
+        }
+    }
+    if !(0.0..1.0).contains(&args.tolerance) {
+        anyhow::bail!("--tolerance {} is outside [0, 1)", args.tolerance);
+    }
+    let one_shot = args.model.is_some()
+        || args.data.is_some()
+        || !args.seq_lens.is_empty()
+        || args.save_profiles.is_some();
+    if !args.profiles.is_empty() && one_shot {
+        anyhow::bail!(
+            "--profile calibrates from existing profiles: it does not combine with --model, --data, \
+             --seq-len or --save-profiles"
+        );
+    }
+    if args.profiles.is_empty() && !args.heldout.is_empty() {
+        anyhow::bail!(
+            "--heldout needs --profile (the one-shot form makes its own held-out samples)"
+        );
+    }
+    if args.samples == 0 {
+        anyhow::bail!("--samples must be at least 1");
+    }
+    Ok(Goal {
+        target_recall: args.target_recall,
+        flops_budget: args.flops_budget,
+        objective: args.objective,
+    })
+}
+
+/// Profiles calibration and held-out samples at each length, in memory.
+fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)> {
+    let model = load_model(args.model.as_deref())?;
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| "synthetic:passkey".into());
+    let seq_lens = if args.seq_lens.is_empty() {
+        vec![4096]
+    } else {
+        args.seq_lens.clone()
+    };
+    let data_args = super::common::DataArgs {
+        data: data.clone(),
+        field: args.field.clone(),
+        seq_len: 0,
+        seed: args.seed,
+        allow_long: false,
+    };
+    let stats = StatsConfig {
+        block_q: 64,
+        block_k: 64,
+        last_q: 64,
+    };
+    let run = ProfileRun {
+        tool: tool_version(),
+        data: data.clone(),
+        stats,
+    };
+    let (mut calib, mut heldout) = (Vec::new(), Vec::new());
+    let per_len = args.samples + args.heldout_samples;
+    let total = per_len * seq_lens.len();
+    let progress = Progress::new("profiling", total);
+    let mut done = 0usize;
+    for &n in &seq_lens {
+        let da = super::common::DataArgs {
+            seq_len: n,
+            ..data_args.clone()
+        };
+        // Held-out samples: other windows of a file, or another seed for synthetic tasks.
+        let (cal_samples, held_samples) = if da.source()?.path().is_some() {
+            let mut all = da.samples(&model, per_len, args.seed)?;
+            if all.len() < per_len {
+                anyhow::bail!(
+                    "{data} holds {} samples of {n} tokens; {} calibration + {} held-out were asked for",
+                    all.len(),
+                    args.samples,
+                    args.heldout_samples
+                );
+            }
+            let held = all.split_off(args.samples);
+            (all, held)
+        } else {
+            let cal = da.samples(&model, args.samples, args.seed)?;
+            let held = if args.heldout_samples > 0 {
+                da.samples(
+                    &model,
+                    args.heldout_samples,
+                    args.seed.wrapping_add(0x9e37_79b9),
+                )?
+            } else {
+                Vec::new()
+            };
+            (cal, held)
+        };
+        for (samples, into) in [(&cal_samples, &mut calib), (&held_samples, &mut heldout)] {
+            if samples.is_empty() {
+                continue;
+            }
+            let profile = profile_samples(&model, samples, &run, |s| {
+                done += 1;
+                progress.step(done, total, &format!("{n} tokens, {:.1} s", s.seconds));
+            })?;
+            let name = format!(
+                "{}-{n}.safetensors",
+                if std::ptr::eq(samples, &cal_samples) {
+                    "calib"
+                } else {
+                    "heldout"
+                }
+            );
+            let path = match &args.save_profiles {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("{}: cannot create", dir.display()))?;
+                    let p = dir.join(name);
+                    profile.write(&p)?;
+                    p
+                }
+                None => PathBuf::from(format!("(in memory) {name}")),
+            };
+            into.push(ProfileFile { path, profile });
+        }
+    }
+    progress.finish();
+    Ok((calib, heldout))
+}
+
+pub fn run(args: &Args) -> Outcome {
+    let goal = check(args)?;
+    let (calib, heldout) = if args.profiles.is_empty() {
+        one_shot(args)?
+    } else {
+        let read = |paths: &[PathBuf]| -> anyhow::Result<Vec<ProfileFile>> {
+            paths.iter().map(|p| Ok(ProfileFile::read(p)?)).collect()
+        };
+        (read(&args.profiles)?, read(&args.heldout)?)
+    };
+    let start = std::time::Instant::now();
+    let tool = tool_version();
+    let (cal, calib, heldout) = calibrate(calib, heldout, goal, &tool)?;
+    let search_seconds = start.elapsed().as_secs_f64();
+    let meta = &calib[0].profile.meta;
+    let threshold = emit::dense_threshold(
+        &cal,
+        u64::from(meta.last_q),
+        u64::from(meta.block_q),
+        meta.model.max_context,
+    );
+    let mut data: Vec<String> = calib.iter().map(|f| f.profile.meta.data.clone()).collect();
+    data.dedup();
+    let count = |files: &[ProfileFile]| files.iter().map(|f| f.profile.meta.samples as u32).sum();
+    let plan = emit::plan(
+        &cal,
+        emit::PlanInputs {
+            model: meta.model.clone(),
+            tool: tool.clone(),
+            data: data.join(", "),
+            samples: count(&calib),
+            heldout_samples: count(&heldout),
+            block_q: meta.block_q,
+            block_k: meta.block_k,
+            last_q: meta.last_q,
+            threshold: &threshold,
+        },
+    );
+    let report = report::build(&cal, &plan, threshold, args.tolerance);
+    let mut text = report::render(&report);
+    text.push_str(&format!(
+        "search       {} heads x {} lengths in {search_seconds:.2} s\n",
+        cal.heads.len(),
+        cal.seq_lens.len()
+    ));
+    eprint!("{text}");
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report).context("report")? + "\n";
+        schemas::io::write_atomic(path, json.as_bytes())?;
+        eprintln!("wrote report {}", path.display());
+    }
+    let failing = report::failing_heads(&cal, args.tolerance);
+    if !failing.is_empty() && goal.flops_budget.is_none() {
+        eprintln!(
+            "{} heads miss the target {} by more than {} on held-out samples:",
+            failing.len(),
+            goal.target_recall,
+            args.tolerance
+        );
+        for h in failing.iter().take(20) {
+            eprintln!(
+                "  layer {} head {}: {} held-out recall {:.4} (calibration {:.4})",
+                h.layer,
+                h.head,
+                h.chosen.first().map_or("dense", |s| s.candidate.kind()),
+                h.validated_min().unwrap_or(f64::NAN),
+                h.recall()
+            );
+        }
+        if !args.force {
+            eprintln!("no plan written (pass --force to write it anyway)");
+            return Err(Failure::Check);
+        }
+    }
+    plan.write(&args.out)?;
+    eprintln!("wrote plan {}", args.out.display());
+    Ok(())
+}

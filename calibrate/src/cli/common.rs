@@ -1,0 +1,125 @@
+//! Pieces several subcommands share: the default model, data loading, progress on the terminal.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use profiler::data::{load_samples, DataSource, Sample};
+use profiler::model::Model;
+
+/// `attnplan <version>`, written into plans and profiles.
+pub fn tool_version() -> String {
+    format!("attnplan {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The model path given, or the cached default model (fetched once if missing, with a message).
+pub fn model_path(model: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.to_path_buf()),
+        None => profiler::model::ensure_default_model().context("the default model"),
+    }
+}
+
+/// Loads the model, saying so on stderr (dequantizing SmolLM2 takes a few seconds).
+pub fn load_model(model: Option<&Path>) -> anyhow::Result<Model> {
+    let path = model_path(model)?;
+    eprintln!("loading {}", path.display());
+    Ok(Model::load(&path)?)
+}
+
+/// Data options shared by `profile`, `calibrate` and `eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Calibration data: a text file, a JSONL file, or synthetic:passkey, synthetic:kv-retrieval,
+    /// synthetic:needle.
+    #[arg(long, default_value = "synthetic:passkey")]
+    pub data: String,
+    /// Field holding the text in JSONL files.
+    #[arg(long, default_value = profiler::data::DEFAULT_JSONL_FIELD)]
+    pub field: String,
+    /// Tokens per sample.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Seed for synthetic data.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Accept a --seq-len beyond the model's trained context.
+    #[arg(long)]
+    pub allow_long: bool,
+}
+
+impl DataArgs {
+    pub fn source(&self) -> anyhow::Result<DataSource> {
+        let mut source = DataSource::parse(&self.data)?;
+        if matches!(source, DataSource::Jsonl { .. }) {
+            source = source.with_field(self.field.clone());
+        }
+        Ok(source)
+    }
+
+    /// `count` samples of `seq_len` tokens after checking the length against the model.
+    pub fn samples(&self, model: &Model, count: usize, seed: u64) -> anyhow::Result<Vec<Sample>> {
+        let ctx = model.config().max_context;
+        if self.seq_len > ctx && !self.allow_long {
+            anyhow::bail!(
+                "--seq-len {} is beyond {}'s trained context of {ctx} tokens (pass --allow-long to profile anyway)",
+                self.seq_len,
+                model.path().display()
+            );
+        }
+        if self.seq_len < 16 {
+            anyhow::bail!(
+                "--seq-len {} is too short to profile attention (at least 16)",
+                self.seq_len
+            );
+        }
+        let source = self.source()?;
+        Ok(load_samples(
+            &source,
+            model.tokenizer(),
+            self.seq_len,
+            count,
+            seed,
+        )?)
+    }
+}
+
+/// Progress on stderr: a bar with ETA on a terminal, plain lines otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    label: String,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: usize) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message(label.to_string());
+            bar
+        });
+        Self {
+            bar,
+            label: label.to_string(),
+        }
+    }
+
+    /// One step done; `detail` goes to the plain-line form.
+    pub fn step(&self, done: usize, total: usize, detail: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_position(done as u64),
+            None => eprintln!("{} {done}/{total}: {detail}", self.label),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

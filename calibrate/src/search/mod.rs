@@ -1,0 +1,260 @@
+//! The per-head search: every nested candidate of every family, scored from profile statistics, and
+//! the cheapest one that keeps the target recall.
+//!
+//! - [`Candidate`]: a family and its budgets at one sequence length (tokens, or blocks for
+//!   `block_sparse`).
+//! - [`Scored`]: a candidate's recall (mean over all rows of all samples), its worst sample, and its
+//!   density (computed cells over dense causal cells, block granularity included: the FLOPs fraction).
+//! - [`HeadSamples`]: one head's statistics at one length, summed and per sample, with the tables of
+//!   [`tables`] that read any candidate in constant time.
+//! - [`choose`]: the cheapest candidate whose objective recall reaches the target, or the best recall
+//!   within a FLOPs budget.
+//!
+//! Families searched: `dense`, `a_shape` (sink and local on the budget edges), `vertical_slash`
+//! (vertical and slash on the edges), `block_sparse` (every `top_k`, and `coverage` on its grid).
+//! Grid, query-adaptive and token-select plans need the live Q and K to score (no sufficient
+//! statistics); the search leaves them out (docs/design.md).
+
+pub mod minference;
+pub mod tables;
+
+use profiler::stats::{HeadStats, Recall, COVERAGE_GRID};
+use serde::Serialize;
+
+use tables::HeadTables;
+
+/// A pattern family with its budgets at one length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Candidate {
+    Dense,
+    AShape { sink: usize, local: usize },
+    VerticalSlash { vertical: usize, slash: usize },
+    BlockTopK { top_k: usize },
+    BlockCoverage { coverage: f64 },
+}
+
+impl Candidate {
+    /// Family name, as the plan's `kind` (block top-k and coverage are both `block_sparse`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Candidate::Dense => "dense",
+            Candidate::AShape { .. } => "a_shape",
+            Candidate::VerticalSlash { .. } => "vertical_slash",
+            Candidate::BlockTopK { .. } => "block_sparse",
+            Candidate::BlockCoverage { .. } => "block_sparse",
+        }
+    }
+
+    /// Family key: candidates of one family can share a plan entry across lengths.
+    pub fn family(&self) -> u8 {
+        match self {
+            Candidate::Dense => 0,
+            Candidate::AShape { .. } => 1,
+            Candidate::VerticalSlash { .. } => 2,
+            Candidate::BlockTopK { .. } => 3,
+            Candidate::BlockCoverage { .. } => 4,
+        }
+    }
+}
+
+/// A candidate's figures over the samples of one length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Scored {
+    pub candidate: Candidate,
+    /// Mean recall over all rows of all samples.
+    pub recall: f64,
+    /// Lowest per-sample recall.
+    pub worst: f64,
+    /// Computed cells over dense causal cells (all samples).
+    pub density: f64,
+}
+
+/// What the search holds recall to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Recall over all rows of all samples.
+    Mean,
+    /// The recall of the worst sample.
+    Worst,
+}
+
+impl Objective {
+    pub fn of(self, s: &Scored) -> f64 {
+        match self {
+            Objective::Mean => s.recall,
+            Objective::Worst => s.worst,
+        }
+    }
+}
+
+/// One head's statistics at one length: summed over samples, and per sample.
+pub struct HeadSamples {
+    pub sum: HeadTables,
+    pub samples: Vec<HeadTables>,
+}
+
+impl HeadSamples {
+    pub fn new(per_sample: Vec<HeadStats>) -> profiler::Result<Self> {
+        let mut iter = per_sample.iter();
+        let mut sum = iter
+            .next()
+            .cloned()
+            .ok_or_else(|| profiler::Error::Profile("a head without samples".into()))?;
+        for s in iter {
+            sum.merge(s)?;
+        }
+        Ok(Self {
+            sum: HeadTables::new(sum),
+            samples: per_sample.into_iter().map(HeadTables::new).collect(),
+        })
+    }
+
+    /// Tokens per sample (the longest, if they differ).
+    pub fn seq_len(&self) -> usize {
+        self.sum.stats.max_len
+    }
+
+    fn read(t: &HeadTables, c: &Candidate) -> Recall {
+        match *c {
+            Candidate::Dense => Recall {
+                recall: 1.0,
+                density: 1.0,
+            },
+            Candidate::AShape { sink, local } => t.a_shape(sink, local),
+            Candidate::VerticalSlash { vertical, slash } => t.vertical_slash(vertical, slash),
+            Candidate::BlockTopK { top_k } => t.stats.recall_block_top_k(top_k),
+            Candidate::BlockCoverage { coverage } => {
+                t.stats.recall_block_coverage(coverage).unwrap_or(Recall {
+                    recall: 0.0,
+                    density: 0.0,
+                })
+            }
+        }
+    }
+
+    /// Scores one candidate on these samples.
+    pub fn score(&self, c: Candidate) -> Scored {
+        let total = Self::read(&self.sum, &c);
+        let worst = self
+            .samples
+            .iter()
+            .map(|t| Self::read(t, &c).recall)
+            .fold(f64::INFINITY, f64::min);
+        Scored {
+            candidate: c,
+            recall: total.recall,
+            worst: if worst.is_finite() {
+                worst
+            } else {
+                total.recall
+            },
+            density: total.density,
+        }
+    }
+
+    /// Every candidate of the searched families on the budget grid.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let s = &self.sum.stats;
+        let n = s.max_len;
+        // Budgets >= 1 on the edges, plus "everything" (n).
+        let mut budgets: Vec<usize> = s
+            .edges
+            .iter()
+            .map(|&e| e as usize)
+            .filter(|&e| e >= 1)
+            .collect();
+        budgets.push(n);
+        let mut out = vec![Candidate::Dense];
+        for &vertical in &budgets {
+            for &slash in &budgets {
+                out.push(Candidate::VerticalSlash { vertical, slash });
+            }
+        }
+        for &sink in &budgets {
+            for &local in &budgets {
+                out.push(Candidate::AShape { sink, local });
+            }
+        }
+        for top_k in 1..=s.block_top_k.mass.len() {
+            out.push(Candidate::BlockTopK { top_k });
+        }
+        for coverage in COVERAGE_GRID {
+            out.push(Candidate::BlockCoverage { coverage });
+        }
+        out
+    }
+}
+
+/// How to pick among scored candidates.
+#[derive(Debug, Clone, Copy)]
+pub struct Goal {
+    pub target_recall: f64,
+    /// With a FLOPs budget: the best objective recall among candidates within it.
+    pub flops_budget: Option<f64>,
+    pub objective: Objective,
+}
+
+/// Orders candidates by preference: lower density, then higher objective recall, then the simpler
+/// family, then smaller budgets. Total and deterministic.
+fn prefer(goal: &Goal, a: &Scored, b: &Scored) -> std::cmp::Ordering {
+    let key = |s: &Scored| {
+        let budgets: (f64, f64) = match s.candidate {
+            Candidate::Dense => (0.0, 0.0),
+            Candidate::AShape { sink, local } => (sink as f64, local as f64),
+            Candidate::VerticalSlash { vertical, slash } => (vertical as f64, slash as f64),
+            Candidate::BlockTopK { top_k } => (top_k as f64, 0.0),
+            Candidate::BlockCoverage { coverage } => (coverage, 0.0),
+        };
+        (s.candidate.family(), budgets)
+    };
+    let (oa, ob) = (goal.objective.of(a), goal.objective.of(b));
+    let order = match goal.flops_budget {
+        None => a.density.total_cmp(&b.density).then(ob.total_cmp(&oa)),
+        Some(_) => ob.total_cmp(&oa).then(a.density.total_cmp(&b.density)),
+    };
+    order.then_with(|| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0)
+            .then(ka.1 .0.total_cmp(&kb.1 .0))
+            .then(ka.1 .1.total_cmp(&kb.1 .1))
+    })
+}
+
+/// The chosen candidate among `scored`: the cheapest reaching the target (dense if none does), or,
+/// with a FLOPs budget, the best objective recall within it (dense if nothing fits).
+pub fn choose(scored: &[Scored], goal: &Goal) -> Scored {
+    let dense = Scored {
+        candidate: Candidate::Dense,
+        recall: 1.0,
+        worst: 1.0,
+        density: 1.0,
+    };
+    let feasible = scored.iter().filter(|s| match goal.flops_budget {
+        None => goal.objective.of(s) >= goal.target_recall,
+        Some(f) => s.density <= f,
+    });
+    feasible
+        .min_by(|a, b| prefer(goal, a, b))
+        .copied()
+        .unwrap_or(dense)
+}
+
+/// The cheapest candidate of each family that reaches the goal (for multi-length plans, which keep
+/// one family per head across lengths).
+pub fn best_per_family(scored: &[Scored], goal: &Goal) -> Vec<Scored> {
+    let mut best: Vec<Scored> = Vec::new();
+    for family in 0..5u8 {
+        let of_family: Vec<Scored> = scored
+            .iter()
+            .filter(|s| s.candidate.family() == family)
+            .copied()
+            .collect();
+        let pick = choose(&of_family, goal);
+        if pick.candidate.family() == family {
+            best.push(pick);
+        }
+    }
+    best
+}
