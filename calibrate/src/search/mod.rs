@@ -235,10 +235,13 @@ pub fn choose(scored: &[Scored], goal: &Goal) -> Scored {
         None => goal.objective.of(s) >= goal.target_recall,
         Some(f) => s.density <= f,
     });
-    feasible
-        .min_by(|a, b| prefer(goal, a, b))
-        .copied()
-        .unwrap_or(dense)
+    match feasible.min_by(|a, b| prefer(goal, a, b)).copied() {
+        // A pattern that computes every cell is dense without the index overhead.
+        Some(pick) if pick.density < 1.0 - 1e-9 => pick,
+        Some(pick) if goal.flops_budget.is_some() && goal.objective.of(&pick) > 1.0 - 1e-9 => dense,
+        Some(pick) if goal.flops_budget.is_some() => pick,
+        _ => dense,
+    }
 }
 
 /// The cheapest candidate of each family that reaches the goal (for multi-length plans, which keep

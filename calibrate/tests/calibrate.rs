@@ -1,0 +1,420 @@
+//! The calibrator: fast read-outs equal the statistics' own, the choice rule, and `attnplan calibrate`
+//! end to end on profiles made from structured synthetic attention (no model needed), plus one
+//! one-shot run on the real SmolLM2 (fetched by scripts/fetch-model.sh).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use calibrate::search::tables::HeadTables;
+use calibrate::search::{choose, Candidate, Goal, HeadSamples, Objective, Scored};
+use profiler::profile::{Profile, ProfileMeta, PROFILE_FORMAT, PROFILE_VERSION};
+use profiler::stats::{layer_stats, HeadStats, StatsConfig};
+use runtime::{AttentionInput, AttnShape};
+
+/// SplitMix64: a fixed stream of test numbers.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+}
+
+/// Q/K/V with a sink key, a local band and a few heavy columns, different per head and seed.
+fn structured(shape: AttnShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut rng = Rng(seed);
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let mut q = vec![0f32; shape.q_len().unwrap()];
+    let mut k = vec![0f32; shape.kv_len().unwrap()];
+    let v: Vec<f32> = (0..shape.kv_len().unwrap())
+        .map(|_| rng.next() as f32)
+        .collect();
+    for x in q.iter_mut().chain(k.iter_mut()) {
+        *x = 0.3 * rng.next() as f32;
+    }
+    for g in 0..shape.kv_heads {
+        for pos in 0..n {
+            let row = &mut k[(g * n + pos) * d..(g * n + pos + 1) * d];
+            // Sink: key 0 aligned with dimension 0 that every query has.
+            if pos == 0 || pos % (37 + 11 * g) == 5 {
+                row[0] += 3.0;
+            }
+            // Local band: a slowly rotating direction in dimensions 2..4.
+            let phase = pos as f32 * 0.05;
+            row[2] += 2.0 * phase.cos();
+            row[3] += 2.0 * phase.sin();
+        }
+    }
+    for h in 0..shape.q_heads {
+        for pos in 0..n {
+            let row = &mut q[(h * n + pos) * d..(h * n + pos + 1) * d];
+            row[0] += 1.0 + h as f32 * 0.5;
+            let phase = pos as f32 * 0.05;
+            row[2] += 2.0 * phase.cos();
+            row[3] += 2.0 * phase.sin();
+        }
+    }
+    (q, k, v)
+}
+
+const SHAPE: AttnShape = AttnShape {
+    q_heads: 4,
+    kv_heads: 2,
+    seq_len: 300,
+    head_dim: 16,
+};
+const CFG: StatsConfig = StatsConfig {
+    block_q: 16,
+    block_k: 16,
+    last_q: 16,
+};
+
+fn sample_stats(seed: u64, seq_len: usize) -> Vec<HeadStats> {
+    let shape = AttnShape { seq_len, ..SHAPE };
+    let (q, k, v) = structured(shape, seed);
+    let input = AttentionInput::new(shape, &q, &k, &v).unwrap();
+    layer_stats(&input, &CFG).unwrap()
+}
+
+fn model_info() -> schemas::ModelInfo {
+    schemas::ModelInfo {
+        name: Some("synthetic".into()),
+        architecture: "llama".into(),
+        layers: 2,
+        query_heads: SHAPE.q_heads as u32,
+        kv_heads: SHAPE.kv_heads as u32,
+        head_dim: SHAPE.head_dim as u32,
+        rope_theta: 1e4,
+        max_context: 4096,
+        fingerprint: format!("sha256:{}", "7".repeat(64)),
+    }
+}
+
+/// A two-layer profile of `samples` samples at `seq_len`, ids prefixed by `tag`.
+fn profile(tag: &str, seeds: &[u64], seq_len: usize) -> Profile {
+    let mut p = Profile::new(ProfileMeta {
+        format: PROFILE_FORMAT.into(),
+        version: PROFILE_VERSION,
+        tool: format!("attnplan {}", env!("CARGO_PKG_VERSION")),
+        model: model_info(),
+        data: "synthetic:structured".into(),
+        seq_len: seq_len as u64,
+        block_q: CFG.block_q as u32,
+        block_k: CFG.block_k as u32,
+        last_q: CFG.last_q as u32,
+        samples: seeds.len() as u64,
+        sample_ids: seeds.iter().map(|s| format!("{tag}:{s}")).collect(),
+        layers: vec![0, 1],
+    });
+    for (k, &seed) in seeds.iter().enumerate() {
+        for layer in 0..2 {
+            p.put_sample_stats(k, layer, &sample_stats(seed * 10 + layer as u64, seq_len))
+                .unwrap();
+        }
+    }
+    p
+}
+
+#[test]
+fn constant_time_read_outs_equal_the_statistics() {
+    let stats = sample_stats(3, SHAPE.seq_len);
+    for s in stats {
+        let t = HeadTables::new(s.clone());
+        let budgets: Vec<usize> = s
+            .edges
+            .iter()
+            .map(|&e| e as usize)
+            .chain([s.max_len])
+            .collect();
+        for &a in &budgets {
+            for &b in &budgets {
+                let (x, y) = (t.vertical_slash(a, b), s.recall_vertical_slash(a, b));
+                assert!(
+                    (x.recall - y.recall).abs() < 1e-12 && (x.density - y.density).abs() < 1e-12
+                );
+                let (x, y) = (t.a_shape(a, b), s.recall_a_shape(a, b));
+                assert!(
+                    (x.recall - y.recall).abs() < 1e-12 && (x.density - y.density).abs() < 1e-12
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_choice_is_the_cheapest_candidate_at_target_and_respects_a_flops_budget() {
+    let per_sample: Vec<HeadStats> = [1u64, 2, 3]
+        .iter()
+        .map(|&s| sample_stats(s, 300).remove(1))
+        .collect();
+    let head = HeadSamples::new(per_sample).unwrap();
+    let scored: Vec<Scored> = head
+        .candidates()
+        .into_iter()
+        .map(|c| head.score(c))
+        .collect();
+    for objective in [Objective::Mean, Objective::Worst] {
+        let goal = Goal {
+            target_recall: 0.9,
+            flops_budget: None,
+            objective,
+        };
+        let pick = choose(&scored, &goal);
+        assert!(goal.objective.of(&pick) >= 0.9);
+        let cheaper = scored
+            .iter()
+            .filter(|s| s.density < pick.density && goal.objective.of(s) >= 0.9)
+            .count();
+        assert_eq!(cheaper, 0, "{pick:?}");
+        assert!(pick.worst <= pick.recall + 1e-12);
+    }
+    let goal = Goal {
+        target_recall: 0.9,
+        flops_budget: Some(0.3),
+        objective: Objective::Mean,
+    };
+    let pick = choose(&scored, &goal);
+    assert!(pick.density <= 0.3);
+    assert!(scored
+        .iter()
+        .filter(|s| s.density <= 0.3)
+        .all(|s| s.recall <= pick.recall));
+    // An unreachable target gives dense.
+    let goal = Goal {
+        target_recall: 1.0 + 1e-6,
+        flops_budget: None,
+        objective: Objective::Mean,
+    };
+    assert_eq!(choose(&scored, &goal).candidate, Candidate::Dense);
+}
+
+fn attnplan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_attnplan"))
+        .args(args)
+        .output()
+        .expect("run attnplan")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write(dir: &Path, name: &str, p: &Profile) -> PathBuf {
+    let path = dir.join(name);
+    p.write(&path).unwrap();
+    path
+}
+
+#[test]
+fn calibrate_from_profiles_writes_a_valid_deterministic_plan_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = write(
+        dir.path(),
+        "a.safetensors",
+        &profile("cal", &[1, 2, 3], 200),
+    );
+    let long = write(dir.path(), "b.safetensors", &profile("cal", &[4, 5], 300));
+    let held_s = write(dir.path(), "hs.safetensors", &profile("held", &[7], 200));
+    let held_l = write(dir.path(), "hl.safetensors", &profile("held", &[8], 300));
+    let plan1 = dir.path().join("plan1.yaml");
+    let plan2 = dir.path().join("plan2.yaml");
+    let report = dir.path().join("report.json");
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    for (plan, rep) in [(&plan1, true), (&plan2, false)] {
+        let mut args = vec![
+            "calibrate".to_string(),
+            "--profile".into(),
+            s(&long),
+            "--profile".into(),
+            s(&short),
+            "--heldout".into(),
+            s(&held_s),
+            "--heldout".into(),
+            s(&held_l),
+            "--target-recall".into(),
+            "0.9".into(),
+            "--tolerance".into(),
+            "0.2".into(),
+            "--out".into(),
+            s(plan),
+        ];
+        if rep {
+            args.extend(["--report".into(), s(&report)]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = attnplan(&refs);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let yaml = std::fs::read_to_string(&plan1).unwrap();
+    assert_eq!(
+        yaml,
+        std::fs::read_to_string(&plan2).unwrap(),
+        "not deterministic"
+    );
+    let plan = schemas::Plan::read(&plan1).unwrap();
+    assert_eq!(plan.provenance.seq_lens, [200, 300]);
+    assert_eq!(plan.provenance.samples, 5);
+    assert_eq!(plan.provenance.heldout_samples, 2);
+    for (_, h) in plan.heads() {
+        assert!(h.recall.unwrap() >= 0.9 - 1e-9, "{h:?}");
+        assert!(h.validated_recall.is_some());
+        // Two lengths: budgets per length bucket.
+        for (_, b) in h.pattern.budgets() {
+            assert!(matches!(b, schemas::Budget::Buckets(_)), "{h:?}");
+        }
+    }
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["summary"]["heads"], 8);
+    assert_eq!(r["summary"]["per_length"].as_array().unwrap().len(), 2);
+    assert!(r["heads"][0]["minference"].is_array());
+    let out = attnplan(&["validate", plan1.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn heads_missing_the_target_on_heldout_data_refuse_the_plan_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = write(dir.path(), "c.safetensors", &profile("cal", &[1], 300));
+    // Held-out samples from another structure: a different seed family.
+    let held = write(dir.path(), "h.safetensors", &profile("held", &[900], 300));
+    let plan = dir.path().join("plan.yaml");
+    let args = |force: bool| {
+        let mut a = vec![
+            "calibrate",
+            "--profile",
+            cal.to_str().unwrap(),
+            "--heldout",
+            held.to_str().unwrap(),
+            "--target-recall",
+            "0.999",
+            "--objective",
+            "mean",
+            "--tolerance",
+            "0",
+            "--out",
+            plan.to_str().unwrap(),
+        ];
+        if force {
+            a.push("--force");
+        }
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let out = attnplan(&args(false).iter().map(String::as_str).collect::<Vec<_>>());
+    let err = text(&out.stderr);
+    if out.status.code() == Some(1) {
+        assert!(err.contains("miss the target"), "{err}");
+        assert!(!plan.exists(), "a refused plan was written");
+        let out = attnplan(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(plan.exists());
+    } else {
+        // Every head generalized: then the plan must be there and valid.
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(schemas::Plan::read(&plan).is_ok());
+    }
+}
+
+#[test]
+fn bad_calibration_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "g.safetensors", &profile("cal", &[1], 200));
+    let mut foreign = profile("cal", &[2], 300);
+    foreign.meta.tool = "attnplan 0.0.1".into();
+    let foreign = write(dir.path(), "f.safetensors", &foreign);
+    let mut other_model = profile("other", &[3], 300);
+    other_model.meta.model.fingerprint = format!("sha256:{}", "8".repeat(64));
+    let other_model = write(dir.path(), "o.safetensors", &other_model);
+    let dup = write(dir.path(), "d.safetensors", &profile("cal", &[1], 200));
+    let out_plan = dir.path().join("p.yaml");
+    let g = good.to_str().unwrap();
+    let o = out_plan.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--profile", g, "--target-recall", "0"],
+            "--target-recall",
+        ),
+        (
+            vec!["--profile", g, "--target-recall", "1.5"],
+            "--target-recall",
+        ),
+        (
+            vec!["--profile", g, "--flops-budget", "0"],
+            "--flops-budget",
+        ),
+        (
+            vec!["--profile", g, "--model", "m.gguf"],
+            "does not combine",
+        ),
+        (vec!["--heldout", g], "--heldout needs --profile"),
+        (
+            vec!["--profile", foreign.to_str().unwrap()],
+            "f.safetensors: tool",
+        ),
+        (
+            vec!["--profile", g, "--profile", other_model.to_str().unwrap()],
+            "o.safetensors: model.fingerprint",
+        ),
+        (
+            vec!["--profile", g, "--heldout", dup.to_str().unwrap()],
+            "d.safetensors: sample_ids",
+        ),
+        (
+            vec!["--profile", "/nonexistent.safetensors"],
+            "/nonexistent.safetensors",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["calibrate"];
+        all.extend(&args);
+        all.extend(["--out", o]);
+        let out = attnplan(&all);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out_plan.exists());
+    }
+}
+
+#[test]
+fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
+    let model = profiler::model::default_model_path();
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        model.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.yaml");
+    let out = attnplan(&[
+        "calibrate",
+        "--seq-len",
+        "256",
+        "--samples",
+        "2",
+        "--heldout-samples",
+        "1",
+        "--target-recall",
+        "0.9",
+        "--tolerance",
+        "0.1",
+        "--force",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = attnplan(&[
+        "validate",
+        plan.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let p = schemas::Plan::read(&plan).unwrap();
+    assert_eq!(p.heads().count(), 270);
+    assert_eq!(p.provenance.heldout_samples, 1);
+}
