@@ -5,12 +5,14 @@
 //! - [`calibration`]: the search over all heads and lengths, held-out validation.
 //! - [`emit`]: the plan (budgets per length, dense threshold, provenance).
 //! - [`report`]: the per-head report and summary (text and JSON).
+//! - [`eval`]: dense against sparse prefill on the same inputs.
 //! - [`cli`]: the subcommands, one file each.
 
 pub mod calibration;
 pub mod cli;
 pub mod emit;
 mod error;
+pub mod eval;
 pub mod report;
 pub mod search;
 

@@ -5,6 +5,7 @@
 
 mod calibrate;
 mod common;
+mod eval;
 mod inspect;
 mod merge;
 mod profile;
@@ -36,6 +37,9 @@ pub enum Command {
     Merge(merge::Args),
     /// Search the best pattern and budget per head, validate on held-out samples, write the plan.
     Calibrate(calibrate::Args),
+    /// Dense against the plan's sparse prefill on the same inputs: perplexity, retrieval accuracy,
+    /// output error, recall, FLOPs, attention time.
+    Eval(eval::Args),
 }
 
 /// Why a command failed, which decides the exit code.
@@ -95,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Profile(args) => profile::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Calibrate(args) => calibrate::run(&args),
+        Command::Eval(args) => eval::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,263 @@
+//! `attnplan eval`: dense against the plan's sparse prefill on the same inputs: perplexity, retrieval
+//! accuracy, per-layer output error, per-head recall, computed FLOPs fraction, attention time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::eval::{eval_sample, EvalAttention, SampleEval};
+use profiler::model::DenseAttention;
+use serde::Serialize;
+
+use super::common::{load_model, DataArgs, Progress};
+use super::{report_plan_error, Outcome};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A .gguf file or Hugging Face directory [default: the cached SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The plan to evaluate.
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// Data (repeatable) [default: synthetic:passkey, synthetic:kv-retrieval, synthetic:needle].
+    #[arg(long = "data")]
+    pub data: Vec<String>,
+    /// Field holding the text in JSONL files.
+    #[arg(long, default_value = profiler::data::DEFAULT_JSONL_FIELD)]
+    pub field: String,
+    /// Tokens per sample (prompt; the answer follows it).
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Samples per data source.
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Seed for synthetic data (use one the plan was not calibrated on).
+    #[arg(long, default_value_t = 1001)]
+    pub seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Side {
+    nll: f64,
+    tokens: usize,
+    perplexity: f64,
+    /// data source → (correct, total)
+    accuracy: BTreeMap<String, (usize, usize)>,
+    mean_answer_logprob: Option<f64>,
+    #[serde(skip)]
+    logprobs: Vec<f64>,
+}
+
+impl Side {
+    fn add(&mut self, source: &str, e: &SampleEval) {
+        self.nll += e.nll;
+        self.tokens += e.tokens;
+        if let Some(ok) = e.correct {
+            let a = self.accuracy.entry(source.to_string()).or_default();
+            a.0 += usize::from(ok);
+            a.1 += 1;
+        }
+        if let Some(lp) = e.answer_logprob {
+            self.logprobs.push(lp);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.perplexity = (self.nll / self.tokens.max(1) as f64).exp();
+        if !self.logprobs.is_empty() {
+            self.mean_answer_logprob =
+                Some(self.logprobs.iter().sum::<f64>() / self.logprobs.len() as f64);
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct EvalReport {
+    model: String,
+    plan: String,
+    seq_len: usize,
+    samples_per_source: usize,
+    sources: Vec<String>,
+    dense: Side,
+    sparse: Side,
+    perplexity_change: f64,
+    /// Computed cells over dense causal cells in the sparse forwards.
+    flops_fraction: f64,
+    attention_seconds_dense: f64,
+    attention_seconds_sparse: f64,
+    attention_speedup: f64,
+    index_seconds: f64,
+    /// Per layer: `‖O_sparse − O_dense‖ / ‖O_dense‖` on the sparse run's inputs.
+    layer_output_error: Vec<f64>,
+    /// `[layer][head]` measured recall on the first sample.
+    head_recall: Vec<Vec<f64>>,
+    mean_head_recall: f64,
+    min_head_recall: f64,
+    heads_run_dense: u64,
+}
+
+pub fn run(args: &Args) -> Outcome {
+    let plan = schemas::Plan::read(&args.plan).map_err(report_plan_error)?;
+    let model = load_model(args.model.as_deref())?;
+    let info = model.spec().model_info();
+    plan.check_model(&args.plan, &info)
+        .map_err(report_plan_error)?;
+    if args.samples == 0 {
+        return Err(anyhow::anyhow!("--samples must be at least 1").into());
+    }
+    let sources = if args.data.is_empty() {
+        vec![
+            "synthetic:passkey".to_string(),
+            "synthetic:kv-retrieval".into(),
+            "synthetic:needle".into(),
+        ]
+    } else {
+        args.data.clone()
+    };
+    let mut all = Vec::new();
+    for source in &sources {
+        let da = DataArgs {
+            data: source.clone(),
+            field: args.field.clone(),
+            seq_len: args.seq_len,
+            seed: args.seed,
+            allow_long: false,
+        };
+        for s in da.samples(&model, args.samples, args.seed)? {
+            let answer = s.task.as_ref().map_or(0, |t| t.answer_tokens.len());
+            if args.seq_len + answer > model.config().max_context {
+                return Err(anyhow::anyhow!(
+                    "--seq-len {} plus the {answer}-token answer exceeds the model's context of {}",
+                    args.seq_len,
+                    model.config().max_context
+                )
+                .into());
+            }
+            all.push((source.clone(), s));
+        }
+    }
+    let mut sparse_attn = EvalAttention::new(&plan, &info)?;
+    let (mut dense, mut sparse) = (Side::default(), Side::default());
+    let progress = Progress::new("evaluating", all.len());
+    for (i, (source, sample)) in all.iter().enumerate() {
+        let d = eval_sample(&model, sample, &mut DenseAttention)?;
+        sparse_attn.measure_recall = i == 0;
+        let s = eval_sample(&model, sample, &mut sparse_attn)?;
+        dense.add(source, &d);
+        sparse.add(source, &s);
+        progress.step(
+            i + 1,
+            all.len(),
+            &format!("{source}: dense {:?}, sparse {:?}", d.correct, s.correct),
+        );
+    }
+    progress.finish();
+    dense.finish();
+    sparse.finish();
+    let totals = sparse_attn.prefill().totals().clone();
+    let recall: Vec<f64> = sparse_attn.recall.iter().flatten().copied().collect();
+    let report = EvalReport {
+        model: model.path().display().to_string(),
+        plan: args.plan.display().to_string(),
+        seq_len: args.seq_len,
+        samples_per_source: args.samples,
+        sources,
+        perplexity_change: sparse.perplexity / dense.perplexity - 1.0,
+        flops_fraction: totals.density(),
+        attention_seconds_dense: sparse_attn.dense_seconds,
+        attention_seconds_sparse: sparse_attn.sparse_seconds,
+        attention_speedup: sparse_attn.dense_seconds / sparse_attn.sparse_seconds.max(1e-12),
+        index_seconds: totals.index_time.as_secs_f64(),
+        layer_output_error: sparse_attn
+            .err
+            .iter()
+            .map(|(d, n)| if *n > 0.0 { (d / n).sqrt() } else { 0.0 })
+            .collect(),
+        mean_head_recall: recall.iter().sum::<f64>() / recall.len().max(1) as f64,
+        min_head_recall: recall.iter().copied().fold(f64::INFINITY, f64::min),
+        head_recall: sparse_attn.recall.clone(),
+        heads_run_dense: totals.dense_short + totals.dense_planned + totals.dense_mismatch,
+        dense,
+        sparse,
+    };
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)? + "\n"
+    } else {
+        render(&report)
+    };
+    super::print(&text)?;
+    Ok(())
+}
+
+fn render(r: &EvalReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} on {} at {} tokens, {} samples per source",
+        r.plan, r.model, r.seq_len, r.samples_per_source
+    );
+    let _ = writeln!(out, "  {:<28} {:>12} {:>12}", "", "dense", "sparse");
+    let _ = writeln!(
+        out,
+        "  {:<28} {:>12.4} {:>12.4}  ({:+.2}%)",
+        "perplexity (prompt tokens)",
+        r.dense.perplexity,
+        r.sparse.perplexity,
+        100.0 * r.perplexity_change
+    );
+    for (source, (ok, n)) in &r.dense.accuracy {
+        let (sok, sn) = r.sparse.accuracy.get(source).copied().unwrap_or((0, 0));
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>12} {:>12}",
+            format!("{source} accuracy"),
+            format!("{ok}/{n}"),
+            format!("{sok}/{sn}")
+        );
+    }
+    if let (Some(d), Some(s)) = (r.dense.mean_answer_logprob, r.sparse.mean_answer_logprob) {
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>12.4} {:>12.4}",
+            "answer log-prob (mean)", d, s
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<28} {:>12.4} {:>12.4}",
+        "attention FLOPs fraction", 1.0, r.flops_fraction
+    );
+    let _ = writeln!(
+        out,
+        "  {:<28} {:>12.3} {:>12.3}  ({:.2}x; index building {:.3} s)",
+        "attention time (s)",
+        r.attention_seconds_dense,
+        r.attention_seconds_sparse,
+        r.attention_speedup,
+        r.index_seconds
+    );
+    let (worst_layer, worst) =
+        r.layer_output_error
+            .iter()
+            .enumerate()
+            .fold(
+                (0, 0.0f64),
+                |acc, (l, &e)| if e > acc.1 { (l, e) } else { acc },
+            );
+    let mean_err =
+        r.layer_output_error.iter().sum::<f64>() / r.layer_output_error.len().max(1) as f64;
+    let _ = writeln!(
+        out,
+        "  layer output error           mean {mean_err:.4}, worst {worst:.4} (layer {worst_layer})"
+    );
+    let _ = writeln!(
+        out,
+        "  head recall (first sample)   mean {:.4}, min {:.4}",
+        r.mean_head_recall, r.min_head_recall
+    );
+    out
+}

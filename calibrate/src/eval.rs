@@ -1,0 +1,156 @@
+//! Evaluation: the same inputs through the dense model and through the plan's sparse prefill.
+//!
+//! Per sample, two forwards over `prompt + answer` tokens: dense ([`DenseAttention`]) and sparse
+//! ([`EvalAttention`], which runs [`SparsePrefill`] and, on the same layer input, dense attention too, so
+//! that each layer's output error `‖O_sparse − O_dense‖ / ‖O_dense‖` and the attention wall times of
+//! both are measured in the same run). From the hidden states:
+//! - perplexity over the prompt tokens (next-token log-likelihood, natural log);
+//! - the retrieval answer: a sample passes when the model's argmax reproduces every answer token given
+//!   the previous ones — exactly the condition for greedy decoding to produce the answer. The answer
+//!   tokens' own attention runs under the plan too, which is stricter than a sparse prefill followed by
+//!   dense decoding; the answer's log-probability is reported beside it;
+//! - on the first sample, every head's measured recall of the index the runtime built
+//!   ([`recall_of_index`], exact, streamed).
+
+use std::time::Instant;
+
+use profiler::data::Sample;
+use profiler::model::{argmax, DenseAttention, LayerAttention, Model};
+use profiler::stats::recall_of_index;
+use runtime::pattern::{build_index, HeadQk, PatternContext};
+use runtime::{AttentionInput, PrefillOptions, SparsePrefill};
+use schemas::Plan;
+use serde::Serialize;
+
+use crate::Error;
+
+/// The sparse forward's attention: the plan's sparse output, with dense computed beside it.
+pub struct EvalAttention {
+    prefill: SparsePrefill,
+    /// Per layer: squared norms of (sparse − dense) and of dense, summed over calls.
+    pub err: Vec<(f64, f64)>,
+    pub sparse_seconds: f64,
+    pub dense_seconds: f64,
+    /// Measure every head's recall on the next forward (expensive: one more pass per head).
+    pub measure_recall: bool,
+    /// `[layer][head]` measured recall of the last forward that measured it.
+    pub recall: Vec<Vec<f64>>,
+    dense_out: Vec<f32>,
+}
+
+impl EvalAttention {
+    pub fn new(plan: &Plan, model: &schemas::ModelInfo) -> Result<Self, Error> {
+        let prefill = SparsePrefill::new(plan, model, PrefillOptions::default())
+            .map_err(|e| Error::Usage(e.to_string()))?;
+        Ok(Self {
+            prefill,
+            err: vec![(0.0, 0.0); model.layers as usize],
+            sparse_seconds: 0.0,
+            dense_seconds: 0.0,
+            measure_recall: false,
+            recall: vec![vec![f64::NAN; model.query_heads as usize]; model.layers as usize],
+            dense_out: Vec::new(),
+        })
+    }
+
+    pub fn prefill(&self) -> &SparsePrefill {
+        &self.prefill
+    }
+}
+
+impl LayerAttention for EvalAttention {
+    fn attend(
+        &mut self,
+        layer: usize,
+        input: &AttentionInput<'_>,
+        out: &mut [f32],
+    ) -> profiler::Result<()> {
+        let start = Instant::now();
+        self.prefill.forward(layer, input, out)?;
+        self.sparse_seconds += start.elapsed().as_secs_f64();
+        self.dense_out.resize(out.len(), 0.0);
+        let start = Instant::now();
+        DenseAttention.attend(layer, input, &mut self.dense_out)?;
+        self.dense_seconds += start.elapsed().as_secs_f64();
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (s, d) in out.iter().zip(&self.dense_out) {
+            diff += f64::from(s - d).powi(2);
+            norm += f64::from(*d).powi(2);
+        }
+        if let Some(e) = self.err.get_mut(layer) {
+            e.0 += diff;
+            e.1 += norm;
+        }
+        if self.measure_recall {
+            let plan = self.prefill.plan();
+            let ctx = PatternContext::new(input.shape.seq_len, &plan.defaults);
+            let dense_below = plan.defaults.dense_below as usize;
+            for h in 0..input.shape.q_heads {
+                let r = match plan.head(layer, h) {
+                    Some(hp) if input.shape.seq_len >= dense_below => {
+                        let index = build_index(&hp.pattern, &ctx, &HeadQk::from_input(input, h)?)?;
+                        recall_of_index(input, h, &index)?.mean
+                    }
+                    _ => 1.0,
+                };
+                if let Some(slot) = self.recall.get_mut(layer).and_then(|l| l.get_mut(h)) {
+                    *slot = r;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One sample's figures under one attention.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleEval {
+    /// Sum of `-log p` over the prompt's next-token predictions, and how many.
+    pub nll: f64,
+    pub tokens: usize,
+    /// Whether the argmax reproduces the answer (None for samples without a task).
+    pub correct: Option<bool>,
+    /// `log p(answer | prompt)`, natural log.
+    pub answer_logprob: Option<f64>,
+}
+
+/// Runs `sample` (prompt, then its answer if it has a task) through `model` with `attn`.
+pub fn eval_sample(
+    model: &Model,
+    sample: &Sample,
+    attn: &mut dyn LayerAttention,
+) -> Result<SampleEval, Error> {
+    let mut tokens = sample.tokens.clone();
+    let answer: &[u32] = sample
+        .task
+        .as_ref()
+        .map_or(&[][..], |t| t.answer_tokens.as_slice());
+    tokens.extend_from_slice(answer);
+    let hidden = model.forward_hidden(&tokens, attn)?;
+    let logp = model.next_token_logprobs(&hidden, &tokens)?;
+    let prompt = sample.tokens.len();
+    // logp[i] = log p(tokens[i + 1] | ..i): prompt predictions are i < prompt - 1.
+    let nll: f64 = logp
+        .iter()
+        .take(prompt.saturating_sub(1))
+        .map(|&x| -f64::from(x))
+        .sum();
+    let (correct, answer_logprob) = if answer.is_empty() {
+        (None, None)
+    } else {
+        let rows = prompt - 1..prompt - 1 + answer.len();
+        let logits = model.logits_rows(&hidden, rows)?;
+        let ok = (0..answer.len()).all(|i| argmax(logits.row(i)) == answer.get(i).copied());
+        let lp: f64 = logp[prompt - 1..prompt - 1 + answer.len()]
+            .iter()
+            .map(|&x| f64::from(x))
+            .sum();
+        (Some(ok), Some(lp))
+    };
+    Ok(SampleEval {
+        nll,
+        tokens: prompt.saturating_sub(1),
+        correct,
+        answer_logprob,
+    })
+}
