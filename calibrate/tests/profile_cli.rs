@@ -1,0 +1,166 @@
+//! `attnplan profile` and `attnplan merge` on the real SmolLM2 (fetched by scripts/fetch-model.sh),
+//! at lengths small enough for CI.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+
+use profiler::profile::Profile;
+
+fn attnplan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_attnplan"))
+        .args(args)
+        .output()
+        .expect("run attnplan")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn need_model() {
+    let model = profiler::model::default_model_path();
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        model.display()
+    );
+}
+
+#[test]
+fn profile_writes_statistics_and_heat_maps_and_merge_joins_samples() {
+    need_model();
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    let heat = dir.path().join("heat");
+    let out = attnplan(&[
+        "profile",
+        "--seq-len",
+        "192",
+        "--samples",
+        "1",
+        "--seed",
+        "1",
+        "--out",
+        a.to_str().unwrap(),
+        "--heatmaps",
+        heat.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = attnplan(&[
+        "profile",
+        "--data",
+        "synthetic:kv-retrieval",
+        "--seq-len",
+        "192",
+        "--samples",
+        "2",
+        "--seed",
+        "2",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let pngs = std::fs::read_dir(&heat).unwrap().count();
+    assert_eq!(pngs, 270, "one heat map per head");
+    let png = std::fs::read(heat.join("L00_H0.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+
+    // Different data sources do not merge (they are different calibration sets).
+    let merged = dir.path().join("m.safetensors");
+    let out = attnplan(&[
+        "merge",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("b.safetensors: data"));
+    assert!(!merged.exists());
+
+    // Same source, other samples: merged by addition.
+    let c = dir.path().join("c.safetensors");
+    let out = attnplan(&[
+        "profile",
+        "--seq-len",
+        "192",
+        "--samples",
+        "1",
+        "--seed",
+        "3",
+        "--out",
+        c.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = attnplan(&[
+        "merge",
+        a.to_str().unwrap(),
+        c.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let m = Profile::read(&merged).unwrap();
+    assert_eq!(m.meta.samples, 2);
+    let pa = Profile::read(&a).unwrap();
+    let pc = Profile::read(&c).unwrap();
+    // The merged statistics of a head equal the sum of the two.
+    let mut sum = pa.head_stats(&a, 5, 3).unwrap();
+    sum.merge(&pc.head_stats(&c, 5, 3).unwrap()).unwrap();
+    assert_eq!(m.head_stats(&merged, 5, 3).unwrap(), sum);
+    // Every head of every layer is there, with rows = samples * seq_len.
+    for l in 0..30 {
+        for h in 0..9 {
+            let s = m.head_stats(&merged, l, h).unwrap();
+            assert_eq!(s.rows, 2 * 192);
+            assert!(
+                (s.heat_map()
+                    .iter()
+                    .map(|r| r.iter().sum::<f64>())
+                    .sum::<f64>()
+                    - 3.0)
+                    .abs()
+                    < 1e-6,
+                "each of the 3 query blocks' rows sums to 1"
+            );
+        }
+    }
+}
+
+#[test]
+fn profile_refuses_bad_requests_clearly() {
+    need_model();
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("p.safetensors");
+    let o = out_path.to_str().unwrap();
+    let missing_data = dir.path().join("missing.txt");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--seq-len", "9000"], "beyond"),
+        (vec!["--seq-len", "4"], "too short"),
+        (vec!["--samples", "0"], "--samples"),
+        (vec!["--block", "48"], "--block"),
+        (
+            vec!["--data", missing_data.to_str().unwrap()],
+            "missing.txt",
+        ),
+        (vec!["--data", empty.to_str().unwrap()], "empty.txt"),
+        (vec!["--data", "synthetic:nonsense"], "nonsense"),
+        (
+            vec!["--model", "/nonexistent/model.gguf"],
+            "/nonexistent/model.gguf",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["profile", "--out", o];
+        all.extend(&args);
+        let out = attnplan(&all);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out_path.exists(), "partial output left behind");
+    }
+}
