@@ -216,7 +216,7 @@ fn compile(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir).map_err(io)?;
     for f in KernelFile::ALL {
         let t = std::time::Instant::now();
-        let ptx = device::compile(f, "compute_90")?;
+        let ptx = device::compile(f, "compute_90a")?;
         let name = f.file_name().replace(".cu", ".ptx");
         std::fs::write(dir.join(&name), ptx.to_src()).map_err(io)?;
         println!(
@@ -610,6 +610,11 @@ fn bench(args: &[String]) -> Result<()> {
     let i = ix.as_ref().ok_or_else(|| Error::Cuda("no index".into()))?;
     let flat = sp.download_index(i)?;
     let density = flat.density();
+    let kernel = sp
+        .kernel_resources()?
+        .get(1)
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
     let (est, sel, att, e2e, dense_ms) = (
         median(est),
         median(sel),
@@ -626,13 +631,14 @@ fn bench(args: &[String]) -> Result<()> {
          \"reps\":{reps},\"density\":{density:.5},\"estimate_ms\":{est:.4},\"select_ms\":{sel:.4},\
          \"sparse_attn_ms\":{att:.4},\"e2e_ms\":{e2e:.4},\"dense_ms\":{dense_ms:.4},\
          \"sparse_attn_tflops_on_cells\":{:.1},\"dense_tflops\":{:.1},\"index_share\":{:.4},\
-         \"entries\":[{},{}],\"device\":\"{}\"}}",
+         \"entries\":[{},{}],\"device\":\"{}\",\"kernel\":\"{}\"}}",
         tflops(att, density),
         tflops(dense_ms, 1.0),
         (est + sel) / e2e,
         flat.blk_idx.len(),
         flat.col_idx.len(),
-        sp.device().describe()?
+        sp.device().describe()?,
+        kernel
     );
     std::fs::write(o.dir.join("bench.json"), &js).map_err(io)?;
     if o.flags.iter().any(|f| f == "write-inputs") {

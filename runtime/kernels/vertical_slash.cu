@@ -4,8 +4,10 @@
 // 1. vs_est<0>: scores of the last L queries against all keys (mma.sync), per (head, row tile of 64
 //    of the last L rows, chunk of EST_CHUNK keys): running max and sum of exp2 per row -> `part`.
 // 2. vs_est_reduce: per (head, row): combines the partials into (max, 1 / sum) -> `ml`.
-// 3. vs_est<1>: recomputes the scores, p = softmax, sums p per key column (`col`) and per diagonal
-//    offset i - j (`diag`) with shared-memory then global f32 atomics (both zeroed before).
+// 3. vs_est<1>: recomputes the scores, writes p = softmax into a shared 64x64 tile, sums it per key
+//    column (`col`) and per diagonal offset i - j (`diag`), then global f32 atomics (both zeroed before).
+// K tiles are double-buffered with cp.async; CTAs of the heads of one KV group are adjacent in the grid,
+// so they read the same K chunk through L2.
 // 4. vs_topk: per (head, columns | diagonals): radix select of the top-k (forced items first, then
 //    descending score, ties to the lower index), writes inclusive prefix counts `cum[h][0..=n]` of the
 //    selected items and, for columns, the sorted list of selected columns.
@@ -27,10 +29,10 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
                                        float* __restrict__ col, float* __restrict__ diag) {
     constexpr int CPR = D / 8, ROWS_PER_PASS = 128 / CPR, PASSES = 64 / ROWS_PER_PASS;
     constexpr int TILE_BYTES = 64 * D * 2;
+    constexpr int PLD = 65;  // row stride (floats) of the P tile: conflict-free column and diagonal walks
     extern __shared__ __align__(128) unsigned char smem[];
-    const u32 sQ = smem_u32(smem), sK = sQ + TILE_BYTES;
-    float* colacc = (float*)(smem + 2 * TILE_BYTES);  // [64]
-    float* diagacc = colacc + 64;                     // [128]
+    const u32 sQ = smem_u32(smem), sK = sQ + TILE_BYTES;  // K: 2 stages
+    float* pt = (float*)(smem + 3 * TILE_BYTES);          // [64][PLD] probabilities (PASS 1)
 
     const int h = blockIdx.x % q_heads, chunk = blockIdx.x / q_heads, rt = blockIdx.y;
     const int nchunks = (n + EST_CHUNK - 1) / EST_CHUNK;
@@ -40,7 +42,18 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const bf16_t* qh = q + (u64)h * n * D;
     const bf16_t* kh = k + (u64)(h / group) * n * D;
+    const int j_first = chunk * EST_CHUNK;
+    // key tiles of this chunk with a causal cell for some row of the tile
+    const int ntiles = max(0, min(EST_TILES, (min(i_last + 1, n) - j_first + 63) / 64));
 
+    auto load_k = [&](int tt) {
+        const int c = tid % CPR, j0 = j_first + tt * 64;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = tid / CPR + p * ROWS_PER_PASS;
+            load_rows_async<D>(sK + (tt & 1) * TILE_BYTES, kh, r, j0 + r < n ? j0 + r : POS_NONE, c);
+        }
+    };
     {
         const int c = tid % CPR;
 #pragma unroll
@@ -48,15 +61,10 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
             const int r = tid / CPR + p * ROWS_PER_PASS;
             load_rows_async<D>(sQ, qh, r, i0 + r < n ? i0 + r : POS_NONE, c);
         }
+        if (ntiles > 0) load_k(0);
         cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
     }
     u32 qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-        ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-
     const int ra = i0 + warp * 16 + g, rb = ra + 8;  // absolute rows of this thread
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
     float2 mla = make_float2(0.f, 0.f), mlb = mla;
@@ -65,24 +73,19 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
         mlb = ml[(u64)h * rows_pad + rt * 64 + warp * 16 + g + 8];
     }
 
-    for (int tt = 0; tt < EST_TILES; ++tt) {
-        const int j0 = chunk * EST_CHUNK + tt * 64;
-        if (j0 > i_last) break;  // uniform across the CTA
-        {
-            const int c = tid % CPR;
-#pragma unroll
-            for (int p = 0; p < PASSES; ++p) {
-                const int r = tid / CPR + p * ROWS_PER_PASS;
-                load_rows_async<D>(sK, kh, r, j0 + r < n ? j0 + r : POS_NONE, c);
-            }
-            cp_async_commit();
-        }
-        if (PASS == 1) {
-            for (int x = tid; x < 192; x += 128) colacc[x] = 0.f;  // colacc and diagacc
-        }
-        cp_async_wait<0>();
+    for (int tt = 0; tt < ntiles; ++tt) {
+        const int j0 = j_first + tt * 64;
+        if (tt + 1 < ntiles) load_k(tt + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-
+        if (tt == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+                ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
+                        sQ + swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+        }
+        const u32 kst = sK + (tt & 1) * TILE_BYTES;
         float s[8][4];
 #pragma unroll
         for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
@@ -92,7 +95,7 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
             for (int j = 0; j < 8; j += 2) {
                 const int r = j * 8 + (lane & 7) + ((lane >> 4) << 3);
                 u32 b0, b1, b2, b3;
-                ldsm_x4(b0, b1, b2, b3, sK + swz<D>(r, kk * 2 + ((lane >> 3) & 1)));
+                ldsm_x4(b0, b1, b2, b3, kst + swz<D>(r, kk * 2 + ((lane >> 3) & 1)));
                 mma_bf16(s[j], qf[kk], b0, b1);
                 mma_bf16(s[j + 1], qf[kk], b2, b3);
             }
@@ -126,45 +129,38 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
             m_a = na;
             m_b = nb;
         } else {
-            // p = 2^(x - m) / l: per column sums (over rows) and per diagonal sums.
+            // p = 2^(x - m) / l into the P tile, then per-column and per-diagonal sums over it.
+            const int la = warp * 16 + g;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                float cs[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float pa = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - mla.x) * mla.y;
-                    const float pb = s[j][e + 2] == NEG_INF ? 0.f : exp2f(s[j][e + 2] - mlb.x) * mlb.y;
-                    cs[e] = pa + pb;
-                    const int cc = j * 8 + 2 * tq + e;        // column within the tile
-                    const int la = warp * 16 + g;             // row within the tile
-                    if (pa > 0.f) atomicAdd(&diagacc[la - cc + 63], pa);
-                    if (pb > 0.f) atomicAdd(&diagacc[la + 8 - cc + 63], pb);
-                }
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float x = cs[e];
-                    x += __shfl_xor_sync(0xffffffff, x, 4);
-                    x += __shfl_xor_sync(0xffffffff, x, 8);
-                    x += __shfl_xor_sync(0xffffffff, x, 16);
-                    if (g == 0 && x > 0.f) atomicAdd(&colacc[j * 8 + 2 * tq + e], x);
+                    const int cc = j * 8 + 2 * tq + e;
+                    pt[la * PLD + cc] = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - mla.x) * mla.y;
+                    pt[(la + 8) * PLD + cc] = s[j][e + 2] == NEG_INF ? 0.f : exp2f(s[j][e + 2] - mlb.x) * mlb.y;
                 }
             }
             __syncthreads();
-            // Tile (i0.., j0..): offset of diagacc[x] is (i0 - j0) + x - 63.
-            for (int x = tid; x < 192; x += 128) {
-                if (x < 64) {
-                    const float c = colacc[x];
-                    if (c != 0.f && j0 + x < n) atomicAdd(&col[(u64)h * n + j0 + x], c);
-                } else {
-                    const int dx = x - 64;
+            if (tid < 64) {
+                float c = 0.f;
+                for (int r = 0; r < 64; ++r) c += pt[r * PLD + tid];
+                if (c != 0.f && j0 + tid < n) atomicAdd(&col[(u64)h * n + j0 + tid], c);
+            }
+            // diagonal dx (row - column = dx - 63), 127 of them over 128 threads
+            {
+                const int dx = tid;
+                if (dx < 127) {
+                    const int r_lo = max(0, dx - 63), r_hi = min(63, dx);
+                    float dsum = 0.f;
+                    for (int r = r_lo; r <= r_hi; ++r) dsum += pt[r * PLD + r - (dx - 63)];
                     const int off = i0 - j0 + dx - 63;
-                    const float d = diagacc[dx];
-                    if (dx < 127 && d != 0.f && off >= 0 && off < n) atomicAdd(&diag[(u64)h * n + off], d);
+                    if (dsum != 0.f && off >= 0 && off < n) atomicAdd(&diag[(u64)h * n + off], dsum);
                 }
             }
         }
         __syncthreads();
     }
+    cp_async_wait<0>();
     if (PASS == 0) {
 #pragma unroll
         for (int sh = 1; sh <= 2; sh <<= 1) {

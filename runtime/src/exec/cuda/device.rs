@@ -10,14 +10,18 @@ use crate::error::{Error, Result};
 
 /// Helpers prepended to every kernel file (headerless: bf16 as raw `u16`, PTX inline).
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// Hopper warpgroup-MMA helpers, active only for sm_90a targets (`__CUDA_ARCH_FEAT_SM90_ALL`).
+const WGMMA: &str = include_str!("../../../kernels/wgmma.cuh");
 
-/// Environment variable overriding the NVRTC target (default `compute_90`, e.g. `sm_90a`).
+/// Environment variable overriding the NVRTC target (default `compute_90a`: Hopper with wgmma;
+/// `compute_90` drops the wgmma kernels and the mma.sync ones are used).
 pub const ARCH_ENV: &str = "ATTNPLAN_NVRTC_ARCH";
 
 /// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFile {
-    /// `attention.cu`: `attn_fwd_d64`, `attn_fwd_d128`.
+    /// `attention.cu`: `attn_fwd_d64`, `attn_fwd_d128` (mma.sync), `attn_fwd_wg_d64`, `attn_fwd_wg_d128`
+    /// (wgmma, sm_90a only).
     Attention,
     /// `vertical_slash.cu`: `vs_est_*`, `vs_est_reduce`, `vs_topk`, `vs_count`, `vs_scan`, `vs_fill`.
     VerticalSlash,
@@ -49,7 +53,7 @@ pub fn compile(file: KernelFile, arch: &'static str) -> Result<Ptx> {
             "no NVRTC: libnvrtc could not be loaded".into(),
         ));
     }
-    let src = format!("{COMMON}\n{}", file.body());
+    let src = format!("{COMMON}\n{WGMMA}\n{}", file.body());
     let opts = CompileOptions {
         arch: Some(arch),
         options: vec!["-std=c++17".into()],
@@ -120,8 +124,8 @@ impl Device {
         let arch = match std::env::var(ARCH_ENV).as_deref() {
             Ok("sm_90a") => "sm_90a",
             Ok("sm_90") => "sm_90",
-            Ok("compute_90a") => "compute_90a",
-            _ => "compute_90",
+            Ok("compute_90") => "compute_90",
+            _ => "compute_90a",
         };
         Ok(Self {
             ctx,

@@ -95,7 +95,11 @@ pub enum Keys<'a> {
     Index(&'a DeviceIndex),
 }
 
-/// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions.
+/// Environment variable choosing the attention kernel: `mma` for mma.sync; default wgmma where built.
+pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
+
+/// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
+/// (callers add 1024 bytes so the wgmma kernels can align their tiles to 1024).
 fn attn_smem(head_dim: usize) -> u32 {
     (5 * 64 * head_dim * 2 + 2 * 64 * 4) as u32
 }
@@ -106,6 +110,8 @@ pub struct SparsePrefill {
     pub(crate) dev: Device,
     attn_d64: CudaFunction,
     attn_d128: CudaFunction,
+    /// Kernel names in use for head_dim 64 and 128.
+    names: [&'static str; 2],
     /// One-element buffer passed as the index of the dense case (never read).
     dummy: CudaSlice<u32>,
 }
@@ -120,13 +126,35 @@ impl SparsePrefill {
         for f in KernelFile::ALL {
             dev.module(f)?;
         }
-        let attn_d64 = dev.function(KernelFile::Attention, "attn_fwd_d64", attn_smem(64))?;
-        let attn_d128 = dev.function(KernelFile::Attention, "attn_fwd_d128", attn_smem(128))?;
+        // wgmma kernels exist only in sm_90a builds; ATTN_ENV=mma forces the mma.sync ones.
+        let want_mma = std::env::var(ATTN_ENV).is_ok_and(|v| v == "mma");
+        let pick = |d: usize| -> Result<(CudaFunction, &'static str)> {
+            // attn_fwd_wg_d64 gave wrong results on the H200 (2026-11-28, see docs/cuda.md): head_dim
+            // 64 stays on mma.sync unless ATTN_ENV=wg64 asks for it.
+            let (wg, mma) = if d == 64 {
+                ("attn_fwd_wg_d64", "attn_fwd_d64")
+            } else {
+                ("attn_fwd_wg_d128", "attn_fwd_d128")
+            };
+            let wg64 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg64");
+            if !want_mma && (d == 128 || wg64) {
+                if let Ok(f) = dev.function(KernelFile::Attention, wg, attn_smem(d) + 1024) {
+                    return Ok((f, wg));
+                }
+            }
+            Ok((
+                dev.function(KernelFile::Attention, mma, attn_smem(d) + 1024)?,
+                mma,
+            ))
+        };
+        let (attn_d64, name_d64) = pick(64)?;
+        let (attn_d128, name_d128) = pick(128)?;
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         Ok(Self {
             dev,
             attn_d64,
             attn_d128,
+            names: [name_d64, name_d128],
             dummy,
         })
     }
@@ -140,8 +168,8 @@ impl SparsePrefill {
     pub fn kernel_resources(&self) -> Result<Vec<(String, i32, i32, i32)>> {
         let mut out = Vec::new();
         for (name, f) in [
-            ("attn_fwd_d64", &self.attn_d64),
-            ("attn_fwd_d128", &self.attn_d128),
+            (self.names[0], &self.attn_d64),
+            (self.names[1], &self.attn_d128),
         ] {
             out.push((
                 name.to_string(),
@@ -276,7 +304,7 @@ impl SparsePrefill {
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: attn_smem(shape.head_dim),
+            shared_mem_bytes: attn_smem(shape.head_dim) + 1024,
         };
         let (bo, bi, co, ci) = match index {
             Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),

@@ -18,6 +18,11 @@ use crate::AttnShape;
 /// Keys per CTA of the estimation kernels (`EST_CHUNK` in vertical_slash.cu).
 const EST_CHUNK: usize = 512;
 
+/// Dynamic shared memory of `vs_est_*`: a Q tile, 2 K tiles (64 rows each) and a 64 x 65 f32 P tile.
+fn est_smem(head_dim: usize) -> u32 {
+    (3 * 64 * head_dim * 2 + 64 * 65 * 4) as u32
+}
+
 /// Reusable buffers and kernels for one layer shape and `last_q`.
 #[derive(Debug)]
 pub struct VerticalSlashBuilder {
@@ -74,7 +79,7 @@ impl VerticalSlashBuilder {
         let nchunks = n.div_ceil(EST_CHUNK);
         let d = &sp.dev;
         let sfx = if shape.head_dim == 64 { "d64" } else { "d128" };
-        let est_smem = (2 * 64 * shape.head_dim * 2 + 192 * 4) as u32;
+        let est_smem = est_smem(shape.head_dim);
         let vs = KernelFile::VerticalSlash;
         let s = &d.stream;
         let z32 = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<u32>(len.max(1)));
@@ -107,7 +112,7 @@ impl VerticalSlashBuilder {
     }
 
     fn est_smem(&self) -> u32 {
-        (2 * 64 * self.shape.head_dim * 2 + 192 * 4) as u32
+        est_smem(self.shape.head_dim)
     }
 
     /// Stage 1: vertical and slash scores of every head (asynchronous).
