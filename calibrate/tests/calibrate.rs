@@ -416,5 +416,11 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let p = schemas::Plan::read(&plan).unwrap();
     assert_eq!(p.heads().count(), 270);
-    assert_eq!(p.provenance.heldout_samples, 1);
+    // Default data: the three synthetic tasks, 2 calibration + 1 held-out sample each.
+    assert_eq!(p.provenance.samples, 6);
+    assert_eq!(p.provenance.heldout_samples, 3);
+    assert_eq!(
+        p.provenance.data,
+        "synthetic:passkey + synthetic:kv-retrieval + synthetic:needle"
+    );
 }

@@ -66,17 +66,30 @@ fn profile_writes_statistics_and_heat_maps_and_merge_joins_samples() {
     let png = std::fs::read(heat.join("L00_H0.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 
-    // Different data sources do not merge (they are different calibration sets).
-    let merged = dir.path().join("m.safetensors");
+    // Different data sources merge into one calibration set that names both.
+    let mixed = dir.path().join("mixed.safetensors");
     let out = attnplan(&[
         "merge",
         a.to_str().unwrap(),
         b.to_str().unwrap(),
         "-o",
+        mixed.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mx = Profile::read(&mixed).unwrap();
+    assert_eq!(mx.meta.data, "synthetic:passkey + synthetic:kv-retrieval");
+    assert_eq!(mx.meta.samples, 3);
+    // Merging a profile into one that already holds its samples is refused.
+    let merged = dir.path().join("m.safetensors");
+    let out = attnplan(&[
+        "merge",
+        mixed.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "-o",
         merged.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("b.safetensors: data"));
+    assert!(text(&out.stderr).contains("b.safetensors: sample_ids"));
     assert!(!merged.exists());
 
     // Same source, other samples: merged by addition.

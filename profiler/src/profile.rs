@@ -24,8 +24,8 @@ pub const PROFILE_VERSION: u32 = 1;
 /// Largest profile file read (a 128-layer, 64-head model at 128K has ~2 GB of heat maps; we stop at 8 GiB).
 pub const MAX_PROFILE_BYTES: u64 = 8 << 30;
 
-/// What a profile describes. Two profiles merge only if everything but `samples`, `sample_ids`
-/// and `layers` agrees (see [`Profile::check_mergeable`]).
+/// What a profile describes. Two profiles merge only if model, tool, length, tiles and `last_q`
+/// agree (see [`Profile::check_mergeable`]); data sources may differ and are listed together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileMeta {
@@ -145,6 +145,12 @@ impl Profile {
                 .map_err(|e| bad(other_path, name.clone(), e.to_string()))?;
         }
         let b = &other.meta;
+        // Calibration sets may mix sources (passkey, key-value retrieval, prose): name them all.
+        for source in b.data.split(" + ") {
+            if !self.meta.data.split(" + ").any(|d| d == source) {
+                self.meta.data = format!("{} + {source}", self.meta.data);
+            }
+        }
         if self.meta.sample_ids != b.sample_ids {
             self.meta.samples += b.samples;
             self.meta.sample_ids.extend(b.sample_ids.iter().cloned());
@@ -155,17 +161,16 @@ impl Profile {
         Ok(())
     }
 
-    /// Checks `other` describes the same model, data, length, tiles and tool, with other samples.
+    /// Checks `other` describes the same model, length, tiles and tool, with other samples.
     pub fn check_mergeable(&self, other: &Profile, other_path: &Path) -> Result<()> {
         let (a, b) = (&self.meta, &other.meta);
-        let checks: [(&str, String, String); 8] = [
+        let checks: [(&str, String, String); 7] = [
             ("tool", a.tool.clone(), b.tool.clone()),
             (
                 "model.fingerprint",
                 a.model.fingerprint.clone(),
                 b.model.fingerprint.clone(),
             ),
-            ("data", a.data.clone(), b.data.clone()),
             ("seq_len", a.seq_len.to_string(), b.seq_len.to_string()),
             ("block_q", a.block_q.to_string(), b.block_q.to_string()),
             ("block_k", a.block_k.to_string(), b.block_k.to_string()),
