@@ -17,8 +17,9 @@
 // O += P V use mma.sync m16n8k16 (bf16, f32 accumulate); P goes from the S accumulators to A fragments
 // in registers without shared memory.
 //
-// Grid: one CTA per (query block, head), ordered so the heaviest query blocks (the last ones, under a
-// causal mask) start first: linear id -> qb = q_blocks - 1 - id / q_heads, h = id % q_heads.
+// Grid: one CTA per (query block, head). Dense: the heaviest query blocks (the last ones, under a causal
+// mask) of all heads start first (qb = q_blocks - 1 - id / q_heads, h = id % q_heads). Index: head-major
+// (h = id / q_blocks, qb = q_blocks - 1 - id % q_blocks), so CTAs running together share K/V in L2.
 
 template <int D>
 __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
@@ -40,8 +41,10 @@ __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf1
 
     const int q_blocks = (n + BM - 1) / BM;
     const int id = blockIdx.x;
-    const int qb = q_blocks - 1 - id / q_heads;
-    const int h = id % q_heads;
+    // dense: heaviest query blocks of all heads first; index: one head's query blocks together (heaviest
+    // first), since neighbouring query blocks of a head share most key blocks and columns (L2 reuse)
+    const int qb = dense ? q_blocks - 1 - id / q_heads : q_blocks - 1 - id % q_blocks;
+    const int h = dense ? id % q_heads : id / q_blocks;
     const int kvh = h / group;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int row0 = qb * BM;
@@ -283,8 +286,10 @@ __device__ __forceinline__ void attn_fwd_wg(const bf16_t* __restrict__ q, const 
 
     const int q_blocks = (n + BM - 1) / BM;
     const int id = blockIdx.x;
-    const int qb = q_blocks - 1 - id / q_heads;
-    const int h = id % q_heads;
+    // dense: heaviest query blocks of all heads first; index: one head's query blocks together (heaviest
+    // first), since neighbouring query blocks of a head share most key blocks and columns (L2 reuse)
+    const int qb = dense ? q_blocks - 1 - id / q_heads : q_blocks - 1 - id % q_blocks;
+    const int h = dense ? id % q_heads : id / q_blocks;
     const int kvh = h / group;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int row0 = qb * BM;
@@ -484,4 +489,247 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
     attn_fwd_wg<64>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
 }
 // Dynamic shared memory of attn_fwd_wg<D>: as attn_fwd<D> plus 1024 bytes for the base alignment.
+
+// Pipelined variant (head_dim 128): three K/V stages; the S = Q K^T wgmma of tile t+1 is issued before
+// the softmax of tile t, so the tensor cores work while the softmax runs (FA3's intra-warpgroup
+// overlap). Q passes through the third V stage before the pipeline starts, so shared memory is
+// 6 tiles + 3 x 64 positions + 1024 alignment bytes = 99,072 bytes (2 CTAs per SM).
+template <int D>
+__device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
+                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
+                                             const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
+                                             int n, int q_heads, int group, float scale_log2, int dense) {
+    constexpr int BM = 64, BN = 64, NS = 3;
+    constexpr int CPR = D / 8;
+    constexpr int ROWS_PER_PASS = 128 / CPR;
+    constexpr int PASSES = BM / ROWS_PER_PASS;
+    constexpr int TILE_BYTES = BM * D * 2;
+
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const u32 base = (smem_u32(smem) + 1023u) & ~1023u;
+    unsigned char* gbase = smem + (base - smem_u32(smem));
+    const u32 sK = base;
+    const u32 sV = sK + NS * TILE_BYTES;
+    const u32 sQ = sV + (NS - 1) * TILE_BYTES;  // V stage 2, before the pipeline starts
+    int* kpos = (int*)(gbase + 2 * NS * TILE_BYTES);
+
+    const int q_blocks = (n + BM - 1) / BM;
+    const int id = blockIdx.x;
+    // dense: heaviest query blocks of all heads first; index: one head's query blocks together (heaviest
+    // first), since neighbouring query blocks of a head share most key blocks and columns (L2 reuse)
+    const int qb = dense ? q_blocks - 1 - id / q_heads : q_blocks - 1 - id % q_blocks;
+    const int h = dense ? id % q_heads : id / q_blocks;
+    const int kvh = h / group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int row0 = qb * BM;
+
+    const bf16_t* qh = q + (u64)h * n * D;
+    const bf16_t* kh = k + (u64)kvh * n * D;
+    const bf16_t* vh = v + (u64)kvh * n * D;
+
+    int nb, bstart = 0, cstart = 0, nc = 0;
+    if (dense) {
+        nb = (min(row0 + BM, n) - 1) / BN + 1;
+    } else {
+        const int e = h * q_blocks + qb;
+        bstart = blk_off[e];
+        nb = blk_off[e + 1] - bstart;
+        cstart = col_off[e];
+        nc = col_off[e + 1] - cstart;
+    }
+    const int ntiles = nb + (nc + BN - 1) / BN;
+
+    const int g = lane >> 2, tq = lane & 3;
+    const int ra = row0 + warp * 16 + g, rb = ra + 8;
+    u32 qf[D / 16][4];
+    {
+        const int c = tid % CPR;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = tid / CPR + p * ROWS_PER_PASS;
+            const int pos = row0 + r < n ? row0 + r : POS_NONE;
+            const bool ok = pos != POS_NONE;
+            cp_async16(sQ + swz128(r, c), qh + (ok ? (u64)pos * D + c * 8 : 0), ok ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int r = warp * 16 + (lane & 15);
+            const int c = kk * 2 + (lane >> 4);
+            ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sQ + swz128(r, c));
+        }
+        __syncthreads();  // stage 2 of V is free again
+    }
+
+    auto load_tile = [&](int t) {
+        const int stage = t % NS;
+        const int c = tid % CPR;
+        const u32 dk = sK + stage * TILE_BYTES, dv = sV + stage * TILE_BYTES;
+        int kb = 0, e0 = 0;
+        const bool blockwise = t < nb;
+        if (blockwise) {
+            kb = dense ? t : (int)blk_idx[bstart + t];
+        } else {
+            e0 = cstart + (t - nb) * BN;
+        }
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = tid / CPR + p * ROWS_PER_PASS;
+            int pos;
+            if (blockwise) {
+                pos = kb * BN + r;
+                if (pos >= n) pos = POS_NONE;
+            } else {
+                pos = e0 + r < cstart + nc ? (int)col_idx[e0 + r] : POS_NONE;
+            }
+            const bool ok = pos != POS_NONE;
+            const u64 off = ok ? (u64)pos * D + c * 8 : 0;
+            cp_async16(dk + swz128(r, c), kh + off, ok ? 16 : 0);
+            cp_async16(dv + swz128(r, c), vh + off, ok ? 16 : 0);
+            if (c == 0) kpos[stage * BN + r] = pos;
+        }
+    };
+    auto issue_s = [&](float (*s)[4], int t) {
+        const u32 k_st = sK + (t % NS) * TILE_BYTES;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+            wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
+        }
+        wgmma_commit();
+    };
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+    float s_cur[8][4], s_nxt[8][4];
+
+    if (ntiles > 0) load_tile(0);
+    cp_async_commit();
+    if (ntiles > 1) load_tile(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    if (ntiles > 0) {
+        issue_s(s_cur, 0);
+        wgmma_wait0();
+    }
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int st = t % NS;
+        if (t + 2 < ntiles) load_tile(t + 2);
+        cp_async_commit();
+        const bool more = t + 1 < ntiles;
+        if (more) {
+            cp_async_wait<1>();  // tile t+1 is in
+            fence_proxy_async();
+            __syncthreads();
+            issue_s(s_nxt, t + 1);  // runs while the softmax of tile t does
+        }
+
+        bool need_mask;
+        if (t < nb) {
+            const int kb = dense ? t : (int)blk_idx[bstart + t];
+            need_mask = kb * BN + BN - 1 > row0 || kb * BN + BN > n;
+        } else {
+            need_mask = true;
+        }
+        if (need_mask) {
+            const int* kp = kpos + st * BN;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
+                if (p0 > ra) s_cur[j][0] = NEG_INF;
+                if (p1 > ra) s_cur[j][1] = NEG_INF;
+                if (p0 > rb) s_cur[j][2] = NEG_INF;
+                if (p1 > rb) s_cur[j][3] = NEG_INF;
+            }
+        }
+        float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx_a = fmaxf(mx_a, fmaxf(s_cur[j][0], s_cur[j][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s_cur[j][2], s_cur[j][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
+        const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
+        const float al_a = fast_exp2(m_a - use_a), al_b = fast_exp2(m_b - use_b);
+        m_a = mn_a;
+        m_b = mn_b;
+        float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s_cur[j][0] = fast_exp2(fmaf(s_cur[j][0], scale_log2, -use_a));
+            s_cur[j][1] = fast_exp2(fmaf(s_cur[j][1], scale_log2, -use_a));
+            s_cur[j][2] = fast_exp2(fmaf(s_cur[j][2], scale_log2, -use_b));
+            s_cur[j][3] = fast_exp2(fmaf(s_cur[j][3], scale_log2, -use_b));
+            sum_a += s_cur[j][0] + s_cur[j][1];
+            sum_b += s_cur[j][2] + s_cur[j][3];
+        }
+        l_a = l_a * al_a + sum_a;
+        l_b = l_b * al_b + sum_b;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            o[i][0] *= al_a;
+            o[i][1] *= al_a;
+            o[i][2] *= al_b;
+            o[i][3] *= al_b;
+        }
+        u32 pa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            pa[kk][0] = pack_bf16(s_cur[2 * kk][0], s_cur[2 * kk][1]);
+            pa[kk][1] = pack_bf16(s_cur[2 * kk][2], s_cur[2 * kk][3]);
+            pa[kk][2] = pack_bf16(s_cur[2 * kk + 1][0], s_cur[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16(s_cur[2 * kk + 1][2], s_cur[2 * kk + 1][3]);
+        }
+        const u32 v_st = sV + st * TILE_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
+            wgmma_m64n128k16<1>(&o[0][0], pa[kk], desc);
+        }
+        wgmma_commit();
+        wgmma_wait0();
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s_cur[j][0] = s_nxt[j][0];
+            s_cur[j][1] = s_nxt[j][1];
+            s_cur[j][2] = s_nxt[j][2];
+            s_cur[j][3] = s_nxt[j][3];
+        }
+        __syncthreads();  // stage st is free for the load of tile t + 3
+    }
+    cp_async_wait<0>();
+
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+    bf16_t* oh = out + (u64)h * n * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        const int c = i * 8 + 2 * tq;
+        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg2_d128(ATTN_ARGS) {
+    attn_fwd_wg2<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
+}
 #endif

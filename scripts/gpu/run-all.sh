@@ -16,9 +16,18 @@ done 2>&1 | tee -a "$OUT/smoke.log"
 timeout 240 scripts/gpu/device-tests.sh "$BIN" "$OUT" > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -12 "$OUT/tests.log"
-if [ $tests_rc -ne 0 ] && [ -z "${ATTNPLAN_ATTN:-}" ]; then
-  echo "default kernels failed the suite: benchmarking the mma.sync kernels instead"
-  export ATTNPLAN_ATTN=mma
+# ATTNPLAN_ATTN picks the attention kernel (see exec/cuda/mod.rs); FALLBACK is benchmarked when the
+# chosen one fails the suite ("default" = the library's default choice).
+if [ $tests_rc -ne 0 ]; then
+  fb=${FALLBACK:-mma}
+  echo "kernels '${ATTNPLAN_ATTN:-default}' failed the suite: benchmarking '$fb' instead"
+  if [ "$fb" = default ]; then unset ATTNPLAN_ATTN; else export ATTNPLAN_ATTN=$fb; fi
+fi
+# the library's default kernels at two lengths, for comparison with a variant under test
+if [ -n "${COMPARE_DEFAULT:-}" ] && [ -n "${ATTNPLAN_ATTN:-}" ]; then
+  for n in $COMPARE_DEFAULT; do
+    ATTNPLAN_ATTN= timeout 200 "$BIN" bench "/tmp/d$n" --n "$n" --reps 10 2>&1 | sed 's/^/[default] /' | tee -a "$OUT/bench.log"
+  done
 fi
 dirs=()
 for n in $LENS; do

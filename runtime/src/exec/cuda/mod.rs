@@ -95,7 +95,10 @@ pub enum Keys<'a> {
     Index(&'a DeviceIndex),
 }
 
-/// Environment variable choosing the attention kernel: `mma` for mma.sync; default wgmma where built.
+/// Environment variable choosing the attention kernel where the build has wgmma (sm_90a, the default):
+/// unset = `attn_fwd_wg2_d128` (pipelined wgmma) for head_dim 128 and `attn_fwd_d64` (mma.sync) for 64;
+/// `wg1` = the unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = also try the wgmma
+/// head_dim-64 kernel (wrong on the H200, 2026-11-28).
 pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
@@ -112,6 +115,8 @@ pub struct SparsePrefill {
     attn_d128: CudaFunction,
     /// Kernel names in use for head_dim 64 and 128.
     names: [&'static str; 2],
+    /// Dynamic shared memory of those kernels.
+    smem: [u32; 2],
     /// One-element buffer passed as the index of the dense case (never read).
     dummy: CudaSlice<u32>,
 }
@@ -128,7 +133,7 @@ impl SparsePrefill {
         }
         // wgmma kernels exist only in sm_90a builds; ATTN_ENV=mma forces the mma.sync ones.
         let want_mma = std::env::var(ATTN_ENV).is_ok_and(|v| v == "mma");
-        let pick = |d: usize| -> Result<(CudaFunction, &'static str)> {
+        let pick = |d: usize| -> Result<(CudaFunction, &'static str, u32)> {
             // attn_fwd_wg_d64 gave wrong results on the H200 (2026-11-28, see docs/cuda.md): head_dim
             // 64 stays on mma.sync unless ATTN_ENV=wg64 asks for it.
             let (wg, mma) = if d == 64 {
@@ -137,24 +142,34 @@ impl SparsePrefill {
                 ("attn_fwd_wg_d128", "attn_fwd_d128")
             };
             let wg64 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg64");
+            let wg1 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg1");
+            if d == 128 && !want_mma && !wg1 {
+                // pipelined wgmma variant: 6 tiles + 3 x 64 positions + alignment
+                let smem = (6 * 64 * 128 * 2 + 3 * 64 * 4 + 1024) as u32;
+                if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_wg2_d128", smem) {
+                    return Ok((f, "attn_fwd_wg2_d128", smem));
+                }
+            }
             if !want_mma && (d == 128 || wg64) {
                 if let Ok(f) = dev.function(KernelFile::Attention, wg, attn_smem(d) + 1024) {
-                    return Ok((f, wg));
+                    return Ok((f, wg, attn_smem(d) + 1024));
                 }
             }
             Ok((
                 dev.function(KernelFile::Attention, mma, attn_smem(d) + 1024)?,
                 mma,
+                attn_smem(d) + 1024,
             ))
         };
-        let (attn_d64, name_d64) = pick(64)?;
-        let (attn_d128, name_d128) = pick(128)?;
+        let (attn_d64, name_d64, smem_d64) = pick(64)?;
+        let (attn_d128, name_d128, smem_d128) = pick(128)?;
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         Ok(Self {
             dev,
             attn_d64,
             attn_d128,
             names: [name_d64, name_d128],
+            smem: [smem_d64, smem_d128],
             dummy,
         })
     }
@@ -304,7 +319,11 @@ impl SparsePrefill {
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: attn_smem(shape.head_dim) + 1024,
+            shared_mem_bytes: if shape.head_dim == 64 {
+                self.smem[0]
+            } else {
+                self.smem[1]
+            },
         };
         let (bo, bi, co, ci) = match index {
             Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),
