@@ -493,7 +493,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
 // Pipelined variant (head_dim 128): three K/V stages; the S = Q K^T wgmma of tile t+1 is issued before
 // the softmax of tile t, so the tensor cores work while the softmax runs (FA3's intra-warpgroup
 // overlap). Q passes through the third V stage before the pipeline starts, so shared memory is
-// 6 tiles + 3 x 64 positions + 1024 alignment bytes = 99,072 bytes (2 CTAs per SM).
+// 6 tiles + 3 x 64 positions + 1024 alignment bytes = 100,096 bytes (2 CTAs per SM).
 template <int D>
 __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                              const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
