@@ -200,27 +200,9 @@ impl RowBlock {
     }
 }
 
-/// `2^x` for `x <= 0`, relative error below 2e-7: round-to-nearest split `x = n + f`, Cephes' degree-6
-/// polynomial for `2^f`, `2^n` added to the exponent bits; inputs below -125 give `2^-125`. Branch-free,
-/// so loops over it vectorize. (The same polynomial as `runtime::exec::dense`; kept here so the
-/// statistics do not depend on the executor's internals.)
-#[inline(always)]
-pub fn exp2_fast(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-125.0, 127.0);
-    let t = x + SHIFT;
-    let n = t - SHIFT;
-    let f = x - n;
-    let ni = (t.to_bits() as i32).wrapping_sub(SHIFT.to_bits() as i32);
-    let mut p = 1.535_336_2e-4_f32;
-    p = p * f + 1.339_887_4e-3;
-    p = p * f + 9.618_437e-3;
-    p = p * f + 5.550_332_5e-2;
-    p = p * f + 2.402_264_8e-1;
-    p = p * f + 6.931_472e-1;
-    let p = p * f + 1.0;
-    f32::from_bits((p.to_bits() as i32).wrapping_add(ni << 23) as u32)
-}
+/// `2^x` for `x <= 0`, relative error below 2e-7: the dense executor's polynomial, shared so that
+/// statistics and kernels round the softmax the same way.
+pub use runtime::exec::dense::exp2_fast;
 
 /// Multiply-add, fused or not (the kernel is compiled once per flavour).
 trait MulAdd {
