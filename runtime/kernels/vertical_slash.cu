@@ -11,8 +11,10 @@
 // 4. vs_topk: per (head, columns | diagonals): radix select of the top-k (forced items first, then
 //    descending score, ties to the lower index), writes inclusive prefix counts `cum[h][0..=n]` of the
 //    selected items and, for columns, the sorted list of selected columns.
-// 5. vs_count: per (head, query block), one warp: the number of key blocks (tiles touched by a selected
-//    diagonal) and of gathered columns (selected columns <= the block's last row, outside those tiles).
+// 5. vs_bdiag: per head, the block diagonals qb - kb whose tiles a selected diagonal touches;
+//    vs_count: per (head, query block), one warp: the number of key blocks (tiles touched by a selected
+//    diagonal, walked through that list, not over all causal key blocks) and of gathered columns
+//    (selected columns <= the block's last row, outside those tiles).
 // 6. vs_scan: exclusive scan of both count arrays -> `blk_off`, `col_off` (the flattened CSR offsets).
 // 7. vs_fill: per (head, query block), one warp: writes the sorted key blocks and columns.
 //
@@ -350,8 +352,42 @@ __device__ __forceinline__ bool tile_selected(const u32* dcum, int n, int qb, in
     return dcum[hi + 1] > dcum[lo];
 }
 
+// Key-block selection by block diagonal. For a tile away from the sequence end (rows qb*64..+64 and
+// keys kb*64..+64 both inside n) the offsets it meets are [max(0, dd*64 - 63), dd*64 + 63] with
+// dd = qb - kb, so whether it is computed depends on dd alone. grid (q_heads), 1024 threads: writes the
+// ascending list of such block diagonals, `bd_list[h][0..bd_cnt[h]]`. A tile that touches the end
+// (only when n % 64 != 0) meets a subset of those offsets, so it can only drop out: vs_count and vs_fill
+// re-test it exactly with tile_selected().
+extern "C" __global__ void __launch_bounds__(1024) vs_bdiag(const u32* __restrict__ diag_cum, int n,
+                                                            u32* __restrict__ bd_list, u32* __restrict__ bd_cnt) {
+    __shared__ u32 s_total;
+    const int h = blockIdx.x;
+    const int q_blocks = (n + 63) / 64;
+    const u32* dcum = diag_cum + (u64)h * (n + 1);
+    auto sel = [&](int dd) {
+        const int lo = max(0, dd * 64 - 63), hi = min(dd * 64 + 63, n - 1);
+        return dcum[hi + 1] > dcum[lo];
+    };
+    const int per = (q_blocks + 1023) / 1024;
+    const int a = min(q_blocks, (int)threadIdx.x * per), b = min(q_blocks, a + per);
+    u32 cnt = 0;
+    for (int dd = a; dd < b; ++dd) cnt += sel(dd);
+    u32 w = block_scan_1024(cnt, &s_total);
+    for (int dd = a; dd < b; ++dd)
+        if (sel(dd)) bd_list[(u64)h * q_blocks + w++] = (u32)dd;
+    if (threadIdx.x == 0) bd_cnt[h] = s_total;
+}
+
+// Whether key block kb of query block qb is computed, given that its block diagonal is listed.
+__device__ __forceinline__ bool listed_tile_selected(const u32* dcum, int n, int qb, int kb) {
+    const int q_blocks = (n + 63) / 64;
+    const bool edge = (n & 63) != 0 && (qb == q_blocks - 1 || kb == q_blocks - 1);
+    return !edge || tile_selected(dcum, n, qb, kb);
+}
+
 // One warp per (head, query block): counts of key blocks and gathered columns.
-extern "C" __global__ void vs_count(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum, int n,
+extern "C" __global__ void vs_count(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum,
+                                    const u32* __restrict__ bd_list, const u32* __restrict__ bd_cnt, int n,
                                     int q_heads, u32* __restrict__ cnt_blk, u32* __restrict__ cnt_col) {
     const int q_blocks = (n + 63) / 64;
     const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -359,11 +395,15 @@ extern "C" __global__ void vs_count(const u32* __restrict__ col_cum, const u32* 
     const int h = e / q_blocks, qb = e % q_blocks;
     const u32* dcum = diag_cum + (u64)h * (n + 1);
     const u32* ccum = col_cum + (u64)h * (n + 1);
+    const u32* list = bd_list + (u64)h * q_blocks;
+    const int nl = (int)bd_cnt[h];
     const int last = min(qb * 64 + 64, n) - 1;
-    const int nkb = last / 64 + 1;
     u32 nb = 0, inside = 0;
-    for (int kb = lane; kb < nkb; kb += 32) {
-        if (tile_selected(dcum, n, qb, kb)) {
+    for (int x = lane; x < nl; x += 32) {
+        const int dd = (int)list[x];
+        if (dd > qb) break;  // ascending
+        const int kb = qb - dd;
+        if (listed_tile_selected(dcum, n, qb, kb)) {
             ++nb;
             inside += ccum[min(kb * 64 + 64, last + 1)] - ccum[kb * 64];
         }
@@ -399,7 +439,8 @@ extern "C" __global__ void __launch_bounds__(1024) vs_scan(const u32* __restrict
 
 // One warp per (head, query block): writes the sorted key blocks and gathered columns.
 extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum,
-                                   const u32* __restrict__ col_list, int n, int q_heads,
+                                   const u32* __restrict__ col_list, const u32* __restrict__ bd_list,
+                                   const u32* __restrict__ bd_cnt, int n, int q_heads,
                                    const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
                                    u32* __restrict__ blk_idx, u32* __restrict__ col_idx) {
     const int q_blocks = (n + 63) / 64;
@@ -409,13 +450,29 @@ extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* _
     const u32* dcum = diag_cum + (u64)h * (n + 1);
     const u32* ccum = col_cum + (u64)h * (n + 1);
     const u32* list = col_list + (u64)h * n;
+    const u32* bdl = bd_list + (u64)h * q_blocks;
     const int last = min(qb * 64 + 64, n) - 1;
-    const int nkb = last / 64 + 1;
     const u32 lt = (1u << lane) - 1;
+    // listed block diagonals dd <= qb, walked from the largest (smallest kb) down: kb ascending
+    int hi_x = (int)bd_cnt[h];
+    {
+        int lo = 0, hi = hi_x;  // first index with dd > qb
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if ((int)bdl[mid] <= qb) lo = mid + 1;
+            else hi = mid;
+        }
+        hi_x = lo;
+    }
     u32 w = blk_off[e];
-    for (int base = 0; base < nkb; base += 32) {
-        const int kb = base + lane;
-        const bool sel = kb < nkb && tile_selected(dcum, n, qb, kb);
+    for (int base = 0; base < hi_x; base += 32) {
+        const int x = hi_x - 1 - (base + lane);
+        bool sel = false;
+        int kb = 0;
+        if (x >= 0) {
+            kb = qb - (int)bdl[x];
+            sel = listed_tile_selected(dcum, n, qb, kb);
+        }
         const u32 bal = __ballot_sync(0xffffffff, sel);
         if (sel) blk_idx[w + __popc(bal & lt)] = (u32)kb;
         w += __popc(bal);

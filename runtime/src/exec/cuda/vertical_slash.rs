@@ -3,7 +3,7 @@
 //! Stages (one launch each, all heads; see `kernels/vertical_slash.cu`): estimation (`vs_est_max`,
 //! `vs_est_reduce`, `vs_est_sum`: softmax of the last `last_q` queries, summed per column and per
 //! diagonal), selection (`vs_topk`: top-v columns and top-s diagonals with the CPU ranking's forced
-//! items and tie rule), lists (`vs_count`, `vs_scan`, `vs_fill`). The two totals are read back once
+//! items and tie rule), lists (`vs_bdiag`, `vs_count`, `vs_scan`, `vs_fill`). The two totals are read back once
 //! (a 16-byte copy) to size the lists; the buffers are reused across calls.
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -34,6 +34,7 @@ pub struct VerticalSlashBuilder {
     est_sum: CudaFunction,
     est_reduce: CudaFunction,
     topk: CudaFunction,
+    bdiag: CudaFunction,
     count: CudaFunction,
     scan: CudaFunction,
     fill: CudaFunction,
@@ -48,6 +49,9 @@ pub struct VerticalSlashBuilder {
     col_cum: CudaSlice<u32>,
     diag_cum: CudaSlice<u32>,
     col_list: CudaSlice<u32>,
+    /// Selected block diagonals `[q_heads][q_blocks]` (ascending) and their counts `[q_heads]`.
+    bd_list: CudaSlice<u32>,
+    bd_cnt: CudaSlice<u32>,
     cnt_blk: CudaSlice<u32>,
     cnt_col: CudaSlice<u32>,
     budget_v: CudaSlice<u32>,
@@ -94,6 +98,7 @@ impl VerticalSlashBuilder {
             est_sum: d.function(vs, &format!("vs_est_sum_{sfx}"), est_smem)?,
             est_reduce: d.function(vs, "vs_est_reduce", 0)?,
             topk: d.function(vs, "vs_topk", 0)?,
+            bdiag: d.function(vs, "vs_bdiag", 0)?,
             count: d.function(vs, "vs_count", 0)?,
             scan: d.function(vs, "vs_scan", 0)?,
             fill: d.function(vs, "vs_fill", 0)?,
@@ -104,6 +109,8 @@ impl VerticalSlashBuilder {
             col_cum: z32(h * (n + 1))?,
             diag_cum: z32(h * (n + 1))?,
             col_list: z32(h * n)?,
+            bd_list: z32(h * q_blocks)?,
+            bd_cnt: z32(h)?,
             cnt_blk: z32(h * q_blocks)?,
             cnt_col: z32(h * q_blocks)?,
             budget_v: z32(h)?,
@@ -223,6 +230,19 @@ impl VerticalSlashBuilder {
         // SAFETY: matches `vs_topk`; col/diag/col_list are [heads][n], the cums [heads][n + 1].
         drv("vs_topk launch", unsafe { b.launch(cfg) })?;
 
+        let mut b = s.launch_builder(&self.bdiag);
+        b.arg(&self.diag_cum)
+            .arg(&n_i)
+            .arg(&mut self.bd_list)
+            .arg(&mut self.bd_cnt);
+        let per_head = LaunchConfig {
+            grid_dim: (sh.q_heads as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `vs_bdiag`; bd_list holds heads * q_blocks entries, bd_cnt heads.
+        drv("vs_bdiag launch", unsafe { b.launch(per_head) })?;
+
         let q_blocks = n.div_ceil(CUDA_BLOCK);
         let m = sh.q_heads * q_blocks;
         let warps = LaunchConfig {
@@ -233,6 +253,8 @@ impl VerticalSlashBuilder {
         let mut b = s.launch_builder(&self.count);
         b.arg(&self.col_cum)
             .arg(&self.diag_cum)
+            .arg(&self.bd_list)
+            .arg(&self.bd_cnt)
             .arg(&n_i)
             .arg(&heads)
             .arg(&mut self.cnt_blk)
@@ -286,6 +308,8 @@ impl VerticalSlashBuilder {
         b.arg(&self.col_cum)
             .arg(&self.diag_cum)
             .arg(&self.col_list)
+            .arg(&self.bd_list)
+            .arg(&self.bd_cnt)
             .arg(&n_i)
             .arg(&heads)
             .arg(&ix.blk_off)
