@@ -111,6 +111,12 @@ impl Model {
         &self.spec
     }
 
+    /// The f32 weights, for other forwards over the same model (the differentiable one in
+    /// [`crate::gated`]).
+    pub(crate) fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
     /// Stored tensors in file order (name, shape, stored dtype), for fingerprints.
     pub fn tensor_descs(&self) -> Vec<TensorDesc> {
         self.spec.tensors.clone()
