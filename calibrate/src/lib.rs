@@ -4,6 +4,8 @@
 //!   head, and MInference's search replayed for comparison.
 //! - [`calibration`]: the search over all heads and lengths, held-out validation.
 //! - [`emit`]: the plan (budgets per length, dense threshold, provenance).
+//! - [`heads`]: retrieval-head identification (DuoAttention gates, Retrieval Head scores) and hybrid
+//!   plans (the lowest-ranked KV heads streaming).
 //! - [`report`]: the per-head report and summary (text and JSON).
 //! - [`eval`]: dense against sparse prefill on the same inputs.
 //! - [`cli`]: the subcommands, one file each.
@@ -13,6 +15,7 @@ pub mod cli;
 pub mod emit;
 mod error;
 pub mod eval;
+pub mod heads;
 pub mod report;
 pub mod search;
 

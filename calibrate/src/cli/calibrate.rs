@@ -75,6 +75,8 @@ pub struct Args {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub retrieval: super::retrieval_heads::PlanArgs,
 }
 
 fn check(args: &Args) -> anyhow::Result<Goal> {
@@ -255,7 +257,7 @@ pub fn run(args: &Args) -> Outcome {
     let mut data: Vec<String> = calib.iter().map(|f| f.profile.meta.data.clone()).collect();
     data.dedup();
     let count = |files: &[ProfileFile]| files.iter().map(|f| f.profile.meta.samples as u32).sum();
-    let plan = emit::plan(
+    let mut plan = emit::plan(
         &cal,
         emit::PlanInputs {
             model: meta.model.clone(),
@@ -269,8 +271,12 @@ pub fn run(args: &Args) -> Outcome {
             threshold: &threshold,
         },
     );
+    let hybrid = super::retrieval_heads::apply(&args.retrieval, args.model.as_deref(), &mut plan)?;
     let report = report::build(&cal, &plan, threshold, args.tolerance);
     let mut text = report::render(&report);
+    if let Some(h) = &hybrid {
+        text.push_str(&h.line());
+    }
     text.push_str(&format!(
         "search       {} heads x {} lengths in {search_seconds:.2} s\n",
         cal.heads.len(),

@@ -9,6 +9,7 @@ mod eval;
 mod inspect;
 mod merge;
 mod profile;
+mod retrieval_heads;
 mod validate;
 
 use std::io::Write;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Dense against the plan's sparse prefill on the same inputs: perplexity, retrieval accuracy,
     /// output error, recall, FLOPs, attention time.
     Eval(eval::Args),
+    /// Identify retrieval heads (DuoAttention gates or Retrieval Head scores) and write them as JSON,
+    /// or with --evaluate measure retrieval accuracy with the lowest-ranked KV heads streaming.
+    RetrievalHeads(retrieval_heads::Args),
 }
 
 /// Why a command failed, which decides the exit code.
@@ -99,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Profile(args) => profile::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Calibrate(args) => calibrate::run(&args),
+        Command::RetrievalHeads(args) => retrieval_heads::run(&args),
         Command::Eval(args) => eval::run(&args),
     };
     match outcome {
