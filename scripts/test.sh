@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README): fetches the default model once (cached), then runs every test of the
 # workspace in the release profile (the numerics tests need optimized code; the profile is shared
-# with `cargo build --release`, so nothing is compiled twice).
+# with `cargo build --release`). The `cuda` feature is on so that the CUDA tests run their real
+# driver probe; without a GPU they print why they skip and pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh >/dev/null
-cargo test --workspace --release "$@"
+cargo test --workspace --release --features runtime/cuda "$@"
