@@ -13,7 +13,7 @@ use profiler::gated::{GatedModel, StreamingHeads};
 use profiler::model::{DenseAttention, Hidden, Model};
 
 /// Worst absolute difference between the fast forward and the candle-tensor forward (different op
-/// order and RMSNorm kernel, f32): observed ~1e-4 on SmolLM2's normalized hidden states.
+/// order and RMSNorm kernel, f32): observed 1.1e-4 (gates 1) and 1.4e-4 (gates 0) at 300 tokens.
 const HIDDEN_TOL: f32 = 2e-3;
 
 fn smollm2() -> Model {
@@ -59,6 +59,7 @@ fn gated_forward_matches_the_model_forward_on_smollm2() {
     let dense = model.forward_hidden(&tokens, &mut DenseAttention).unwrap();
     let ones = gated.hidden(&tokens, &vec![1.0; n]).unwrap();
     let (w, at) = worst(&dense, &ones);
+    eprintln!("gates 1 vs dense: worst {w:e}");
     assert!(w <= HIDDEN_TOL, "gates 1 vs dense: worst {w} at {at}");
 
     let mut all = StreamingHeads {
@@ -70,6 +71,7 @@ fn gated_forward_matches_the_model_forward_on_smollm2() {
     let streaming = model.forward_hidden(&tokens, &mut all).unwrap();
     let zeros = gated.hidden(&tokens, &vec![0.0; n]).unwrap();
     let (w, at) = worst(&streaming, &zeros);
+    eprintln!("gates 0 vs streaming: worst {w:e}");
     assert!(w <= HIDDEN_TOL, "gates 0 vs streaming: worst {w} at {at}");
     // Streaming must really differ from dense at this length, or the check above proves nothing.
     let (w, _) = worst(&dense, &streaming);
@@ -165,7 +167,7 @@ fn duo_resumes_and_makes_a_hybrid_plan_that_validates() {
             "--steps",
             steps,
             "--seq-len",
-            "48",
+            "80",
             "--samples",
             "2",
             "--sink",
@@ -212,7 +214,7 @@ fn duo_resumes_and_makes_a_hybrid_plan_that_validates() {
         "--steps",
         "4",
         "--seq-len",
-        "64",
+        "96",
         "--samples",
         "2",
         "--sink",

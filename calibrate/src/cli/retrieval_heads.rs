@@ -44,7 +44,7 @@ pub struct Args {
     /// Tokens per sample [default: duo 512, score 1024, --evaluate 1024].
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Samples: duo's distinct training samples [default 8]; score's per task [default 10].
+    /// Samples: duo's distinct training samples [default 6]; score's per task [default 10].
     #[arg(long)]
     pub samples: Option<usize>,
     /// Seed of the synthetic samples [default: duo 1001, score 2001, --evaluate 1].
