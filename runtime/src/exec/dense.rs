@@ -209,8 +209,12 @@ pub struct TileState {
     s: Vec<f32>,
     /// Running row maximum of the scaled scores (log2 units); `-inf` before any visible key.
     pub m: Vec<f32>,
-    /// Running sum of `2^(score - m)` per row.
+    /// Running sum of `2^(score - m)` per row; the AVX-512 kernel keeps part of it in `lanes`
+    /// (the row sum is `l[r]` plus the row's [`LANES`] lanes; [`TileState::finish`] adds them up).
     pub l: Vec<f32>,
+    /// Per-row partial sums of `2^(score - m)` in [`LANES`] lanes, `[BLOCK_Q][LANES]`, so the fused
+    /// kernel needs no horizontal sum per key block. Scaled together with `l`.
+    lanes: Vec<f32>,
     /// Unnormalized output `[rows][head_dim]` (row stride `head_dim`).
     pub acc: Vec<f32>,
 }
@@ -224,6 +228,7 @@ impl TileState {
             s: vec![0.0; BLOCK_Q * BLOCK_K],
             m: vec![f32::NEG_INFINITY; BLOCK_Q],
             l: vec![0.0; BLOCK_Q],
+            lanes: vec![0.0; BLOCK_Q * LANES],
             acc: vec![0.0; BLOCK_Q * head_dim],
         }
     }
@@ -246,6 +251,7 @@ impl TileState {
         }
         self.m.fill(f32::NEG_INFINITY);
         self.l.fill(0.0);
+        self.lanes.fill(0.0);
         self.acc.fill(0.0);
     }
 
@@ -257,12 +263,14 @@ impl TileState {
     /// Writes the normalized output `acc / l`, `[rows, head_dim]`; rows that saw no key are zero.
     pub fn finish(&self, out: &mut [f32]) {
         let d = self.head_dim;
-        for ((o, a), &l) in out
+        for (((o, a), &l), lanes) in out
             .chunks_exact_mut(d)
             .zip(self.acc.chunks_exact(d))
             .zip(&self.l)
+            .zip(self.lanes.chunks_exact(LANES))
             .take(self.rows)
         {
+            let l = l + lanes.iter().sum::<f32>();
             let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
             for (o, &a) in o.iter_mut().zip(a) {
                 *o = a * inv;
@@ -306,7 +314,11 @@ fn attend_avx512(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible<'_>) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn attend_avx512_inner(st: &mut TileState, keys: &KeyBlock<'_>, visible: Visible<'_>) {
-    attend_generic::<Fused, 32, 64>(st, keys, visible)
+    if st.head_dim % FUSED_COLS == 0 {
+        attend_fused::<Fused, 4>(st, keys, visible)
+    } else {
+        attend_generic::<Fused, 32, 64>(st, keys, visible)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -380,6 +392,174 @@ fn attend_generic<A: MulAdd, const QK_COLS: usize, const PV_COLS: usize>(
         pv_block::<A, 1, PV_COLS>(&st.s, r0, keys.v, n, d, &mut st.acc);
         r0 += 1;
     }
+}
+
+/// Output columns per step of the fused kernel's `P V` (four AVX-512 registers per row).
+const FUSED_COLS: usize = 64;
+/// Lanes of the fused kernel's partial row sums (one AVX-512 register).
+const LANES: usize = 16;
+const _: () = assert!(BLOCK_K == 4 * LANES);
+
+/// One online-softmax step, fused per group of `R` query rows (AVX-512 flavour, `head_dim` a multiple of
+/// [`FUSED_COLS`]): the group's scores against all [`BLOCK_K`] keys stay in registers (`R x BLOCK_K`
+/// floats: 16 AVX-512 registers for `R = 4`) through the mask, the row maximum and `2^(S - m)`; only
+/// the probabilities go to memory (`R` rows, read back as broadcasts by `acc = alpha acc + P V`).
+/// One pass over the score tile instead of four (scores, maximum, exponent, products).
+#[inline(always)]
+fn attend_fused<A: MulAdd, const R: usize>(
+    st: &mut TileState,
+    keys: &KeyBlock<'_>,
+    visible: Visible<'_>,
+) {
+    let rows = st.rows;
+    if rows == 0 || keys.n == 0 {
+        return;
+    }
+    let mut r0 = 0;
+    while r0 + R <= rows {
+        fused_rows::<A, R>(st, r0, keys, visible);
+        r0 += R;
+    }
+    while r0 < rows {
+        fused_rows::<A, 1>(st, r0, keys, visible);
+        r0 += 1;
+    }
+}
+
+/// Rows `r0..r0 + R` of [`attend_fused`].
+// Index loops over fixed-size arrays: the shape LLVM unrolls and vectorizes into registers.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn fused_rows<A: MulAdd, const R: usize>(
+    st: &mut TileState,
+    r0: usize,
+    keys: &KeyBlock<'_>,
+    visible: Visible<'_>,
+) {
+    let d = st.head_dim;
+    let n = keys.n;
+    // S = Qs K^T over all BLOCK_K columns (K^T is zero-padded past n; those columns are masked).
+    qk_block::<A, R, BLOCK_K>(&st.qt, r0, keys.kt, d, BLOCK_K, &mut st.s);
+    // Online softmax per row; masked columns get probability 0.
+    let mut alpha = [1.0f32; R];
+    for (r, alpha) in alpha.iter_mut().enumerate() {
+        let nv = visible.count(r0 + r, keys);
+        let row: &mut [f32; BLOCK_K] = match (&mut st.s[(r0 + r) * BLOCK_K..][..BLOCK_K]).try_into()
+        {
+            Ok(row) => row,
+            Err(_) => unreachable!("slice of length BLOCK_K"),
+        };
+        if nv == 0 {
+            *row = [0.0; BLOCK_K];
+            continue;
+        }
+        if nv < BLOCK_K {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = if c < nv { *x } else { f32::NEG_INFINITY };
+            }
+        }
+        let m_old = st.m[r0 + r];
+        let m_new = max_f(m_old, hmax(row));
+        for x in row.iter_mut() {
+            *x = exp2_with::<A>(*x - m_new);
+        }
+        if nv < BLOCK_K {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = if c < nv { *x } else { 0.0 };
+            }
+        }
+        let a = exp2_with::<A>(m_old - m_new);
+        st.l[r0 + r] *= a;
+        let part: [f32; LANES] = std::array::from_fn(|i| {
+            (row[i] + row[LANES + i]) + (row[2 * LANES + i] + row[3 * LANES + i])
+        });
+        let lanes: &mut [f32; LANES] = match (&mut st.lanes[(r0 + r) * LANES..][..LANES]).try_into()
+        {
+            Ok(l) => l,
+            Err(_) => unreachable!("slice of length LANES"),
+        };
+        for (l, &p) in lanes.iter_mut().zip(&part) {
+            *l = A::mul_add(*l, a, p);
+        }
+        st.m[r0 + r] = m_new;
+        *alpha = a;
+    }
+    pv_scaled::<A, R, FUSED_COLS>(&st.s, r0, keys.v, n, d, &mut st.acc, &alpha);
+}
+
+/// Rows `r0..r0 + R` of `acc = alpha acc + P V` over `n <= BLOCK_K` keys (the fused kernel's second
+/// half). The probability rows are fixed-size arrays, so the loop has no bounds checks and each V
+/// row is loaded once into registers for all `R` rows.
+// Index loops over fixed-size arrays: the shape LLVM unrolls and vectorizes into registers.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn pv_scaled<A: MulAdd, const R: usize, const COLS: usize>(
+    p: &[f32],
+    r0: usize,
+    v: &[f32],
+    n: usize,
+    d: usize,
+    acc: &mut [f32],
+    alpha: &[f32; R],
+) {
+    let prow: [&[f32; BLOCK_K]; R] = std::array::from_fn(|r| arr(p, (r0 + r) * BLOCK_K));
+    let n = n.min(BLOCK_K);
+    for c0 in (0..d).step_by(COLS) {
+        let mut o = [[0.0f32; COLS]; R];
+        for r in 0..R {
+            let a: &[f32; COLS] = arr(acc, (r0 + r) * d + c0);
+            for c in 0..COLS {
+                o[r][c] = a[c] * alpha[r];
+            }
+        }
+        for j in 0..n {
+            let vv: [f32; COLS] = *arr(v, j * d + c0);
+            for r in 0..R {
+                let pr = prow[r][j];
+                for c in 0..COLS {
+                    o[r][c] = A::mul_add(pr, vv[c], o[r][c]);
+                }
+            }
+        }
+        for (r, o) in o.iter().enumerate() {
+            let at = (r0 + r) * d + c0;
+            acc[at..at + COLS].copy_from_slice(o);
+        }
+    }
+}
+
+/// `max(a, b)` as one compare-and-select (the hardware `max`; no NaN reaches it).
+#[inline(always)]
+fn max_f(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Maximum of a score row: 16 lanes, then a horizontal maximum on order-preserving integer keys
+/// (integer `max` is associative, so LLVM reduces it with shuffles; an `f32` tree it vectorizes poorly).
+#[inline(always)]
+fn hmax(x: &[f32; BLOCK_K]) -> f32 {
+    /// Maps `f32` bits to `i32` with the same order (negative floats: flip the magnitude bits); an
+    /// involution, so it also maps back.
+    #[inline(always)]
+    fn key(b: i32) -> i32 {
+        b ^ ((b >> 31) & 0x7fff_ffff)
+    }
+    let mut v = [f32::NEG_INFINITY; LANES];
+    for chunk in 0..BLOCK_K / LANES {
+        for (i, l) in v.iter_mut().enumerate() {
+            *l = max_f(*l, x[chunk * LANES + i]);
+        }
+    }
+    let m = v
+        .iter()
+        .map(|f| key(f.to_bits() as i32))
+        .max()
+        .unwrap_or(i32::MIN);
+    f32::from_bits(key(m) as u32)
 }
 
 /// Rows `r0..r0 + R` of `S = Qs K^T` for the first `ncols` (a multiple of `COLS`) key columns.
@@ -647,6 +827,7 @@ mod tests {
         check(4, 2, 200, 32, 3);
         check(2, 2, 65, 80, 4); // head_dim not a multiple of 16
         check(3, 3, 17, 7, 5);
+        check(2, 1, 130, 128, 7); // two column steps of the fused AVX-512 kernel
     }
 
     #[test]
