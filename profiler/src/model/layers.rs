@@ -1,18 +1,22 @@
 //! The building blocks of the Llama-family forward, each written once: RMSNorm, projections, RoPE
 //! (both pairings), the head layout change to and from [`runtime::AttentionInput`] (GQA is left to the
 //! executor: query head `h` reads KV head `h / group`), and the SwiGLU MLP.
+//!
+//! Projections are candle matmuls (the `gemm` crate, multi-threaded on rayon); everything
+//! element-wise works on `f32` slices in place, in parallel over rows on rayon, each op one pass:
+//! candle's element-wise ops allocate a tensor per op and run on candle's own spinning thread pool,
+//! which on two cores competed with the rayon threads of the matmuls and attention.
 
 use super::config::RopeStyle;
 use super::weights::Linear;
 use crate::error::Result;
-use candle_core::Tensor;
+use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
 
-/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension (candle's kernel, as the references use).
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm(x, w, eps as f32)?)
-}
+/// Token rows per rayon task in the row-wise passes (576-wide rows: about 72 KB per task).
+const PAR_ROWS: usize = 32;
 
-/// `x W^T + b` for `x` `[rows, in]`.
+/// `x W^T (+ b)` for `x` `[rows, in]`.
 pub(crate) fn linear(x: &Tensor, l: &Linear) -> Result<Tensor> {
     let y = x.matmul(&l.w.t()?)?;
     Ok(match &l.b {
@@ -21,13 +25,163 @@ pub(crate) fn linear(x: &Tensor, l: &Linear) -> Result<Tensor> {
     })
 }
 
-/// SwiGLU: `down(silu(gate(x)) * up(x))`, with gate and up stacked in `gate_up` (`[2 * ff, in]`).
-pub(crate) fn mlp(x: &Tensor, gate_up: &Linear, down: &Linear) -> Result<Tensor> {
-    let gu = linear(x, gate_up)?;
-    let ff = gu.dim(1)? / 2;
-    let g = candle_nn::ops::silu(&gu.narrow(1, 0, ff)?)?;
-    let u = gu.narrow(1, ff, ff)?;
-    linear(&(g * u)?, down)
+/// [`linear`] of `rows` token rows held in a slice (`x.len() / rows` inputs per row).
+pub(crate) fn linear_rows(x: &[f32], rows: usize, l: &Linear) -> Result<Tensor> {
+    let inp = x.len() / rows.max(1);
+    linear(&Tensor::from_slice(x, (rows, inp), &Device::Cpu)?, l)
+}
+
+/// Runs `f` on the data of a contiguous f32 CPU tensor, without copying it out.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("expected a CPU tensor".into()).into());
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(f(&data[start..end]))
+}
+
+/// Sum of squares, 16 lanes (vectorizes; the order differs from a sequential sum by rounding only).
+#[inline]
+fn sum_sq(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `1 / sqrt(mean(x^2) + eps)`.
+#[inline]
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    1.0 / (sum_sq(x) / x.len() as f32 + eps).sqrt()
+}
+
+/// RMSNorm of each row of `x` (`w.len()` wide) into `out`: `x / sqrt(mean(x^2) + eps) * w`.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .with_min_len(PAR_ROWS)
+        .for_each(|(o, x)| {
+            let inv = rms_scale(x, eps);
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * inv * w;
+            }
+        });
+}
+
+/// RMSNorm of each row of `x` in place.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    x.par_chunks_mut(w.len())
+        .with_min_len(PAR_ROWS)
+        .for_each(|x| {
+            let inv = rms_scale(x, eps);
+            for (x, &w) in x.iter_mut().zip(w) {
+                *x *= inv * w;
+            }
+        });
+}
+
+/// The residual add and the next RMSNorm in one pass: `x += delta`, then `out = RMSNorm(x) * w`.
+pub(crate) fn add_rms_norm_rows(
+    x: &mut [f32],
+    delta: &[f32],
+    w: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    let h = w.len();
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks_mut(h))
+        .zip(delta.par_chunks(h))
+        .with_min_len(PAR_ROWS)
+        .for_each(|((o, x), d)| {
+            for (x, &d) in x.iter_mut().zip(d) {
+                *x += d;
+            }
+            let inv = rms_scale(x, eps);
+            for ((o, &x), &w) in o.iter_mut().zip(x.iter()).zip(w) {
+                *o = x * inv * w;
+            }
+        });
+}
+
+/// The residual add `x += delta`, in parallel.
+pub(crate) fn add_rows(x: &mut [f32], delta: &[f32]) {
+    x.par_chunks_mut(PAR_ROWS * 1024)
+        .zip(delta.par_chunks(PAR_ROWS * 1024))
+        .for_each(|(x, d)| {
+            for (x, &d) in x.iter_mut().zip(d) {
+                *x += d;
+            }
+        });
+}
+
+/// SwiGLU's gate: `out[r] = silu(gate[r]) * up[r]` where row `r` of `gu` is `[gate | up]`
+/// (`2 * ff` values) and `silu(g) = g / (1 + e^-g)`, with `e^-g` from [`runtime::exec::dense::exp2_fast`]
+/// (relative error below 2e-7; candle's `silu` uses libm's `expf`).
+pub(crate) fn silu_mul(gu: &[f32], ff: usize, out: &mut [f32]) {
+    let kernel = silu_kernel();
+    out.par_chunks_mut(ff)
+        .zip(gu.par_chunks(2 * ff))
+        .with_min_len(PAR_ROWS / 4)
+        .for_each(|(o, gu)| {
+            let (g, u) = gu.split_at(ff);
+            kernel(g, u, o);
+        });
+}
+
+type SiluFn = fn(&[f32], &[f32], &mut [f32]);
+
+/// The widest flavour of [`silu_row`] this CPU runs.
+fn silu_kernel() -> SiluFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return silu_avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return silu_avx2;
+        }
+    }
+    silu_row
+}
+
+#[cfg(target_arch = "x86_64")]
+fn silu_avx512(g: &[f32], u: &[f32], o: &mut [f32]) {
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn inner(g: &[f32], u: &[f32], o: &mut [f32]) {
+        silu_row(g, u, o)
+    }
+    // SAFETY: selected only after `is_x86_feature_detected!` confirmed avx512f.
+    unsafe { inner(g, u, o) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn silu_avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma")]
+    fn inner(g: &[f32], u: &[f32], o: &mut [f32]) {
+        silu_row(g, u, o)
+    }
+    // SAFETY: selected only after `is_x86_feature_detected!` confirmed avx2 and fma.
+    unsafe { inner(g, u, o) }
+}
+
+#[inline(always)]
+fn silu_row(g: &[f32], u: &[f32], o: &mut [f32]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        let e = runtime::exec::dense::exp2_fast(-g * std::f32::consts::LOG2_E);
+        *o = g / (1.0 + e) * u;
+    }
 }
 
 /// RoPE angles for positions `0..seq_len`: `cos` and `sin`, `[seq_len, head_dim / 2]` row-major, with
@@ -85,7 +239,7 @@ impl RopeTable {
 
 /// Scatters token rows of a projection into the head-major buffer `dst` `[heads, seq_len, head_dim]`,
 /// rotating by RoPE when `rope` is given. Row `t` of `src` (row stride `stride`) is token `first + t`;
-/// its columns `col..col + heads * head_dim` are read.
+/// its columns `col..col + heads * head_dim` are read. Parallel over heads and blocks of rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scatter_heads(
     src: &[f32],
@@ -98,38 +252,47 @@ pub(crate) fn scatter_heads(
     rope: Option<(&RopeTable, RopeStyle)>,
     dst: &mut [f32],
 ) {
-    for (t, row) in src.chunks_exact(stride).enumerate() {
-        let row = &row[col..col + heads * head_dim];
-        let pos = first + t;
-        for (h, x) in row.chunks_exact(head_dim).enumerate() {
-            let at = (h * seq_len + pos) * head_dim;
-            let d = &mut dst[at..at + head_dim];
-            match rope {
-                Some((table, style)) => table.apply(style, pos, x, d),
-                None => d.copy_from_slice(x),
-            }
-        }
-    }
+    let rows = src.len() / stride;
+    dst.par_chunks_mut(seq_len * head_dim)
+        .take(heads)
+        .enumerate()
+        .for_each(|(h, dst_h)| {
+            dst_h[first * head_dim..(first + rows) * head_dim]
+                .par_chunks_mut(PAR_ROWS * head_dim)
+                .enumerate()
+                .for_each(|(blk, d)| {
+                    for (i, d) in d.chunks_exact_mut(head_dim).enumerate() {
+                        let t = blk * PAR_ROWS + i;
+                        let at = t * stride + col + h * head_dim;
+                        let x = &src[at..at + head_dim];
+                        match rope {
+                            Some((table, style)) => table.apply(style, first + t, x, d),
+                            None => d.copy_from_slice(x),
+                        }
+                    }
+                });
+        });
 }
 
 /// Gathers token rows `first..first + rows` of a head-major buffer `[heads, seq_len, head_dim]` into
-/// token-major `[rows, heads * head_dim]` (the input of the output projection).
+/// token-major `out` `[rows, heads * head_dim]` (the input of the output projection).
 pub(crate) fn gather_heads(
     src: &[f32],
     first: usize,
-    rows: usize,
     heads: usize,
     head_dim: usize,
     seq_len: usize,
-) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * heads * head_dim);
-    for pos in first..first + rows {
-        for h in 0..heads {
-            let at = (h * seq_len + pos) * head_dim;
-            out.extend_from_slice(&src[at..at + head_dim]);
-        }
-    }
-    out
+    out: &mut [f32],
+) {
+    out.par_chunks_mut(heads * head_dim)
+        .enumerate()
+        .with_min_len(PAR_ROWS)
+        .for_each(|(r, o)| {
+            for (h, o) in o.chunks_exact_mut(head_dim).enumerate() {
+                let at = (h * seq_len + first + r) * head_dim;
+                o.copy_from_slice(&src[at..at + head_dim]);
+            }
+        });
 }
 
 #[cfg(test)]

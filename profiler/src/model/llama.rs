@@ -4,12 +4,17 @@
 //! projection → residual → RMSNorm → SwiGLU MLP → residual; then the final RMSNorm and the LM head.
 //! Everything but attention is position-wise, so it runs in chunks of [`CHUNK_ROWS`] tokens: the
 //! temporaries stay below glibc's 32 MB mmap threshold even at 8K tokens (a spike saw run time double
-//! when every large temporary was a fresh mmap).
+//! when every large temporary was a fresh mmap). The projections are candle matmuls; the element-wise
+//! steps (RMSNorm, residual adds, RoPE and the head layout, SwiGLU's gate) are our own passes over
+//! reused buffers, in parallel on rayon (see [`super::layers`]).
 
 use super::config::{ModelConfig, ModelFormat, ModelSpec, TensorDesc};
 use super::gguf::{GgufFile, GGUF_NAMING};
 use super::hf_dir::{self, HfTensors, HF_NAMING};
-use super::layers::{gather_heads, linear, mlp, rms_norm, scatter_heads, RopeTable};
+use super::layers::{
+    add_rms_norm_rows, add_rows, gather_heads, linear_rows, rms_norm_in_place, rms_norm_rows,
+    scatter_heads, silu_mul, with_f32, RopeTable,
+};
 use super::weights::Weights;
 use super::{tokenizer, LayerAttention};
 use crate::error::{Error, Result};
@@ -200,48 +205,55 @@ impl Model {
             vec![0.0f32; kv_len],
         );
         let mut att = vec![0.0f32; q_len];
+        let (q_cols, kv_cols, ff) = (cfg.q_heads * d, cfg.kv_heads * d, cfg.intermediate);
+        let chunk = CHUNK_ROWS.min(t);
+        // Reused per chunk: normalized rows, attention rows in token order, SwiGLU's gated rows.
+        let mut xn = vec![0.0f32; chunk * h];
+        let mut a = vec![0.0f32; chunk * q_cols];
+        let mut gated = vec![0.0f32; chunk * ff];
+        let eps = cfg.rms_eps as f32;
 
         for (li, lw) in self.weights.layers.iter().enumerate() {
+            let attn_norm: Vec<f32> = lw.attn_norm.to_vec1()?;
+            let ffn_norm: Vec<f32> = lw.ffn_norm.to_vec1()?;
             for first in (0..t).step_by(CHUNK_ROWS) {
                 let rows = CHUNK_ROWS.min(t - first);
-                let xc = Tensor::from_slice(&x[first * h..(first + rows) * h], (rows, h), &dev)?;
-                let xn = rms_norm(&xc, &lw.attn_norm, cfg.rms_eps)?;
-                let y: Vec<f32> = linear(&xn, &lw.qkv)?.flatten_all()?.to_vec1()?;
-                let (q_cols, kv_cols) = (cfg.q_heads * d, cfg.kv_heads * d);
+                let xn = &mut xn[..rows * h];
+                rms_norm_rows(&x[first * h..(first + rows) * h], &attn_norm, eps, xn);
+                let y = linear_rows(xn, rows, &lw.qkv)?;
                 let stride = q_cols + 2 * kv_cols;
                 let rot = Some((&rope, cfg.rope_style));
-                for (col, heads, buf, r) in [
-                    (0, cfg.q_heads, &mut q, rot),
-                    (q_cols, cfg.kv_heads, &mut k, rot),
-                    (q_cols + kv_cols, cfg.kv_heads, &mut v, None),
-                ] {
-                    scatter_heads(&y, stride, col, first, heads, d, t, r, buf);
-                }
+                with_f32(&y, |y| {
+                    for (col, heads, buf, r) in [
+                        (0, cfg.q_heads, &mut q, rot),
+                        (q_cols, cfg.kv_heads, &mut k, rot),
+                        (q_cols + kv_cols, cfg.kv_heads, &mut v, None),
+                    ] {
+                        scatter_heads(y, stride, col, first, heads, d, t, r, buf);
+                    }
+                })?;
             }
             let input = AttentionInput::new(shape, &q, &k, &v)?;
             attn.attend(li, &input, &mut att)?;
             for first in (0..t).step_by(CHUNK_ROWS) {
                 let rows = CHUNK_ROWS.min(t - first);
-                let a = gather_heads(&att, first, rows, cfg.q_heads, d, t);
-                let a = Tensor::from_vec(a, (rows, cfg.q_heads * d), &dev)?;
+                let (a, xn, gated) = (
+                    &mut a[..rows * q_cols],
+                    &mut xn[..rows * h],
+                    &mut gated[..rows * ff],
+                );
                 let xs = &mut x[first * h..(first + rows) * h];
-                let xc = Tensor::from_slice(xs, (rows, h), &dev)?;
-                let x1 = (linear(&a, &lw.o)? + xc)?;
-                let x2 = (mlp(
-                    &rms_norm(&x1, &lw.ffn_norm, cfg.rms_eps)?,
-                    &lw.gate_up,
-                    &lw.down,
-                )? + x1)?;
-                xs.copy_from_slice(&x2.flatten_all()?.to_vec1::<f32>()?);
+                gather_heads(&att, first, cfg.q_heads, d, t, a);
+                let o = linear_rows(a, rows, &lw.o)?;
+                with_f32(&o, |o| add_rms_norm_rows(xs, o, &ffn_norm, eps, xn))?;
+                let gu = linear_rows(xn, rows, &lw.gate_up)?;
+                with_f32(&gu, |gu| silu_mul(gu, ff, gated))?;
+                let down = linear_rows(gated, rows, &lw.down)?;
+                with_f32(&down, |down| add_rows(xs, down))?;
             }
         }
-        for first in (0..t).step_by(CHUNK_ROWS) {
-            let rows = CHUNK_ROWS.min(t - first);
-            let xs = &mut x[first * h..(first + rows) * h];
-            let xc = Tensor::from_slice(xs, (rows, h), &dev)?;
-            let xn = rms_norm(&xc, &self.weights.final_norm, cfg.rms_eps)?;
-            xs.copy_from_slice(&xn.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let final_norm: Vec<f32> = self.weights.final_norm.to_vec1()?;
+        rms_norm_in_place(&mut x, &final_norm, eps);
         Ok(Hidden {
             data: x,
             seq_len: t,
