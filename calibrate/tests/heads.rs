@@ -13,7 +13,7 @@ use profiler::gated::{GatedModel, StreamingHeads};
 use profiler::model::{DenseAttention, Hidden, Model};
 
 /// Worst absolute difference between the fast forward and the candle-tensor forward (different op
-/// order and RMSNorm kernel, f32): observed 1.1e-4 (gates 1) and 1.4e-4 (gates 0) at 300 tokens.
+/// order and RMSNorm kernel, f32): observed up to 1.9e-4 (gates 1) and 1.4e-4 (gates 0) at 300 tokens.
 const HIDDEN_TOL: f32 = 2e-3;
 
 fn smollm2() -> Model {
