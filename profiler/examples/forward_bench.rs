@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! scripts/fetch-model.sh
-//! cargo run --release -p profiler --example forward_bench [-- LENGTHS...] [--no-reference]
+//! cargo run --release -p profiler --example forward_bench [-- LENGTHS...] [--repeat N] [--no-reference]
 //! ```
 //! Peak memory is the process's high-water mark (`VmHWM`) after our runs, before the reference runs.
+//! Each run also shows the process CPU time it used (all threads, from `/proc/self/stat`), which
+//! other jobs on the machine disturb much less than wall time, and the load average before it;
+//! with `--repeat N` every length runs `N` times and the median wall time is printed.
 
 use candle_core::{Device, Tensor};
 use profiler::model::{ensure_default_model, DenseAttention, LayerAttention, Model};
@@ -37,6 +40,42 @@ impl LayerAttention for Timed {
     }
 }
 
+/// CPU time of this process so far (user + system, all threads), in seconds; clock ticks of 1/100 s.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may contain spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if f.len() == 2 {
+        (f[0] + f[1]) / 100.0
+    } else {
+        f64::NAN
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    match x.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => x[n / 2],
+        n => (x[n / 2 - 1] + x[n / 2]) / 2.0,
+    }
+}
+
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -47,7 +86,16 @@ fn peak_rss_mib() -> Option<f64> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reference = !args.iter().any(|a| a == "--no-reference");
-    let mut lengths: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let mut repeat = 1usize;
+    let mut lengths: Vec<usize> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--repeat" {
+            repeat = it.next().and_then(|n| n.parse().ok()).ok_or("--repeat N")?;
+        } else if let Ok(n) = a.parse() {
+            lengths.push(n);
+        }
+    }
     if lengths.is_empty() {
         lengths = vec![2048, 4096, 8192];
     }
@@ -65,21 +113,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let max_len = lengths.iter().copied().max().unwrap_or(0);
     let tokens: Vec<u32> = unit.iter().copied().cycle().take(max_len).collect();
 
+    let mut ours_4k = None;
     for &n in &lengths {
         let input = tokens.get(..n).ok_or("not enough tokens")?;
-        let mut attn = Timed {
-            total: Duration::ZERO,
-        };
-        let t0 = Instant::now();
-        let hidden = model.forward_hidden(input, &mut attn)?;
-        let total = t0.elapsed().as_secs_f64();
-        let logits = model.logits_last(&hidden)?;
-        println!(
-            "ours  {n:>5} tokens: {total:6.2} s (attention {:6.2} s); next token {:?}; peak RSS {:.0} MiB",
-            attn.total.as_secs_f64(),
-            profiler::model::argmax(&logits),
-            peak_rss_mib().unwrap_or(f64::NAN)
-        );
+        let mut walls = Vec::new();
+        for _ in 0..repeat {
+            let mut attn = Timed {
+                total: Duration::ZERO,
+            };
+            let load = loadavg();
+            let (t0, c0) = (Instant::now(), cpu_seconds());
+            let hidden = model.forward_hidden(input, &mut attn)?;
+            let (total, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+            let logits = model.logits_last(&hidden)?;
+            println!(
+                "ours  {n:>5} tokens: {total:6.2} s (attention {:6.2} s; CPU {cpu:6.1} s); next token {:?}; \
+                 peak RSS {:.0} MiB; load before {load}",
+                attn.total.as_secs_f64(),
+                profiler::model::argmax(&logits),
+                peak_rss_mib().unwrap_or(f64::NAN)
+            );
+            walls.push(total);
+        }
+        let med = median(walls);
+        if repeat > 1 {
+            println!("ours  {n:>5} tokens: median {med:6.2} s of {repeat} runs");
+        }
+        if n == 4096 {
+            ours_4k = Some(med);
+        }
     }
 
     if reference {
@@ -92,13 +154,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let n = 4096.min(max_len);
         let input =
             Tensor::new(tokens.get(..n).ok_or("not enough tokens")?, &Device::Cpu)?.unsqueeze(0)?;
-        let t0 = Instant::now();
+        let load = loadavg();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         let logits: Vec<f32> = reference.forward(&input, 0)?.flatten_all()?.to_vec1()?;
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
         println!(
-            "candle quantized_llama (f32) {n:>5} tokens: {:6.2} s; next token {:?}",
-            t0.elapsed().as_secs_f64(),
+            "candle quantized_llama (f32) {n:>5} tokens: {wall:6.2} s (CPU {cpu:6.1} s); next token {:?}; \
+             load before {load}",
             profiler::model::argmax(&logits)
         );
+        if let (Some(ours), 4096) = (ours_4k, n) {
+            println!("candle / ours at 4096 tokens: {:.1}x", wall / ours);
+        }
     }
     Ok(())
 }
