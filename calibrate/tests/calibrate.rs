@@ -295,6 +295,7 @@ fn heads_missing_the_target_on_heldout_data_refuse_the_plan_unless_forced() {
             "mean",
             "--tolerance",
             "0",
+            "--no-dense-fallback",
             "--out",
             plan.to_str().unwrap(),
         ];
@@ -315,6 +316,39 @@ fn heads_missing_the_target_on_heldout_data_refuse_the_plan_unless_forced() {
         // Every head generalized: then the plan must be there and valid.
         assert_eq!(out.status.code(), Some(0), "{err}");
         assert!(schemas::Plan::read(&plan).is_ok());
+    }
+}
+
+#[test]
+fn heads_missing_the_target_on_heldout_data_run_dense_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = write(dir.path(), "c.safetensors", &profile("cal", &[1], 300));
+    let held = write(dir.path(), "h.safetensors", &profile("held", &[900], 300));
+    let plan = dir.path().join("plan.yaml");
+    let out = attnplan(&[
+        "calibrate",
+        "--profile",
+        cal.to_str().unwrap(),
+        "--heldout",
+        held.to_str().unwrap(),
+        "--target-recall",
+        "0.999",
+        "--objective",
+        "mean",
+        "--tolerance",
+        "0",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let p = schemas::Plan::read(&plan).unwrap();
+    // Every head meets the target on held-out data in the written plan.
+    for (_, h) in p.heads() {
+        assert!(h.validated_recall.unwrap() >= 0.999 - 1e-9, "{h:?}");
+    }
+    if err.contains("run dense") {
+        assert!(p.heads().any(|(_, h)| h.pattern.kind() == "dense"));
     }
 }
 

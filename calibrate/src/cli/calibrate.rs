@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use crate::calibration::{calibrate, ProfileFile};
+use crate::calibration::{calibrate, fall_back_to_dense, ProfileFile};
 use crate::search::{Goal, Objective};
 use crate::{emit, report};
 use anyhow::Context;
@@ -67,7 +67,11 @@ pub struct Args {
     /// Held-out recall may miss the target by this much before the plan is refused.
     #[arg(long, default_value_t = 0.02)]
     pub tolerance: f64,
-    /// Write the plan even if heads miss the target on held-out data.
+    /// Refuse the plan when heads miss the target on held-out data (by default those heads run dense,
+    /// so the written plan meets the target on held-out data for every head).
+    #[arg(long)]
+    pub no_dense_fallback: bool,
+    /// Write the plan even if heads miss the target on held-out data (with --no-dense-fallback).
     #[arg(long)]
     pub force: bool,
     /// Output plan.
@@ -246,7 +250,12 @@ pub fn run(args: &Args) -> Outcome {
     };
     let start = std::time::Instant::now();
     let tool = tool_version();
-    let (cal, calib, heldout) = calibrate(calib, heldout, goal, &tool)?;
+    let (mut cal, calib, heldout) = calibrate(calib, heldout, goal, &tool)?;
+    let fallen = if args.no_dense_fallback || goal.flops_budget.is_some() {
+        Vec::new()
+    } else {
+        fall_back_to_dense(&mut cal, args.tolerance)
+    };
     let search_seconds = start.elapsed().as_secs_f64();
     let meta = &calib[0].profile.meta;
     let threshold = emit::dense_threshold(
@@ -289,15 +298,8 @@ pub fn run(args: &Args) -> Outcome {
         schemas::io::write_atomic(path, json.as_bytes())?;
         eprintln!("wrote report {}", path.display());
     }
-    let failing = report::failing_heads(&cal, args.tolerance);
-    if !failing.is_empty() && goal.flops_budget.is_none() {
-        eprintln!(
-            "{} heads miss the target {} by more than {} on held-out samples:",
-            failing.len(),
-            goal.target_recall,
-            args.tolerance
-        );
-        for h in failing.iter().take(20) {
+    let print_heads = |heads: &[&crate::calibration::HeadResult]| {
+        for h in heads.iter().take(20) {
             eprintln!(
                 "  layer {} head {}: {} held-out recall {:.4} (calibration {:.4})",
                 h.layer,
@@ -307,6 +309,28 @@ pub fn run(args: &Args) -> Outcome {
                 h.recall()
             );
         }
+        if heads.len() > 20 {
+            eprintln!("  ... and {} more", heads.len() - 20);
+        }
+    };
+    if !fallen.is_empty() {
+        eprintln!(
+            "{} heads missed the target {} by more than {} on held-out samples and run dense:",
+            fallen.len(),
+            goal.target_recall,
+            args.tolerance
+        );
+        print_heads(&fallen.iter().collect::<Vec<_>>());
+    }
+    let failing = report::failing_heads(&cal, args.tolerance);
+    if !failing.is_empty() && goal.flops_budget.is_none() {
+        eprintln!(
+            "{} heads miss the target {} by more than {} on held-out samples:",
+            failing.len(),
+            goal.target_recall,
+            args.tolerance
+        );
+        print_heads(&failing);
         if !args.force {
             eprintln!("no plan written (pass --force to write it anyway)");
             return Err(Failure::Check);
