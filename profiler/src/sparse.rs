@@ -183,7 +183,6 @@ mod tests {
     /// Whole-model sparse prefill on SmolLM2-135M (fetched by scripts/fetch-model.sh): a generous
     /// vertical-slash plan stays close to dense, a sink-and-diagonal plan does not.
     #[test]
-    #[ignore = "needs the real model: scripts/fetch-model.sh"]
     fn whole_model_sparse_prefill() -> Result<()> {
         let model = Model::load(&default_model_path())?;
         let c = model.config();

@@ -628,7 +628,6 @@ proptest! {
 /// SmolLM2's own tokenizer (rebuilt from the GGUF): exact lengths, needle spans and ChatML markers.
 /// Needs the model file; `scripts/fetch-model.sh` fetches it.
 #[test]
-#[ignore = "needs the real model: run scripts/fetch-model.sh"]
 fn real_tokenizer_gives_exact_prompts() {
     let model = profiler::model::Model::load(&profiler::model::default_model_path())
         .expect("model file; run scripts/fetch-model.sh");
