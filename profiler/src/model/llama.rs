@@ -2,11 +2,12 @@
 //!
 //! Per layer: RMSNorm → Q/K/V projections (+ bias) → RoPE → **[`LayerAttention::attend`]** → output
 //! projection → residual → RMSNorm → SwiGLU MLP → residual; then the final RMSNorm and the LM head.
-//! Everything but attention is position-wise, so it runs in chunks of [`CHUNK_ROWS`] tokens: the
-//! temporaries stay below glibc's 32 MB mmap threshold even at 8K tokens (a spike saw run time double
-//! when every large temporary was a fresh mmap). The projections are candle matmuls; the element-wise
-//! steps (RMSNorm, residual adds, RoPE and the head layout, SwiGLU's gate) are our own passes over
-//! reused buffers, in parallel on rayon (see [`super::layers`]).
+//! Everything but attention is position-wise, so it runs in chunks of [`CHUNK_ROWS`] tokens, the
+//! chunks in parallel on rayon: each chunk runs its steps back to back (its matmuls effectively
+//! single-threaded), so two cores need no barrier per step, and the temporaries stay far below glibc's
+//! 32 MB mmap threshold (a spike saw run time double when every large temporary was a fresh mmap).
+//! The projections are candle matmuls; the element-wise steps (RMSNorm, residual adds, RoPE and the
+//! head layout, SwiGLU's gate) are our own passes over slices (see [`super::layers`]).
 
 use super::config::{ModelConfig, ModelFormat, ModelSpec, TensorDesc};
 use super::gguf::{GgufFile, GGUF_NAMING};
@@ -19,11 +20,12 @@ use super::weights::Weights;
 use super::{tokenizer, LayerAttention};
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor, D};
+use rayon::prelude::*;
 use runtime::{AttentionInput, AttnShape};
 use std::path::Path;
 
-/// Tokens per chunk of the position-wise parts.
-pub const CHUNK_ROWS: usize = 1024;
+/// Tokens per chunk of the position-wise parts; chunks run in parallel on rayon (32 chunks at 8K).
+pub const CHUNK_ROWS: usize = 256;
 /// Positions per chunk of the LM head in [`Model::next_token_logprobs`] (`128 x 49152` f32 = 25 MB).
 const LOGIT_ROWS: usize = 128;
 
@@ -206,24 +208,26 @@ impl Model {
         );
         let mut att = vec![0.0f32; q_len];
         let (q_cols, kv_cols, ff) = (cfg.q_heads * d, cfg.kv_heads * d, cfg.intermediate);
-        let chunk = CHUNK_ROWS.min(t);
-        // Reused per chunk: normalized rows, attention rows in token order, SwiGLU's gated rows.
-        let mut xn = vec![0.0f32; chunk * h];
-        let mut a = vec![0.0f32; chunk * q_cols];
-        let mut gated = vec![0.0f32; chunk * ff];
         let eps = cfg.rms_eps as f32;
+        let stride = q_cols + 2 * kv_cols;
+        let rot = Some((&rope, cfg.rope_style));
 
         for (li, lw) in self.weights.layers.iter().enumerate() {
             let attn_norm: Vec<f32> = lw.attn_norm.to_vec1()?;
             let ffn_norm: Vec<f32> = lw.ffn_norm.to_vec1()?;
-            for first in (0..t).step_by(CHUNK_ROWS) {
-                let rows = CHUNK_ROWS.min(t - first);
-                let xn = &mut xn[..rows * h];
-                rms_norm_rows(&x[first * h..(first + rows) * h], &attn_norm, eps, xn);
-                let y = linear_rows(xn, rows, &lw.qkv)?;
-                let stride = q_cols + 2 * kv_cols;
-                let rot = Some((&rope, cfg.rope_style));
-                with_f32(&y, |y| {
+            // RMSNorm and the Q/K/V projection, chunks of rows in parallel (single-threaded matmuls
+            // side by side: no barrier between the steps of a chunk).
+            let ys = x
+                .par_chunks(CHUNK_ROWS * h)
+                .map(|xc| {
+                    let mut xn = vec![0.0f32; xc.len()];
+                    rms_norm_rows(xc, &attn_norm, eps, &mut xn);
+                    linear_rows(&xn, xc.len() / h, &lw.qkv)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (ci, y) in ys.iter().enumerate() {
+                let first = ci * CHUNK_ROWS;
+                with_f32(y, |y| {
                     for (col, heads, buf, r) in [
                         (0, cfg.q_heads, &mut q, rot),
                         (q_cols, cfg.kv_heads, &mut k, rot),
@@ -233,24 +237,26 @@ impl Model {
                     }
                 })?;
             }
+            drop(ys);
             let input = AttentionInput::new(shape, &q, &k, &v)?;
             attn.attend(li, &input, &mut att)?;
-            for first in (0..t).step_by(CHUNK_ROWS) {
-                let rows = CHUNK_ROWS.min(t - first);
-                let (a, xn, gated) = (
-                    &mut a[..rows * q_cols],
-                    &mut xn[..rows * h],
-                    &mut gated[..rows * ff],
-                );
-                let xs = &mut x[first * h..(first + rows) * h];
-                gather_heads(&att, first, cfg.q_heads, d, t, a);
-                let o = linear_rows(a, rows, &lw.o)?;
-                with_f32(&o, |o| add_rms_norm_rows(xs, o, &ffn_norm, eps, xn))?;
-                let gu = linear_rows(xn, rows, &lw.gate_up)?;
-                with_f32(&gu, |gu| silu_mul(gu, ff, gated))?;
-                let down = linear_rows(gated, rows, &lw.down)?;
-                with_f32(&down, |down| add_rows(xs, down))?;
-            }
+            // Output projection, residual, RMSNorm, MLP, residual: chunks of rows in parallel.
+            let att = &att;
+            x.par_chunks_mut(CHUNK_ROWS * h).enumerate().try_for_each(
+                |(ci, xs)| -> Result<()> {
+                    let rows = xs.len() / h;
+                    let mut a = vec![0.0f32; rows * q_cols];
+                    gather_heads(att, ci * CHUNK_ROWS, cfg.q_heads, d, t, &mut a);
+                    let o = linear_rows(&a, rows, &lw.o)?;
+                    let mut xn = vec![0.0f32; rows * h];
+                    with_f32(&o, |o| add_rms_norm_rows(xs, o, &ffn_norm, eps, &mut xn))?;
+                    let gu = linear_rows(&xn, rows, &lw.gate_up)?;
+                    let mut gated = vec![0.0f32; rows * ff];
+                    with_f32(&gu, |gu| silu_mul(gu, ff, &mut gated))?;
+                    let down = linear_rows(&gated, rows, &lw.down)?;
+                    with_f32(&down, |down| add_rows(xs, down))
+                },
+            )?;
         }
         let final_norm: Vec<f32> = self.weights.final_norm.to_vec1()?;
         rms_norm_in_place(&mut x, &final_norm, eps);
