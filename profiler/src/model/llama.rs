@@ -24,8 +24,8 @@ use rayon::prelude::*;
 use runtime::{AttentionInput, AttnShape};
 use std::path::Path;
 
-/// Tokens per chunk of the position-wise parts; chunks run in parallel on rayon (32 chunks at 8K).
-pub const CHUNK_ROWS: usize = 256;
+/// Tokens per chunk of the position-wise parts; chunks run in parallel on rayon (16 chunks at 8K).
+pub const CHUNK_ROWS: usize = 512;
 /// Positions per chunk of the LM head in [`Model::next_token_logprobs`] (`128 x 49152` f32 = 25 MB).
 const LOGIT_ROWS: usize = 128;
 
