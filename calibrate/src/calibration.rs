@@ -85,6 +85,8 @@ pub struct Calibration {
     /// Calibrated lengths, increasing.
     pub seq_lens: Vec<u64>,
     pub goal: Goal,
+    /// The profiles' dynamic candidates ([`crate::search::Candidate::Dynamic`] indexes into it).
+    pub dynamic: Vec<schemas::Pattern>,
 }
 
 fn bad(path: &Path, field: &str, message: impl Into<String>) -> Error {
@@ -143,6 +145,19 @@ fn check_profiles(
                     format!("{a}, but {} has {b}", first.path.display()),
                 ));
             }
+        }
+        if m.dynamic != reference.dynamic {
+            return Err(bad(
+                &f.path,
+                "dynamic",
+                format!(
+                    "{} dynamic candidates that differ from the {} of {}: profile every input with \
+                     the same --no-dynamic / --grid options",
+                    m.dynamic.len(),
+                    reference.dynamic.len(),
+                    first.path.display()
+                ),
+            ));
         }
         if m.samples == 0 || m.sample_ids.is_empty() {
             return Err(bad(&f.path, "samples", "the profile holds no samples"));
@@ -264,11 +279,13 @@ pub fn calibrate(
         })
         .collect::<Result<Vec<HeadResult>, Error>>()?;
     let seq_lens = calib.iter().map(|f| f.profile.meta.seq_len).collect();
+    let dynamic = calib[0].profile.meta.dynamic.clone();
     Ok((
         Calibration {
             heads,
             seq_lens,
             goal,
+            dynamic,
         },
         calib,
         heldout,
@@ -282,8 +299,15 @@ fn choose_across_lengths(scored: &[Vec<Scored>], goal: &Goal) -> Vec<Scored> {
         return vec![choose(only, goal)];
     }
     let per_len: Vec<Vec<Scored>> = scored.iter().map(|s| best_per_family(s, goal)).collect();
-    let mut best: Option<(f64, u8, Vec<Scored>)> = None;
-    for family in 0..5u8 {
+    let mut families: Vec<usize> = per_len
+        .iter()
+        .flatten()
+        .map(|s| s.candidate.family())
+        .collect();
+    families.sort_unstable();
+    families.dedup();
+    let mut best: Option<(f64, usize, Vec<Scored>)> = None;
+    for family in families {
         let picks: Option<Vec<Scored>> = per_len
             .iter()
             .map(|b| b.iter().find(|s| s.candidate.family() == family).copied())

@@ -41,8 +41,9 @@ fn budget(values: &[(u64, usize)]) -> Budget {
     }
 }
 
-/// The pattern of one head from its chosen candidates (one family) per length.
-pub fn pattern_of(head: &HeadResult, seq_lens: &[u64]) -> Pattern {
+/// The pattern of one head from its chosen candidates (one family) per length; `dynamic` is the
+/// profiles' dynamic candidate list.
+pub fn pattern_of(head: &HeadResult, seq_lens: &[u64], dynamic: &[Pattern]) -> Pattern {
     let per = |f: &dyn Fn(&Candidate) -> Option<usize>| -> Vec<(u64, usize)> {
         seq_lens
             .iter()
@@ -90,6 +91,10 @@ pub fn pattern_of(head: &HeadResult, seq_lens: &[u64]) -> Pattern {
                     .fold(0.0, f64::max),
             ),
         }),
+        Some(Candidate::Dynamic { index }) => dynamic
+            .get(index)
+            .cloned()
+            .unwrap_or(Pattern::Dense(Dense {})),
         Some(Candidate::Dense) | None => Pattern::Dense(Dense {}),
     }
 }
@@ -185,7 +190,7 @@ pub fn plan(cal: &Calibration, inputs: PlanInputs<'_>) -> Plan {
                 .iter()
                 .map(|h| HeadPlan {
                     head: h.head as u32,
-                    pattern: pattern_of(h, lens),
+                    pattern: pattern_of(h, lens, &cal.dynamic),
                     recall: Some(round(h.recall())),
                     validated_recall: h.validated().map(round),
                     flops_fraction: Some(round(h.density())),

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use calibrate::search::tables::HeadTables;
 use calibrate::search::{choose, Candidate, Goal, HeadSamples, Objective, Scored};
 use profiler::profile::{Profile, ProfileMeta, PROFILE_FORMAT, PROFILE_VERSION};
-use profiler::stats::{layer_stats, HeadStats, StatsConfig};
+use profiler::stats::{dynamic, layer_stats_scored, HeadStats, StatsConfig};
 use runtime::{AttentionInput, AttnShape};
 
 /// SplitMix64: a fixed stream of test numbers.
@@ -77,7 +77,15 @@ fn sample_stats(seed: u64, seq_len: usize) -> Vec<HeadStats> {
     let shape = AttnShape { seq_len, ..SHAPE };
     let (q, k, v) = structured(shape, seed);
     let input = AttentionInput::new(shape, &q, &k, &v).unwrap();
-    layer_stats(&input, &CFG).unwrap()
+    layer_stats_scored(&input, &CFG, &dynamic_candidates()).unwrap()
+}
+
+/// The dynamic candidates the profiles score (query-adaptive and token-select, as `attnplan
+/// profile` does by default, plus grid at a stride the structured inputs do not have).
+fn dynamic_candidates() -> Vec<schemas::Pattern> {
+    let mut c = dynamic::default_candidates(CFG.block_k as u32);
+    c.extend(dynamic::grid_candidates(37, 5, CFG.block_k as u32));
+    c
 }
 
 fn model_info() -> schemas::ModelInfo {
@@ -109,6 +117,7 @@ fn profile(tag: &str, seeds: &[u64], seq_len: usize) -> Profile {
         samples: seeds.len() as u64,
         sample_ids: seeds.iter().map(|s| format!("{tag}:{s}")).collect(),
         layers: vec![0, 1],
+        dynamic: dynamic_candidates(),
     });
     for (k, &seed) in seeds.iter().enumerate() {
         for layer in 0..2 {
@@ -262,7 +271,13 @@ fn calibrate_from_profiles_writes_a_valid_deterministic_plan_and_report() {
     for (_, h) in plan.heads() {
         assert!(h.recall.unwrap() >= 0.9 - 1e-9, "{h:?}");
         assert!(h.validated_recall.is_some());
-        // Two lengths: budgets per length bucket.
+        // Two lengths: budgets per length bucket, except for dynamic candidates (query-adaptive,
+        // token-select, grid), whose parameters are one candidate of the profiles' list at every
+        // length.
+        let dynamic = dynamic_candidates();
+        if dynamic.contains(&h.pattern) {
+            continue;
+        }
         for (_, b) in h.pattern.budgets() {
             assert!(matches!(b, schemas::Budget::Buckets(_)), "{h:?}");
         }
@@ -457,4 +472,28 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
         p.provenance.data,
         "synthetic:passkey + synthetic:kv-retrieval + synthetic:needle"
     );
+}
+
+/// A head whose choice is a dynamic candidate gets that candidate's pattern in the plan, the same
+/// at every length.
+#[test]
+fn a_dynamic_choice_is_emitted_as_its_pattern() {
+    let dynamic = dynamic_candidates();
+    let pick = |index| Scored {
+        candidate: Candidate::Dynamic { index },
+        recall: 0.99,
+        worst: 0.98,
+        density: 0.3,
+    };
+    let head = calibrate::calibration::HeadResult {
+        layer: 0,
+        head: 0,
+        chosen: vec![pick(7), pick(7)],
+        heldout: None,
+        minference: Vec::new(),
+        minference_default: Vec::new(),
+    };
+    let pattern = calibrate::emit::pattern_of(&head, &[200, 300], &dynamic);
+    assert_eq!(pattern, dynamic[7]);
+    assert_eq!(head.chosen[0].candidate.kind(&dynamic), dynamic[7].kind());
 }

@@ -49,6 +49,10 @@ pub struct ProfileMeta {
     pub sample_ids: Vec<String>,
     /// Layers present (a profile of a layer range holds only those).
     pub layers: Vec<u32>,
+    /// Dynamic candidates scored per head and sample (`S{k}.L{l}.H{h}.dyn_mass` / `dyn_cells`, in
+    /// this order; see `stats::dynamic`). Empty: none were scored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dynamic: Vec<schemas::Pattern>,
 }
 
 /// One named tensor: shape and row-major values.
@@ -188,6 +192,18 @@ impl Profile {
         }
         // Two ways to split work: the same layers over other samples (sums add), or other layers over
         // the same samples (tensors are disjoint). Anything else would count something twice.
+        if a.dynamic != b.dynamic {
+            return Err(bad(
+                other_path,
+                "dynamic",
+                format!(
+                    "{} dynamic candidates, but the profile it is merged into scored {} others: \
+                     profile both with the same candidates",
+                    b.dynamic.len(),
+                    a.dynamic.len()
+                ),
+            ));
+        }
         let same_samples = a.sample_ids == b.sample_ids;
         let disjoint_samples = !b.sample_ids.iter().any(|id| a.sample_ids.contains(id));
         let same_layers = a.layers == b.layers;

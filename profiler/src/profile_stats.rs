@@ -91,7 +91,15 @@ impl Profile {
                     &s.block_coverage.cells,
                 ),
             ];
-            for (field, shape, data) in fields {
+            let dynamic: [(&str, Vec<usize>, &[f64]); 2] = [
+                ("dyn_mass", vec![s.dynamic.mass.len()], &s.dynamic.mass),
+                ("dyn_cells", vec![s.dynamic.cells.len()], &s.dynamic.cells),
+            ];
+            let scored = !s.dynamic.mass.is_empty();
+            for (field, shape, data) in fields
+                .into_iter()
+                .chain(dynamic.into_iter().filter(|_| scored))
+            {
                 let name = key(sample, layer, h, field);
                 if self.tensors.contains_key(&name) {
                     return Err(Error::Profile(format!("{name} is already stored")));
@@ -213,6 +221,23 @@ impl Profile {
             a_shape: hist("as_mass", "as_cells")?,
             block_top_k: curve("topk_mass", "topk_cells")?,
             block_coverage: curve("cov_mass", "cov_cells")?,
+            dynamic: if self.meta.dynamic.is_empty() {
+                Curve::default()
+            } else {
+                let c = curve("dyn_mass", "dyn_cells")?;
+                if c.mass.len() != self.meta.dynamic.len() {
+                    return Err(bad(
+                        path,
+                        &key(sample, layer, head, "dyn_mass"),
+                        format!(
+                            "{} values for the {} dynamic candidates of the metadata",
+                            c.mass.len(),
+                            self.meta.dynamic.len()
+                        ),
+                    ));
+                }
+                c
+            },
         })
     }
 

@@ -14,11 +14,13 @@ use crate::data::Sample;
 use crate::error::{Error, Result};
 use crate::model::{DenseAttention, LayerAttention, Model};
 use crate::profile::{Profile, ProfileMeta, PROFILE_FORMAT, PROFILE_VERSION};
-use crate::stats::{layer_stats, HeadStats, StatsConfig};
+use crate::stats::{layer_stats_scored, HeadStats, StatsConfig};
 
 /// Statistics of every layer of one forward pass.
 pub struct StatsHook {
     cfg: StatsConfig,
+    /// Dynamic candidates scored in every layer (`stats::dynamic`).
+    candidates: Vec<schemas::Pattern>,
     /// `layers[l]` holds one [`HeadStats`] per query head once layer `l` ran.
     pub layers: Vec<Option<Vec<HeadStats>>>,
     /// Seconds spent in statistics (not in the dense attention that follows).
@@ -27,8 +29,14 @@ pub struct StatsHook {
 
 impl StatsHook {
     pub fn new(cfg: StatsConfig, layers: usize) -> Self {
+        Self::scoring(cfg, layers, Vec::new())
+    }
+
+    /// A hook that also scores `candidates` (see [`crate::stats::layer_stats_scored`]).
+    pub fn scoring(cfg: StatsConfig, layers: usize, candidates: Vec<schemas::Pattern>) -> Self {
         Self {
             cfg,
+            candidates,
             layers: vec![None; layers],
             stats_seconds: 0.0,
         }
@@ -38,7 +46,7 @@ impl StatsHook {
 impl LayerAttention for StatsHook {
     fn attend(&mut self, layer: usize, input: &AttentionInput<'_>, out: &mut [f32]) -> Result<()> {
         let start = Instant::now();
-        let stats = layer_stats(input, &self.cfg)?;
+        let stats = layer_stats_scored(input, &self.cfg, &self.candidates)?;
         self.stats_seconds += start.elapsed().as_secs_f64();
         let slot = self
             .layers
@@ -68,6 +76,8 @@ pub struct ProfileRun {
     /// The data source as given by the user.
     pub data: String,
     pub stats: StatsConfig,
+    /// Dynamic candidates to score (`stats::dynamic::default_candidates`; empty: none).
+    pub dynamic: Vec<schemas::Pattern>,
 }
 
 /// Runs `model` on every sample (all the same length) and returns their statistics as a profile.
@@ -102,11 +112,12 @@ pub fn profile_samples(
         samples: samples.len() as u64,
         sample_ids: samples.iter().map(|s| s.id.clone()).collect(),
         layers: (0..layers as u32).collect(),
+        dynamic: run.dynamic.clone(),
     };
     let mut profile = Profile::new(meta);
     for (k, sample) in samples.iter().enumerate() {
         let start = Instant::now();
-        let mut hook = StatsHook::new(run.stats, layers);
+        let mut hook = StatsHook::scoring(run.stats, layers, run.dynamic.clone());
         model.forward_hidden(&sample.tokens, &mut hook)?;
         for (l, stats) in hook.layers.iter().enumerate() {
             let stats = stats

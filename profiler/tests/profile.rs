@@ -29,6 +29,7 @@ fn meta(ids: &[&str], layers: &[u32]) -> ProfileMeta {
         samples: ids.len() as u64,
         sample_ids: ids.iter().map(|s| s.to_string()).collect(),
         layers: layers.to_vec(),
+        dynamic: Vec::new(),
     }
 }
 
@@ -144,4 +145,54 @@ fn corrupt_and_foreign_files_are_clear_errors() {
     std::fs::write(&path, bad.to_bytes().unwrap()).unwrap();
     let err = Profile::read(&path).unwrap_err().to_string();
     assert!(err.contains("version: 99"), "{err}");
+}
+
+/// Statistics with dynamic candidate scores survive the file: per-sample read-back equals what was
+/// stored, and a profile whose candidate list differs is not merged.
+#[test]
+fn dynamic_scores_round_trip_and_guard_merges() {
+    use profiler::stats::{dynamic, layer_stats_scored, StatsConfig};
+    let (n, d) = (256usize, 8usize);
+    let mut x = 7u64;
+    let mut rand = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    };
+    let (q, k, v) = (rand(2 * n * d), rand(n * d), rand(n * d));
+    let shape = runtime::AttnShape {
+        q_heads: 2,
+        kv_heads: 1,
+        seq_len: n,
+        head_dim: d,
+    };
+    let input = runtime::AttentionInput::new(shape, &q, &k, &v).unwrap();
+    let candidates = dynamic::default_candidates(64);
+    let stats = layer_stats_scored(&input, &StatsConfig::default(), &candidates).unwrap();
+    let mut m = meta(&["s0"], &[0]);
+    m.dynamic = candidates.clone();
+    let mut p = Profile::new(m);
+    p.put_sample_stats(0, 0, &stats).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    p.write(&path).unwrap();
+    let back = Profile::read(&path).unwrap();
+    assert_eq!(back.meta.dynamic, candidates);
+    for (h, want) in stats.iter().enumerate() {
+        let got = back.sample_stats(&path, 0, 0, h).unwrap();
+        assert_eq!(got.dynamic, want.dynamic);
+        assert_eq!(got.dynamic.mass.len(), candidates.len());
+    }
+    let mut other = Profile::new(meta(&["s1"], &[0]));
+    other.put_sample_stats(0, 0, &stats).unwrap();
+    let err = back
+        .clone()
+        .merge(&other, Path::new("other.safetensors"))
+        .unwrap_err();
+    assert!(err.to_string().contains("dynamic"), "{err}");
 }

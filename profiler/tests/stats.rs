@@ -6,13 +6,13 @@
 #![allow(clippy::unwrap_used)]
 
 use profiler::stats::{
-    layer_stats, rank_edges, recall_of_index, HeadStats, PackedKeys, RowBlock, StatsConfig,
-    COVERAGE_GRID, SINK_TOKENS,
+    dynamic, layer_stats, layer_stats_scored, rank_edges, recall_of_index, HeadStats, PackedKeys,
+    RowBlock, StatsConfig, COVERAGE_GRID, SINK_TOKENS,
 };
 use proptest::prelude::*;
 use runtime::pattern::block_sparse::BlockRanking;
 use runtime::pattern::vertical_slash::VsRanking;
-use runtime::pattern::{a_shape, HeadIndex, HeadQk, PatternContext};
+use runtime::pattern::{a_shape, build_index, HeadIndex, HeadQk, PatternContext};
 use runtime::{AttentionInput, AttnShape};
 
 /// Probabilities from f32 scores vs f64: 1e-6 absolute (scores up to ~20 in magnitude).
@@ -404,6 +404,52 @@ fn direct_evaluator_matches_dense() {
             check_close(got.last_rows_mean, last, 1e-5, "direct last rows");
         }
     }
+}
+
+/// Every dynamic candidate (query-adaptive at every threshold, token-select, grid) scored during the
+/// pass equals the f64 recall and exact cell count of the index the runtime builds for that pattern
+/// from the same live Q and K: the calibrator's figures are the runtime's.
+#[test]
+fn dynamic_candidates_exact() {
+    for (n, block, seed) in [(257, 16, 3), (1000, 64, 11)] {
+        let s = Sample::new(3, 1, n, 64, seed, true);
+        let inp = s.input();
+        let cfg = StatsConfig {
+            block_q: block,
+            block_k: block,
+            last_q: block,
+        };
+        let ctx = cfg.context(n);
+        let mut candidates = dynamic::default_candidates(block as u32);
+        candidates.extend(dynamic::grid_candidates(37, 5, block as u32));
+        let stats = layer_stats_scored(&inp, &cfg, &candidates).unwrap();
+        let plain = layer_stats(&inp, &cfg).unwrap();
+        for (h, st) in stats.iter().enumerate() {
+            // The other statistics do not change when candidates are scored.
+            let mut without = st.clone();
+            without.dynamic = Default::default();
+            assert_eq!(without, plain[h]);
+            assert_eq!(st.dynamic.mass.len(), candidates.len());
+            let pre = prefix(&s.probs(h));
+            let qk = HeadQk::from_input(&inp, h).unwrap();
+            for (c, pattern) in candidates.iter().enumerate() {
+                let index = build_index(pattern, &ctx, &qk).unwrap();
+                let got = st.recall_dynamic(c).unwrap();
+                let what = format!("n {n} head {h} candidate {c} {pattern:?}");
+                check_close(got.recall, dense_recall(&pre, &index), TOL_RECALL, &what);
+                assert_eq!(st.dynamic.cells[c], index.cells() as f64, "{what}: cells");
+            }
+        }
+    }
+}
+
+#[test]
+fn dynamic_candidates_refused_when_not_dynamic() {
+    let s = Sample::new(1, 1, 64, 16, 1, false);
+    let cfg = StatsConfig::default();
+    let bad = [schemas::Pattern::Dense(schemas::Dense {})];
+    let err = layer_stats_scored(&s.input(), &cfg, &bad).unwrap_err();
+    assert!(err.to_string().contains("dense"), "{err}");
 }
 
 #[test]

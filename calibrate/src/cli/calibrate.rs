@@ -16,7 +16,7 @@ use anyhow::Context;
 use profiler::profiling::{profile_samples, ProfileRun};
 use profiler::stats::StatsConfig;
 
-use super::common::{load_model, tool_version, Progress};
+use super::common::{load_model, tool_version, DynamicArgs, Progress};
 use super::{Failure, Outcome};
 
 #[derive(Debug, clap::Args)]
@@ -53,6 +53,8 @@ pub struct Args {
     /// One shot: save the profiles made into this directory.
     #[arg(long)]
     pub save_profiles: Option<PathBuf>,
+    #[command(flatten)]
+    pub dynamic: DynamicArgs,
 
     /// Attention recall each head must keep, in (0, 1]. The default, with the worst-sample objective,
     /// kept SmolLM2's perplexity within 1% at 8K where 0.95 did not (docs/perf.md).
@@ -100,11 +102,13 @@ fn check(args: &Args) -> anyhow::Result<Goal> {
     let one_shot = args.model.is_some()
         || !args.data.is_empty()
         || !args.seq_lens.is_empty()
-        || args.save_profiles.is_some();
+        || args.save_profiles.is_some()
+        || args.dynamic.no_dynamic
+        || !args.dynamic.grid.is_empty();
     if !args.profiles.is_empty() && one_shot {
         anyhow::bail!(
             "--profile calibrates from existing profiles: it does not combine with --model, --data, \
-             --seq-len or --save-profiles"
+             --seq-len, --save-profiles, --no-dynamic or --grid (profile with them instead)"
         );
     }
     if args.profiles.is_empty() && !args.heldout.is_empty() {
@@ -190,6 +194,7 @@ fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)>
         tool: tool_version(),
         data: sources.join(" + "),
         stats,
+        dynamic: args.dynamic.candidates(stats.block_k),
     };
     let (mut calib, mut heldout) = (Vec::new(), Vec::new());
     let total = (args.samples + args.heldout_samples) * sources.len() * seq_lens.len();
@@ -304,7 +309,9 @@ pub fn run(args: &Args) -> Outcome {
                 "  layer {} head {}: {} held-out recall {:.4} (calibration {:.4})",
                 h.layer,
                 h.head,
-                h.chosen.first().map_or("dense", |s| s.candidate.kind()),
+                h.chosen
+                    .first()
+                    .map_or("dense", |s| s.candidate.kind(&cal.dynamic)),
                 h.validated_min().unwrap_or(f64::NAN),
                 h.recall()
             );

@@ -123,3 +123,49 @@ impl Progress {
         }
     }
 }
+
+/// Which dynamic candidates (query-adaptive, token-select, grid) the statistics pass scores; shared by
+/// `profile` and the one-shot `calibrate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DynamicArgs {
+    /// Do not score query-adaptive and token-select candidates (faster profiling; the search then
+    /// covers dense, A-shape, vertical-slash and block-sparse only).
+    #[arg(long)]
+    pub no_dynamic: bool,
+    /// The data has a period of STRIDE tokens (e.g. tokens per video frame), its first period
+    /// starting at PHASE (default 0): also score grid candidates at it. Repeatable.
+    #[arg(long = "grid", value_name = "STRIDE[:PHASE]", value_parser = parse_grid)]
+    pub grid: Vec<(u32, u32)>,
+}
+
+fn parse_grid(s: &str) -> Result<(u32, u32), String> {
+    let (stride, phase) = s.split_once(':').unwrap_or((s, "0"));
+    let number = |x: &str, what: &str| {
+        x.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("--grid {s}: {what} `{x}`: {e}"))
+    };
+    let (stride, phase) = (number(stride, "stride")?, number(phase, "phase")?);
+    if stride < 2 {
+        return Err(format!("--grid {s}: the stride must be at least 2 tokens"));
+    }
+    Ok((stride, phase % stride))
+}
+
+impl DynamicArgs {
+    /// The candidate list at key block size `block_k`.
+    pub fn candidates(&self, block_k: usize) -> Vec<schemas::Pattern> {
+        let block_k = block_k as u32;
+        let mut out = if self.no_dynamic {
+            Vec::new()
+        } else {
+            profiler::stats::dynamic::default_candidates(block_k)
+        };
+        for &(stride, phase) in &self.grid {
+            out.extend(profiler::stats::dynamic::grid_candidates(
+                stride, phase, block_k,
+            ));
+        }
+        out
+    }
+}

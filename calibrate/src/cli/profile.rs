@@ -6,7 +6,7 @@ use anyhow::Context;
 use profiler::profiling::{profile_samples, ProfileRun};
 use profiler::stats::StatsConfig;
 
-use super::common::{load_model, tool_version, DataArgs, Progress};
+use super::common::{load_model, tool_version, DataArgs, DynamicArgs, Progress};
 use super::Outcome;
 
 #[derive(Debug, clap::Args)]
@@ -31,6 +31,8 @@ pub struct Args {
     /// Last queries used for online estimation.
     #[arg(long, default_value_t = 64)]
     pub last_q: usize,
+    #[command(flatten)]
+    pub dynamic: DynamicArgs,
 }
 
 pub fn run(args: &Args) -> Outcome {
@@ -49,6 +51,7 @@ pub fn run(args: &Args) -> Outcome {
         tool: tool_version(),
         data: args.data.data.clone(),
         stats,
+        dynamic: args.dynamic.candidates(args.block),
     };
     let progress = Progress::new("profiling", samples.len());
     let profile = profile_samples(&model, &samples, &run, |done| {

@@ -11,9 +11,9 @@
 //!   within a FLOPs budget.
 //!
 //! Families searched: `dense`, `a_shape` (sink and local on the budget edges), `vertical_slash`
-//! (vertical and slash on the edges), `block_sparse` (every `top_k`, and `coverage` on its grid).
-//! Grid, query-adaptive and token-select plans need the live Q and K to score (no sufficient
-//! statistics); the search leaves them out (docs/design.md).
+//! (vertical and slash on the edges), `block_sparse` (every `top_k`, and `coverage` on its grid), and
+//! the dynamic candidates the profile scored (`query_adaptive`, `token_select`, `grid`: the list in
+//! the profile's metadata, see `profiler::stats::dynamic`), each its own family.
 
 pub mod minference;
 pub mod tables;
@@ -28,32 +28,50 @@ use tables::HeadTables;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Candidate {
     Dense,
-    AShape { sink: usize, local: usize },
-    VerticalSlash { vertical: usize, slash: usize },
-    BlockTopK { top_k: usize },
-    BlockCoverage { coverage: f64 },
+    AShape {
+        sink: usize,
+        local: usize,
+    },
+    VerticalSlash {
+        vertical: usize,
+        slash: usize,
+    },
+    BlockTopK {
+        top_k: usize,
+    },
+    BlockCoverage {
+        coverage: f64,
+    },
+    /// Entry `index` of the profile's dynamic candidates (`ProfileMeta::dynamic`).
+    Dynamic {
+        index: usize,
+    },
 }
 
 impl Candidate {
-    /// Family name, as the plan's `kind` (block top-k and coverage are both `block_sparse`).
-    pub fn kind(&self) -> &'static str {
+    /// Family name, as the plan's `kind` (block top-k and coverage are both `block_sparse`);
+    /// `dynamic` candidates take the kind of their pattern in `dynamic`.
+    pub fn kind<'a>(&self, dynamic: &'a [schemas::Pattern]) -> &'a str {
         match self {
             Candidate::Dense => "dense",
             Candidate::AShape { .. } => "a_shape",
             Candidate::VerticalSlash { .. } => "vertical_slash",
             Candidate::BlockTopK { .. } => "block_sparse",
             Candidate::BlockCoverage { .. } => "block_sparse",
+            Candidate::Dynamic { index } => dynamic.get(*index).map_or("dynamic", |p| p.kind()),
         }
     }
 
-    /// Family key: candidates of one family can share a plan entry across lengths.
-    pub fn family(&self) -> u8 {
+    /// Family key: candidates of one family can share a plan entry across lengths. Each dynamic
+    /// candidate is a family of its own (its parameters are the same at every length).
+    pub fn family(&self) -> usize {
         match self {
             Candidate::Dense => 0,
             Candidate::AShape { .. } => 1,
             Candidate::VerticalSlash { .. } => 2,
             Candidate::BlockTopK { .. } => 3,
             Candidate::BlockCoverage { .. } => 4,
+            Candidate::Dynamic { index } => 5 + index,
         }
     }
 }
@@ -131,6 +149,11 @@ impl HeadSamples {
                     density: 0.0,
                 })
             }
+            // Not scored: never feasible (recall 0) and never preferred.
+            Candidate::Dynamic { index } => t.stats.recall_dynamic(index).unwrap_or(Recall {
+                recall: 0.0,
+                density: 1.0,
+            }),
         }
     }
 
@@ -183,6 +206,9 @@ impl HeadSamples {
         for coverage in COVERAGE_GRID {
             out.push(Candidate::BlockCoverage { coverage });
         }
+        for index in 0..s.dynamic.mass.len() {
+            out.push(Candidate::Dynamic { index });
+        }
         out
     }
 }
@@ -206,6 +232,7 @@ fn prefer(goal: &Goal, a: &Scored, b: &Scored) -> std::cmp::Ordering {
             Candidate::VerticalSlash { vertical, slash } => (vertical as f64, slash as f64),
             Candidate::BlockTopK { top_k } => (top_k as f64, 0.0),
             Candidate::BlockCoverage { coverage } => (coverage, 0.0),
+            Candidate::Dynamic { index } => (index as f64, 0.0),
         };
         (s.candidate.family(), budgets)
     };
@@ -247,8 +274,11 @@ pub fn choose(scored: &[Scored], goal: &Goal) -> Scored {
 /// The cheapest candidate of each family that reaches the goal (for multi-length plans, which keep
 /// one family per head across lengths).
 pub fn best_per_family(scored: &[Scored], goal: &Goal) -> Vec<Scored> {
+    let mut families: Vec<usize> = scored.iter().map(|s| s.candidate.family()).collect();
+    families.sort_unstable();
+    families.dedup();
     let mut best: Vec<Scored> = Vec::new();
-    for family in 0..5u8 {
+    for family in families {
         let of_family: Vec<Scored> = scored
             .iter()
             .filter(|s| s.candidate.family() == family)

@@ -8,9 +8,11 @@
 use rayon::prelude::*;
 use runtime::pattern::block_sparse::BlockRanking;
 use runtime::pattern::vertical_slash::VsRanking;
-use runtime::pattern::{causal_cells, HeadQk, PatternContext};
+use runtime::pattern::{causal_cells, query_adaptive, HeadQk, PatternContext};
 use runtime::AttentionInput;
+use schemas::Pattern;
 
+use super::dynamic::{self, ColumnMass, Rankings};
 use super::edges::{bucket, rank_edges, COVERAGE_GRID};
 use super::head::{Curve, HeadStats, RankHistogram};
 use super::tile::{PackedKeys, RowBlock};
@@ -30,12 +32,19 @@ struct HeadPrep {
     col_bucket: Vec<u16>,
     /// `[N]`: bucket of each distance `i - j`.
     dist_bucket: Vec<u16>,
+    /// Query-adaptive divergence (computed when dynamic candidates are scored).
+    js: f64,
 }
 
 impl HeadPrep {
-    fn new(ctx: &PatternContext, qk: &HeadQk<'_>) -> Result<Self> {
+    fn new(ctx: &PatternContext, qk: &HeadQk<'_>, dynamic: bool) -> Result<Self> {
         let vs = VsRanking::new(ctx, qk)?;
         let blocks = BlockRanking::new(ctx, qk)?;
+        let js = if dynamic {
+            query_adaptive::divergence(ctx, qk, &vs)
+        } else {
+            0.0
+        };
         let edges = rank_edges(ctx.seq_len);
         let col_bucket = vs
             .columns
@@ -53,6 +62,7 @@ impl HeadPrep {
             edges,
             col_bucket,
             dist_bucket,
+            js,
         })
     }
 }
@@ -66,10 +76,24 @@ struct Partial {
     entropy: f64,
     /// One row per query block of the chunk: mass per causal key block.
     heat: Vec<Vec<f64>>,
+    /// Per query block, mass per causal column (kept only when dynamic candidates are scored).
+    columns: Option<ColumnMass>,
 }
 
 /// Exact statistics of every query head of one layer's input (one sample).
 pub fn layer_stats(input: &AttentionInput<'_>, cfg: &StatsConfig) -> Result<Vec<HeadStats>> {
+    layer_stats_scored(input, cfg, &[])
+}
+
+/// [`layer_stats`] plus the mass and cells of every dynamic candidate (see [`super::dynamic`]) in
+/// [`HeadStats::dynamic`], in the order of `candidates`.
+pub fn layer_stats_scored(
+    input: &AttentionInput<'_>,
+    cfg: &StatsConfig,
+    candidates: &[Pattern],
+) -> Result<Vec<HeadStats>> {
+    dynamic::check_candidates(candidates)?;
+    let scored = !candidates.is_empty();
     let shape = input.shape;
     shape.check()?;
     let ctx = cfg.context(shape.seq_len);
@@ -81,7 +105,7 @@ pub fn layer_stats(input: &AttentionInput<'_>, cfg: &StatsConfig) -> Result<Vec<
         .collect();
     let preps: Vec<HeadPrep> = (0..shape.q_heads)
         .into_par_iter()
-        .map(|h| HeadPrep::new(&ctx, &HeadQk::from_input(input, h)?))
+        .map(|h| HeadPrep::new(&ctx, &HeadQk::from_input(input, h)?, scored))
         .collect::<Result<_>>()?;
     let nqb = ctx.q_blocks();
     let items: Vec<(usize, usize)> = (0..shape.q_heads)
@@ -94,7 +118,7 @@ pub fn layer_stats(input: &AttentionInput<'_>, cfg: &StatsConfig) -> Result<Vec<
             |rb, &(h, c)| {
                 let g = shape.kv_head_of(h);
                 let qbs = c * CHUNK..((c + 1) * CHUNK).min(nqb);
-                chunk(&preps[h], input.q_head(h), &packed[g], qbs, rb)
+                chunk(&preps[h], input.q_head(h), &packed[g], qbs, rb, scored)
             },
         )
         .collect::<Result<_>>()?;
@@ -106,6 +130,29 @@ pub fn layer_stats(input: &AttentionInput<'_>, cfg: &StatsConfig) -> Result<Vec<
             .unwrap_or(&[]);
         out.push(combine(prep, parts));
     }
+    if scored {
+        out.par_iter_mut()
+            .enumerate()
+            .try_for_each(|(h, stats)| -> Result<()> {
+                let parts = partials
+                    .get(h * per_head..(h + 1) * per_head)
+                    .unwrap_or(&[]);
+                let mut columns = ColumnMass::new();
+                for p in parts {
+                    if let Some(c) = &p.columns {
+                        columns.append(c);
+                    }
+                }
+                let prep = &preps[h];
+                let rankings = Rankings {
+                    vs: &prep.vs,
+                    blocks: &prep.blocks,
+                    js: prep.js,
+                };
+                stats.dynamic = dynamic::score(&ctx, &rankings, &stats.heat, &columns, candidates)?;
+                Ok(())
+            })?;
+    }
     Ok(out)
 }
 
@@ -116,6 +163,7 @@ fn chunk(
     keys: &PackedKeys,
     qbs: std::ops::Range<usize>,
     rb: &mut RowBlock,
+    keep_columns: bool,
 ) -> Result<Partial> {
     let ctx = &prep.ctx;
     let nb = prep.edges.len();
@@ -126,6 +174,7 @@ fn chunk(
         sink: 0.0,
         entropy: 0.0,
         heat: Vec::with_capacity(qbs.len()),
+        columns: keep_columns.then(ColumnMass::new),
     };
     let stride = rb.stride();
     let mut colsum = vec![0.0f32; stride];
@@ -135,6 +184,7 @@ fn chunk(
         let rows = rb.rows();
         let inv_l = rb.inv_l();
         let mut heat_row = Vec::with_capacity(rb.k_blocks());
+        let mut column_row = p.columns.as_mut().map(|c| c.push_row(rows.end));
         for kb in 0..rb.k_blocks() {
             let cols = ctx.k_cols(kb);
             let tile = rb.tile(kb);
@@ -162,6 +212,13 @@ fn chunk(
                 }
             }
             let ncols = cols.len();
+            if let Some(dst) = column_row
+                .as_deref_mut()
+                .and_then(|r| r.get_mut(cols.start..cols.end.min(rows.end)))
+            {
+                let len = dst.len();
+                dst.copy_from_slice(&colsum[..len]);
+            }
             let mass: f64 = colsum[..ncols].iter().map(|&x| f64::from(x)).sum();
             heat_row.push(mass);
             if one_bucket {

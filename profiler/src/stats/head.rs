@@ -143,6 +143,10 @@ pub struct HeadStats {
     pub block_top_k: Curve,
     /// Block-sparse coverage: entry `c` is the candidate `coverage = COVERAGE_GRID[c]`.
     pub block_coverage: Curve,
+    /// Dynamic candidates (see [`super::dynamic`]): entry `c` is candidate `c` of the profile's list;
+    /// empty when none were scored.
+    #[serde(default)]
+    pub dynamic: Curve,
 }
 
 impl HeadStats {
@@ -169,6 +173,7 @@ impl HeadStats {
                 mass: vec![0.0; COVERAGE_GRID.len()],
                 cells: vec![0.0; COVERAGE_GRID.len()],
             },
+            dynamic: Curve::default(),
         }
     }
 
@@ -182,6 +187,18 @@ impl HeadStats {
                  block_k {}, last_q {}",
                 self.block_q, self.block_k, self.last_q, other.block_q, other.block_k, other.last_q
             ))));
+        }
+        let (mine, theirs) = (self.dynamic.mass.len(), other.dynamic.mass.len());
+        if mine != theirs && self.samples > 0 && other.samples > 0 {
+            return Err(Error::Profile(format!(
+                "cannot merge statistics with {theirs} dynamic candidates into statistics with {mine}"
+            )));
+        }
+        if self.samples == 0 {
+            self.dynamic = Curve {
+                mass: vec![0.0; theirs],
+                cells: vec![0.0; theirs],
+            };
         }
         self.samples += other.samples;
         self.rows += other.rows;
@@ -207,6 +224,9 @@ impl HeadStats {
         self.a_shape.merge(&other.a_shape);
         self.block_top_k.merge(&other.block_top_k);
         self.block_coverage.merge(&other.block_coverage);
+        if other.samples > 0 {
+            self.dynamic.merge(&other.dynamic);
+        }
         Ok(())
     }
 
@@ -270,6 +290,12 @@ impl HeadStats {
     }
 
     /// Mean mass on the first [`super::SINK_TOKENS`] keys per row.
+    /// Recall and density of dynamic candidate `c` (`None` when it was not scored).
+    pub fn recall_dynamic(&self, c: usize) -> Option<Recall> {
+        let (mass, cells) = (*self.dynamic.mass.get(c)?, *self.dynamic.cells.get(c)?);
+        Some(self.recall((mass, cells)))
+    }
+
     pub fn mean_sink_mass(&self) -> f64 {
         self.sink_mass / self.rows.max(1) as f64
     }

@@ -11,8 +11,10 @@
 //!   candidate on the budget grid are read exactly ([`HeadStats::recall_vertical_slash`],
 //!   [`HeadStats::recall_a_shape`], [`HeadStats::recall_block_top_k`],
 //!   [`HeadStats::recall_block_coverage`]).
-//! - [`recall_of_index`]: the direct evaluator for any [`runtime::HeadIndex`] (ground truth; used for
-//!   grid, query-adaptive and token-select).
+//! - [`dynamic`]: families without sufficient statistics (query-adaptive, token-select, grid), scored
+//!   exactly per candidate during the same pass ([`layer_stats_scored`], [`HeadStats::dynamic`]).
+//! - [`recall_of_index`]: the direct evaluator for any [`runtime::HeadIndex`] (the ground truth the
+//!   statistics are tested against).
 //! - [`rank_edges`] and [`COVERAGE_GRID`]: the budget grids, defined once.
 //!
 //! # Exactness
@@ -32,6 +34,7 @@
 
 mod accumulate;
 mod direct;
+pub mod dynamic;
 mod edges;
 mod head;
 mod tile;
@@ -39,7 +42,7 @@ mod tile;
 use runtime::pattern::PatternContext;
 use schemas::Defaults;
 
-pub use accumulate::layer_stats;
+pub use accumulate::{layer_stats, layer_stats_scored};
 pub use direct::{recall_of_index, RowRecall};
 pub use edges::{bucket, buckets_below, is_exact, rank_edges, COVERAGE_GRID};
 pub use head::{Curve, HeadStats, RankHistogram, Recall};

@@ -16,9 +16,9 @@ use super::vertical_slash::block_slash_ranks;
 use super::{a_shape, HeadIndex, PatternContext};
 use crate::error::{Error, Result};
 
-/// The grid index.
-pub fn index(ctx: &PatternContext, p: &schemas::Grid) -> Result<HeadIndex> {
-    let (stride, phase, width) = (p.stride as usize, p.phase as usize, p.width as usize);
+/// Checks `stride >= 1`, `phase < stride` and `1 <= width <= stride`.
+pub fn check(p: &schemas::Grid) -> Result<()> {
+    let (stride, phase, width) = (p.stride, p.phase, p.width);
     if stride == 0 || phase >= stride || width == 0 || width > stride {
         return Err(Error::Pattern {
             kind: "grid",
@@ -28,6 +28,13 @@ pub fn index(ctx: &PatternContext, p: &schemas::Grid) -> Result<HeadIndex> {
             ),
         });
     }
+    Ok(())
+}
+
+/// The grid index.
+pub fn index(ctx: &PatternContext, p: &schemas::Grid) -> Result<HeadIndex> {
+    check(p)?;
+    let (stride, phase, width) = (p.stride as usize, p.phase as usize, p.width as usize);
     let (sink, local) = (ctx.resolve(&p.sink), ctx.resolve(&p.local));
     let n = ctx.seq_len;
     // Chosen diagonals get rank 0, the others u32::MAX; a block is computed when its best rank is 0.

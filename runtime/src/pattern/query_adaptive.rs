@@ -64,39 +64,71 @@ pub fn divergence(ctx: &PatternContext, qk: &HeadQk<'_>, vs: &VsRanking) -> f64 
         .sum()
 }
 
-/// The query-adaptive index of one head.
-pub fn index(
-    ctx: &PatternContext,
-    qk: &HeadQk<'_>,
-    p: &schemas::QueryAdaptive,
-) -> Result<HeadIndex> {
+/// Checks `gamma` in `(0, 1]` and `tau >= 0`.
+pub fn check(p: &schemas::QueryAdaptive) -> Result<()> {
     let valid = p.gamma > 0.0 && p.gamma <= 1.0 && p.tau >= 0.0;
-    if !valid {
-        return Err(Error::Pattern {
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Pattern {
             kind: "query_adaptive",
             message: format!(
                 "needs gamma in (0, 1] and tau >= 0, got gamma {}, tau {}",
                 p.gamma, p.tau
             ),
-        });
+        })
     }
+}
+
+/// Whether a head whose divergence is `js` takes the query-aware branch.
+pub fn is_query_aware(js: f64, p: &schemas::QueryAdaptive) -> bool {
+    js < p.tau
+}
+
+/// The query-aware branch: per query block, the block ranking's coverage of `gamma`, at least
+/// `min_budget` blocks.
+pub fn query_aware_index(
+    ctx: &PatternContext,
+    blocks: &BlockRanking,
+    p: &schemas::QueryAdaptive,
+) -> HeadIndex {
     let min_blocks = ctx.resolve(&p.min_budget);
+    blocks.index_with(ctx, |qb| {
+        blocks
+            .coverage_count(qb, p.gamma)
+            .max(min_blocks.min(blocks.order(qb).len()))
+    })
+}
+
+/// The vertical-slash branch: the fewest top columns, and diagonals, whose scores reach `gamma` of
+/// their total, each at least `min_budget * block_k` tokens.
+pub fn vertical_slash_index(
+    ctx: &PatternContext,
+    vs: &VsRanking,
+    p: &schemas::QueryAdaptive,
+) -> HeadIndex {
+    let min_tokens = ctx.resolve(&p.min_budget).saturating_mul(ctx.block_k);
+    let v = vs
+        .columns
+        .coverage_count(&vs.col_scores, p.gamma, min_tokens);
+    let s = vs
+        .diagonals
+        .coverage_count(&vs.diag_scores, p.gamma, min_tokens);
+    vs.index(ctx, v, s)
+}
+
+/// The query-adaptive index of one head. The profiler scores candidates with the same branch
+/// functions ([`divergence`], [`query_aware_index`], [`vertical_slash_index`]).
+pub fn index(
+    ctx: &PatternContext,
+    qk: &HeadQk<'_>,
+    p: &schemas::QueryAdaptive,
+) -> Result<HeadIndex> {
+    check(p)?;
     let vs = VsRanking::new(ctx, qk)?;
-    if divergence(ctx, qk, &vs) < p.tau {
-        let blocks = BlockRanking::new(ctx, qk)?;
-        Ok(blocks.index_with(ctx, |qb| {
-            blocks
-                .coverage_count(qb, p.gamma)
-                .max(min_blocks.min(blocks.order(qb).len()))
-        }))
+    if is_query_aware(divergence(ctx, qk, &vs), p) {
+        Ok(query_aware_index(ctx, &BlockRanking::new(ctx, qk)?, p))
     } else {
-        let min_tokens = min_blocks.saturating_mul(ctx.block_k);
-        let v = vs
-            .columns
-            .coverage_count(&vs.col_scores, p.gamma, min_tokens);
-        let s = vs
-            .diagonals
-            .coverage_count(&vs.diag_scores, p.gamma, min_tokens);
-        Ok(vs.index(ctx, v, s))
+        Ok(vertical_slash_index(ctx, &vs, p))
     }
 }

@@ -28,17 +28,28 @@ pub fn select(score: &[f64], block: usize, keep: usize) -> Vec<usize> {
 
 /// The token-select index of one head.
 pub fn index(ctx: &PatternContext, qk: &HeadQk<'_>, p: &schemas::TokenSelect) -> Result<HeadIndex> {
-    let block = p.block as usize;
-    if block == 0 {
+    check(p)?;
+    let (col, _) = estimate(ctx, qk)?;
+    Ok(index_from_scores(ctx, &col, p))
+}
+
+/// Checks `block >= 1`.
+pub fn check(p: &schemas::TokenSelect) -> Result<()> {
+    if p.block == 0 {
         return Err(Error::Pattern {
             kind: "token_select",
             message: "block must be at least 1 token".into(),
         });
     }
+    Ok(())
+}
+
+/// The index from the vertical scores `col` (`[N]`, as [`estimate`] returns them); `p` checked.
+pub fn index_from_scores(ctx: &PatternContext, col: &[f64], p: &schemas::TokenSelect) -> HeadIndex {
+    let block = (p.block as usize).max(1);
     let keep = ctx.resolve(&p.keep).min(block);
     let (sink, local) = (ctx.resolve(&p.sink), ctx.resolve(&p.local));
-    let (col, _) = estimate(ctx, qk)?;
-    let chosen = select(&col, block, keep);
+    let chosen = select(col, block, keep);
     let mut b = IndexBuilder::new(ctx);
     for qb in 0..ctx.q_blocks() {
         let (s, l) = a_shape::key_blocks(ctx, qb, sink, local);
@@ -48,5 +59,5 @@ pub fn index(ctx: &PatternContext, qk: &HeadQk<'_>, p: &schemas::TokenSelect) ->
             chosen.iter().copied().take_while(|&j| j <= last),
         );
     }
-    Ok(b.finish())
+    b.finish()
 }
