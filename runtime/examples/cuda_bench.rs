@@ -8,22 +8,20 @@
 //!     fresh random inputs (structured for the *-vs indexes), NaN-poisoned output, one forward;
 //!     writes q/k/v/out (bf16), the flat index (u32) and meta.json to DIR for scripts/gpu/check.py.
 //!     gpu-vs also compares the GPU selection with the CPU `pattern::vertical_slash` selection.
-//! cuda_bench bench DIR --n N [--reps R] [--write-inputs]
-//!     32 query heads, 8 KV heads, head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured
-//!     inputs: times estimation, index building, sparse attention, end to end, and dense; writes
-//!     DIR/bench.json (and inputs + index for scripts/gpu/baselines.py with --write-inputs).
+//! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--write-inputs]
+//!     `runtime::exec::cuda::bench::measure` at one length (32 query heads, 8 KV heads, head_dim 128,
+//!     vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes DIR/bench.json (and inputs
+//!     + index for scripts/gpu/baselines.py with --write-inputs). `attnplan bench --device cuda` runs
+//!     the same measurement over several lengths with the baselines.
 //! ```
 //!
-//! Structured inputs (see [`structured`]): Gaussian-like noise plus, per head, an attention sink
-//! (token 0), a local band (low-frequency rotary pairs shared by Q and K, so q_i . k_j peaks at i = j
-//! and decays with |i - j|), and 16 heavy key columns ("vertical lines") at fixed random positions.
+//! Structured inputs and the timing are in `runtime::exec::cuda::bench`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
+use runtime::exec::cuda::bench::{self, noise, structured, write_index, write_u16, BenchConfig};
 use runtime::exec::cuda::{
     bf16_bits, bf16_to_f32, device, FlatIndex, KernelFile, Keys, SparsePrefill,
     VerticalSlashBuilder,
@@ -84,8 +82,7 @@ impl Opts {
                 }
             }
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Shape(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         Ok(Self { dir, kv, flags })
     }
 
@@ -106,101 +103,12 @@ impl Opts {
     }
 }
 
-fn io(e: std::io::Error) -> Error {
-    Error::Shape(format!("i/o: {e}"))
-}
-
-fn write_u16(path: &Path, data: &[u16]) -> Result<()> {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::write(path, bytes).map_err(io)
-}
-
-fn write_u32(path: &Path, data: &[u32]) -> Result<()> {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::write(path, bytes).map_err(io)
-}
-
-fn write_flat(dir: &Path, f: &FlatIndex) -> Result<()> {
-    write_u32(&dir.join("blk_off.u32"), &f.blk_off)?;
-    write_u32(&dir.join("blk_idx.u32"), &f.blk_idx)?;
-    write_u32(&dir.join("col_off.u32"), &f.col_off)?;
-    write_u32(&dir.join("col_idx.u32"), &f.col_idx)
-}
-
-/// Deterministic noise in [-1, 1) (xorshift64*), `n` values from stream `seed`.
-fn uniform(n: usize, seed: u64) -> Vec<f32> {
-    const CHUNK: usize = 1 << 16;
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut s = (seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                .wrapping_mul(0x2545_F491_4F6C_DD1D)
-                | 1;
-            for x in chunk.iter_mut() {
-                s ^= s >> 12;
-                s ^= s << 25;
-                s ^= s >> 27;
-                let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
-                *x = (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-            }
-        });
-    out
-}
-
-/// Roughly unit-variance noise: sum of three uniforms.
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let (a, b, c) = (
-        uniform(n, seed),
-        uniform(n, seed + 101),
-        uniform(n, seed + 202),
-    );
-    a.iter()
-        .zip(&b)
-        .zip(&c)
-        .map(|((x, y), z)| x + y + z)
-        .collect()
-}
-
-/// Q, K, V in the shape's layout with sink, local band and vertical lines (see the module docs).
-fn structured(shape: &AttnShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (n, d) = (shape.seq_len, shape.head_dim);
-    let mut q = noise(shape.q_heads * n * d, seed);
-    let mut k = noise(shape.kv_heads * n * d, seed + 1);
-    let v = noise(shape.kv_heads * n * d, seed + 2);
-    // Rotary pairs on dims 8..8+2*PAIRS: frequencies from 1/16 down to 1/4096 rad per token.
-    const PAIRS: usize = 12;
-    let freq = |m: usize| (1.0f32 / 16.0) * (1.0f32 / 256.0).powf(m as f32 / (PAIRS - 1) as f32);
-    let amp = 2.0f32;
-    let lines: Vec<usize> = (0..16).map(|i| (i * 7919 + 1237) % n.max(1)).collect();
-    q.par_chunks_mut(n * d).enumerate().for_each(|(h, qh)| {
-        let boost = 1.0 + 0.1 * (h % 4) as f32;
-        for (i, row) in qh.chunks_exact_mut(d).enumerate() {
-            row[0] = 4.0 * boost; // meets the sink and the lines
-            for m in 0..PAIRS {
-                let a = i as f32 * freq(m);
-                row[8 + 2 * m] = amp * a.cos();
-                row[9 + 2 * m] = amp * a.sin();
-            }
-        }
-    });
-    k.par_chunks_mut(n * d).for_each(|kh| {
-        for (j, row) in kh.chunks_exact_mut(d).enumerate() {
-            row[0] = if j == 0 {
-                6.0
-            } else if lines.contains(&j) {
-                3.5
-            } else {
-                0.0
-            };
-            for m in 0..PAIRS {
-                let a = j as f32 * freq(m);
-                row[8 + 2 * m] = amp * a.cos();
-                row[9 + 2 * m] = amp * a.sin();
-            }
-        }
-    });
-    (q, k, v)
+/// Maps an I/O error on `path` into the runtime's error.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn round_bf16(x: &mut [f32]) {
@@ -213,12 +121,13 @@ fn compile(args: &[String]) -> Result<()> {
         args.first()
             .ok_or_else(|| Error::Shape("missing DIR".into()))?,
     );
-    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     for f in KernelFile::ALL {
         let t = std::time::Instant::now();
         let ptx = device::compile(f, "compute_90a")?;
         let name = f.file_name().replace(".cu", ".ptx");
-        std::fs::write(dir.join(&name), ptx.to_src()).map_err(io)?;
+        let path = dir.join(&name);
+        std::fs::write(&path, ptx.to_src()).map_err(io(&path))?;
         println!(
             "{}: {:.0} ms -> {name}",
             f.file_name(),
@@ -459,7 +368,7 @@ fn check(args: &[String]) -> Result<()> {
             noise(shape.kv_heads * n * shape.head_dim, seed * 3 + 2),
         )
     } else {
-        structured(&shape, seed * 3)
+        structured(&shape, seed * 3)?
     };
     round_bf16(&mut q);
     round_bf16(&mut k);
@@ -531,7 +440,7 @@ fn check(args: &[String]) -> Result<()> {
     write_u16(&dir.join("k.bf16"), &to_bits(&k))?;
     write_u16(&dir.join("v.bf16"), &to_bits(&v))?;
     write_u16(&dir.join("out.bf16"), &o_bits)?;
-    write_flat(dir, &flat)?;
+    write_index(dir, &flat)?;
     let meta = format!(
         "{{\"n\":{n},\"hq\":{},\"hkv\":{},\"d\":{},\"index\":\"{kind}\",\"seed\":{seed},\"v\":{vb},\"s\":{sb},\
          \"last_q\":{last_q},\"density\":{:.5},\"unwritten\":{unwritten},\"nonfinite\":{nonfinite},\"selection\":{extra}}}",
@@ -540,125 +449,30 @@ fn check(args: &[String]) -> Result<()> {
         shape.head_dim,
         flat.density()
     );
-    std::fs::write(dir.join("meta.json"), &meta).map_err(io)?;
+    let path = dir.join("meta.json");
+    std::fs::write(&path, &meta).map_err(io(&path))?;
     println!("check {kind} n={n} hq={} hkv={} d={}: density {:.4}, unwritten {unwritten}, non-finite {nonfinite}",
         shape.q_heads, shape.kv_heads, shape.head_dim, flat.density());
     Ok(())
 }
 
-fn median(mut x: Vec<f32>) -> f32 {
-    x.sort_by(f32::total_cmp);
-    x.get(x.len() / 2).copied().unwrap_or(f32::NAN)
-}
-
 fn bench(args: &[String]) -> Result<()> {
     let o = Opts::parse(args)?;
-    let n = o.num("n", 8192)?;
-    let reps = o.num("reps", 10)?;
-    let (vb, sb, last_q) = (o.num("v", 1000)?, o.num("s", 6096)?, o.num("last-q", 64)?);
-    let shape = AttnShape {
-        q_heads: 32,
-        kv_heads: 8,
-        seq_len: n,
-        head_dim: 128,
+    let cfg = BenchConfig {
+        reps: o.num("reps", 10)?,
+        vertical: o.num("v", 1000)?,
+        slash: o.num("s", 6096)?,
+        last_q: o.num("last-q", 64)?,
+        ..BenchConfig::new(o.num("n", 8192)?)
     };
-    let ctx = PatternContext {
-        seq_len: n,
-        block_q: 64,
-        block_k: 64,
-        last_q,
-    };
-    let t0 = std::time::Instant::now();
-    let (q, k, v) = structured(&shape, 7 + n as u64);
     let sp = SparsePrefill::new(0)?;
-    let (qd, kd, vd) = (
-        sp.upload_bf16(&q)?,
-        sp.upload_bf16(&k)?,
-        sp.upload_bf16(&v)?,
-    );
-    drop((q, k, v));
-    let gen_s = t0.elapsed().as_secs_f64();
-    let mut out = sp.zeros::<u16>(shape.q_heads * n * 128)?;
-    let mut b = VerticalSlashBuilder::new(&sp, &shape, &ctx)?;
-    let budgets = vec![(vb, sb); shape.q_heads];
-    let mut ix = None;
-    // warm-up
-    for _ in 0..2 {
-        b.build(&sp, &qd, &kd, &budgets, &mut ix)?;
-        let i = ix.as_ref().ok_or_else(|| Error::Cuda("no index".into()))?;
-        sp.forward(&shape, &qd, &kd, &vd, Keys::Index(i), &mut out)?;
-        sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)?;
-    }
-    sp.device().synchronize()?;
-    let (mut est, mut sel, mut att, mut e2e, mut dense_t) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    for _ in 0..reps {
-        est.push(sp.time_ms(|| b.estimate(&sp, &qd, &kd))?);
-        sel.push(sp.time_ms(|| b.select(&sp, &budgets, &mut ix))?);
-        let i = ix.as_ref().ok_or_else(|| Error::Cuda("no index".into()))?;
-        att.push(sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Index(i), &mut out))?);
-        e2e.push(sp.time_ms(|| {
-            b.build(&sp, &qd, &kd, &budgets, &mut ix)?;
-            let i = ix.as_ref().ok_or_else(|| Error::Cuda("no index".into()))?;
-            sp.forward(&shape, &qd, &kd, &vd, Keys::Index(i), &mut out)
-        })?);
-    }
-    let dense_reps = if n >= 131072 { 3.min(reps) } else { reps };
-    for _ in 0..dense_reps {
-        dense_t.push(sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out))?);
-    }
-    let i = ix.as_ref().ok_or_else(|| Error::Cuda("no index".into()))?;
-    let flat = sp.download_index(i)?;
-    let density = flat.density();
-    let kernel = sp
-        .kernel_resources()?
-        .get(1)
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    let (est, sel, att, e2e, dense_ms) = (
-        median(est),
-        median(sel),
-        median(att),
-        median(e2e),
-        median(dense_t),
-    );
-    let dense_flops = 2.0 * (n as f64) * (n as f64) * 128.0 * 32.0;
-    let tflops = |ms: f32, frac: f64| dense_flops * frac / (f64::from(ms) * 1e-3) / 1e12;
-    let mut js = String::new();
-    let _ = write!(
-        js,
-        "{{\"n\":{n},\"q_heads\":32,\"kv_heads\":8,\"head_dim\":128,\"v\":{vb},\"s\":{sb},\"last_q\":{last_q},\
-         \"reps\":{reps},\"density\":{density:.5},\"estimate_ms\":{est:.4},\"select_ms\":{sel:.4},\
-         \"sparse_attn_ms\":{att:.4},\"e2e_ms\":{e2e:.4},\"dense_ms\":{dense_ms:.4},\
-         \"sparse_attn_tflops_on_cells\":{:.1},\"dense_tflops\":{:.1},\"index_share\":{:.4},\
-         \"entries\":[{},{}],\"device\":\"{}\",\"kernel\":\"{}\"}}",
-        tflops(att, density),
-        tflops(dense_ms, 1.0),
-        (est + sel) / e2e,
-        flat.blk_idx.len(),
-        flat.col_idx.len(),
-        sp.device().describe()?,
-        kernel
-    );
-    std::fs::write(o.dir.join("bench.json"), &js).map_err(io)?;
+    let (result, flat) = bench::measure(&sp, &cfg)?;
     if o.flags.iter().any(|f| f == "write-inputs") {
-        // Re-generate (cheaper than keeping 3 host copies alive) and write bf16 files for the baselines.
-        let (q, k, v) = structured(&shape, 7 + n as u64);
-        let to_bits = |x: &[f32]| x.par_iter().map(|&y| bf16_bits(y)).collect::<Vec<u16>>();
-        write_u16(&o.dir.join("q.bf16"), &to_bits(&q))?;
-        write_u16(&o.dir.join("k.bf16"), &to_bits(&k))?;
-        write_u16(&o.dir.join("v.bf16"), &to_bits(&v))?;
-        write_flat(&o.dir, &flat)?;
+        bench::write_inputs(&o.dir, &result, &flat)?;
+    } else {
+        let path = o.dir.join("bench.json");
+        std::fs::write(&path, result.to_json()).map_err(io(&path))?;
     }
-    let mut so = std::io::stdout();
-    let _ = writeln!(
-        so,
-        "bench n={n}: density {density:.4}; estimate {est:.3} ms, select {sel:.3} ms, sparse attention {att:.3} ms \
-         ({:.0} TFLOP/s on computed cells), end-to-end {e2e:.3} ms (index share {:.1}%), dense {dense_ms:.3} ms \
-         ({:.0} TFLOP/s); inputs {gen_s:.1} s",
-        tflops(att, density),
-        100.0 * (est + sel) / e2e,
-        tflops(dense_ms, 1.0)
-    );
+    println!("{}", result.summary());
     Ok(())
 }

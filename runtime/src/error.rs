@@ -48,6 +48,14 @@ pub enum Error {
     /// Input the CUDA kernels do not handle (head_dim, block sizes, sizes past their index types).
     #[error("CUDA kernels: {0}")]
     CudaUnsupported(String),
+
+    // --- files (exec/cuda/bench) -----------------------------------------------------------------
+    /// Reading or writing a file failed; `path` names it.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

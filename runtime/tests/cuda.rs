@@ -1,6 +1,7 @@
 //! `runtime::exec::cuda`: on a machine with a CUDA driver and GPU, the sparse kernel agrees with the CPU
 //! dense executor (dense keys) and with an f64 reference over an index's cells; elsewhere (CI) every test
-//! prints why it skipped and passes. The full device suite is scripts/gpu/device-tests.sh.
+//! prints why it skipped and passes. The full device suite is scripts/gpu/device-tests.sh. The `bench_*`
+//! tests cover `exec::cuda::bench` (inputs and JSON on the host; one short measurement on a device).
 
 use runtime::exec::cuda::{bf16_bits, bf16_to_f32, FlatIndex, Keys, SparsePrefill};
 use runtime::exec::dense_attention;
@@ -153,4 +154,107 @@ fn a_shape_index_matches_reference_on_cells() {
         }
     }
     assert!(worst < 2e-2, "max abs error {worst}");
+}
+
+#[test]
+fn bench_inputs_are_deterministic_with_sink_lines_and_band() {
+    use runtime::exec::cuda::bench::{structured, MIN_STRUCTURED_HEAD_DIM};
+    let shape = AttnShape {
+        q_heads: 4,
+        kv_heads: 2,
+        seq_len: 300,
+        head_dim: 128,
+    };
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let (q, k, v) = structured(&shape, 9).unwrap();
+    assert_eq!(
+        (q.len(), k.len(), v.len()),
+        (4 * n * d, 2 * n * d, 2 * n * d)
+    );
+    assert_eq!(
+        structured(&shape, 9).unwrap(),
+        (q.clone(), k.clone(), v.clone())
+    );
+    assert_ne!(structured(&shape, 10).unwrap().2, v);
+    for g in 0..2 {
+        assert_eq!(k[g * n * d], 6.0, "sink on key 0, dim 0");
+        let heavy = (0..n).filter(|&j| k[(g * n + j) * d] == 3.5).count();
+        assert_eq!(heavy, 16, "16 vertical lines");
+    }
+    // the band: q_i . k_i on dims 8..32 is 12 pairs of amplitude 2 in phase, 12 * 4 = 48
+    let band = |i: usize, j: usize| -> f32 {
+        (8..MIN_STRUCTURED_HEAD_DIM)
+            .map(|c| q[i * d + c] * k[j * d + c])
+            .sum()
+    };
+    assert!((band(200, 200) - 48.0).abs() < 1e-3);
+    assert!(band(200, 200) > band(200, 150));
+    let narrow = AttnShape {
+        head_dim: 16,
+        ..shape
+    };
+    assert!(matches!(structured(&narrow, 9), Err(Error::Shape(_))));
+}
+
+#[test]
+fn bench_result_json_keeps_the_keys_baselines_py_reads() {
+    use runtime::exec::cuda::bench::{median, BenchConfig, BenchResult};
+    assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    assert!(median(vec![]).is_nan());
+    // made-up figures: formatting only
+    let r = BenchResult {
+        config: BenchConfig::new(262144),
+        density: 0.135,
+        estimate_ms: 1.8,
+        select_ms: 2.0,
+        sparse_attn_ms: 231.6,
+        e2e_ms: 234.7,
+        dense_ms: 1728.0,
+        entries: (35, 43),
+        device: "GPU \"x\"".into(),
+        kernel: "k".into(),
+        inputs_s: 1.0,
+    };
+    assert_eq!(r.config.dense_reps(), 3);
+    // 2 N^2 d H FLOPs in 1728 ms
+    let n = 262144.0f64;
+    let dense_tflops = 2.0 * n * n * 128.0 * 32.0 / 1.728 / 1e12;
+    assert!((r.dense_tflops() - dense_tflops).abs() < 1e-9 * dense_tflops);
+    let js = r.to_json();
+    let dense_tflops = format!("\"dense_tflops\":{dense_tflops:.1},");
+    for needle in [
+        "{\"n\":262144,\"q_heads\":32,\"kv_heads\":8,\"head_dim\":128,\"v\":1000,\"s\":6096,",
+        "\"reps\":10,\"dense_reps\":3,\"density\":0.13500,",
+        "\"e2e_ms\":234.7000,",
+        &dense_tflops,
+        "\"entries\":[35,43]",
+        "\"device\":\"GPU \\\"x\\\"\"",
+    ] {
+        assert!(js.contains(needle), "{needle} missing from {js}");
+    }
+    assert!(r.summary().starts_with("bench n=262144: density 0.1350;"));
+}
+
+#[test]
+fn bench_measures_one_short_length() {
+    use runtime::exec::cuda::bench::{measure, BenchConfig};
+    let Some(sp) = device() else { return };
+    let cfg = BenchConfig {
+        reps: 2,
+        ..BenchConfig::new(4096)
+    };
+    let (r, index) = measure(&sp, &cfg).unwrap();
+    assert!(r.density > 0.0 && r.density <= 1.0, "{r:?}");
+    assert_eq!(r.density, index.density());
+    assert_eq!(r.entries, (index.blk_idx.len(), index.col_idx.len()));
+    for t in [
+        r.estimate_ms,
+        r.select_ms,
+        r.sparse_attn_ms,
+        r.e2e_ms,
+        r.dense_ms,
+    ] {
+        assert!(t.is_finite() && t > 0.0, "{r:?}");
+    }
+    println!("{}", r.summary());
 }

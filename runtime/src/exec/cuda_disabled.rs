@@ -1,7 +1,10 @@
 //! Stand-in for the CUDA executor when the crate is built without the `cuda` feature: the same types
 //! and functions as `exec/cuda/mod.rs`; everything that would touch a device returns
-//! [`Error::CudaNotCompiled`]. [`FlatIndex`] (host only) is the real one.
+//! [`Error::CudaNotCompiled`]. [`FlatIndex`] (host only) is the real one, and so is
+//! [`bench`](mod@bench), which runs against this stub (its `measure` returns the same error).
 
+#[path = "cuda/bench.rs"]
+pub mod bench;
 #[path = "cuda/flat.rs"]
 mod flat;
 

@@ -12,10 +12,13 @@
 //! - [`VerticalSlashBuilder`]: estimation, top-k and list building on the GPU, one launch per stage for
 //!   all heads, per-head budgets; same selection as [`crate::pattern::vertical_slash`].
 //! - [`DeviceBuffer`]: a typed device allocation; bf16 tensors are `DeviceBuffer<u16>` (raw bits).
+//! - [`bench`](mod@bench): the benchmark of docs/perf.md ([`bench::measure`] gives a
+//!   [`bench::BenchResult`] per length), shared by `attnplan bench --device cuda` and `cuda_bench`.
 //!
 //! Shapes follow [`AttnShape`]: Q and O `[q_heads, seq_len, head_dim]`, K and V
 //! `[kv_heads, seq_len, head_dim]`, bf16, head_dim 64 or 128, blocks of 64 queries and 64 keys.
 
+pub mod bench;
 pub mod device;
 mod flat;
 mod vertical_slash;
