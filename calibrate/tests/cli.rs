@@ -113,3 +113,39 @@ fn inspect_refuses_an_invalid_plan_with_exit_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("layers[0].heads[1].pattern.sink"));
 }
+
+#[test]
+fn bench_without_cuda_exits_2_saying_why() {
+    let out = attnplan(&[
+        "bench",
+        "--device",
+        "cuda",
+        "--lengths",
+        "1K",
+        "--reps",
+        "1",
+        "--no-baselines",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    match out.status.code() {
+        Some(0) => {
+            println!("ran on a CUDA device:\n{stdout}");
+            assert!(stdout.contains("baselines: skipped"), "{stdout}");
+        }
+        Some(2) if stderr.contains("built without the `cuda` feature") => {
+            assert!(
+                stderr.contains("cargo build --release -p calibrate --features cuda"),
+                "{stderr}"
+            );
+            println!("skipped the device run: attnplan built without the `cuda` feature");
+        }
+        Some(2) if stderr.contains("no usable CUDA device") => {
+            println!("skipped the device run: {}", stderr.trim());
+        }
+        code => panic!("exit {code:?}: {stderr}"),
+    }
+    let out = attnplan(&["bench", "--device", "cpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--example sparse_bench"));
+}

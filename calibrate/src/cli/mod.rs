@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a check failed (the plan is invalid or does not match the model); 2 usage
 //! or I/O error. Output to a closed pipe ends quietly with 0.
 
+mod bench;
 mod calibrate;
 mod common;
 mod eval;
@@ -44,6 +45,10 @@ pub enum Command {
     /// Identify retrieval heads (DuoAttention gates or Retrieval Head scores) and write them as JSON,
     /// or with --evaluate measure retrieval accuracy with the lowest-ranked KV heads streaming.
     RetrievalHeads(retrieval_heads::Args),
+    /// Time the CUDA executor (vertical-slash index building, sparse and dense attention) at several
+    /// lengths, with PyTorch SDPA cuDNN, FA2 and MInference timed in the same run. Needs a build with
+    /// `--features cuda`.
+    Bench(bench::Args),
 }
 
 /// Why a command failed, which decides the exit code.
@@ -69,6 +74,12 @@ impl From<profiler::Error> for Failure {
 
 impl From<crate::Error> for Failure {
     fn from(e: crate::Error) -> Self {
+        Failure::Error(e.into())
+    }
+}
+
+impl From<runtime::Error> for Failure {
+    fn from(e: runtime::Error) -> Self {
         Failure::Error(e.into())
     }
 }
@@ -105,6 +116,7 @@ pub fn main() -> ExitCode {
         Command::Calibrate(args) => calibrate::run(&args),
         Command::RetrievalHeads(args) => retrieval_heads::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
