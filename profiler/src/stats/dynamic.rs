@@ -7,16 +7,22 @@
 //! plus grid strides the data declares, [`grid_candidates`]); the list is stored in the profile's
 //! metadata so the calibrator and the held-out profile read the same columns.
 //!
-//! Scoring is exact and shares the runtime's code: each candidate's [`HeadIndex`] is built by the same
-//! functions `runtime::pattern` runs (from the rankings the statistics already computed), and its mass
-//! is read off the pass's own probabilities: tile masses for listed key blocks, and per-query-block
-//! column masses for gathered columns ([`ColumnMass`], `Σ_{i ∈ qb} p_ij`, about `N² / (2 block_q)`
-//! floats per head while its layer is processed). Recall = mass / rows, density = cells / dense
-//! cells, as for every other family.
+//! Scoring is exact and shares the runtime's selection code: each candidate's key blocks and gathered
+//! columns come from the same functions `runtime::pattern` runs (from the rankings the statistics
+//! already computed: budgets, block orders, token choices), and their mass is read off the pass's own
+//! probabilities: tile masses for listed key blocks, and per-query-block column masses for gathered
+//! columns ([`ColumnMass`], `Σ_{i ∈ qb} p_ij`, about `N² / (2 block_q)` floats per head while its
+//! layer is processed). The cells are counted by [`rule_mass`], which applies the index builder's
+//! rules (causal blocks only, columns up to the block's last row and never inside a listed block)
+//! without materializing a [`HeadIndex`] — building ~35 indexes per head cost more than the whole
+//! statistics pass. Tests check every candidate's recall and cells against the runtime's own index.
+//! Recall = mass / rows, density = cells / dense cells, as for every other family.
 
 use runtime::pattern::block_sparse::BlockRanking;
-use runtime::pattern::vertical_slash::VsRanking;
-use runtime::pattern::{grid, query_adaptive, token_select, HeadIndex, PatternContext};
+use runtime::pattern::vertical_slash::{self, VsRanking};
+use runtime::pattern::{
+    a_shape, causal_cells, grid, query_adaptive, token_select, HeadIndex, PatternContext,
+};
 use schemas::{Budget, Grid, Pattern, QueryAdaptive, TokenSelect};
 
 use super::head::Curve;
@@ -171,7 +177,53 @@ pub struct Rankings<'a> {
     pub js: f64,
 }
 
-/// The index a candidate gives this head, built with the runtime's functions.
+/// Mass and cells of what the runtime's index builder keeps for key blocks `blocks_of(qb)` (any
+/// order, duplicates allowed) plus the gathered `columns` (sorted, distinct): blocks with no causal
+/// cell are dropped, columns past the query block's last row or inside a listed block too.
+pub fn rule_mass(
+    ctx: &PatternContext,
+    heat: &[Vec<f64>],
+    column_mass: &ColumnMass,
+    mut blocks_of: impl FnMut(usize, &mut Vec<usize>),
+    columns: &[usize],
+) -> (f64, f64) {
+    let mut in_block = vec![false; ctx.k_blocks()];
+    let mut listed = Vec::new();
+    let (mut mass, mut cells) = (0.0f64, 0.0f64);
+    for qb in 0..ctx.q_blocks() {
+        let rows = ctx.q_rows(qb);
+        let Some(last) = rows.end.checked_sub(1) else {
+            continue;
+        };
+        let causal = ctx.causal_k_blocks(qb);
+        let tiles = heat.get(qb).map_or(&[][..], Vec::as_slice);
+        listed.clear();
+        blocks_of(qb, &mut listed);
+        for &kb in &listed {
+            if kb < causal && !in_block[kb] {
+                in_block[kb] = true;
+                mass += tiles.get(kb).copied().unwrap_or(0.0);
+                cells += causal_cells(&rows, &ctx.k_cols(kb)) as f64;
+            }
+        }
+        let row = column_mass.row(qb);
+        for &j in columns.iter().take_while(|&&j| j <= last) {
+            if !in_block[j / ctx.block_k] {
+                mass += row.get(j).copied().map_or(0.0, f64::from);
+                cells += (rows.end - j.max(rows.start)) as f64;
+            }
+        }
+        for &kb in &listed {
+            if let Some(flag) = in_block.get_mut(kb) {
+                *flag = false;
+            }
+        }
+    }
+    (mass, cells)
+}
+
+/// The index a candidate gives this head, built with the runtime's functions (for tests and
+/// inspection; [`score`] reads the same cells without building it).
 pub fn candidate_index(ctx: &PatternContext, r: &Rankings<'_>, p: &Pattern) -> Result<HeadIndex> {
     Ok(match p {
         Pattern::QueryAdaptive(q) => {
@@ -192,8 +244,20 @@ pub fn candidate_index(ctx: &PatternContext, r: &Rankings<'_>, p: &Pattern) -> R
     })
 }
 
-/// Mass and cells of every candidate for one head of one sample. Candidates that give the same index
-/// (query-adaptive thresholds on the same side of the head's divergence) are built once.
+/// What decides a candidate's cells for one head: candidates with the same key are scored once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Key {
+    /// Query-aware branch: `(gamma bits, min blocks)`.
+    Aware(u64, usize),
+    /// Vertical-slash branch: clamped `(vertical, slash)`.
+    Vs(usize, usize),
+    /// Token-select: `(block, keep, sink, local)` resolved.
+    Tokens(usize, usize, usize, usize),
+    /// Grid: never shared.
+    Other,
+}
+
+/// Mass and cells of every candidate for one head of one sample.
 pub fn score(
     ctx: &PatternContext,
     r: &Rankings<'_>,
@@ -205,26 +269,92 @@ pub fn score(
         mass: Vec::with_capacity(candidates.len()),
         cells: Vec::with_capacity(candidates.len()),
     };
-    // Query-adaptive key: (branch, gamma, min_budget) decide the index.
-    let mut seen: Vec<((bool, u64, u64), f64, f64)> = Vec::new();
+    let mut seen: Vec<(Key, f64, f64)> = Vec::new();
     for p in candidates {
         let key = match p {
-            Pattern::QueryAdaptive(q) => Some((
-                query_adaptive::is_query_aware(r.js, q),
-                q.gamma.to_bits(),
-                ctx.resolve(&q.min_budget) as u64,
-            )),
-            _ => None,
+            Pattern::QueryAdaptive(q) if query_adaptive::is_query_aware(r.js, q) => {
+                Key::Aware(q.gamma.to_bits(), ctx.resolve(&q.min_budget))
+            }
+            Pattern::QueryAdaptive(q) => {
+                let (v, s) = query_adaptive::vertical_slash_budgets(ctx, r.vs, q);
+                let (v, s) = vertical_slash::clamp_budgets(ctx, v, s);
+                Key::Vs(v, s)
+            }
+            Pattern::TokenSelect(t) => Key::Tokens(
+                (t.block as usize).max(1),
+                ctx.resolve(&t.keep),
+                ctx.resolve(&t.sink),
+                ctx.resolve(&t.local),
+            ),
+            _ => Key::Other,
         };
-        if let Some((_, m, c)) = key.and_then(|k| seen.iter().find(|(s, _, _)| *s == k)) {
-            curve.mass.push(*m);
-            curve.cells.push(*c);
-            continue;
-        }
-        let index = candidate_index(ctx, r, p)?;
-        let (m, c) = (index_mass(&index, heat, columns), index.cells() as f64);
-        if let Some(k) = key {
-            seen.push((k, m, c));
+        let known = seen.iter().find(|(k, _, _)| *k == key && key != Key::Other);
+        let (m, c) = match (known, key) {
+            (Some(&(_, m, c)), _) => (m, c),
+            (None, Key::Aware(..)) => {
+                let Pattern::QueryAdaptive(q) = p else {
+                    unreachable!("Aware keys come from query-adaptive candidates")
+                };
+                let min_blocks = ctx.resolve(&q.min_budget);
+                let blocks = r.blocks;
+                rule_mass(
+                    ctx,
+                    heat,
+                    columns,
+                    |qb, out| {
+                        let order = blocks.order(qb);
+                        let n = blocks
+                            .coverage_count(qb, q.gamma)
+                            .max(min_blocks.min(order.len()))
+                            .min(order.len());
+                        out.extend(order[..n].iter().map(|&kb| kb as usize));
+                    },
+                    &[],
+                )
+            }
+            (None, Key::Vs(v, s)) => {
+                let mut chosen: Vec<usize> =
+                    r.vs.columns
+                        .order
+                        .iter()
+                        .take(v)
+                        .map(|&j| j as usize)
+                        .collect();
+                chosen.sort_unstable();
+                let vs = r.vs;
+                rule_mass(
+                    ctx,
+                    heat,
+                    columns,
+                    |qb, out| {
+                        out.extend(
+                            (0..ctx.causal_k_blocks(qb))
+                                .filter(|&kb| (vs.block_rank(qb, kb) as usize) < s),
+                        );
+                    },
+                    &chosen,
+                )
+            }
+            (None, Key::Tokens(block, keep, sink, local)) => {
+                let chosen = token_select::select(&r.vs.col_scores, block, keep.min(block));
+                rule_mass(
+                    ctx,
+                    heat,
+                    columns,
+                    |qb, out| {
+                        let (s, l) = a_shape::key_blocks(ctx, qb, sink, local);
+                        out.extend(s.chain(l));
+                    },
+                    &chosen,
+                )
+            }
+            (None, Key::Other) => {
+                let index = candidate_index(ctx, r, p)?;
+                (index_mass(&index, heat, columns), index.cells() as f64)
+            }
+        };
+        if known.is_none() && key != Key::Other {
+            seen.push((key, m, c));
         }
         curve.mass.push(m);
         curve.cells.push(c);

@@ -107,6 +107,17 @@ pub fn vertical_slash_index(
     vs: &VsRanking,
     p: &schemas::QueryAdaptive,
 ) -> HeadIndex {
+    let (v, s) = vertical_slash_budgets(ctx, vs, p);
+    vs.index(ctx, v, s)
+}
+
+/// The vertical and slash budgets (tokens) of the vertical-slash branch, before
+/// [`super::vertical_slash::clamp_budgets`].
+pub fn vertical_slash_budgets(
+    ctx: &PatternContext,
+    vs: &VsRanking,
+    p: &schemas::QueryAdaptive,
+) -> (usize, usize) {
     let min_tokens = ctx.resolve(&p.min_budget).saturating_mul(ctx.block_k);
     let v = vs
         .columns
@@ -114,7 +125,7 @@ pub fn vertical_slash_index(
     let s = vs
         .diagonals
         .coverage_count(&vs.diag_scores, p.gamma, min_tokens);
-    vs.index(ctx, v, s)
+    (v, s)
 }
 
 /// The query-adaptive index of one head. The profiler scores candidates with the same branch
