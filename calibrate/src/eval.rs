@@ -9,8 +9,12 @@
 //!   the previous ones — exactly the condition for greedy decoding to produce the answer. The answer
 //!   tokens' own attention runs under the plan too, which is stricter than a sparse prefill followed by
 //!   dense decoding; the answer's log-probability is reported beside it;
+//! - on the samples chosen for comparison ([`EvalAttention::compare_dense`]), dense attention on the
+//!   same layer inputs: the output error and both attention wall times;
 //! - on the first sample, every head's measured recall of the index the runtime built
-//!   ([`recall_of_index`], exact, streamed).
+//!   ([`recall_of_index`], exact, streamed), and what sharing one index per KV group would cost: the
+//!   recall of each head's pattern built from the live Q of its group's first query head (the
+//!   runtime's sharing rule) instead of its own, with the index-building time of both.
 
 use std::time::Instant;
 
@@ -31,10 +35,19 @@ pub struct EvalAttention {
     pub err: Vec<(f64, f64)>,
     pub sparse_seconds: f64,
     pub dense_seconds: f64,
-    /// Measure every head's recall on the next forward (expensive: one more pass per head).
+    /// Run dense attention beside the sparse one on the next forwards (output error and times).
+    pub compare_dense: bool,
+    /// Measure every head's recall on the next forward (expensive: two more passes per head).
     pub measure_recall: bool,
     /// `[layer][head]` measured recall of the last forward that measured it.
     pub recall: Vec<Vec<f64>>,
+    /// `[layer][head]` recall with the index built from the Q of the head's KV-group owner (the
+    /// first query head of the group); equal to `recall` for owners.
+    pub shared_recall: Vec<Vec<f64>>,
+    /// Index-building seconds of the measured forward: every head from its own Q, and the owners
+    /// only (what sharing would cost).
+    pub index_seconds_own: f64,
+    pub index_seconds_shared: f64,
     dense_out: Vec<f32>,
 }
 
@@ -47,8 +60,12 @@ impl EvalAttention {
             err: vec![(0.0, 0.0); model.layers as usize],
             sparse_seconds: 0.0,
             dense_seconds: 0.0,
+            compare_dense: true,
             measure_recall: false,
             recall: vec![vec![f64::NAN; model.query_heads as usize]; model.layers as usize],
+            shared_recall: vec![vec![f64::NAN; model.query_heads as usize]; model.layers as usize],
+            index_seconds_own: 0.0,
+            index_seconds_shared: 0.0,
             dense_out: Vec::new(),
         })
     }
@@ -67,35 +84,61 @@ impl LayerAttention for EvalAttention {
     ) -> profiler::Result<()> {
         let start = Instant::now();
         self.prefill.forward(layer, input, out)?;
-        self.sparse_seconds += start.elapsed().as_secs_f64();
-        self.dense_out.resize(out.len(), 0.0);
-        let start = Instant::now();
-        DenseAttention.attend(layer, input, &mut self.dense_out)?;
-        self.dense_seconds += start.elapsed().as_secs_f64();
-        let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for (s, d) in out.iter().zip(&self.dense_out) {
-            diff += f64::from(s - d).powi(2);
-            norm += f64::from(*d).powi(2);
-        }
-        if let Some(e) = self.err.get_mut(layer) {
-            e.0 += diff;
-            e.1 += norm;
+        if self.compare_dense {
+            self.sparse_seconds += start.elapsed().as_secs_f64();
+            self.dense_out.resize(out.len(), 0.0);
+            let start = Instant::now();
+            DenseAttention.attend(layer, input, &mut self.dense_out)?;
+            self.dense_seconds += start.elapsed().as_secs_f64();
+            let (mut diff, mut norm) = (0.0f64, 0.0f64);
+            for (s, d) in out.iter().zip(&self.dense_out) {
+                diff += f64::from(s - d).powi(2);
+                norm += f64::from(*d).powi(2);
+            }
+            if let Some(e) = self.err.get_mut(layer) {
+                e.0 += diff;
+                e.1 += norm;
+            }
         }
         if self.measure_recall {
-            let plan = self.prefill.plan();
-            let ctx = PatternContext::new(input.shape.seq_len, &plan.defaults);
-            let dense_below = plan.defaults.dense_below as usize;
-            for h in 0..input.shape.q_heads {
-                let r = match plan.head(layer, h) {
-                    Some(hp) if input.shape.seq_len >= dense_below => {
-                        let index = build_index(&hp.pattern, &ctx, &HeadQk::from_input(input, h)?)?;
-                        recall_of_index(input, h, &index)?.mean
-                    }
-                    _ => 1.0,
-                };
-                if let Some(slot) = self.recall.get_mut(layer).and_then(|l| l.get_mut(h)) {
-                    *slot = r;
+            self.measure(layer, input)?;
+        }
+        Ok(())
+    }
+}
+
+impl EvalAttention {
+    /// Every head's recall with its own index and with its KV-group owner's (see the module docs).
+    fn measure(&mut self, layer: usize, input: &AttentionInput<'_>) -> profiler::Result<()> {
+        let plan = self.prefill.plan();
+        let ctx = PatternContext::new(input.shape.seq_len, &plan.defaults);
+        let dense_below = plan.defaults.dense_below as usize;
+        let group = input.shape.group();
+        for h in 0..input.shape.q_heads {
+            let owner = input.shape.kv_head_of(h) * group;
+            let (own, shared) = match plan.head(layer, h) {
+                Some(hp) if input.shape.seq_len >= dense_below => {
+                    let start = Instant::now();
+                    let index = build_index(&hp.pattern, &ctx, &HeadQk::from_input(input, h)?)?;
+                    let built = start.elapsed().as_secs_f64();
+                    self.index_seconds_own += built;
+                    let own = recall_of_index(input, h, &index)?.mean;
+                    let shared = if owner == h {
+                        self.index_seconds_shared += built;
+                        own
+                    } else {
+                        let qk = HeadQk::from_input(input, owner)?;
+                        recall_of_index(input, h, &build_index(&hp.pattern, &ctx, &qk)?)?.mean
+                    };
+                    (own, shared)
                 }
+                _ => (1.0, 1.0),
+            };
+            if let Some(slot) = self.recall.get_mut(layer).and_then(|l| l.get_mut(h)) {
+                *slot = own;
+            }
+            if let Some(slot) = self.shared_recall.get_mut(layer).and_then(|l| l.get_mut(h)) {
+                *slot = shared;
             }
         }
         Ok(())

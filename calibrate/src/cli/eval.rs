@@ -35,9 +35,44 @@ pub struct Args {
     /// Seed for synthetic data (use one the plan was not calibrated on).
     #[arg(long, default_value_t = 1001)]
     pub seed: u64,
+    /// Samples per data source (the first ones) on which dense attention also runs beside the
+    /// sparse one, for the output error and the attention times (each costs one more dense pass).
+    #[arg(long, default_value_t = 1)]
+    pub compare_samples: usize,
+    /// Skip the per-head recall measurement on the first sample (two more passes per head).
+    #[arg(long)]
+    pub no_head_recall: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Two-sided 95% Clopper-Pearson interval of a proportion `k / n`.
+fn clopper_pearson(k: usize, n: usize) -> (f64, f64) {
+    use statrs::distribution::{Beta, ContinuousCDF};
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let lo = if k == 0.0 {
+        0.0
+    } else {
+        Beta::new(k, n - k + 1.0).map_or(0.0, |b| b.inverse_cdf(0.025))
+    };
+    let hi = if k == n {
+        1.0
+    } else {
+        Beta::new(k + 1.0, n - k).map_or(1.0, |b| b.inverse_cdf(0.975))
+    };
+    (lo, hi)
+}
+
+/// Retrieval accuracy of one data source on one side, with its 95% interval.
+#[derive(Debug, Clone, Serialize)]
+struct Accuracy {
+    correct: usize,
+    total: usize,
+    ci95: (f64, f64),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -47,6 +82,8 @@ struct Side {
     perplexity: f64,
     /// data source → (correct, total)
     accuracy: BTreeMap<String, (usize, usize)>,
+    /// data source → accuracy with a 95% Clopper-Pearson interval.
+    accuracy_ci: BTreeMap<String, Accuracy>,
     mean_answer_logprob: Option<f64>,
     #[serde(skip)]
     logprobs: Vec<f64>,
@@ -68,6 +105,21 @@ impl Side {
 
     fn finish(&mut self) {
         self.perplexity = (self.nll / self.tokens.max(1) as f64).exp();
+        self.accuracy_ci = self
+            .accuracy
+            .iter()
+            .map(|(source, &(correct, total))| {
+                let ci95 = clopper_pearson(correct, total);
+                (
+                    source.clone(),
+                    Accuracy {
+                        correct,
+                        total,
+                        ci95,
+                    },
+                )
+            })
+            .collect();
         if !self.logprobs.is_empty() {
             self.mean_answer_logprob =
                 Some(self.logprobs.iter().sum::<f64>() / self.logprobs.len() as f64);
@@ -97,6 +149,19 @@ struct EvalReport {
     head_recall: Vec<Vec<f64>>,
     mean_head_recall: f64,
     min_head_recall: f64,
+    /// The same with each head's index built from its KV group's first query head (sharing).
+    shared_head_recall: Vec<Vec<f64>>,
+    mean_shared_head_recall: f64,
+    min_shared_head_recall: f64,
+    /// Heads whose recall drops by more than 0.01 when the index is shared.
+    heads_losing_over_001_shared: usize,
+    /// Index building on the first sample: every head from its own Q, and the group owners only.
+    index_seconds_own: f64,
+    index_seconds_shared: f64,
+    /// data source → cases where the sparse answer's correctness equals the dense one's.
+    agreement: BTreeMap<String, (usize, usize)>,
+    /// Samples per source that ran dense attention beside the sparse one.
+    compared_samples_per_source: usize,
     heads_run_dense: u64,
 }
 
@@ -143,12 +208,22 @@ pub fn run(args: &Args) -> Outcome {
     let mut sparse_attn = EvalAttention::new(&plan, &info)?;
     let (mut dense, mut sparse) = (Side::default(), Side::default());
     let progress = Progress::new("evaluating", all.len());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut agreement: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (i, (source, sample)) in all.iter().enumerate() {
         let d = eval_sample(&model, sample, &mut DenseAttention)?;
-        sparse_attn.measure_recall = i == 0;
+        let k = seen.entry(source.clone()).or_default();
+        sparse_attn.compare_dense = *k < args.compare_samples;
+        *k += 1;
+        sparse_attn.measure_recall = i == 0 && !args.no_head_recall;
         let s = eval_sample(&model, sample, &mut sparse_attn)?;
         dense.add(source, &d);
         sparse.add(source, &s);
+        if let (Some(a), Some(b)) = (d.correct, s.correct) {
+            let e = agreement.entry(source.clone()).or_default();
+            e.0 += usize::from(a == b);
+            e.1 += 1;
+        }
         progress.step(
             i + 1,
             all.len(),
@@ -160,6 +235,12 @@ pub fn run(args: &Args) -> Outcome {
     sparse.finish();
     let totals = sparse_attn.prefill().totals().clone();
     let recall: Vec<f64> = sparse_attn.recall.iter().flatten().copied().collect();
+    let shared: Vec<f64> = sparse_attn
+        .shared_recall
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
     let report = EvalReport {
         model: model.path().display().to_string(),
         plan: args.plan.display().to_string(),
@@ -180,6 +261,18 @@ pub fn run(args: &Args) -> Outcome {
         mean_head_recall: recall.iter().sum::<f64>() / recall.len().max(1) as f64,
         min_head_recall: recall.iter().copied().fold(f64::INFINITY, f64::min),
         head_recall: sparse_attn.recall.clone(),
+        mean_shared_head_recall: shared.iter().sum::<f64>() / shared.len().max(1) as f64,
+        min_shared_head_recall: shared.iter().copied().fold(f64::INFINITY, f64::min),
+        heads_losing_over_001_shared: recall
+            .iter()
+            .zip(&shared)
+            .filter(|(r, s)| *r - *s > 0.01)
+            .count(),
+        shared_head_recall: sparse_attn.shared_recall.clone(),
+        index_seconds_own: sparse_attn.index_seconds_own,
+        index_seconds_shared: sparse_attn.index_seconds_shared,
+        agreement,
+        compared_samples_per_source: args.compare_samples.min(args.samples),
         heads_run_dense: totals.dense_short + totals.dense_planned + totals.dense_mismatch,
         dense,
         sparse,
@@ -211,12 +304,20 @@ fn render(r: &EvalReport) -> String {
     );
     for (source, (ok, n)) in &r.dense.accuracy {
         let (sok, sn) = r.sparse.accuracy.get(source).copied().unwrap_or((0, 0));
+        let (agree, cases) = r.agreement.get(source).copied().unwrap_or((0, 0));
+        let ci = |side: &Side| {
+            side.accuracy_ci.get(source).map_or(String::new(), |a| {
+                format!("[{:.0}-{:.0}%]", 100.0 * a.ci95.0, 100.0 * a.ci95.1)
+            })
+        };
         let _ = writeln!(
             out,
-            "  {:<28} {:>12} {:>12}",
+            "  {:<28} {:>12} {:>12}  (95% CI dense {}, sparse {}; same outcome {agree}/{cases})",
             format!("{source} accuracy"),
             format!("{ok}/{n}"),
-            format!("{sok}/{sn}")
+            format!("{sok}/{sn}"),
+            ci(&r.dense),
+            ci(&r.sparse)
         );
     }
     if let (Some(d), Some(s)) = (r.dense.mean_answer_logprob, r.sparse.mean_answer_logprob) {
@@ -259,5 +360,43 @@ fn render(r: &EvalReport) -> String {
         "  head recall (first sample)   mean {:.4}, min {:.4}",
         r.mean_head_recall, r.min_head_recall
     );
+    let _ = writeln!(
+        out,
+        "  same, index per KV group     mean {:.4}, min {:.4}; {} heads lose > 0.01; index building \
+         {:.3} s -> {:.3} s",
+        r.mean_shared_head_recall,
+        r.min_shared_head_recall,
+        r.heads_losing_over_001_shared,
+        r.index_seconds_own,
+        r.index_seconds_shared
+    );
+    let _ = writeln!(
+        out,
+        "  (output error and attention times from the first {} sample(s) of each source)",
+        r.compared_samples_per_source
+    );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clopper_pearson;
+
+    /// Closed forms at the ends (`1 - 0.025^(1/n)`) and the symmetric middle, to 1e-6.
+    #[test]
+    fn clopper_pearson_matches_closed_forms() {
+        let edge = 1.0 - 0.025f64.powf(1.0 / 50.0);
+        let (lo, hi) = clopper_pearson(0, 50);
+        assert_eq!(lo, 0.0);
+        assert!((hi - edge).abs() < 1e-6, "{hi} vs {edge}");
+        let (lo, hi) = clopper_pearson(50, 50);
+        assert!((lo - (1.0 - edge)).abs() < 1e-6, "{lo}");
+        assert_eq!(hi, 1.0);
+        let (lo, hi) = clopper_pearson(25, 50);
+        assert!(
+            (lo + hi - 1.0).abs() < 1e-6 && lo > 0.35 && lo < 0.36,
+            "{lo} {hi}"
+        );
+        assert_eq!(clopper_pearson(0, 0), (0.0, 1.0));
+    }
 }
