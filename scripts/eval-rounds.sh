@@ -4,17 +4,22 @@
 # also measures head recall, KV-group sharing and the dense comparison; later rounds only answers and
 # perplexity. Sum the rounds with scripts/eval-aggregate.py.
 # usage: scripts/eval-rounds.sh PLAN OUTDIR [ROUNDS=5] [CASES=10] [SEQ_LEN=8150]
+#   env: ATTNPLAN (binary), MODEL (--model; default the cached SmolLM2), ROUND0 (first round, default 0:
+#   runs on several machines take disjoint round ranges, hence disjoint seeds)
 set -euo pipefail
 PLAN=$1; OUT=$2; ROUNDS=${3:-5}; CASES=${4:-10}; N=${5:-8150}
 BIN=${ATTNPLAN:-target/release/attnplan}
+R0=${ROUND0:-0}
+model=()
+[ -n "${MODEL:-}" ] && model=(--model "$MODEL")
 mkdir -p "$OUT"
-for r in $(seq 0 $((ROUNDS - 1))); do
+for r in $(seq "$R0" $((R0 + ROUNDS - 1))); do
   for task in passkey kv-retrieval needle; do
     f="$OUT/r$r-$task.json"
     [ -s "$f" ] && continue
     extra=(--no-head-recall --compare-samples 0)
     [ "$r" = 0 ] && extra=(--compare-samples 1)
-    "$BIN" eval --plan "$PLAN" --data "synthetic:$task" --seq-len "$N" --samples "$CASES" \
+    "$BIN" eval "${model[@]}" --plan "$PLAN" --data "synthetic:$task" --seq-len "$N" --samples "$CASES" \
       --seed $((1001 + 1000 * r)) --json "${extra[@]}" > "$f.tmp"
     mv "$f.tmp" "$f"
     echo "$(date +%T) round $r $task done"

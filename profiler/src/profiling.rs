@@ -1,7 +1,7 @@
 //! Profiling: run the model on samples, observe each layer's Q and K right after RoPE, and collect
 //! exact per-head statistics into a [`Profile`].
 //!
-//! [`StatsHook`] is a [`LayerAttention`] that computes [`layer_stats`] on the layer's input and then
+//! [`StatsHook`] is a [`LayerAttention`] that computes [`layer_stats_scored`] on the layer's input and then
 //! exact dense attention for the output, so the forward continues exactly as the dense model would.
 //! [`profile_samples`] runs it over samples and stores sample `k`'s statistics as sample `k` of the
 //! profile.

@@ -6,7 +6,7 @@
 //! and [`Error`] / [`Issue`] for problems, which always name the file and the field path.
 //!
 //! Reading a plan: [`Plan::read`] (a file) or [`Plan::from_yaml`] (text): size limit, then
-//! `schema_version`, then the typed parse, then [`validate`]. Writing: [`Plan::write`] (atomic).
+//! `schema_version`, then the typed parse, then [`validate()`]. Writing: [`Plan::write`] (atomic).
 //! docs/plan-format.md is the normative description of the format.
 
 pub mod error;
@@ -43,7 +43,7 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Reads and parses the plan at `path` without the rules of [`validate`].
+    /// Reads and parses the plan at `path` without the rules of [`validate()`].
     pub fn read_unvalidated(path: &Path) -> Result<Plan> {
         let bytes = io::read_limited(path, io::MAX_PLAN_BYTES)?;
         let text = std::str::from_utf8(&bytes).map_err(|e| Error::Syntax {
@@ -98,7 +98,7 @@ impl Plan {
         })
     }
 
-    /// Runs [`validate`] and turns its issues into an [`Error::Invalid`] naming `path`.
+    /// Runs [`validate()`] and turns its issues into an [`Error::Invalid`] naming `path`.
     pub fn check(&self, path: &Path) -> Result<()> {
         let issues = validate(self);
         if issues.is_empty() {

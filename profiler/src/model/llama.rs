@@ -299,7 +299,7 @@ impl Model {
     }
 
     /// `log p(tokens[i + 1] | tokens[..=i])` for `i in 0..seq_len - 1` (natural log), computed
-    /// [`LOGIT_ROWS`] positions at a time so memory stays small at any length.
+    /// `LOGIT_ROWS` positions at a time so memory stays small at any length.
     pub fn next_token_logprobs(&self, hidden: &Hidden, tokens: &[u32]) -> Result<Vec<f32>> {
         let t = hidden.seq_len;
         if tokens.len() != t {

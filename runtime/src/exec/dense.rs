@@ -210,9 +210,9 @@ pub struct TileState {
     /// Running row maximum of the scaled scores (log2 units); `-inf` before any visible key.
     pub m: Vec<f32>,
     /// Running sum of `2^(score - m)` per row; the AVX-512 kernel keeps part of it in `lanes`
-    /// (the row sum is `l[r]` plus the row's [`LANES`] lanes; [`TileState::finish`] adds them up).
+    /// (the row sum is `l[r]` plus the row's `LANES` lanes; [`TileState::finish`] adds them up).
     pub l: Vec<f32>,
-    /// Per-row partial sums of `2^(score - m)` in [`LANES`] lanes, `[BLOCK_Q][LANES]`, so the fused
+    /// Per-row partial sums of `2^(score - m)` in `LANES` lanes, `[BLOCK_Q][LANES]`, so the fused
     /// kernel needs no horizontal sum per key block. Scaled together with `l`.
     lanes: Vec<f32>,
     /// Unnormalized output `[rows][head_dim]` (row stride `head_dim`).

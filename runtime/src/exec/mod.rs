@@ -4,7 +4,7 @@
 //!   routine ([`TileState`], [`KeyBlock`]) is the building block of the sparse executor.
 //! - [`sparse`]: exact attention over the cells of one index per query head ([`sparse_attention`],
 //!   indexes seen through [`CellLists`], implemented by [`crate::HeadIndex`]).
-//! - [`reference`]: f64 attention from the definition, restricted to any cell predicate (tests).
+//! - [`reference`](mod@reference): f64 attention from the definition, restricted to any cell predicate (tests).
 //! - [`cuda`]: the CUDA executor (sparse flash attention over `HeadIndex` lists, GPU vertical-slash
 //!   index building); without the `cuda` feature a stub with the same API returns
 //!   [`crate::Error::CudaNotCompiled`].
