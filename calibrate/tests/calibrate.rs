@@ -378,6 +378,9 @@ fn bad_calibration_input_is_a_clear_error() {
     other_model.meta.model.fingerprint = format!("sha256:{}", "8".repeat(64));
     let other_model = write(dir.path(), "o.safetensors", &other_model);
     let dup = write(dir.path(), "d.safetensors", &profile("cal", &[1], 200));
+    let mut fewer = profile("held", &[4], 200);
+    fewer.meta.dynamic.truncate(3);
+    let fewer = write(dir.path(), "n.safetensors", &fewer);
     let out_plan = dir.path().join("p.yaml");
     let g = good.to_str().unwrap();
     let o = out_plan.to_str().unwrap();
@@ -415,6 +418,14 @@ fn bad_calibration_input_is_a_clear_error() {
             vec!["--profile", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",
         ),
+        (
+            vec!["--profile", g, "--heldout", fewer.to_str().unwrap()],
+            "n.safetensors: dynamic",
+        ),
+        (vec!["--profile", g, "--no-dynamic"], "does not combine"),
+        (vec!["--profile", g, "--grid", "196"], "does not combine"),
+        (vec!["--grid", "1:0"], "stride must be at least 2"),
+        (vec!["--grid", "x"], "--grid x: stride"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["calibrate"];
