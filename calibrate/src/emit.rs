@@ -113,6 +113,12 @@ pub fn predicted_density(pattern: &Pattern, measured: f64, n: u64, block_k: u64)
         Pattern::BlockSparse(BlockSparse { top_k: Some(k), .. }) => {
             per_row((k.resolve(n) * block_k) as f64)
         }
+        // `keep` of every `block` tokens: that share of the causal cells, plus sink and local.
+        Pattern::TokenSelect(p) => {
+            let share = p.keep.resolve(n) as f64 / f64::from(p.block.max(1));
+            (share.min(1.0) + per_row((p.sink.resolve(n) + p.local.resolve(n)) as f64)).min(1.0)
+        }
+        // Coverage rules (block-sparse coverage, query-adaptive) and grids: the calibrated density.
         _ => measured,
     }
 }

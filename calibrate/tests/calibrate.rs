@@ -508,3 +508,24 @@ fn a_dynamic_choice_is_emitted_as_its_pattern() {
     assert_eq!(pattern, dynamic[7]);
     assert_eq!(head.chosen[0].candidate.kind(&dynamic), dynamic[7].kind());
 }
+
+/// Token-select's predicted density is its kept share of each chunk plus sink and local, falling
+/// towards the share at long lengths; coverage rules keep their calibrated density.
+#[test]
+fn token_select_density_is_predicted_from_its_budgets() {
+    use schemas::{Budget, Pattern, TokenSelect};
+    let ts = Pattern::TokenSelect(TokenSelect {
+        block: 64,
+        keep: Budget::Fixed(8),
+        sink: Budget::Fixed(64),
+        local: Budget::Fixed(512),
+    });
+    let at = |n| calibrate::emit::predicted_density(&ts, 0.5, n, 64);
+    assert!(at(8192) > at(131_072) && at(131_072) > 0.125);
+    assert!((at(1 << 30) - 0.125).abs() < 1e-3, "{}", at(1 << 30));
+    let qa = dynamic_candidates()[0].clone();
+    assert_eq!(
+        calibrate::emit::predicted_density(&qa, 0.42, 131_072, 64),
+        0.42
+    );
+}
