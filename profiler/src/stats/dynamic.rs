@@ -313,26 +313,13 @@ pub fn score(
                 )
             }
             (None, Key::Vs(v, s)) => {
-                let mut chosen: Vec<usize> =
-                    r.vs.columns
-                        .order
-                        .iter()
-                        .take(v)
-                        .map(|&j| j as usize)
-                        .collect();
-                chosen.sort_unstable();
                 let vs = r.vs;
                 rule_mass(
                     ctx,
                     heat,
                     columns,
-                    |qb, out| {
-                        out.extend(
-                            (0..ctx.causal_k_blocks(qb))
-                                .filter(|&kb| (vs.block_rank(qb, kb) as usize) < s),
-                        );
-                    },
-                    &chosen,
+                    |qb, out| out.extend(vs.slash_blocks(ctx, qb, s)),
+                    &vs.top_columns(v),
                 )
             }
             (None, Key::Tokens(block, keep, sink, local)) => {

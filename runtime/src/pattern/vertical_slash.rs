@@ -141,6 +141,20 @@ impl VsRanking {
     /// The index at budgets `vertical` columns and `slash` diagonals (clamped, see the module docs).
     pub fn index(&self, ctx: &PatternContext, vertical: usize, slash: usize) -> HeadIndex {
         let (v, s) = clamp_budgets(ctx, vertical, slash);
+        let chosen = self.top_columns(v);
+        let mut b = IndexBuilder::new(ctx);
+        for qb in 0..ctx.q_blocks() {
+            let last = ctx.q_rows(qb).end.saturating_sub(1);
+            b.push(
+                self.slash_blocks(ctx, qb, s),
+                chosen.iter().copied().take_while(|&j| j <= last),
+            );
+        }
+        b.finish()
+    }
+
+    /// The top `v` columns (already clamped), sorted by token.
+    pub fn top_columns(&self, v: usize) -> Vec<usize> {
         let mut chosen: Vec<usize> = self
             .columns
             .order
@@ -149,14 +163,17 @@ impl VsRanking {
             .map(|&j| j as usize)
             .collect();
         chosen.sort_unstable();
-        let mut b = IndexBuilder::new(ctx);
-        for qb in 0..ctx.q_blocks() {
-            let last = ctx.q_rows(qb).end.saturating_sub(1);
-            let blocks =
-                (0..ctx.causal_k_blocks(qb)).filter(|&kb| (self.block_rank(qb, kb) as usize) < s);
-            b.push(blocks, chosen.iter().copied().take_while(|&j| j <= last));
-        }
-        b.finish()
+        chosen
+    }
+
+    /// Causal key blocks of query block `qb` that the top `s` diagonals (already clamped) touch.
+    pub fn slash_blocks<'a>(
+        &'a self,
+        ctx: &PatternContext,
+        qb: usize,
+        s: usize,
+    ) -> impl Iterator<Item = usize> + 'a {
+        (0..ctx.causal_k_blocks(qb)).filter(move |&kb| (self.block_rank(qb, kb) as usize) < s)
     }
 }
 
