@@ -67,14 +67,6 @@ fn clopper_pearson(k: usize, n: usize) -> (f64, f64) {
     (lo, hi)
 }
 
-/// Retrieval accuracy of one data source on one side, with its 95% interval.
-#[derive(Debug, Clone, Serialize)]
-struct Accuracy {
-    correct: usize,
-    total: usize,
-    ci95: (f64, f64),
-}
-
 #[derive(Debug, Default, Serialize)]
 struct Side {
     nll: f64,
@@ -82,8 +74,8 @@ struct Side {
     perplexity: f64,
     /// data source → (correct, total)
     accuracy: BTreeMap<String, (usize, usize)>,
-    /// data source → accuracy with a 95% Clopper-Pearson interval.
-    accuracy_ci: BTreeMap<String, Accuracy>,
+    /// data source → 95% Clopper-Pearson interval of `accuracy`.
+    accuracy_ci95: BTreeMap<String, (f64, f64)>,
     mean_answer_logprob: Option<f64>,
     #[serde(skip)]
     logprobs: Vec<f64>,
@@ -105,20 +97,10 @@ impl Side {
 
     fn finish(&mut self) {
         self.perplexity = (self.nll / self.tokens.max(1) as f64).exp();
-        self.accuracy_ci = self
+        self.accuracy_ci95 = self
             .accuracy
             .iter()
-            .map(|(source, &(correct, total))| {
-                let ci95 = clopper_pearson(correct, total);
-                (
-                    source.clone(),
-                    Accuracy {
-                        correct,
-                        total,
-                        ci95,
-                    },
-                )
-            })
+            .map(|(source, &(correct, total))| (source.clone(), clopper_pearson(correct, total)))
             .collect();
         if !self.logprobs.is_empty() {
             self.mean_answer_logprob =
@@ -306,9 +288,11 @@ fn render(r: &EvalReport) -> String {
         let (sok, sn) = r.sparse.accuracy.get(source).copied().unwrap_or((0, 0));
         let (agree, cases) = r.agreement.get(source).copied().unwrap_or((0, 0));
         let ci = |side: &Side| {
-            side.accuracy_ci.get(source).map_or(String::new(), |a| {
-                format!("[{:.0}-{:.0}%]", 100.0 * a.ci95.0, 100.0 * a.ci95.1)
-            })
+            side.accuracy_ci95
+                .get(source)
+                .map_or(String::new(), |(lo, hi)| {
+                    format!("[{:.0}-{:.0}%]", 100.0 * lo, 100.0 * hi)
+                })
         };
         let _ = writeln!(
             out,

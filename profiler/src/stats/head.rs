@@ -289,13 +289,13 @@ impl HeadStats {
         Some(self.recall((*c.mass.get(at)?, *c.cells.get(at)?)))
     }
 
-    /// Mean mass on the first [`super::SINK_TOKENS`] keys per row.
     /// Recall and density of dynamic candidate `c` (`None` when it was not scored).
     pub fn recall_dynamic(&self, c: usize) -> Option<Recall> {
         let (mass, cells) = (*self.dynamic.mass.get(c)?, *self.dynamic.cells.get(c)?);
         Some(self.recall((mass, cells)))
     }
 
+    /// Mean mass on the first [`super::SINK_TOKENS`] keys per row.
     pub fn mean_sink_mass(&self) -> f64 {
         self.sink_mass / self.rows.max(1) as f64
     }
