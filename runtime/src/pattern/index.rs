@@ -71,22 +71,23 @@ impl HeadIndex {
 
     /// Computed causal cells, exactly.
     pub fn cells(&self) -> u64 {
-        (0..self.q_blocks())
-            .map(|qb| {
-                let rows = self.ctx.q_rows(qb);
-                let b: u64 = self
-                    .key_blocks(qb)
-                    .iter()
-                    .map(|&kb| causal_cells(&rows, &self.ctx.k_cols(kb as usize)))
-                    .sum();
-                let c: u64 = self
-                    .columns(qb)
-                    .iter()
-                    .map(|&j| (rows.end - (j as usize).max(rows.start)) as u64)
-                    .sum();
-                b + c
-            })
-            .sum()
+        (0..self.q_blocks()).map(|qb| self.block_cells(qb)).sum()
+    }
+
+    /// Computed causal cells of query block `qb` (0 past the last block).
+    pub fn block_cells(&self, qb: usize) -> u64 {
+        let rows = self.ctx.q_rows(qb);
+        let b: u64 = self
+            .key_blocks(qb)
+            .iter()
+            .map(|&kb| causal_cells(&rows, &self.ctx.k_cols(kb as usize)))
+            .sum();
+        let c: u64 = self
+            .columns(qb)
+            .iter()
+            .map(|&j| rows.end.saturating_sub((j as usize).max(rows.start)) as u64)
+            .sum();
+        b + c
     }
 
     /// Causal cells of dense attention, `N (N + 1) / 2`.
