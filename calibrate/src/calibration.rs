@@ -40,6 +40,8 @@ pub struct HeadResult {
     pub chosen: Vec<Scored>,
     /// Held-out recall (mean over rows) of the chosen candidate per length, when held-out data exist.
     pub heldout: Option<Vec<f64>>,
+    /// Held-out recall of the last rows per length, when held-out data with a tail exist.
+    pub heldout_tail: Option<Vec<f64>>,
     /// MInference's choice per length.
     pub minference: Vec<MInferenceChoice>,
     /// MInference's single default, vertical-slash (1000, 6096), per length.
@@ -67,6 +69,21 @@ impl HeadResult {
         self.heldout
             .as_ref()
             .map(|v| v.iter().copied().fold(f64::INFINITY, f64::min))
+    }
+    /// Lowest held-out recall of the last rows over lengths.
+    pub fn validated_tail_min(&self) -> Option<f64> {
+        self.heldout_tail
+            .as_ref()
+            .map(|v| v.iter().copied().fold(f64::INFINITY, f64::min))
+    }
+    /// Whether the held-out recall misses the goal's target (or its tail target, when set) by more
+    /// than `tolerance` at some length.
+    pub fn misses(&self, goal: &Goal, tolerance: f64) -> bool {
+        let below = |r: Option<f64>, target: f64| r.is_some_and(|r| r < target - tolerance);
+        below(self.validated_min(), goal.target_recall)
+            || goal
+                .tail_recall
+                .is_some_and(|t| below(self.validated_tail_min(), t))
     }
 }
 
@@ -137,6 +154,7 @@ fn check_profiles(
             ("block_q", m.block_q, reference.block_q),
             ("block_k", m.block_k, reference.block_k),
             ("last_q", m.last_q, reference.last_q),
+            ("tail_q", m.tail_q, reference.tail_q),
         ] {
             if a != b {
                 return Err(bad(
@@ -236,6 +254,14 @@ pub fn calibrate(
     tool: &str,
 ) -> Result<(Calibration, Vec<ProfileFile>, Vec<ProfileFile>), Error> {
     check_profiles(&mut calib, &mut heldout, tool)?;
+    if goal.tail_recall.is_some() && calib[0].profile.meta.tail_q == 0 {
+        return Err(bad(
+            &calib[0].path,
+            "tail_q",
+            "0: the profile kept no statistics of the last rows, which a tail recall target needs \
+             (profile again with --tail-q)",
+        ));
+    }
     let model = calib[0].profile.meta.model.clone();
     let pairs: Vec<(usize, usize)> = (0..model.layers as usize)
         .flat_map(|l| (0..model.query_heads as usize).map(move |h| (l, h)))
@@ -256,23 +282,25 @@ pub fn calibrate(
                 .map(|hs| hs.candidates().into_iter().map(|c| hs.score(c)).collect())
                 .collect();
             let chosen = choose_across_lengths(&scored, &goal);
-            let heldout = if heldout_by_len.is_empty() {
-                None
-            } else {
-                let mut v = Vec::new();
-                for (f, s) in calib.iter().zip(&chosen) {
-                    match heldout_by_len.get(&f.profile.meta.seq_len) {
-                        Some(h) => v.push(head_samples(h, layer, head)?.score(s.candidate).recall),
-                        None => v.push(f64::NAN),
-                    }
+            let mut held: Vec<Scored> = Vec::new();
+            for (f, s) in calib.iter().zip(&chosen) {
+                if let Some(h) = heldout_by_len.get(&f.profile.meta.seq_len) {
+                    held.push(head_samples(h, layer, head)?.score(s.candidate));
                 }
-                Some(v.into_iter().filter(|x| !x.is_nan()).collect())
+            }
+            let any = !heldout_by_len.is_empty();
+            let heldout = any.then(|| held.iter().map(|s| s.recall).collect());
+            let heldout_tail = if any {
+                held.iter().map(|s| s.tail).collect::<Option<Vec<f64>>>()
+            } else {
+                None
             };
             Ok(HeadResult {
                 layer,
                 head,
                 chosen,
                 heldout,
+                heldout_tail,
                 minference: per_len.iter().map(minference::choose).collect(),
                 minference_default: per_len.iter().map(minference::single_best).collect(),
             })
@@ -322,15 +350,7 @@ fn choose_across_lengths(scored: &[Vec<Scored>], goal: &Goal) -> Vec<Scored> {
     match best {
         Some((_, _, picks)) => picks,
         // No family fits at every length (a FLOPs budget below what any family reaches everywhere).
-        None => scored
-            .iter()
-            .map(|_| Scored {
-                candidate: crate::search::Candidate::Dense,
-                recall: 1.0,
-                worst: 1.0,
-                density: 1.0,
-            })
-            .collect(),
+        None => scored.iter().map(|_| Scored::dense()).collect(),
     }
 }
 
@@ -340,19 +360,14 @@ fn choose_across_lengths(scored: &[Vec<Scored>], goal: &Goal) -> Vec<Scored> {
 /// A plan written after this meets the target on held-out data for every head: the heads the
 /// calibration samples misled cost their dense cells instead of their recall.
 pub fn fall_back_to_dense(cal: &mut Calibration, tolerance: f64) -> Vec<HeadResult> {
-    let target = cal.goal.target_recall;
-    let dense = Scored {
-        candidate: crate::search::Candidate::Dense,
-        recall: 1.0,
-        worst: 1.0,
-        density: 1.0,
-    };
+    let goal = cal.goal;
+    let dense = Scored::dense();
     let mut failed = Vec::new();
     for h in &mut cal.heads {
-        if h.validated_min().is_some_and(|r| r < target - tolerance) {
+        if h.misses(&goal, tolerance) {
             failed.push(h.clone());
             h.chosen.iter_mut().for_each(|s| *s = dense);
-            if let Some(v) = &mut h.heldout {
+            for v in [&mut h.heldout, &mut h.heldout_tail].into_iter().flatten() {
                 v.iter_mut().for_each(|x| *x = 1.0);
             }
         }

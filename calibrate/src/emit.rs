@@ -214,8 +214,12 @@ pub fn plan(cal: &Calibration, inputs: PlanInputs<'_>) -> Plan {
             objective_name(goal.objective)
         ),
         None => format!(
-            "fewest computed cells with {} recall >= target",
-            objective_name(goal.objective)
+            "fewest computed cells with {} recall >= target{}",
+            objective_name(goal.objective),
+            goal.tail_recall.map_or(String::new(), |t| format!(
+                " and {} recall of the last rows >= {t}",
+                objective_name(goal.objective)
+            ))
         ),
     };
     Plan {

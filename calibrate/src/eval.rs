@@ -6,9 +6,12 @@
 //! both are measured in the same run). From the hidden states:
 //! - perplexity over the prompt tokens (next-token log-likelihood, natural log);
 //! - the retrieval answer: a sample passes when the model's argmax reproduces every answer token given
-//!   the previous ones — exactly the condition for greedy decoding to produce the answer. The answer
-//!   tokens' own attention runs under the plan too, which is stricter than a sparse prefill followed by
-//!   dense decoding; the answer's log-probability is reported beside it;
+//!   the previous ones — exactly the condition for greedy decoding to produce the answer. The prompt
+//!   runs under the plan (the sparse prefill; its last row predicts the first answer token); the
+//!   answer tokens' own rows attend densely over everything before them ([`dense_rows`]), which is
+//!   what decoding them one by one over the prefill's KV cache computes. With
+//!   [`EvalAttention::decode_rows`] at 0 they run under the plan too (stricter than any engine). The
+//!   answer's log-probability is reported beside it;
 //! - on the samples chosen for comparison ([`EvalAttention::compare_dense`]), dense attention on the
 //!   same layer inputs: the output error and both attention wall times;
 //! - on the first sample, every head's measured recall of the index the runtime built
@@ -48,6 +51,8 @@ pub struct EvalAttention {
     /// only (what sharing would cost).
     pub index_seconds_own: f64,
     pub index_seconds_shared: f64,
+    /// The last rows of the next forwards that are decoded tokens, not prefill: attended densely.
+    pub decode_rows: usize,
     dense_out: Vec<f32>,
 }
 
@@ -66,6 +71,7 @@ impl EvalAttention {
             shared_recall: vec![vec![f64::NAN; model.query_heads as usize]; model.layers as usize],
             index_seconds_own: 0.0,
             index_seconds_shared: 0.0,
+            decode_rows: 0,
             dense_out: Vec::new(),
         })
     }
@@ -84,6 +90,8 @@ impl LayerAttention for EvalAttention {
     ) -> profiler::Result<()> {
         let start = Instant::now();
         self.prefill.forward(layer, input, out)?;
+        let n = input.shape.seq_len;
+        dense_rows(input, n.saturating_sub(self.decode_rows), out);
         if self.compare_dense {
             self.sparse_seconds += start.elapsed().as_secs_f64();
             self.dense_out.resize(out.len(), 0.0);
@@ -104,6 +112,49 @@ impl LayerAttention for EvalAttention {
             self.measure(layer, input)?;
         }
         Ok(())
+    }
+}
+
+/// Exact attention (f64 sums) of rows `from..` of every query head, written over `out`
+/// (`[q_heads, seq_len, head_dim]`): what decoding those tokens one at a time over a KV cache
+/// computes. Rows `..from` are left as they are.
+pub fn dense_rows(input: &AttentionInput<'_>, from: usize, out: &mut [f32]) {
+    let shape = input.shape;
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut weights = Vec::with_capacity(n);
+    let mut acc = vec![0.0f64; d];
+    for h in 0..shape.q_heads {
+        let g = shape.kv_head_of(h);
+        for i in from..n {
+            let q = input.q_row(h, i);
+            weights.clear();
+            weights.extend((0..=i).map(|j| {
+                let k = input.k_row(g, j);
+                scale
+                    * q.iter()
+                        .zip(k)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum::<f64>()
+            }));
+            let max = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut z = 0.0;
+            for w in weights.iter_mut() {
+                *w = (*w - max).exp();
+                z += *w;
+            }
+            acc.fill(0.0);
+            for (j, &w) in weights.iter().enumerate() {
+                for (a, &v) in acc.iter_mut().zip(input.v_row(g, j)) {
+                    *a += w * f64::from(v);
+                }
+            }
+            if let Some(row) = out.get_mut((h * n + i) * d..(h * n + i + 1) * d) {
+                for (o, a) in row.iter_mut().zip(&acc) {
+                    *o = (a / z) as f32;
+                }
+            }
+        }
     }
 }
 
@@ -196,4 +247,55 @@ pub fn eval_sample(
         correct,
         answer_logprob,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use runtime::exec::reference::dense_reference;
+    use runtime::AttnShape;
+
+    use super::*;
+
+    /// The decoded rows equal f64 dense attention (GQA 3:1, odd length); the prefill rows before them
+    /// are left untouched.
+    #[test]
+    fn dense_rows_equal_the_f64_reference_and_touch_nothing_else() -> Result<(), runtime::Error> {
+        let shape = AttnShape {
+            q_heads: 3,
+            kv_heads: 1,
+            seq_len: 37,
+            head_dim: 8,
+        };
+        let mut x = 11u64;
+        let mut rand = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((x >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (rand(3 * 37 * 8), rand(37 * 8), rand(37 * 8));
+        let input = AttentionInput::new(shape, &q, &k, &v)?;
+        let want = dense_reference(&input)?;
+        let mut out = vec![7.0f32; q.len()];
+        dense_rows(&input, 30, &mut out);
+        for h in 0..3 {
+            for i in 0..37 {
+                for c in 0..8 {
+                    let at = (h * 37 + i) * 8 + c;
+                    if i < 30 {
+                        assert_eq!(out[at], 7.0, "prefill row {i} of head {h} was written");
+                    } else {
+                        // f32 output of an f64 computation: one rounding.
+                        let err = (f64::from(out[at]) - want[at]).abs();
+                        assert!(err <= 1e-6 * want[at].abs().max(1.0), "row {i}: {err:e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }

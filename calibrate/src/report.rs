@@ -25,6 +25,9 @@ pub struct PerLength {
     pub mean_recall: f64,
     pub worst_recall: f64,
     pub mean_heldout_recall: Option<f64>,
+    /// Recall of the last rows (when the profiles kept them): mean over heads, lowest head (its
+    /// worst sample), and the held-out mean and lowest head.
+    pub tail: Option<TailFigures>,
     /// MInference's per-head choices on the same statistics.
     pub minference_flops_fraction: f64,
     pub minference_mean_recall: f64,
@@ -36,9 +39,22 @@ pub struct PerLength {
 }
 
 #[derive(Debug, Serialize)]
+pub struct TailFigures {
+    pub mean_recall: f64,
+    pub worst_recall: f64,
+    pub mean_heldout_recall: Option<f64>,
+    pub min_heldout_recall: Option<f64>,
+    /// MInference's per-head choices: mean and lowest head.
+    pub minference_mean_recall: f64,
+    pub minference_worst_recall: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Summary {
     pub heads: usize,
     pub target_recall: f64,
+    /// Target on the recall of the last rows, when set.
+    pub tail_recall: Option<f64>,
     pub objective: String,
     pub flops_budget: Option<f64>,
     pub patterns: BTreeMap<String, usize>,
@@ -106,6 +122,7 @@ pub fn build(cal: &Calibration, plan: &Plan, threshold: DenseThreshold, toleranc
                     .map(|h| h.chosen[i].worst)
                     .fold(f64::INFINITY, f64::min),
                 mean_heldout_recall: (!heldout.is_empty()).then(|| mean(heldout.into_iter())),
+                tail: tail_figures(cal, i),
                 minference_flops_fraction: theirs,
                 minference_mean_recall: mean(cal.heads.iter().map(|h| h.minference[i].run.recall)),
                 minference_default_flops_fraction: mean(
@@ -125,10 +142,7 @@ pub fn build(cal: &Calibration, plan: &Plan, threshold: DenseThreshold, toleranc
     let at_target = cal.heads.first().and_then(|h| h.heldout.as_ref()).map(|_| {
         cal.heads
             .iter()
-            .filter(|h| {
-                h.validated_min()
-                    .is_some_and(|r| r >= goal.target_recall - tolerance)
-            })
+            .filter(|h| !h.misses(goal, tolerance))
             .count()
     });
     let block_k = u64::from(plan.defaults.block_k);
@@ -152,6 +166,7 @@ pub fn build(cal: &Calibration, plan: &Plan, threshold: DenseThreshold, toleranc
         summary: Summary {
             heads: heads.len(),
             target_recall: goal.target_recall,
+            tail_recall: goal.tail_recall,
             objective: plan.provenance.objective.clone().unwrap_or_default(),
             flops_budget: goal.flops_budget,
             patterns,
@@ -165,14 +180,39 @@ pub fn build(cal: &Calibration, plan: &Plan, threshold: DenseThreshold, toleranc
     }
 }
 
+/// The recall of the last rows at length `i`, when every head has it.
+fn tail_figures(cal: &Calibration, i: usize) -> Option<TailFigures> {
+    let ours: Vec<(f64, f64)> = cal
+        .heads
+        .iter()
+        .map(|h| Some((h.chosen[i].tail?, h.chosen[i].tail_worst?)))
+        .collect::<Option<_>>()?;
+    let theirs: Vec<f64> = cal
+        .heads
+        .iter()
+        .map(|h| h.minference[i].run.tail)
+        .collect::<Option<_>>()?;
+    let held: Option<Vec<f64>> = cal
+        .heads
+        .iter()
+        .map(|h| h.heldout_tail.as_ref().and_then(|v| v.get(i).copied()))
+        .collect();
+    let min = |v: &mut dyn Iterator<Item = f64>| v.fold(f64::INFINITY, f64::min);
+    Some(TailFigures {
+        mean_recall: mean(ours.iter().map(|t| t.0)),
+        worst_recall: min(&mut ours.iter().map(|t| t.1)),
+        mean_heldout_recall: held.as_ref().map(|v| mean(v.iter().copied())),
+        min_heldout_recall: held.as_ref().map(|v| min(&mut v.iter().copied())),
+        minference_mean_recall: mean(theirs.iter().copied()),
+        minference_worst_recall: min(&mut theirs.iter().copied()),
+    })
+}
+
 /// Heads whose held-out recall misses the target by more than `tolerance` at some length.
 pub fn failing_heads(cal: &Calibration, tolerance: f64) -> Vec<&HeadResult> {
     cal.heads
         .iter()
-        .filter(|h| {
-            h.validated_min()
-                .is_some_and(|r| r < cal.goal.target_recall - tolerance)
-        })
+        .filter(|h| h.misses(&cal.goal, tolerance))
         .collect()
 }
 
@@ -184,8 +224,11 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(out, "heads        {}: {}", s.heads, mix.join(", "));
     let _ = writeln!(
         out,
-        "objective    {} (target {})",
-        s.objective, s.target_recall
+        "objective    {} (target {}{})",
+        s.objective,
+        s.target_recall,
+        s.tail_recall
+            .map_or(String::new(), |t| format!(", last rows {t}"))
     );
     let _ = writeln!(
         out,
@@ -216,6 +259,23 @@ pub fn render(r: &Report) -> String {
             p.minference_default_mean_recall,
             -100.0 * p.reduction_vs_minference,
         );
+    }
+    for p in &s.per_length {
+        if let Some(t) = &p.tail {
+            let opt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
+            let _ = writeln!(
+                out,
+                "  {:>7} last rows: recall {:.4}, lowest head {:.4}, held-out {} (lowest {}); \
+                 MInference {:.4} (lowest {:.4})",
+                p.seq_len,
+                t.mean_recall,
+                t.worst_recall,
+                opt(t.mean_heldout_recall),
+                opt(t.min_heldout_recall),
+                t.minference_mean_recall,
+                t.minference_worst_recall,
+            );
+        }
     }
     if let (Some(n), Some(f)) = (s.heads_at_target_heldout, s.fraction_at_target_heldout) {
         let _ = writeln!(

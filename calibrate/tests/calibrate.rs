@@ -71,6 +71,7 @@ const CFG: StatsConfig = StatsConfig {
     block_q: 16,
     block_k: 16,
     last_q: 16,
+    tail_q: 48,
 };
 
 fn sample_stats(seed: u64, seq_len: usize) -> Vec<HeadStats> {
@@ -118,6 +119,7 @@ fn profile(tag: &str, seeds: &[u64], seq_len: usize) -> Profile {
         sample_ids: seeds.iter().map(|s| format!("{tag}:{s}")).collect(),
         layers: vec![0, 1],
         dynamic: dynamic_candidates(),
+        tail_q: CFG.tail_q as u32,
     });
     for (k, &seed) in seeds.iter().enumerate() {
         for layer in 0..2 {
@@ -169,6 +171,7 @@ fn the_choice_is_the_cheapest_candidate_at_target_and_respects_a_flops_budget() 
     for objective in [Objective::Mean, Objective::Worst] {
         let goal = Goal {
             target_recall: 0.9,
+            tail_recall: None,
             flops_budget: None,
             objective,
         };
@@ -183,6 +186,7 @@ fn the_choice_is_the_cheapest_candidate_at_target_and_respects_a_flops_budget() 
     }
     let goal = Goal {
         target_recall: 0.9,
+        tail_recall: None,
         flops_budget: Some(0.3),
         objective: Objective::Mean,
     };
@@ -195,10 +199,68 @@ fn the_choice_is_the_cheapest_candidate_at_target_and_respects_a_flops_budget() 
     // An unreachable target gives dense.
     let goal = Goal {
         target_recall: 1.0 + 1e-6,
+        tail_recall: None,
         flops_budget: None,
         objective: Objective::Mean,
     };
     assert_eq!(choose(&scored, &goal).candidate, Candidate::Dense);
+}
+
+/// With a target on the last rows, the choice is the cheapest candidate that reaches both targets;
+/// the tail read-outs are the tail statistics' own (summed over samples, and the worst sample).
+#[test]
+fn a_tail_target_holds_the_last_rows_too() {
+    let per_sample: Vec<HeadStats> = [1u64, 2, 3]
+        .iter()
+        .map(|&s| sample_stats(s, 300).remove(1))
+        .collect();
+    let tails: Vec<HeadStats> = per_sample
+        .iter()
+        .map(|s| *s.tail.clone().unwrap())
+        .collect();
+    let head = HeadSamples::new(per_sample).unwrap();
+    let scored: Vec<Scored> = head
+        .candidates()
+        .into_iter()
+        .map(|c| head.score(c))
+        .collect();
+    let mut tail_sum = tails[0].clone();
+    for t in &tails[1..] {
+        tail_sum.merge(t).unwrap();
+    }
+    let c = Candidate::VerticalSlash {
+        vertical: 16,
+        slash: 32,
+    };
+    let s = head.score(c);
+    let want = tail_sum.recall_vertical_slash(16, 32).recall;
+    assert!((s.tail.unwrap() - want).abs() < 1e-12, "{s:?} vs {want}");
+    let worst = tails
+        .iter()
+        .map(|t| t.recall_vertical_slash(16, 32).recall)
+        .fold(f64::INFINITY, f64::min);
+    assert!((s.tail_worst.unwrap() - worst).abs() < 1e-12);
+    for objective in [Objective::Mean, Objective::Worst] {
+        let plain = Goal {
+            target_recall: 0.9,
+            tail_recall: None,
+            flops_budget: None,
+            objective,
+        };
+        let both = Goal {
+            tail_recall: Some(0.99),
+            ..plain
+        };
+        let pick = choose(&scored, &both);
+        assert!(objective.of(&pick) >= 0.9 && objective.of_tail(&pick).unwrap() >= 0.99);
+        let cheaper = scored
+            .iter()
+            .filter(|s| s.density < pick.density && both.reaches(s))
+            .count();
+        assert_eq!(cheaper, 0, "{pick:?}");
+        // The tail target can only cost cells.
+        assert!(pick.density >= choose(&scored, &plain).density);
+    }
 }
 
 fn attnplan(args: &[&str]) -> Output {
@@ -367,6 +429,52 @@ fn heads_missing_the_target_on_heldout_data_run_dense_by_default() {
     }
 }
 
+/// `--tail-recall`: every head's recall of the last rows reaches it in the calibration and, after
+/// the dense fallback, on held-out data; the report carries the figures.
+#[test]
+fn a_tail_target_is_met_in_the_written_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = write(dir.path(), "c.safetensors", &profile("cal", &[1, 2], 300));
+    let held = write(dir.path(), "h.safetensors", &profile("held", &[900], 300));
+    let (plan, report) = (dir.path().join("plan.yaml"), dir.path().join("r.json"));
+    let out = attnplan(&[
+        "calibrate",
+        "--profile",
+        cal.to_str().unwrap(),
+        "--heldout",
+        held.to_str().unwrap(),
+        "--target-recall",
+        "0.9",
+        "--tail-recall",
+        "0.995",
+        "--tolerance",
+        "0",
+        "--out",
+        plan.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("last rows 0.995"), "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["summary"]["tail_recall"], 0.995);
+    let tail = &r["summary"]["per_length"][0]["tail"];
+    assert!(
+        tail["worst_recall"].as_f64().unwrap() >= 0.995 - 1e-9,
+        "{tail}"
+    );
+    assert!(
+        tail["min_heldout_recall"].as_f64().unwrap() >= 0.995 - 1e-9,
+        "{tail}"
+    );
+    for h in r["heads"].as_array().unwrap() {
+        let c = &h["chosen"][0];
+        assert!(c["tail_worst"].as_f64().unwrap() >= 0.995 - 1e-9, "{c}");
+    }
+}
+
 #[test]
 fn bad_calibration_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,6 +489,10 @@ fn bad_calibration_input_is_a_clear_error() {
     let mut fewer = profile("held", &[4], 200);
     fewer.meta.dynamic.truncate(3);
     let fewer = write(dir.path(), "n.safetensors", &fewer);
+    let mut no_tail = profile("cal", &[5], 200);
+    no_tail.meta.tail_q = 0;
+    no_tail.tensors.retain(|name, _| !name.contains(".tail."));
+    let no_tail = write(dir.path(), "t.safetensors", &no_tail);
     let out_plan = dir.path().join("p.yaml");
     let g = good.to_str().unwrap();
     let o = out_plan.to_str().unwrap();
@@ -423,6 +535,34 @@ fn bad_calibration_input_is_a_clear_error() {
             "n.safetensors: dynamic",
         ),
         (vec!["--profile", g, "--no-dynamic"], "does not combine"),
+        (
+            vec!["--profile", g, "--tail-recall", "1.5"],
+            "--tail-recall 1.5 is outside",
+        ),
+        (
+            vec![
+                "--profile",
+                g,
+                "--tail-recall",
+                "0.9",
+                "--flops-budget",
+                "0.5",
+            ],
+            "does not combine",
+        ),
+        (
+            vec![
+                "--profile",
+                no_tail.to_str().unwrap(),
+                "--tail-recall",
+                "0.9",
+            ],
+            "t.safetensors: tail_q",
+        ),
+        (
+            vec!["--profile", g, "--heldout", no_tail.to_str().unwrap()],
+            "t.safetensors: tail_q",
+        ),
         (vec!["--profile", g, "--grid", "196"], "does not combine"),
         (vec!["--grid", "1:0"], "stride must be at least 2"),
         (vec!["--grid", "x"], "--grid x: stride"),
@@ -483,6 +623,33 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
         p.provenance.data,
         "synthetic:passkey + synthetic:kv-retrieval + synthetic:needle"
     );
+    // The plan runs in the model's prefill: `eval` reports both sides, with the answer tokens' own
+    // rows dense (decoding) by default and under the plan with --sparse-answer-rows.
+    for (flag, rows) in [(None, "dense"), (Some("--sparse-answer-rows"), "sparse")] {
+        let mut args = vec![
+            "eval",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--data",
+            "synthetic:passkey",
+            "--seq-len",
+            "512",
+            "--samples",
+            "1",
+            "--no-head-recall",
+            "--json",
+        ];
+        args.extend(flag);
+        let out = attnplan(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["answer_rows"], rows);
+        assert_eq!(r["dense"]["accuracy"]["synthetic:passkey"][1], 1);
+        assert_eq!(r["sparse"]["accuracy"]["synthetic:passkey"][1], 1);
+        let cells = r["flops_fraction"].as_f64().unwrap();
+        assert!(cells > 0.0 && cells < 1.0, "{cells}");
+        assert!(r["perplexity_change"].as_f64().unwrap().is_finite());
+    }
 }
 
 /// A head whose choice is a dynamic candidate gets that candidate's pattern in the plan, the same
@@ -495,12 +662,15 @@ fn a_dynamic_choice_is_emitted_as_its_pattern() {
         recall: 0.99,
         worst: 0.98,
         density: 0.3,
+        tail: None,
+        tail_worst: None,
     };
     let head = calibrate::calibration::HeadResult {
         layer: 0,
         head: 0,
         chosen: vec![pick(7), pick(7)],
         heldout: None,
+        heldout_tail: None,
         minference: Vec::new(),
         minference_default: Vec::new(),
     };

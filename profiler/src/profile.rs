@@ -53,6 +53,14 @@ pub struct ProfileMeta {
     /// this order; see `stats::dynamic`). Empty: none were scored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dynamic: Vec<schemas::Pattern>,
+    /// Last query rows whose statistics are kept apart (`S{k}.L{l}.H{h}.tail.*`), rounded out to
+    /// whole query blocks; 0 (and absent in older profiles): none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tail_q: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 /// One named tensor: shape and row-major values.
@@ -168,7 +176,7 @@ impl Profile {
     /// Checks `other` describes the same model, length, tiles and tool, with other samples.
     pub fn check_mergeable(&self, other: &Profile, other_path: &Path) -> Result<()> {
         let (a, b) = (&self.meta, &other.meta);
-        let checks: [(&str, String, String); 7] = [
+        let checks: [(&str, String, String); 8] = [
             ("tool", a.tool.clone(), b.tool.clone()),
             (
                 "model.fingerprint",
@@ -179,6 +187,7 @@ impl Profile {
             ("block_q", a.block_q.to_string(), b.block_q.to_string()),
             ("block_k", a.block_k.to_string(), b.block_k.to_string()),
             ("last_q", a.last_q.to_string(), b.last_q.to_string()),
+            ("tail_q", a.tail_q.to_string(), b.tail_q.to_string()),
             ("version", a.version.to_string(), b.version.to_string()),
         ];
         for (field, mine, theirs) in checks {

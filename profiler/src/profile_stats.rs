@@ -5,6 +5,9 @@
 //! mean: `S{k}.L{l}.H{h}.{field}`. The block-pooled heat map, which is large and only descriptive, is
 //! kept summed over samples: `L{l}.H{h}.heat` (rows flattened; row `qb` has one entry per causal key block) and `.heat_rows`.
 //!
+//! With a tail (`ProfileMeta::tail_q > 0`), the same fields restricted to the last query blocks are
+//! stored as `S{k}.L{l}.H{h}.tail.{field}` ([`HeadStats::tail`]).
+//!
 //! Fields (all f64): `scalars` `[samples, rows, dense_cells, max_len, sink_mass, entropy_bits,
 //! block_q, block_k, last_q]`, `edges`, `distance_mass`, `vs_mass`/`vs_cells` and `as_mass`/`as_cells`
 //! (`[buckets, buckets]`), `topk_mass`/`topk_cells`, `cov_mass`/`cov_cells`.
@@ -16,6 +19,9 @@ use crate::profile::{Profile, StatTensor};
 use crate::stats::{Curve, HeadStats, RankHistogram};
 
 const SCALARS: usize = 9;
+
+/// Field-name prefix of the tail's statistics (`S{k}.L{l}.H{h}.tail.{field}`).
+const TAIL: &str = "tail.";
 
 fn key(sample: usize, layer: usize, head: usize, field: &str) -> String {
     format!("S{sample}.{}", Profile::key(layer, head, field))
@@ -44,67 +50,14 @@ impl Profile {
         stats: &[HeadStats],
     ) -> Result<()> {
         for (h, s) in stats.iter().enumerate() {
-            let scalars = [
-                s.samples as f64,
-                s.rows as f64,
-                s.dense_cells,
-                s.max_len as f64,
-                s.sink_mass,
-                s.entropy_bits,
-                s.block_q as f64,
-                s.block_k as f64,
-                s.last_q as f64,
-            ];
-            let edges: Vec<f64> = s.edges.iter().map(|&e| f64::from(e)).collect();
-            let vs = s.vertical_slash.buckets;
-            let asb = s.a_shape.buckets;
-            let fields: [(&str, Vec<usize>, &[f64]); 11] = [
-                ("scalars", vec![SCALARS], &scalars),
-                ("edges", vec![edges.len()], &edges),
-                (
-                    "distance_mass",
-                    vec![s.distance_mass.len()],
-                    &s.distance_mass,
-                ),
-                ("vs_mass", vec![vs, vs], &s.vertical_slash.mass),
-                ("vs_cells", vec![vs, vs], &s.vertical_slash.cells),
-                ("as_mass", vec![asb, asb], &s.a_shape.mass),
-                ("as_cells", vec![asb, asb], &s.a_shape.cells),
-                (
-                    "topk_mass",
-                    vec![s.block_top_k.mass.len()],
-                    &s.block_top_k.mass,
-                ),
-                (
-                    "topk_cells",
-                    vec![s.block_top_k.cells.len()],
-                    &s.block_top_k.cells,
-                ),
-                (
-                    "cov_mass",
-                    vec![s.block_coverage.mass.len()],
-                    &s.block_coverage.mass,
-                ),
-                (
-                    "cov_cells",
-                    vec![s.block_coverage.cells.len()],
-                    &s.block_coverage.cells,
-                ),
-            ];
-            let dynamic: [(&str, Vec<usize>, &[f64]); 2] = [
-                ("dyn_mass", vec![s.dynamic.mass.len()], &s.dynamic.mass),
-                ("dyn_cells", vec![s.dynamic.cells.len()], &s.dynamic.cells),
-            ];
-            let scored = !s.dynamic.mass.is_empty();
-            for (field, shape, data) in fields
-                .into_iter()
-                .chain(dynamic.into_iter().filter(|_| scored))
-            {
-                let name = key(sample, layer, h, field);
-                if self.tensors.contains_key(&name) {
-                    return Err(Error::Profile(format!("{name} is already stored")));
-                }
-                self.accumulate(&name, &shape, data)?;
+            self.put_fields(sample, layer, h, "", s)?;
+            match (&s.tail, self.meta.tail_q) {
+                (Some(t), q) if q > 0 => self.put_fields(sample, layer, h, TAIL, t)?,
+                (None, 0) => {}
+                (t, q) => return Err(Error::Profile(format!(
+                    "layer {layer} head {h}: statistics {} a tail but the profile's tail_q is {q}",
+                    if t.is_some() { "with" } else { "without" }
+                ))),
             }
             for (qb, row) in s.heat.iter().enumerate() {
                 if row.len() != heat_row_len(qb, s.max_len, s.block_q, s.block_k) {
@@ -122,7 +75,83 @@ impl Profile {
         Ok(())
     }
 
-    /// The statistics of sample `sample`, (`layer`, `head`), without the heat map.
+    /// Stores the sufficient statistics of `s` (no heat map) under field names starting with
+    /// `prefix`.
+    fn put_fields(
+        &mut self,
+        sample: usize,
+        layer: usize,
+        h: usize,
+        prefix: &str,
+        s: &HeadStats,
+    ) -> Result<()> {
+        let scalars = [
+            s.samples as f64,
+            s.rows as f64,
+            s.dense_cells,
+            s.max_len as f64,
+            s.sink_mass,
+            s.entropy_bits,
+            s.block_q as f64,
+            s.block_k as f64,
+            s.last_q as f64,
+        ];
+        let edges: Vec<f64> = s.edges.iter().map(|&e| f64::from(e)).collect();
+        let vs = s.vertical_slash.buckets;
+        let asb = s.a_shape.buckets;
+        let fields: [(&str, Vec<usize>, &[f64]); 11] = [
+            ("scalars", vec![SCALARS], &scalars),
+            ("edges", vec![edges.len()], &edges),
+            (
+                "distance_mass",
+                vec![s.distance_mass.len()],
+                &s.distance_mass,
+            ),
+            ("vs_mass", vec![vs, vs], &s.vertical_slash.mass),
+            ("vs_cells", vec![vs, vs], &s.vertical_slash.cells),
+            ("as_mass", vec![asb, asb], &s.a_shape.mass),
+            ("as_cells", vec![asb, asb], &s.a_shape.cells),
+            (
+                "topk_mass",
+                vec![s.block_top_k.mass.len()],
+                &s.block_top_k.mass,
+            ),
+            (
+                "topk_cells",
+                vec![s.block_top_k.cells.len()],
+                &s.block_top_k.cells,
+            ),
+            (
+                "cov_mass",
+                vec![s.block_coverage.mass.len()],
+                &s.block_coverage.mass,
+            ),
+            (
+                "cov_cells",
+                vec![s.block_coverage.cells.len()],
+                &s.block_coverage.cells,
+            ),
+        ];
+        let dynamic: [(&str, Vec<usize>, &[f64]); 2] = [
+            ("dyn_mass", vec![s.dynamic.mass.len()], &s.dynamic.mass),
+            ("dyn_cells", vec![s.dynamic.cells.len()], &s.dynamic.cells),
+        ];
+        let scored = !s.dynamic.mass.is_empty();
+        for (field, shape, data) in fields
+            .into_iter()
+            .chain(dynamic.into_iter().filter(|_| scored))
+        {
+            let name = key(sample, layer, h, &format!("{prefix}{field}"));
+            if self.tensors.contains_key(&name) {
+                return Err(Error::Profile(format!("{name} is already stored")));
+            }
+            self.accumulate(&name, &shape, data)?;
+        }
+        Ok(())
+    }
+
+    /// The statistics of sample `sample`, (`layer`, `head`), without the heat map; with its tail
+    /// when the profile kept one.
     pub fn sample_stats(
         &self,
         path: &Path,
@@ -130,14 +159,29 @@ impl Profile {
         layer: usize,
         head: usize,
     ) -> Result<HeadStats> {
-        let get = |field: &str| -> Result<&StatTensor> {
-            self.tensor(path, &key(sample, layer, head, field))
-        };
+        let mut s = self.read_fields(path, sample, layer, head, "")?;
+        if self.meta.tail_q > 0 {
+            s.tail = Some(Box::new(self.read_fields(path, sample, layer, head, TAIL)?));
+        }
+        Ok(s)
+    }
+
+    /// The sufficient statistics stored under field names starting with `prefix`.
+    fn read_fields(
+        &self,
+        path: &Path,
+        sample: usize,
+        layer: usize,
+        head: usize,
+        prefix: &str,
+    ) -> Result<HeadStats> {
+        let name = |field: &str| key(sample, layer, head, &format!("{prefix}{field}"));
+        let get = |field: &str| -> Result<&StatTensor> { self.tensor(path, &name(field)) };
         let scalars = &get("scalars")?.data;
         if scalars.len() != SCALARS {
             return Err(bad(
                 path,
-                &key(sample, layer, head, "scalars"),
+                &name("scalars"),
                 format!("{} values, expected {SCALARS}", scalars.len()),
             ));
         }
@@ -147,7 +191,7 @@ impl Profile {
             } else {
                 Err(bad(
                     path,
-                    &key(sample, layer, head, "scalars"),
+                    &name("scalars"),
                     format!("{field} = {x}, expected a count"),
                 ))
             }
@@ -158,7 +202,7 @@ impl Profile {
             if mass.shape != [buckets, buckets] || cells.shape != mass.shape {
                 return Err(bad(
                     path,
-                    &key(sample, layer, head, m),
+                    &name(m),
                     format!("shape {:?}, expected a square matching {c}", mass.shape),
                 ));
             }
@@ -171,11 +215,7 @@ impl Profile {
         let curve = |m: &str, c: &str| -> Result<Curve> {
             let (mass, cells) = (get(m)?, get(c)?);
             if mass.data.len() != cells.data.len() {
-                return Err(bad(
-                    path,
-                    &key(sample, layer, head, m),
-                    "mass and cells differ in length",
-                ));
+                return Err(bad(path, &name(m), "mass and cells differ in length"));
             }
             Ok(Curve {
                 mass: mass.data.clone(),
@@ -195,7 +235,7 @@ impl Profile {
         if vertical_slash.buckets != edges.len() {
             return Err(bad(
                 path,
-                &key(sample, layer, head, "vs_mass"),
+                &name("vs_mass"),
                 format!(
                     "{} buckets for {} edges",
                     vertical_slash.buckets,
@@ -228,7 +268,7 @@ impl Profile {
                 if c.mass.len() != self.meta.dynamic.len() {
                     return Err(bad(
                         path,
-                        &key(sample, layer, head, "dyn_mass"),
+                        &name("dyn_mass"),
                         format!(
                             "{} values for the {} dynamic candidates of the metadata",
                             c.mass.len(),
@@ -238,6 +278,7 @@ impl Profile {
                 }
                 c
             },
+            tail: None,
         })
     }
 

@@ -113,6 +113,7 @@ pub fn profile_samples(
         sample_ids: samples.iter().map(|s| s.id.clone()).collect(),
         layers: (0..layers as u32).collect(),
         dynamic: run.dynamic.clone(),
+        tail_q: run.stats.tail_q as u32,
     };
     let mut profile = Profile::new(meta);
     for (k, sample) in samples.iter().enumerate() {

@@ -30,6 +30,7 @@ fn meta(ids: &[&str], layers: &[u32]) -> ProfileMeta {
         sample_ids: ids.iter().map(|s| s.to_string()).collect(),
         layers: layers.to_vec(),
         dynamic: Vec::new(),
+        tail_q: 256,
     }
 }
 
@@ -86,13 +87,15 @@ fn merge_refuses_double_counting_and_foreign_profiles() {
         ("seq_len", 1),
         ("tool", 2),
         ("block_k", 3),
+        ("tail_q", 4),
     ] {
         let mut b = profile(&["s9"], &[0, 1], 1.0);
         match tweak {
             0 => b.meta.model.fingerprint = format!("sha256:{}", "2".repeat(64)),
             1 => b.meta.seq_len = 512,
             2 => b.meta.tool = "attnplan 9.9.9".into(),
-            _ => b.meta.block_k = 32,
+            3 => b.meta.block_k = 32,
+            _ => b.meta.tail_q = 128,
         }
         let err = a.merge(&b, p).unwrap_err().to_string();
         assert!(
@@ -187,7 +190,17 @@ fn dynamic_scores_round_trip_and_guard_merges() {
         let got = back.sample_stats(&path, 0, 0, h).unwrap();
         assert_eq!(got.dynamic, want.dynamic);
         assert_eq!(got.dynamic.mass.len(), candidates.len());
+        // The tail (last rows) comes back whole: it has no heat map to leave behind.
+        assert!(got.tail.is_some());
+        assert_eq!(got.tail, want.tail);
     }
+    // Statistics with a tail do not go into a profile that keeps none (and the reverse).
+    let mut none = meta(&["s2"], &[0]);
+    none.tail_q = 0;
+    let err = Profile::new(none)
+        .put_sample_stats(0, 0, &stats)
+        .unwrap_err();
+    assert!(err.to_string().contains("tail"), "{err}");
     let mut other = Profile::new(meta(&["s1"], &[0]));
     other.put_sample_stats(0, 0, &stats).unwrap();
     let err = back

@@ -7,7 +7,7 @@
 
 use profiler::stats::{
     dynamic, layer_stats, layer_stats_scored, rank_edges, recall_of_index, HeadStats, PackedKeys,
-    RowBlock, StatsConfig, COVERAGE_GRID, SINK_TOKENS,
+    Recall, RowBlock, StatsConfig, COVERAGE_GRID, SINK_TOKENS,
 };
 use proptest::prelude::*;
 use runtime::pattern::block_sparse::BlockRanking;
@@ -137,19 +137,20 @@ fn prefix(p: &[Vec<f64>]) -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// Recall of `index` from the f64 matrix (through `pieces`, which the runtime tests tie to `contains`).
-fn dense_recall(pre: &[Vec<f64>], index: &HeadIndex) -> f64 {
-    let n = pre.len();
+/// Recall of `index` over rows `first..` from the f64 matrix (`pre` holds those rows' prefix sums),
+/// through `pieces`, which the runtime tests tie to `contains`.
+fn dense_recall(pre: &[Vec<f64>], index: &HeadIndex, first: usize) -> f64 {
+    let rows = pre.len();
     let mut mass = 0.0;
     for piece in index.pieces() {
-        for i in piece.rows.clone() {
+        for i in piece.rows.clone().filter(|&i| i >= first) {
             let end = piece.keys.end.min(i + 1);
             if end > piece.keys.start {
-                mass += pre[i][end] - pre[i][piece.keys.start];
+                mass += pre[i - first][end] - pre[i - first][piece.keys.start];
             }
         }
     }
-    mass / n as f64
+    mass / rows as f64
 }
 
 fn check_close(got: f64, want: f64, tol: f64, what: &str) {
@@ -184,62 +185,66 @@ fn check_all_candidates(sample: &Sample, cfg: StatsConfig, edge_step: usize) {
                 cfg.block_q, cfg.block_k
             )
         };
-        let dense = (n * (n + 1) / 2) as f64;
+        let tail = st.tail.as_deref().unwrap();
+        let first = n - tail.rows as usize;
+        assert_eq!(
+            first % cfg.block_q,
+            0,
+            "{}: the tail is whole blocks",
+            what("tail")
+        );
+        assert!(n - first >= cfg.tail_q.min(n), "{}", what("tail rows"));
+        // A read-out of the statistics and of their tail against the f64 matrix: recall exact to
+        // TOL_RECALL, cells exactly.
+        let check = |read: &dyn Fn(&HeadStats) -> Recall, index: &HeadIndex, name: &str| {
+            for (stats, from) in [(st, 0), (tail, first)] {
+                let r = read(stats);
+                let label = what(&format!("{name} rows {from}.."));
+                check_close(
+                    r.recall,
+                    dense_recall(&pre[from..], index, from),
+                    TOL_RECALL,
+                    &label,
+                );
+                let cells: u64 = (from / cfg.block_q..ctx.q_blocks())
+                    .map(|qb| index.block_cells(qb))
+                    .sum();
+                assert_eq!(
+                    (r.density * stats.dense_cells).round() as u64,
+                    cells,
+                    "{label} cells"
+                );
+            }
+        };
         let vs = VsRanking::new(&ctx, &qk).unwrap();
         for &v in &budgets {
             for &s in &budgets {
-                let index = vs.index(&ctx, v, s);
-                let r = st.recall_vertical_slash(v, s);
-                check_close(
-                    r.recall,
-                    dense_recall(&pre, &index),
-                    TOL_RECALL,
-                    &what(&format!("vs({v}, {s})")),
+                check(
+                    &|t| t.recall_vertical_slash(v, s),
+                    &vs.index(&ctx, v, s),
+                    &format!("vs({v}, {s})"),
                 );
-                assert_eq!(
-                    (r.density * dense).round() as u64,
-                    index.cells(),
-                    "{} cells",
-                    what("vs")
-                );
-                let a = a_shape::index(&ctx, v, s);
-                let r = st.recall_a_shape(v, s);
-                check_close(
-                    r.recall,
-                    dense_recall(&pre, &a),
-                    TOL_RECALL,
-                    &what(&format!("a_shape({v}, {s})")),
-                );
-                assert_eq!(
-                    (r.density * dense).round() as u64,
-                    a.cells(),
-                    "{} cells",
-                    what("a_shape")
+                check(
+                    &|t| t.recall_a_shape(v, s),
+                    &a_shape::index(&ctx, v, s),
+                    &format!("a_shape({v}, {s})"),
                 );
             }
         }
         let blocks = BlockRanking::new(&ctx, &qk).unwrap();
         for k in 1..=ctx.k_blocks() + 1 {
-            let index = blocks.index_with(&ctx, |qb| blocks.top_k_count(qb, k));
-            let r = st.recall_block_top_k(k);
-            check_close(
-                r.recall,
-                dense_recall(&pre, &index),
-                TOL_RECALL,
-                &what(&format!("top_k {k}")),
+            check(
+                &|t| t.recall_block_top_k(k),
+                &blocks.index_with(&ctx, |qb| blocks.top_k_count(qb, k)),
+                &format!("top_k {k}"),
             );
-            assert_eq!((r.density * dense).round() as u64, index.cells());
         }
         for &c in &COVERAGE_GRID {
-            let index = blocks.index_with(&ctx, |qb| blocks.coverage_count(qb, c));
-            let r = st.recall_block_coverage(c).unwrap();
-            check_close(
-                r.recall,
-                dense_recall(&pre, &index),
-                TOL_RECALL,
-                &what(&format!("coverage {c}")),
+            check(
+                &|t| t.recall_block_coverage(c).unwrap(),
+                &blocks.index_with(&ctx, |qb| blocks.coverage_count(qb, c)),
+                &format!("coverage {c}"),
             );
-            assert_eq!((r.density * dense).round() as u64, index.cells());
         }
         // Descriptive statistics.
         let sink: f64 = p
@@ -322,6 +327,7 @@ fn every_candidate_exact_small() {
         block_q: 16,
         block_k: 16,
         last_q: 16,
+        tail_q: 40,
     };
     check_all_candidates(&Sample::new(3, 1, 113, 64, 1, true), cfg, 1);
     check_all_candidates(&Sample::new(3, 1, 113, 32, 2, false), cfg, 1);
@@ -335,6 +341,7 @@ fn every_candidate_exact_mixed_blocks() {
             block_q: 64,
             block_k: 64,
             last_q: 64,
+            tail_q: 40,
         },
         1,
     );
@@ -344,6 +351,7 @@ fn every_candidate_exact_mixed_blocks() {
             block_q: 32,
             block_k: 16,
             last_q: 20,
+            tail_q: 70,
         },
         1,
     );
@@ -353,6 +361,7 @@ fn every_candidate_exact_mixed_blocks() {
             block_q: 16,
             block_k: 64,
             last_q: 8,
+            tail_q: 40,
         },
         1,
     );
@@ -366,6 +375,7 @@ fn every_candidate_exact_1000() {
             block_q: 64,
             block_k: 64,
             last_q: 64,
+            tail_q: 256,
         },
         2,
     );
@@ -379,6 +389,7 @@ fn direct_evaluator_matches_dense() {
         block_q: 16,
         block_k: 16,
         last_q: 16,
+        tail_q: 40,
     }
     .context(257);
     for h in 0..3 {
@@ -418,6 +429,7 @@ fn dynamic_candidates_exact() {
             block_q: block,
             block_k: block,
             last_q: block,
+            tail_q: 40,
         };
         let ctx = cfg.context(n);
         let mut candidates = dynamic::default_candidates(block as u32);
@@ -428,6 +440,9 @@ fn dynamic_candidates_exact() {
             // The other statistics do not change when candidates are scored.
             let mut without = st.clone();
             without.dynamic = Default::default();
+            if let Some(t) = without.tail.as_mut() {
+                t.dynamic = Default::default();
+            }
             assert_eq!(without, plain[h]);
             assert_eq!(st.dynamic.mass.len(), candidates.len());
             let pre = prefix(&s.probs(h));
@@ -436,8 +451,17 @@ fn dynamic_candidates_exact() {
                 let index = build_index(pattern, &ctx, &qk).unwrap();
                 let got = st.recall_dynamic(c).unwrap();
                 let what = format!("n {n} head {h} candidate {c} {pattern:?}");
-                check_close(got.recall, dense_recall(&pre, &index), TOL_RECALL, &what);
+                check_close(got.recall, dense_recall(&pre, &index, 0), TOL_RECALL, &what);
                 assert_eq!(st.dynamic.cells[c], index.cells() as f64, "{what}: cells");
+                let tail = st.tail.as_deref().unwrap();
+                let first = n - tail.rows as usize;
+                let got = tail.recall_dynamic(c).unwrap();
+                let want = dense_recall(&pre[first..], &index, first);
+                check_close(got.recall, want, TOL_RECALL, &format!("{what}, tail"));
+                let cells: u64 = (first / block..ctx.q_blocks())
+                    .map(|qb| index.block_cells(qb))
+                    .sum();
+                assert_eq!(tail.dynamic.cells[c], cells as f64, "{what}: tail cells");
             }
         }
     }
@@ -458,6 +482,7 @@ fn merge_is_addition_across_lengths() {
         block_q: 16,
         block_k: 16,
         last_q: 16,
+        tail_q: 40,
     };
     let a = Sample::new(1, 1, 113, 32, 8, true);
     let b = Sample::new(1, 1, 257, 32, 9, true);
@@ -500,6 +525,7 @@ fn deterministic_and_thread_independent() {
         block_q: 16,
         block_k: 16,
         last_q: 16,
+        tail_q: 40,
     };
     let a = layer_stats(&s.input(), &cfg).unwrap();
     let pool = rayon::ThreadPoolBuilder::new()
@@ -535,6 +561,7 @@ fn errors_not_panics() {
         block_q: 0,
         block_k: 16,
         last_q: 16,
+        tail_q: 40,
     };
     assert!(layer_stats(&s.input(), &bad).is_err());
     let index = runtime::pattern::dense::index(&StatsConfig::default().context(49));
@@ -557,6 +584,7 @@ fn head_stats(n: usize, seed: u64) -> HeadStats {
             block_q: 16,
             block_k: 16,
             last_q: 16,
+            tail_q: 40,
         },
     )
     .unwrap()

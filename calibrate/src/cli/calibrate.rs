@@ -60,6 +60,10 @@ pub struct Args {
     /// kept SmolLM2's perplexity within 1% at 8K where 0.95 did not (docs/perf.md).
     #[arg(long, default_value_t = 0.97)]
     pub target_recall: f64,
+    /// Also hold the recall of each head's last rows (the profile's tail: where a prompt's question
+    /// is read and its answer produced) to this target, in (0, 1], with the same objective.
+    #[arg(long)]
+    pub tail_recall: Option<f64>,
     /// Instead: the best recall within this fraction of dense attention FLOPs, in (0, 1].
     #[arg(long)]
     pub flops_budget: Option<f64>,
@@ -95,6 +99,17 @@ fn check(args: &Args) -> anyhow::Result<Goal> {
         if !unit(f) {
             anyhow::bail!("--flops-budget {f} is outside (0, 1]");
         }
+        if args.tail_recall.is_some() {
+            anyhow::bail!(
+                "--tail-recall is a target like --target-recall: it does not combine with \
+                 --flops-budget"
+            );
+        }
+    }
+    if let Some(t) = args.tail_recall {
+        if !unit(t) {
+            anyhow::bail!("--tail-recall {t} is outside (0, 1]");
+        }
     }
     if !(0.0..1.0).contains(&args.tolerance) {
         anyhow::bail!("--tolerance {} is outside [0, 1)", args.tolerance);
@@ -121,6 +136,7 @@ fn check(args: &Args) -> anyhow::Result<Goal> {
     }
     Ok(Goal {
         target_recall: args.target_recall,
+        tail_recall: args.tail_recall,
         flops_budget: args.flops_budget,
         objective: args.objective,
     })
@@ -185,11 +201,7 @@ fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)>
     } else {
         args.seq_lens.clone()
     };
-    let stats = StatsConfig {
-        block_q: 64,
-        block_k: 64,
-        last_q: 64,
-    };
+    let stats = StatsConfig::default();
     let run = ProfileRun {
         tool: tool_version(),
         data: sources.join(" + "),
@@ -209,6 +221,7 @@ fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)>
                 seq_len: n,
                 seed: args.seed,
                 allow_long: false,
+                depths: Vec::new(),
             };
             let (c, h) = split_samples(args, &model, &da)?;
             cal_samples.extend(c);

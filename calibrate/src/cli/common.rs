@@ -46,6 +46,10 @@ pub struct DataArgs {
     /// Accept a --seq-len beyond the model's trained context.
     #[arg(long)]
     pub allow_long: bool,
+    /// Synthetic tasks: needle depth in 0..=1 (repeat for several, used in turn by sample)
+    /// [default: spread evenly over the samples].
+    #[arg(long = "depth", value_name = "DEPTH")]
+    pub depths: Vec<f64>,
 }
 
 impl DataArgs {
@@ -53,6 +57,16 @@ impl DataArgs {
         let mut source = DataSource::parse(&self.data)?;
         if matches!(source, DataSource::Jsonl { .. }) {
             source = source.with_field(self.field.clone());
+        }
+        match &mut source {
+            DataSource::Synthetic { options, .. } => options.depths.clone_from(&self.depths),
+            _ if !self.depths.is_empty() => {
+                anyhow::bail!(
+                    "--depth places a synthetic task's needle; {} is not synthetic",
+                    self.data
+                )
+            }
+            _ => {}
         }
         Ok(source)
     }

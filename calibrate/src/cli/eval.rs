@@ -35,6 +35,10 @@ pub struct Args {
     /// Seed for synthetic data (use one the plan was not calibrated on).
     #[arg(long, default_value_t = 1001)]
     pub seed: u64,
+    /// Synthetic tasks: needle depth in 0..=1 (repeat for several, used in turn by sample)
+    /// [default: spread evenly over the samples].
+    #[arg(long = "depth", value_name = "DEPTH")]
+    pub depths: Vec<f64>,
     /// Samples per data source (the first ones) on which dense attention also runs beside the
     /// sparse one, for the output error and the attention times (each costs one more dense pass).
     #[arg(long, default_value_t = 1)]
@@ -42,6 +46,10 @@ pub struct Args {
     /// Skip the per-head recall measurement on the first sample (two more passes per head).
     #[arg(long)]
     pub no_head_recall: bool,
+    /// Run the answer tokens' own rows under the plan too, instead of densely as decoding over the
+    /// prefill's KV cache computes them (stricter than any engine).
+    #[arg(long)]
+    pub sparse_answer_rows: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -115,6 +123,9 @@ struct EvalReport {
     plan: String,
     seq_len: usize,
     samples_per_source: usize,
+    /// How the answer tokens' own rows were attended: `dense` (as decoding over the prefill's KV
+    /// cache) or `sparse` (under the plan, `--sparse-answer-rows`).
+    answer_rows: &'static str,
     sources: Vec<String>,
     dense: Side,
     sparse: Side,
@@ -173,6 +184,7 @@ pub fn run(args: &Args) -> Outcome {
             seq_len: args.seq_len,
             seed: args.seed,
             allow_long: false,
+            depths: args.depths.clone(),
         };
         for s in da.samples(&model, args.samples, args.seed)? {
             let answer = s.task.as_ref().map_or(0, |t| t.answer_tokens.len());
@@ -198,6 +210,10 @@ pub fn run(args: &Args) -> Outcome {
         sparse_attn.compare_dense = *k < args.compare_samples;
         *k += 1;
         sparse_attn.measure_recall = i == 0 && !args.no_head_recall;
+        sparse_attn.decode_rows = match (&sample.task, args.sparse_answer_rows) {
+            (Some(t), false) => t.answer_tokens.len(),
+            _ => 0,
+        };
         let s = eval_sample(&model, sample, &mut sparse_attn)?;
         dense.add(source, &d);
         sparse.add(source, &s);
@@ -228,6 +244,11 @@ pub fn run(args: &Args) -> Outcome {
         plan: args.plan.display().to_string(),
         seq_len: args.seq_len,
         samples_per_source: args.samples,
+        answer_rows: if args.sparse_answer_rows {
+            "sparse"
+        } else {
+            "dense"
+        },
         sources,
         perplexity_change: sparse.perplexity / dense.perplexity - 1.0,
         flops_fraction: totals.density(),
@@ -274,6 +295,15 @@ fn render(r: &EvalReport) -> String {
         out,
         "{} on {} at {} tokens, {} samples per source",
         r.plan, r.model, r.seq_len, r.samples_per_source
+    );
+    let _ = writeln!(
+        out,
+        "  prompt under the plan; answer tokens' own rows {}",
+        if r.answer_rows == "dense" {
+            "dense (as decoding over the prefill's KV cache)"
+        } else {
+            "under the plan too (--sparse-answer-rows)"
+        }
     );
     let _ = writeln!(out, "  {:<28} {:>12} {:>12}", "", "dense", "sparse");
     let _ = writeln!(

@@ -31,6 +31,10 @@ pub struct Args {
     /// Last queries used for online estimation.
     #[arg(long, default_value_t = 64)]
     pub last_q: usize,
+    /// Last query rows whose statistics are also kept apart, for `calibrate --tail-recall` (the
+    /// rows that read a question and produce its answer); 0 keeps none.
+    #[arg(long, default_value_t = profiler::stats::TAIL_Q)]
+    pub tail_q: usize,
     #[command(flatten)]
     pub dynamic: DynamicArgs,
 }
@@ -43,6 +47,7 @@ pub fn run(args: &Args) -> Outcome {
         block_q: args.block,
         block_k: args.block,
         last_q: args.last_q,
+        tail_q: args.tail_q,
     };
     check_stats_config(&stats)?;
     let model = load_model(args.model.as_deref())?;

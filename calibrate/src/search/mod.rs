@@ -86,6 +86,25 @@ pub struct Scored {
     pub worst: f64,
     /// Computed cells over dense causal cells (all samples).
     pub density: f64,
+    /// Recall of the last rows ([`HeadStats::tail`]) over all samples; `None` when the profile kept
+    /// no tail.
+    pub tail: Option<f64>,
+    /// Lowest per-sample recall of the last rows.
+    pub tail_worst: Option<f64>,
+}
+
+impl Scored {
+    /// Dense attention: every cell, recall 1 everywhere.
+    pub fn dense() -> Self {
+        Self {
+            candidate: Candidate::Dense,
+            recall: 1.0,
+            worst: 1.0,
+            density: 1.0,
+            tail: Some(1.0),
+            tail_worst: Some(1.0),
+        }
+    }
 }
 
 /// What the search holds recall to.
@@ -105,16 +124,24 @@ impl Objective {
             Objective::Worst => s.worst,
         }
     }
+
+    /// The same objective on the recall of the last rows (`None` without a tail).
+    pub fn of_tail(self, s: &Scored) -> Option<f64> {
+        match self {
+            Objective::Mean => s.tail,
+            Objective::Worst => s.tail_worst,
+        }
+    }
 }
 
-/// One head's statistics at one length: summed over samples, and per sample.
-pub struct HeadSamples {
+/// Tables of statistics summed over samples, and per sample.
+pub struct SampleTables {
     pub sum: HeadTables,
     pub samples: Vec<HeadTables>,
 }
 
-impl HeadSamples {
-    pub fn new(per_sample: Vec<HeadStats>) -> profiler::Result<Self> {
+impl SampleTables {
+    fn new(per_sample: Vec<HeadStats>) -> profiler::Result<Self> {
         let mut iter = per_sample.iter();
         let mut sum = iter
             .next()
@@ -126,6 +153,47 @@ impl HeadSamples {
         Ok(Self {
             sum: HeadTables::new(sum),
             samples: per_sample.into_iter().map(HeadTables::new).collect(),
+        })
+    }
+
+    /// `(recall over all samples, density over all samples, lowest per-sample recall)`.
+    fn read(&self, c: &Candidate) -> (Recall, f64) {
+        let total = HeadSamples::read(&self.sum, c);
+        let worst = self
+            .samples
+            .iter()
+            .map(|t| HeadSamples::read(t, c).recall)
+            .fold(f64::INFINITY, f64::min);
+        (
+            total,
+            if worst.is_finite() {
+                worst
+            } else {
+                total.recall
+            },
+        )
+    }
+}
+
+/// One head's statistics at one length: summed over samples, and per sample; and the same for the
+/// last rows when the profile kept them.
+pub struct HeadSamples {
+    pub sum: HeadTables,
+    pub samples: Vec<HeadTables>,
+    pub tail: Option<SampleTables>,
+}
+
+impl HeadSamples {
+    pub fn new(mut per_sample: Vec<HeadStats>) -> profiler::Result<Self> {
+        let tails: Option<Vec<HeadStats>> = per_sample
+            .iter_mut()
+            .map(|s| s.tail.take().map(|t| *t))
+            .collect();
+        let all = SampleTables::new(per_sample)?;
+        Ok(Self {
+            sum: all.sum,
+            samples: all.samples,
+            tail: tails.map(SampleTables::new).transpose()?,
         })
     }
 
@@ -165,6 +233,7 @@ impl HeadSamples {
             .iter()
             .map(|t| Self::read(t, &c).recall)
             .fold(f64::INFINITY, f64::min);
+        let tail = self.tail.as_ref().map(|t| t.read(&c));
         Scored {
             candidate: c,
             recall: total.recall,
@@ -174,6 +243,8 @@ impl HeadSamples {
                 total.recall
             },
             density: total.density,
+            tail: tail.map(|(r, _)| r.recall),
+            tail_worst: tail.map(|(_, w)| w),
         }
     }
 
@@ -217,9 +288,22 @@ impl HeadSamples {
 #[derive(Debug, Clone, Copy)]
 pub struct Goal {
     pub target_recall: f64,
+    /// Also hold the recall of the last rows (same objective) to this target.
+    pub tail_recall: Option<f64>,
     /// With a FLOPs budget: the best objective recall among candidates within it.
     pub flops_budget: Option<f64>,
     pub objective: Objective,
+}
+
+impl Goal {
+    /// Whether `s` reaches the target recall (and the tail target, when set; a candidate without
+    /// tail statistics then never does).
+    pub fn reaches(&self, s: &Scored) -> bool {
+        self.objective.of(s) >= self.target_recall
+            && self
+                .tail_recall
+                .is_none_or(|t| self.objective.of_tail(s).is_some_and(|r| r >= t))
+    }
 }
 
 /// Orders candidates by preference: lower density, then higher objective recall, then the simpler
@@ -252,14 +336,9 @@ fn prefer(goal: &Goal, a: &Scored, b: &Scored) -> std::cmp::Ordering {
 /// The chosen candidate among `scored`: the cheapest reaching the target (dense if none does), or,
 /// with a FLOPs budget, the best objective recall within it (dense if nothing fits).
 pub fn choose(scored: &[Scored], goal: &Goal) -> Scored {
-    let dense = Scored {
-        candidate: Candidate::Dense,
-        recall: 1.0,
-        worst: 1.0,
-        density: 1.0,
-    };
+    let dense = Scored::dense();
     let feasible = scored.iter().filter(|s| match goal.flops_budget {
-        None => goal.objective.of(s) >= goal.target_recall,
+        None => goal.reaches(s),
         Some(f) => s.density <= f,
     });
     match feasible.min_by(|a, b| prefer(goal, a, b)).copied() {

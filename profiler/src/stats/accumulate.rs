@@ -67,13 +67,42 @@ impl HeadPrep {
     }
 }
 
-/// Sums of one chunk of query blocks of one head.
-struct Partial {
+/// Row sums of some query blocks of one head.
+struct Sums {
     vertical_slash: RankHistogram,
     a_shape: RankHistogram,
     distance: Vec<f64>,
     sink: f64,
     entropy: f64,
+}
+
+impl Sums {
+    fn new(buckets: usize) -> Self {
+        Self {
+            vertical_slash: RankHistogram::new(buckets),
+            a_shape: RankHistogram::new(buckets),
+            distance: vec![0.0; buckets],
+            sink: 0.0,
+            entropy: 0.0,
+        }
+    }
+
+    /// Adds these sums into `s`.
+    fn add_to(&self, s: &mut HeadStats) {
+        s.sink_mass += self.sink;
+        s.entropy_bits += self.entropy;
+        for (a, b) in s.distance_mass.iter_mut().zip(&self.distance) {
+            *a += b;
+        }
+        s.vertical_slash.merge(&self.vertical_slash);
+        s.a_shape.merge(&self.a_shape);
+    }
+}
+
+/// Sums of one chunk of query blocks of one head: blocks before the tail in `sums[0]`, blocks of the
+/// tail in `sums[1]`.
+struct Partial {
+    sums: [Sums; 2],
     /// One row per query block of the chunk: mass per causal key block.
     heat: Vec<Vec<f64>>,
     /// Per query block, mass per causal column (kept only when dynamic candidates are scored).
@@ -108,6 +137,8 @@ pub fn layer_stats_scored(
         .map(|h| HeadPrep::new(&ctx, &HeadQk::from_input(input, h)?, scored))
         .collect::<Result<_>>()?;
     let nqb = ctx.q_blocks();
+    // Past the last block when there is no tail: every block goes to `sums[0]`.
+    let tail = cfg.tail_start(n).unwrap_or(nqb);
     let items: Vec<(usize, usize)> = (0..shape.q_heads)
         .flat_map(|h| (0..nqb.div_ceil(CHUNK)).map(move |c| (h, c)))
         .collect();
@@ -118,7 +149,15 @@ pub fn layer_stats_scored(
             |rb, &(h, c)| {
                 let g = shape.kv_head_of(h);
                 let qbs = c * CHUNK..((c + 1) * CHUNK).min(nqb);
-                chunk(&preps[h], input.q_head(h), &packed[g], qbs, rb, scored)
+                chunk(
+                    &preps[h],
+                    input.q_head(h),
+                    &packed[g],
+                    qbs,
+                    rb,
+                    scored,
+                    tail,
+                )
             },
         )
         .collect::<Result<_>>()?;
@@ -128,7 +167,7 @@ pub fn layer_stats_scored(
         let parts = partials
             .get(h * per_head..(h + 1) * per_head)
             .unwrap_or(&[]);
-        out.push(combine(prep, parts));
+        out.push(combine(prep, parts, cfg.tail_start(n)));
     }
     if scored {
         out.par_iter_mut()
@@ -149,14 +188,19 @@ pub fn layer_stats_scored(
                     blocks: &prep.blocks,
                     js: prep.js,
                 };
-                stats.dynamic = dynamic::score(&ctx, &rankings, &stats.heat, &columns, candidates)?;
+                let (all, last) =
+                    dynamic::score(&ctx, &rankings, &stats.heat, &columns, candidates, tail)?;
+                stats.dynamic = all;
+                if let Some(t) = stats.tail.as_mut() {
+                    t.dynamic = last;
+                }
                 Ok(())
             })?;
     }
     Ok(out)
 }
 
-/// Tiles of query blocks `qbs` of one head.
+/// Tiles of query blocks `qbs` of one head; blocks from `tail_start` on are summed apart.
 fn chunk(
     prep: &HeadPrep,
     q: &[f32],
@@ -164,15 +208,12 @@ fn chunk(
     qbs: std::ops::Range<usize>,
     rb: &mut RowBlock,
     keep_columns: bool,
+    tail_start: usize,
 ) -> Result<Partial> {
     let ctx = &prep.ctx;
     let nb = prep.edges.len();
     let mut p = Partial {
-        vertical_slash: RankHistogram::new(nb),
-        a_shape: RankHistogram::new(nb),
-        distance: vec![0.0; nb],
-        sink: 0.0,
-        entropy: 0.0,
+        sums: [Sums::new(nb), Sums::new(nb)],
         heat: Vec::with_capacity(qbs.len()),
         columns: keep_columns.then(ColumnMass::new),
     };
@@ -185,6 +226,7 @@ fn chunk(
         let inv_l = rb.inv_l();
         let mut heat_row = Vec::with_capacity(rb.k_blocks());
         let mut column_row = p.columns.as_mut().map(|c| c.push_row(rows.end));
+        let sums = &mut p.sums[usize::from(qb >= tail_start)];
         for kb in 0..rb.k_blocks() {
             let cols = ctx.k_cols(kb);
             let tile = rb.tile(kb);
@@ -223,7 +265,7 @@ fn chunk(
             heat_row.push(mass);
             if one_bucket {
                 if let Some(&b) = prep.dist_bucket.get(lo) {
-                    p.distance[b as usize] += mass;
+                    sums.distance[b as usize] += mass;
                 }
             } else {
                 // local index x is distance rows.start + x - (stride - 1) - cols.start
@@ -231,14 +273,14 @@ fn chunk(
                     if m != 0.0 {
                         let o = (x + rows.start).checked_sub(cols.start + stride - 1);
                         if let Some(&b) = o.and_then(|o| prep.dist_bucket.get(o)) {
-                            p.distance[b as usize] += f64::from(m);
+                            sums.distance[b as usize] += f64::from(m);
                         }
                     }
                 }
             }
             if cols.start < SINK_TOKENS {
                 let k = (SINK_TOKENS - cols.start).min(ncols);
-                p.sink += colsum[..k].iter().map(|&x| f64::from(x)).sum::<f64>();
+                sums.sink += colsum[..k].iter().map(|&x| f64::from(x)).sum::<f64>();
             }
             // Vertical-slash: axis a = column rank bucket, axis b = block slash rank bucket.
             let sb = bucket(&prep.edges, prep.vs.block_rank(qb, kb));
@@ -246,45 +288,55 @@ fn chunk(
                 let j = cols.start + c;
                 let cb = prep.col_bucket.get(j).map_or(0, |&b| b as usize);
                 let at = cb * nb + sb;
-                p.vertical_slash.mass[at] += f64::from(s);
-                p.vertical_slash.cells[at] += rows.end.saturating_sub(j.max(rows.start)) as f64;
+                sums.vertical_slash.mass[at] += f64::from(s);
+                sums.vertical_slash.cells[at] += rows.end.saturating_sub(j.max(rows.start)) as f64;
             }
             // A-shape: axis a = sink rank kb * block_k, axis b = local rank.
             let sink_rank = u32::try_from(cols.start).unwrap_or(u32::MAX);
             let local_rank = (rows.start + 1).saturating_sub(cols.end);
             let at = bucket(&prep.edges, sink_rank) * nb
                 + bucket(&prep.edges, u32::try_from(local_rank).unwrap_or(u32::MAX));
-            p.a_shape.mass[at] += mass;
-            p.a_shape.cells[at] += causal_cells(&rows, &cols) as f64;
+            sums.a_shape.mass[at] += mass;
+            sums.a_shape.cells[at] += causal_cells(&rows, &cols) as f64;
         }
-        p.entropy += (0..rows.len()).map(|r| rb.entropy_bits(r)).sum::<f64>();
+        sums.entropy += (0..rows.len()).map(|r| rb.entropy_bits(r)).sum::<f64>();
         p.heat.push(heat_row);
     }
     Ok(p)
 }
 
-/// Adds a head's partials in order and derives the block-sparse curves from the full heat map.
-fn combine(prep: &HeadPrep, parts: &[Partial]) -> HeadStats {
+/// Adds a head's partials in order and derives the block-sparse curves from the full heat map; with
+/// a tail (first block `tail_start`), the same for the tail's blocks in [`HeadStats::tail`].
+fn combine(prep: &HeadPrep, parts: &[Partial], tail_start: Option<usize>) -> HeadStats {
     let ctx = &prep.ctx;
     let n = ctx.seq_len;
-    let mut s = HeadStats::empty(ctx);
     let nb = prep.edges.len();
-    s.samples = 1;
-    s.rows = n as u64;
-    s.dense_cells = (n as f64) * (n as f64 + 1.0) / 2.0;
-    s.max_len = n;
-    s.edges.clone_from(&prep.edges);
-    s.distance_mass = vec![0.0; nb];
-    s.vertical_slash = RankHistogram::new(nb);
-    s.a_shape = RankHistogram::new(nb);
+    let blank = |rows: u64, dense_cells: f64| {
+        let mut s = HeadStats::empty(ctx);
+        s.samples = 1;
+        s.rows = rows;
+        s.dense_cells = dense_cells;
+        s.max_len = n;
+        s.edges.clone_from(&prep.edges);
+        s.distance_mass = vec![0.0; nb];
+        s.vertical_slash = RankHistogram::new(nb);
+        s.a_shape = RankHistogram::new(nb);
+        s
+    };
+    let mut s = blank(n as u64, (n as f64) * (n as f64 + 1.0) / 2.0);
+    let mut tail = tail_start.map(|t| {
+        let first = ctx.q_rows(t).start.min(n);
+        // Rows first..n; row i has i + 1 causal cells.
+        let (a, b) = (first as f64, n as f64);
+        blank((n - first) as u64, (b * (b + 1.0) - a * (a + 1.0)) / 2.0)
+    });
     for p in parts {
-        s.sink_mass += p.sink;
-        s.entropy_bits += p.entropy;
-        for (a, b) in s.distance_mass.iter_mut().zip(&p.distance) {
-            *a += b;
+        for sums in &p.sums {
+            sums.add_to(&mut s);
         }
-        s.vertical_slash.merge(&p.vertical_slash);
-        s.a_shape.merge(&p.a_shape);
+        if let Some(t) = tail.as_mut() {
+            p.sums[1].add_to(t);
+        }
         s.heat.extend(p.heat.iter().cloned());
     }
     s.heat_rows = (0..ctx.q_blocks())
@@ -293,14 +345,20 @@ fn combine(prep: &HeadPrep, parts: &[Partial]) -> HeadStats {
 
     // Block-sparse: cumulative exact mass and cells along each query block's ranking.
     let nkb = ctx.k_blocks();
-    let mut top_k = Curve {
-        mass: vec![0.0; nkb],
-        cells: vec![0.0; nkb],
+    let curves = || {
+        (
+            Curve {
+                mass: vec![0.0; nkb],
+                cells: vec![0.0; nkb],
+            },
+            Curve {
+                mass: vec![0.0; COVERAGE_GRID.len()],
+                cells: vec![0.0; COVERAGE_GRID.len()],
+            },
+        )
     };
-    let mut coverage = Curve {
-        mass: vec![0.0; COVERAGE_GRID.len()],
-        cells: vec![0.0; COVERAGE_GRID.len()],
-    };
+    let mut all = curves();
+    let mut last = curves();
     for (qb, heat) in s.heat.iter().enumerate() {
         let rows = ctx.q_rows(qb);
         let order = prep.blocks.order(qb);
@@ -311,18 +369,24 @@ fn combine(prep: &HeadPrep, parts: &[Partial]) -> HeadStats {
             cum_mass[r + 1] = cum_mass[r] + heat.get(kb).copied().unwrap_or(0.0);
             cum_cells[r + 1] = cum_cells[r] + causal_cells(&rows, &ctx.k_cols(kb)) as f64;
         }
-        for k in 1..=nkb {
-            let c = prep.blocks.top_k_count(qb, k);
-            top_k.mass[k - 1] += cum_mass[c];
-            top_k.cells[k - 1] += cum_cells[c];
-        }
-        for (g, &cov) in COVERAGE_GRID.iter().enumerate() {
-            let c = prep.blocks.coverage_count(qb, cov);
-            coverage.mass[g] += cum_mass[c];
-            coverage.cells[g] += cum_cells[c];
+        let in_tail = tail_start.is_some_and(|t| qb >= t);
+        for (top_k, coverage) in std::iter::once(&mut all).chain(in_tail.then_some(&mut last)) {
+            for k in 1..=nkb {
+                let c = prep.blocks.top_k_count(qb, k);
+                top_k.mass[k - 1] += cum_mass[c];
+                top_k.cells[k - 1] += cum_cells[c];
+            }
+            for (g, &cov) in COVERAGE_GRID.iter().enumerate() {
+                let c = prep.blocks.coverage_count(qb, cov);
+                coverage.mass[g] += cum_mass[c];
+                coverage.cells[g] += cum_cells[c];
+            }
         }
     }
-    s.block_top_k = top_k;
-    s.block_coverage = coverage;
+    (s.block_top_k, s.block_coverage) = all;
+    if let Some(mut t) = tail {
+        (t.block_top_k, t.block_coverage) = last;
+        s.tail = Some(Box::new(t));
+    }
     s
 }

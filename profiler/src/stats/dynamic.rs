@@ -146,26 +146,54 @@ impl ColumnMass {
     }
 }
 
-/// Exact mass of `index` from the tile masses `heat` (`[qb][kb]`) and the column masses.
-pub fn index_mass(index: &HeadIndex, heat: &[Vec<f64>], columns: &ColumnMass) -> f64 {
-    (0..index.q_blocks())
-        .map(|qb| {
-            let tiles = heat.get(qb).map_or(&[][..], Vec::as_slice);
-            let from_blocks: f64 = index
-                .key_blocks(qb)
-                .iter()
-                .filter_map(|&kb| tiles.get(kb as usize))
-                .sum();
-            let row = columns.row(qb);
-            let from_columns: f64 = index
-                .columns(qb)
-                .iter()
-                .filter_map(|&j| row.get(j as usize))
-                .map(|&x| f64::from(x))
-                .sum();
-            from_blocks + from_columns
-        })
-        .sum()
+/// Mass and cells summed over every query block (`all`) and over the blocks from `tail_start` on
+/// (`tail`, the rows [`super::HeadStats::tail`] describes).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Split {
+    pub all: (f64, f64),
+    pub tail: (f64, f64),
+}
+
+impl Split {
+    fn add(&mut self, in_tail: bool, mass: f64, cells: f64) {
+        self.all.0 += mass;
+        self.all.1 += cells;
+        if in_tail {
+            self.tail.0 += mass;
+            self.tail.1 += cells;
+        }
+    }
+}
+
+/// Exact mass and cells of `index` from the tile masses `heat` (`[qb][kb]`) and the column masses.
+pub fn index_mass(
+    index: &HeadIndex,
+    heat: &[Vec<f64>],
+    columns: &ColumnMass,
+    tail_start: usize,
+) -> Split {
+    let mut out = Split::default();
+    for qb in 0..index.q_blocks() {
+        let tiles = heat.get(qb).map_or(&[][..], Vec::as_slice);
+        let from_blocks: f64 = index
+            .key_blocks(qb)
+            .iter()
+            .filter_map(|&kb| tiles.get(kb as usize))
+            .sum();
+        let row = columns.row(qb);
+        let from_columns: f64 = index
+            .columns(qb)
+            .iter()
+            .filter_map(|&j| row.get(j as usize))
+            .map(|&x| f64::from(x))
+            .sum();
+        out.add(
+            qb >= tail_start,
+            from_blocks + from_columns,
+            index.block_cells(qb) as f64,
+        );
+    }
+    out
 }
 
 /// What one head's candidates are built from: the rankings of the statistics pass and the
@@ -179,18 +207,21 @@ pub struct Rankings<'a> {
 
 /// Mass and cells of what the runtime's index builder keeps for key blocks `blocks_of(qb)` (any
 /// order, duplicates allowed) plus the gathered `columns` (sorted, distinct): blocks with no causal
-/// cell are dropped, columns past the query block's last row or inside a listed block too.
+/// cell are dropped, columns past the query block's last row or inside a listed block too. Query
+/// blocks from `tail_start` on are also summed apart.
 pub fn rule_mass(
     ctx: &PatternContext,
     heat: &[Vec<f64>],
     column_mass: &ColumnMass,
     mut blocks_of: impl FnMut(usize, &mut Vec<usize>),
     columns: &[usize],
-) -> (f64, f64) {
+    tail_start: usize,
+) -> Split {
     let mut in_block = vec![false; ctx.k_blocks()];
     let mut listed = Vec::new();
-    let (mut mass, mut cells) = (0.0f64, 0.0f64);
+    let mut out = Split::default();
     for qb in 0..ctx.q_blocks() {
+        let (mut mass, mut cells) = (0.0f64, 0.0f64);
         let rows = ctx.q_rows(qb);
         let Some(last) = rows.end.checked_sub(1) else {
             continue;
@@ -218,8 +249,9 @@ pub fn rule_mass(
                 *flag = false;
             }
         }
+        out.add(qb >= tail_start, mass, cells);
     }
-    (mass, cells)
+    out
 }
 
 /// The index a candidate gives this head, built with the runtime's functions (for tests and
@@ -257,19 +289,22 @@ enum Key {
     Other,
 }
 
-/// Mass and cells of every candidate for one head of one sample.
+/// Mass and cells of every candidate for one head of one sample: over all rows, and over the query
+/// blocks from `tail_start` on.
 pub fn score(
     ctx: &PatternContext,
     r: &Rankings<'_>,
     heat: &[Vec<f64>],
     columns: &ColumnMass,
     candidates: &[Pattern],
-) -> Result<Curve> {
-    let mut curve = Curve {
+    tail_start: usize,
+) -> Result<(Curve, Curve)> {
+    let empty = || Curve {
         mass: Vec::with_capacity(candidates.len()),
         cells: Vec::with_capacity(candidates.len()),
     };
-    let mut seen: Vec<(Key, f64, f64)> = Vec::new();
+    let (mut curve, mut tail) = (empty(), empty());
+    let mut seen: Vec<(Key, Split)> = Vec::new();
     for p in candidates {
         let key = match p {
             Pattern::QueryAdaptive(q) if query_adaptive::is_query_aware(r.js, q) => {
@@ -288,9 +323,9 @@ pub fn score(
             ),
             _ => Key::Other,
         };
-        let known = seen.iter().find(|(k, _, _)| *k == key && key != Key::Other);
-        let (m, c) = match (known, key) {
-            (Some(&(_, m, c)), _) => (m, c),
+        let known = seen.iter().find(|(k, _)| *k == key && key != Key::Other);
+        let split = match (known, key) {
+            (Some(&(_, split)), _) => split,
             (None, Key::Aware(..)) => {
                 let Pattern::QueryAdaptive(q) = p else {
                     unreachable!("Aware keys come from query-adaptive candidates")
@@ -310,6 +345,7 @@ pub fn score(
                         out.extend(order[..n].iter().map(|&kb| kb as usize));
                     },
                     &[],
+                    tail_start,
                 )
             }
             (None, Key::Vs(v, s)) => {
@@ -320,6 +356,7 @@ pub fn score(
                     columns,
                     |qb, out| out.extend(vs.slash_blocks(ctx, qb, s)),
                     &vs.top_columns(v),
+                    tail_start,
                 )
             }
             (None, Key::Tokens(block, keep, sink, local)) => {
@@ -333,18 +370,21 @@ pub fn score(
                         out.extend(s.chain(l));
                     },
                     &chosen,
+                    tail_start,
                 )
             }
             (None, Key::Other) => {
                 let index = candidate_index(ctx, r, p)?;
-                (index_mass(&index, heat, columns), index.cells() as f64)
+                index_mass(&index, heat, columns, tail_start)
             }
         };
         if known.is_none() && key != Key::Other {
-            seen.push((key, m, c));
+            seen.push((key, split));
         }
-        curve.mass.push(m);
-        curve.cells.push(c);
+        curve.mass.push(split.all.0);
+        curve.cells.push(split.all.1);
+        tail.mass.push(split.tail.0);
+        tail.cells.push(split.tail.1);
     }
-    Ok(curve)
+    Ok((curve, tail))
 }

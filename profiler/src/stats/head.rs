@@ -147,6 +147,12 @@ pub struct HeadStats {
     /// empty when none were scored.
     #[serde(default)]
     pub dynamic: Curve,
+    /// The sufficient statistics (histograms, curves, dynamic candidates; no heat map) of the last
+    /// query blocks only, the rows that read a prompt's question and produce its answer: `rows` and
+    /// `dense_cells` count those rows, so its read-outs are the recall and density of the tail.
+    /// `None` when the profile kept no tail.
+    #[serde(default)]
+    pub tail: Option<Box<HeadStats>>,
 }
 
 impl HeadStats {
@@ -174,6 +180,7 @@ impl HeadStats {
                 cells: vec![0.0; COVERAGE_GRID.len()],
             },
             dynamic: Curve::default(),
+            tail: None,
         }
     }
 
@@ -193,6 +200,16 @@ impl HeadStats {
             return Err(Error::Profile(format!(
                 "cannot merge statistics with {theirs} dynamic candidates into statistics with {mine}"
             )));
+        }
+        if self.samples > 0 && other.samples > 0 && self.tail.is_some() != other.tail.is_some() {
+            return Err(Error::Profile(
+                "cannot merge statistics with a tail into statistics without one".into(),
+            ));
+        }
+        match (&mut self.tail, &other.tail) {
+            (Some(mine), Some(theirs)) if self.samples > 0 => mine.merge(theirs)?,
+            (_, theirs) if self.samples == 0 => self.tail.clone_from(theirs),
+            _ => {}
         }
         if self.samples == 0 {
             self.dynamic = Curve {

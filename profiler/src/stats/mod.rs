@@ -11,6 +11,9 @@
 //!   candidate on the budget grid are read exactly ([`HeadStats::recall_vertical_slash`],
 //!   [`HeadStats::recall_a_shape`], [`HeadStats::recall_block_top_k`],
 //!   [`HeadStats::recall_block_coverage`]).
+//! - [`HeadStats::tail`]: the same sufficient statistics restricted to the last query blocks
+//!   ([`StatsConfig::tail_q`] rows), so a plan can be held to the recall of the rows that produce an
+//!   answer as well as to the mean over all rows.
 //! - [`dynamic`]: families without sufficient statistics (query-adaptive, token-select, grid), scored
 //!   exactly per candidate during the same pass ([`layer_stats_scored`], [`HeadStats::dynamic`]).
 //! - [`recall_of_index`]: the direct evaluator for any [`runtime::HeadIndex`] (the ground truth the
@@ -62,27 +65,42 @@ pub struct StatsConfig {
     pub block_q: usize,
     pub block_k: usize,
     pub last_q: usize,
+    /// Last query rows whose statistics are also kept apart ([`HeadStats::tail`]), rounded out to
+    /// whole query blocks; 0 keeps none.
+    pub tail_q: usize,
 }
 
+/// Default [`StatsConfig::tail_q`]: the last 256 rows, where a prompt's question and the answer
+/// being produced sit (retrieval is decided there, see docs/design.md).
+pub const TAIL_Q: usize = 256;
+
 impl Default for StatsConfig {
-    /// Blocks of 64 and the last 64 queries.
+    /// Blocks of 64, the last 64 queries, a tail of [`TAIL_Q`] rows.
     fn default() -> Self {
         Self {
             block_q: 64,
             block_k: 64,
             last_q: 64,
+            tail_q: TAIL_Q,
         }
     }
 }
 
 impl StatsConfig {
-    /// The plan defaults' block sizes and `last_q`.
+    /// The plan defaults' block sizes and `last_q`, and a tail of [`TAIL_Q`] rows.
     pub fn from_defaults(defaults: &Defaults) -> Self {
         Self {
             block_q: defaults.block_q as usize,
             block_k: defaults.block_k as usize,
             last_q: defaults.last_q as usize,
+            tail_q: TAIL_Q,
         }
+    }
+
+    /// First query block of the tail at `seq_len` (the block holding row `seq_len - tail_q`);
+    /// `None` without a tail.
+    pub fn tail_start(&self, seq_len: usize) -> Option<usize> {
+        (self.tail_q > 0).then(|| seq_len.saturating_sub(self.tail_q) / self.block_q.max(1))
     }
 
     /// The pattern context at `seq_len`.
