@@ -54,10 +54,12 @@ impl Profile {
             match (&s.tail, self.meta.tail_q) {
                 (Some(t), q) if q > 0 => self.put_fields(sample, layer, h, TAIL, t)?,
                 (None, 0) => {}
-                (t, q) => return Err(Error::Profile(format!(
+                (t, q) => {
+                    return Err(Error::Profile(format!(
                     "layer {layer} head {h}: statistics {} a tail but the profile's tail_q is {q}",
                     if t.is_some() { "with" } else { "without" }
-                ))),
+                )))
+                }
             }
             for (qb, row) in s.heat.iter().enumerate() {
                 if row.len() != heat_row_len(qb, s.max_len, s.block_q, s.block_k) {

@@ -53,7 +53,7 @@ pub fn candidates(blocks: usize) -> Vec<(Candidate, Candidate)> {
 
 /// MInference's per-head choice on these samples.
 pub fn choose(head: &HeadSamples) -> MInferenceChoice {
-    let blocks = head.sum.stats.block_top_k.mass.len();
+    let blocks = head.sum().stats.block_top_k.mass.len();
     let mut best: Option<(f64, Candidate, Candidate)> = None;
     for (scored_as, runs) in candidates(blocks) {
         let score = head.score(scored_as).recall;

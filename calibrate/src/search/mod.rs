@@ -156,7 +156,7 @@ impl SampleTables {
         })
     }
 
-    /// `(recall over all samples, density over all samples, lowest per-sample recall)`.
+    /// `(recall and density over all samples, lowest per-sample recall)`.
     fn read(&self, c: &Candidate) -> (Recall, f64) {
         let total = HeadSamples::read(&self.sum, c);
         let worst = self
@@ -175,11 +175,10 @@ impl SampleTables {
     }
 }
 
-/// One head's statistics at one length: summed over samples, and per sample; and the same for the
-/// last rows when the profile kept them.
+/// One head's statistics at one length, summed over samples and per sample: over all rows, and over
+/// the last rows when the profile kept them.
 pub struct HeadSamples {
-    pub sum: HeadTables,
-    pub samples: Vec<HeadTables>,
+    pub all: SampleTables,
     pub tail: Option<SampleTables>,
 }
 
@@ -189,17 +188,20 @@ impl HeadSamples {
             .iter_mut()
             .map(|s| s.tail.take().map(|t| *t))
             .collect();
-        let all = SampleTables::new(per_sample)?;
         Ok(Self {
-            sum: all.sum,
-            samples: all.samples,
+            all: SampleTables::new(per_sample)?,
             tail: tails.map(SampleTables::new).transpose()?,
         })
     }
 
+    /// Statistics over all rows, summed over samples.
+    pub fn sum(&self) -> &HeadTables {
+        &self.all.sum
+    }
+
     /// Tokens per sample (the longest, if they differ).
     pub fn seq_len(&self) -> usize {
-        self.sum.stats.max_len
+        self.all.sum.stats.max_len
     }
 
     fn read(t: &HeadTables, c: &Candidate) -> Recall {
@@ -227,21 +229,12 @@ impl HeadSamples {
 
     /// Scores one candidate on these samples.
     pub fn score(&self, c: Candidate) -> Scored {
-        let total = Self::read(&self.sum, &c);
-        let worst = self
-            .samples
-            .iter()
-            .map(|t| Self::read(t, &c).recall)
-            .fold(f64::INFINITY, f64::min);
+        let (total, worst) = self.all.read(&c);
         let tail = self.tail.as_ref().map(|t| t.read(&c));
         Scored {
             candidate: c,
             recall: total.recall,
-            worst: if worst.is_finite() {
-                worst
-            } else {
-                total.recall
-            },
+            worst,
             density: total.density,
             tail: tail.map(|(r, _)| r.recall),
             tail_worst: tail.map(|(_, w)| w),
@@ -250,7 +243,7 @@ impl HeadSamples {
 
     /// Every candidate of the searched families on the budget grid.
     pub fn candidates(&self) -> Vec<Candidate> {
-        let s = &self.sum.stats;
+        let s = &self.all.sum.stats;
         let n = s.max_len;
         // Budgets >= 1 on the edges, plus "everything" (n).
         let mut budgets: Vec<usize> = s
