@@ -24,6 +24,7 @@ use std::time::Instant;
 use profiler::data::Sample;
 use profiler::model::{argmax, DenseAttention, LayerAttention, Model};
 use profiler::stats::recall_of_index;
+use runtime::exec::reference::reference_row;
 use runtime::pattern::{build_index, HeadQk, PatternContext};
 use runtime::{AttentionInput, PrefillOptions, SparsePrefill};
 use schemas::Plan;
@@ -90,8 +91,6 @@ impl LayerAttention for EvalAttention {
     ) -> profiler::Result<()> {
         let start = Instant::now();
         self.prefill.forward(layer, input, out)?;
-        let n = input.shape.seq_len;
-        dense_rows(input, n.saturating_sub(self.decode_rows), out);
         if self.compare_dense {
             self.sparse_seconds += start.elapsed().as_secs_f64();
             self.dense_out.resize(out.len(), 0.0);
@@ -111,47 +110,27 @@ impl LayerAttention for EvalAttention {
         if self.measure_recall {
             self.measure(layer, input)?;
         }
+        // After the timing and the output error, which describe the plan's prefill over every row.
+        let n = input.shape.seq_len;
+        dense_rows(input, n.saturating_sub(self.decode_rows), out);
         Ok(())
     }
 }
 
-/// Exact attention (f64 sums) of rows `from..` of every query head, written over `out`
-/// (`[q_heads, seq_len, head_dim]`): what decoding those tokens one at a time over a KV cache
+/// Exact attention (f64, [`reference_row`]) of rows `from..` of every query head, written over
+/// `out` (`[q_heads, seq_len, head_dim]`): what decoding those tokens one at a time over a KV cache
 /// computes. Rows `..from` are left as they are.
 pub fn dense_rows(input: &AttentionInput<'_>, from: usize, out: &mut [f32]) {
-    let shape = input.shape;
-    let (n, d) = (shape.seq_len, shape.head_dim);
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut weights = Vec::with_capacity(n);
-    let mut acc = vec![0.0f64; d];
-    for h in 0..shape.q_heads {
-        let g = shape.kv_head_of(h);
+    let (n, d) = (input.shape.seq_len, input.shape.head_dim);
+    let mut scores = Vec::with_capacity(n);
+    let mut row = vec![0.0f64; d];
+    for h in 0..input.shape.q_heads {
         for i in from..n {
-            let q = input.q_row(h, i);
-            weights.clear();
-            weights.extend((0..=i).map(|j| {
-                let k = input.k_row(g, j);
-                scale
-                    * q.iter()
-                        .zip(k)
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum::<f64>()
-            }));
-            let max = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let mut z = 0.0;
-            for w in weights.iter_mut() {
-                *w = (*w - max).exp();
-                z += *w;
-            }
-            acc.fill(0.0);
-            for (j, &w) in weights.iter().enumerate() {
-                for (a, &v) in acc.iter_mut().zip(input.v_row(g, j)) {
-                    *a += w * f64::from(v);
-                }
-            }
-            if let Some(row) = out.get_mut((h * n + i) * d..(h * n + i + 1) * d) {
-                for (o, a) in row.iter_mut().zip(&acc) {
-                    *o = (a / z) as f32;
+            row.fill(0.0);
+            reference_row(input, h, i, |_| true, &mut scores, &mut row);
+            if let Some(o) = out.get_mut((h * n + i) * d..(h * n + i + 1) * d) {
+                for (o, &x) in o.iter_mut().zip(&row) {
+                    *o = x as f32;
                 }
             }
         }

@@ -7,7 +7,8 @@
 //! of the predicate, so `keep = |_, _, _| true` is dense causal attention ([`dense_reference`]).
 //!
 //! Cost: `O(cells * head_dim)` f64 operations, rows spread by rayon; fine for tests up to a few
-//! thousand tokens, not meant for anything else.
+//! thousand tokens. [`reference_row`] alone also serves the evaluation, which computes the few rows of
+//! decoded answer tokens exactly.
 
 use rayon::prelude::*;
 
@@ -30,33 +31,48 @@ where
     if t == 0 {
         return Ok(out);
     }
-    let scale = 1.0 / (d as f64).sqrt();
     out.par_chunks_mut(d).enumerate().for_each_init(
         Vec::new,
         |scores: &mut Vec<(usize, f64)>, (row, o)| {
             let (h, i) = (row / t, row % t);
-            let g = shape.kv_head_of(h);
-            let q = input.q_row(h, i);
-            scores.clear();
-            scores.extend((0..=i).filter(|&j| keep(h, i, j)).map(|j| {
-                let dot: f64 = q
-                    .iter()
-                    .zip(input.k_row(g, j))
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
-                (j, dot * scale)
-            }));
-            let m = scores.iter().fold(f64::NEG_INFINITY, |m, &(_, s)| m.max(s));
-            let z: f64 = scores.iter().map(|&(_, s)| (s - m).exp()).sum();
-            for &(j, s) in scores.iter() {
-                let p = (s - m).exp() / z;
-                for (oc, &vc) in o.iter_mut().zip(input.v_row(g, j)) {
-                    *oc += p * f64::from(vc);
-                }
-            }
+            reference_row(input, h, i, |j| keep(h, i, j), scores, o);
         },
     );
     Ok(out)
+}
+
+/// Row `i` of query head `h` over its causal keys `j` with `keep(j)`, added into `o` (`head_dim`
+/// values, zero for the plain row); `scores` is scratch. The row [`reference_attention`] computes.
+pub fn reference_row<F>(
+    input: &AttentionInput<'_>,
+    h: usize,
+    i: usize,
+    keep: F,
+    scores: &mut Vec<(usize, f64)>,
+    o: &mut [f64],
+) where
+    F: Fn(usize) -> bool,
+{
+    let g = input.shape.kv_head_of(h);
+    let scale = 1.0 / (input.shape.head_dim as f64).sqrt();
+    let q = input.q_row(h, i);
+    scores.clear();
+    scores.extend((0..=i).filter(|&j| keep(j)).map(|j| {
+        let dot: f64 = q
+            .iter()
+            .zip(input.k_row(g, j))
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        (j, dot * scale)
+    }));
+    let m = scores.iter().fold(f64::NEG_INFINITY, |m, &(_, s)| m.max(s));
+    let z: f64 = scores.iter().map(|&(_, s)| (s - m).exp()).sum();
+    for &(j, s) in scores.iter() {
+        let p = (s - m).exp() / z;
+        for (oc, &vc) in o.iter_mut().zip(input.v_row(g, j)) {
+            *oc += p * f64::from(vc);
+        }
+    }
 }
 
 /// One query head `head`: `[seq_len, head_dim]` attention over the causal cells with `keep(i, j)`.
