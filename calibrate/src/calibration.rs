@@ -66,15 +66,11 @@ impl HeadResult {
     }
     /// Lowest held-out recall over lengths.
     pub fn validated_min(&self) -> Option<f64> {
-        self.heldout
-            .as_ref()
-            .map(|v| v.iter().copied().fold(f64::INFINITY, f64::min))
+        lowest(self.heldout.as_deref())
     }
     /// Lowest held-out recall of the last rows over lengths.
     pub fn validated_tail_min(&self) -> Option<f64> {
-        self.heldout_tail
-            .as_ref()
-            .map(|v| v.iter().copied().fold(f64::INFINITY, f64::min))
+        lowest(self.heldout_tail.as_deref())
     }
     /// Whether the held-out recall misses the goal's target (or its tail target, when set) by more
     /// than `tolerance` at some length.
@@ -85,6 +81,10 @@ impl HeadResult {
                 .tail_recall
                 .is_some_and(|t| below(self.validated_tail_min(), t))
     }
+}
+
+fn lowest(values: Option<&[f64]>) -> Option<f64> {
+    values.map(|v| v.iter().copied().fold(f64::INFINITY, f64::min))
 }
 
 pub(crate) fn mean(values: impl Iterator<Item = f64>) -> f64 {
