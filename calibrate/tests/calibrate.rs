@@ -120,6 +120,7 @@ fn profile(tag: &str, seeds: &[u64], seq_len: usize) -> Profile {
         layers: vec![0, 1],
         dynamic: dynamic_candidates(),
         tail_q: CFG.tail_q as u32,
+        periods: None,
     });
     for (k, &seed) in seeds.iter().enumerate() {
         for layer in 0..2 {
@@ -566,6 +567,11 @@ fn bad_calibration_input_is_a_clear_error() {
         (vec!["--profile", g, "--grid", "196"], "does not combine"),
         (vec!["--grid", "1:0"], "stride must be at least 2"),
         (vec!["--grid", "x"], "--grid x: stride"),
+        (
+            vec!["--profile", g, "--periods", "find"],
+            "does not combine",
+        ),
+        (vec!["--periods", "always"], "invalid value 'always'"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["calibrate"];
@@ -606,7 +612,10 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
         "--out",
         plan.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    // The one-shot form looks for periods in its first sample by default and says what it found.
+    assert!(err.contains("periods      sample passkey:"), "{err}");
     let out = attnplan(&[
         "validate",
         plan.to_str().unwrap(),

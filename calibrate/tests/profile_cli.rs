@@ -78,6 +78,8 @@ fn profile_writes_statistics_and_heat_maps_and_merge_joins_samples() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let mx = Profile::read(&mixed).unwrap();
     assert_eq!(mx.meta.data, "synthetic:passkey + synthetic:kv-retrieval");
+    // `profile` looks for periods only when asked.
+    assert_eq!(mx.meta.periods, None);
     assert_eq!(mx.meta.samples, 3);
     // Merging a profile into one that already holds its samples is refused.
     let merged = dir.path().join("m.safetensors");
@@ -139,6 +141,68 @@ fn profile_writes_statistics_and_heat_maps_and_merge_joins_samples() {
             );
         }
     }
+}
+
+/// Two paragraphs repeated: 195 SmolLM2 tokens between one copy of a token and the next.
+const PARAGRAPHS: &str = "A caravan left the northern oasis at dawn, carrying salt, copper ingots and \
+bolts of indigo cloth. The guide, an old woman named Tessaly, read the dunes the way sailors read the \
+sea: by the wind's signature on their crests. On the third day a storm rose from the west, and the \
+camels knelt with their backs to it while the drivers wrapped their faces. When the air cleared, the \
+road markers were gone, buried under a new ridge of sand.
+Tessaly climbed the ridge alone. From the top she counted the shadows of the far hills, measured the \
+angle of the sun against her outstretched hand, and pointed south-east without a word. The drivers \
+grumbled, because the wells they knew lay to the east, but nobody argued with the woman who had \
+crossed this desert forty times. Two days later they reached a well none of them had seen before, its \
+stones cool and its water sweet.
+";
+
+/// Heads that copy from the previous repetition attend with the text's period: `--periods find`
+/// reports it, scores grid candidates at it, and the sample's statistics hold their columns.
+#[test]
+fn a_repeated_text_has_a_period_and_gets_grid_candidates() {
+    need_model();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("repeated.txt");
+    std::fs::write(&data, PARAGRAPHS.repeat(12)).unwrap();
+    let out_path = dir.path().join("p.safetensors");
+    let out = attnplan(&[
+        "profile",
+        "--data",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "1024",
+        "--samples",
+        "1",
+        "--periods",
+        "find",
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let p = Profile::read(&out_path).unwrap();
+    let report = p.meta.periods.as_ref().expect("a period report");
+    assert_eq!(report.heads, 270);
+    let searched: Vec<_> = report.found.iter().filter(|f| f.searched).collect();
+    assert!(!searched.is_empty(), "{report:?}");
+    for f in &searched {
+        // The copy distance, give or take the token where a paragraph break tokenizes differently.
+        assert!((193..=197).contains(&f.stride), "{report:?}");
+        assert!(
+            err.contains(&format!("--grid {}:{}", f.stride, f.phase)),
+            "{err}"
+        );
+        let grids = p
+            .meta
+            .dynamic
+            .iter()
+            .filter(|c| matches!(c, schemas::Pattern::Grid(g) if g.stride == f.stride && g.phase == f.phase))
+            .count();
+        assert_eq!(grids, 9, "3 widths x 3 local windows");
+    }
+    // The sample was profiled again with the grid candidates: every head has a score for each.
+    let stats = p.head_stats(&out_path, 12, 4).unwrap();
+    assert_eq!(stats.dynamic.mass.len(), p.meta.dynamic.len());
 }
 
 #[test]

@@ -57,6 +57,10 @@ pub struct ProfileMeta {
     /// whole query blocks; 0 (and absent in older profiles): none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tail_q: u32,
+    /// The period search on the first sample, when one ran (`stats::period`): what it found and which
+    /// strides got grid candidates in [`ProfileMeta::dynamic`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub periods: Option<crate::stats::period::PeriodReport>,
 }
 
 fn is_zero(x: &u32) -> bool {

@@ -4,7 +4,9 @@
 //! [`StatsHook`] is a [`LayerAttention`] that computes [`layer_stats_scored`] on the layer's input and then
 //! exact dense attention for the output, so the forward continues exactly as the dense model would.
 //! [`profile_samples`] runs it over samples and stores sample `k`'s statistics as sample `k` of the
-//! profile.
+//! profile. Asked to ([`ProfileRun::periods`]), it first looks for periods in the first sample's
+//! attention (`stats::period`) during that sample's pass; when it finds one, grid candidates at it join
+//! the dynamic candidates and the sample is profiled again with them.
 
 use std::time::Instant;
 
@@ -14,6 +16,8 @@ use crate::data::Sample;
 use crate::error::{Error, Result};
 use crate::model::{DenseAttention, LayerAttention, Model};
 use crate::profile::{Profile, ProfileMeta, PROFILE_FORMAT, PROFILE_VERSION};
+use crate::stats::dynamic::grid_candidates;
+use crate::stats::period::{self, HeadPeriod, PeriodReport, PeriodSearch};
 use crate::stats::{layer_stats_scored, HeadStats, StatsConfig};
 
 /// Statistics of every layer of one forward pass.
@@ -25,6 +29,9 @@ pub struct StatsHook {
     pub layers: Vec<Option<Vec<HeadStats>>>,
     /// Seconds spent in statistics (not in the dense attention that follows).
     pub stats_seconds: f64,
+    /// When set, every layer's heads are also searched for periods (`stats::period`), appended here
+    /// in layer order.
+    pub periods: Option<(PeriodSearch, Vec<Option<HeadPeriod>>)>,
 }
 
 impl StatsHook {
@@ -39,6 +46,7 @@ impl StatsHook {
             candidates,
             layers: vec![None; layers],
             stats_seconds: 0.0,
+            periods: None,
         }
     }
 }
@@ -47,6 +55,9 @@ impl LayerAttention for StatsHook {
     fn attend(&mut self, layer: usize, input: &AttentionInput<'_>, out: &mut [f32]) -> Result<()> {
         let start = Instant::now();
         let stats = layer_stats_scored(input, &self.cfg, &self.candidates)?;
+        if let Some((search, found)) = self.periods.as_mut() {
+            found.extend(period::layer_periods(input, &self.cfg, search)?);
+        }
         self.stats_seconds += start.elapsed().as_secs_f64();
         let slot = self
             .layers
@@ -78,6 +89,8 @@ pub struct ProfileRun {
     pub stats: StatsConfig,
     /// Dynamic candidates to score (`stats::dynamic::default_candidates`; empty: none).
     pub dynamic: Vec<schemas::Pattern>,
+    /// Look for periods in the first sample and add grid candidates at those found (`None`: do not).
+    pub periods: Option<PeriodSearch>,
 }
 
 /// Runs `model` on every sample (all the same length) and returns their statistics as a profile.
@@ -99,27 +112,65 @@ pub fn profile_samples(
         )));
     }
     let layers = model.config().layers;
-    let meta = ProfileMeta {
-        format: PROFILE_FORMAT.into(),
-        version: PROFILE_VERSION,
-        tool: run.tool.clone(),
-        model: model.spec().model_info(),
-        data: run.data.clone(),
-        seq_len: seq_len as u64,
-        block_q: run.stats.block_q as u32,
-        block_k: run.stats.block_k as u32,
-        last_q: run.stats.last_q as u32,
-        samples: samples.len() as u64,
-        sample_ids: samples.iter().map(|s| s.id.clone()).collect(),
-        layers: (0..layers as u32).collect(),
-        dynamic: run.dynamic.clone(),
-        tail_q: run.stats.tail_q as u32,
-    };
-    let mut profile = Profile::new(meta);
-    for (k, sample) in samples.iter().enumerate() {
-        let start = Instant::now();
-        let mut hook = StatsHook::scoring(run.stats, layers, run.dynamic.clone());
+    let mut dynamic = run.dynamic.clone();
+    let mut search = run.periods;
+    let mut report = None;
+    let mut profile: Option<Profile> = None;
+    let mut k = 0;
+    let mut start = Instant::now();
+    while let Some(sample) = samples.get(k) {
+        let mut hook = StatsHook::scoring(run.stats, layers, dynamic.clone());
+        hook.periods = search.take().map(|s| (s, Vec::new()));
         model.forward_hidden(&sample.tokens, &mut hook)?;
+        if let Some((s, per_head)) = hook.periods.take() {
+            let found = period::detect(
+                &per_head,
+                per_head.len(),
+                run.stats.block_q + run.stats.block_k,
+                &s,
+            );
+            let before = dynamic.len();
+            for p in found.iter().filter(|p| p.searched) {
+                for c in grid_candidates(p.stride, p.phase, run.stats.block_k as u32) {
+                    if !dynamic.contains(&c) {
+                        dynamic.push(c);
+                    }
+                }
+            }
+            report = Some(PeriodReport {
+                sample: sample.id.clone(),
+                rows: s.rows.div_ceil(run.stats.block_q) as u32 * run.stats.block_q as u32,
+                strides: [
+                    (run.stats.block_q + run.stats.block_k) as u32,
+                    (seq_len / 3) as u32,
+                ],
+                heads: per_head.len() as u32,
+                found,
+            });
+            if dynamic.len() > before {
+                // This pass did not score the new grid candidates: profile the sample again.
+                continue;
+            }
+        }
+        let profile = profile.get_or_insert_with(|| {
+            Profile::new(ProfileMeta {
+                format: PROFILE_FORMAT.into(),
+                version: PROFILE_VERSION,
+                tool: run.tool.clone(),
+                model: model.spec().model_info(),
+                data: run.data.clone(),
+                seq_len: seq_len as u64,
+                block_q: run.stats.block_q as u32,
+                block_k: run.stats.block_k as u32,
+                last_q: run.stats.last_q as u32,
+                samples: samples.len() as u64,
+                sample_ids: samples.iter().map(|s| s.id.clone()).collect(),
+                layers: (0..layers as u32).collect(),
+                dynamic: dynamic.clone(),
+                tail_q: run.stats.tail_q as u32,
+                periods: report.take(),
+            })
+        });
         for (l, stats) in hook.layers.iter().enumerate() {
             let stats = stats
                 .as_ref()
@@ -132,6 +183,8 @@ pub fn profile_samples(
             seconds: start.elapsed().as_secs_f64(),
             stats_seconds: hook.stats_seconds,
         });
+        k += 1;
+        start = Instant::now();
     }
-    Ok(profile)
+    profile.ok_or_else(|| Error::Profile("no samples to profile".into()))
 }

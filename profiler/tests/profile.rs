@@ -31,6 +31,7 @@ fn meta(ids: &[&str], layers: &[u32]) -> ProfileMeta {
         layers: layers.to_vec(),
         dynamic: Vec::new(),
         tail_q: 256,
+        periods: None,
     }
 }
 

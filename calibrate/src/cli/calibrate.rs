@@ -16,7 +16,7 @@ use anyhow::Context;
 use profiler::profiling::{profile_samples, ProfileRun};
 use profiler::stats::StatsConfig;
 
-use super::common::{load_model, tool_version, DynamicArgs, Progress};
+use super::common::{load_model, print_periods, tool_version, DynamicArgs, Periods, Progress};
 use super::{Failure, Outcome};
 
 #[derive(Debug, clap::Args)]
@@ -119,11 +119,12 @@ fn check(args: &Args) -> anyhow::Result<Goal> {
         || !args.seq_lens.is_empty()
         || args.save_profiles.is_some()
         || args.dynamic.no_dynamic
-        || !args.dynamic.grid.is_empty();
+        || !args.dynamic.grid.is_empty()
+        || args.dynamic.periods.is_some();
     if !args.profiles.is_empty() && one_shot {
         anyhow::bail!(
             "--profile calibrates from existing profiles: it does not combine with --model, --data, \
-             --seq-len, --save-profiles, --no-dynamic or --grid (profile with them instead)"
+             --seq-len, --save-profiles, --no-dynamic, --grid or --periods (profile with them instead)"
         );
     }
     if args.profiles.is_empty() && !args.heldout.is_empty() {
@@ -202,16 +203,24 @@ fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)>
         args.seq_lens.clone()
     };
     let stats = StatsConfig::default();
-    let run = ProfileRun {
+    let mut run = ProfileRun {
         tool: tool_version(),
         data: sources.join(" + "),
         stats,
         dynamic: args.dynamic.candidates(stats.block_k),
+        // Searched once, on the first calibration sample; every later profile (held-out, other
+        // lengths) scores the candidate list that search settled.
+        periods: args.dynamic.period_search(if args.dynamic.no_dynamic {
+            Periods::Off
+        } else {
+            Periods::Find
+        }),
     };
     let (mut calib, mut heldout) = (Vec::new(), Vec::new());
     let total = (args.samples + args.heldout_samples) * sources.len() * seq_lens.len();
     let progress = Progress::new("profiling", total);
     let mut done = 0usize;
+    let mut searched = None;
     for &n in &seq_lens {
         let (mut cal_samples, mut held_samples) = (Vec::new(), Vec::new());
         for source in &sources {
@@ -238,6 +247,10 @@ fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)>
                 done += 1;
                 progress.step(done, total, &format!("{n} tokens, {:.1} s", s.seconds));
             })?;
+            if run.periods.take().is_some() {
+                searched = Some(profile.meta.clone());
+                run.dynamic.clone_from(&profile.meta.dynamic);
+            }
             let name = format!("{kind}-{n}.safetensors");
             let path = match &args.save_profiles {
                 Some(dir) => {
@@ -253,6 +266,9 @@ fn one_shot(args: &Args) -> anyhow::Result<(Vec<ProfileFile>, Vec<ProfileFile>)>
         }
     }
     progress.finish();
+    if let Some(meta) = &searched {
+        print_periods(meta);
+    }
     Ok((calib, heldout))
 }
 

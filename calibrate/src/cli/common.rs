@@ -150,6 +150,19 @@ pub struct DynamicArgs {
     /// starting at PHASE (default 0): also score grid candidates at it. Repeatable.
     #[arg(long = "grid", value_name = "STRIDE[:PHASE]", value_parser = parse_grid)]
     pub grid: Vec<(u32, u32)>,
+    /// Look for periods in the first sample's attention and also score grid candidates at those
+    /// found (`find`), or do not (`off`). Default: `find` in the one-shot `calibrate` (its held-out
+    /// samples get the same candidates), `off` in `profile` (profile held-out data with the `--grid`
+    /// the calibration profile reports instead).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub periods: Option<Periods>,
+}
+
+/// `--periods`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Periods {
+    Find,
+    Off,
 }
 
 fn parse_grid(s: &str) -> Result<(u32, u32), String> {
@@ -181,5 +194,41 @@ impl DynamicArgs {
             ));
         }
         out
+    }
+
+    /// The period search to run, `default` when `--periods` is not given.
+    pub fn period_search(&self, default: Periods) -> Option<profiler::stats::period::PeriodSearch> {
+        (self.periods.unwrap_or(default) == Periods::Find).then(Default::default)
+    }
+}
+
+/// Prints what a period search found (`profile.meta.periods`), if one ran.
+pub fn print_periods(meta: &profiler::profile::ProfileMeta) {
+    let Some(r) = &meta.periods else { return };
+    let searched = format!(
+        "periods      sample {}, last {} rows of {} heads",
+        r.sample, r.rows, r.heads
+    );
+    if r.found.is_empty() {
+        eprintln!(
+            "{searched}: none (strides 2 to {} tokens; a grid needs {} or more)",
+            r.strides[1], r.strides[0]
+        );
+    }
+    for p in &r.found {
+        let what = if p.searched {
+            format!(
+                "grid candidates scored (held-out data: --grid {}:{})",
+                p.stride, p.phase
+            )
+        } else if p.stride < r.strides[0] {
+            format!("too short for a grid (< {} tokens)", r.strides[0])
+        } else {
+            "not searched (more periods than kept)".to_string()
+        };
+        eprintln!(
+            "{searched}: stride {} phase {} in {} heads (median contrast {:.1}): {what}",
+            p.stride, p.phase, p.heads, p.contrast
+        );
     }
 }

@@ -6,7 +6,9 @@ use anyhow::Context;
 use profiler::profiling::{profile_samples, ProfileRun};
 use profiler::stats::StatsConfig;
 
-use super::common::{load_model, tool_version, DataArgs, DynamicArgs, Progress};
+use super::common::{
+    load_model, print_periods, tool_version, DataArgs, DynamicArgs, Periods, Progress,
+};
 use super::Outcome;
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +59,7 @@ pub fn run(args: &Args) -> Outcome {
         data: args.data.data.clone(),
         stats,
         dynamic: args.dynamic.candidates(args.block),
+        periods: args.dynamic.period_search(Periods::Off),
     };
     let progress = Progress::new("profiling", samples.len());
     let profile = profile_samples(&model, &samples, &run, |done| {
@@ -70,6 +73,7 @@ pub fn run(args: &Args) -> Outcome {
         )
     })?;
     progress.finish();
+    print_periods(&profile.meta);
     profile.write(&args.out)?;
     eprintln!(
         "wrote {} ({} samples x {} tokens, {} layers x {} heads)",

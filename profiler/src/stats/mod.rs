@@ -16,6 +16,8 @@
 //!   answer as well as to the mean over all rows.
 //! - [`dynamic`]: families without sufficient statistics (query-adaptive, token-select, grid), scored
 //!   exactly per candidate during the same pass ([`layer_stats_scored`], [`HeadStats::dynamic`]).
+//! - [`period`]: the strides at which heads' attention repeats, found on one sample so that grid
+//!   candidates are scored where the data has a period.
 //! - [`recall_of_index`]: the direct evaluator for any [`runtime::HeadIndex`] (the ground truth the
 //!   statistics are tested against).
 //! - [`rank_edges`] and [`COVERAGE_GRID`]: the budget grids, defined once.
@@ -40,6 +42,7 @@ mod direct;
 pub mod dynamic;
 mod edges;
 mod head;
+pub mod period;
 mod tile;
 
 use runtime::pattern::PatternContext;
