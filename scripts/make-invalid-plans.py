@@ -73,6 +73,7 @@ case("block-size-not-power-of-two.yaml", sub("  block_k: 64\n", "  block_k: 48\n
 case("block-sparse-both-selectors.yaml", sub("{kind: block_sparse, top_k: 8}", "{kind: block_sparse, top_k: 8, coverage: 0.9}"), "layers[1].heads[0].pattern", "exactly one")
 case("grid-phase-out-of-range.yaml", sub("stride: 256, phase: 0", "stride: 256, phase: 300"), "layers[1].heads[1].pattern.phase", "< stride")
 case("token-select-keep-over-block.yaml", sub("block: 64, keep: 8", "block: 64, keep: 80"), "layers[1].heads[3].pattern.keep", "block")
+case("token-select-spread-out-of-range.yaml", sub("block: 64, keep: 8", "block: 64, keep: 8, spread: 12.5"), "layers[1].heads[3].pattern.spread", "[0, 8]")
 
 os.makedirs(OUT, exist_ok=True)
 for old in os.listdir(OUT):

@@ -113,9 +113,20 @@ pub fn predicted_density(pattern: &Pattern, measured: f64, n: u64, block_k: u64)
         Pattern::BlockSparse(BlockSparse { top_k: Some(k), .. }) => {
             per_row((k.resolve(n) * block_k) as f64)
         }
-        // `keep` of every `block` tokens: that share of the causal cells, plus sink and local.
+        // The mean count kept per `block` tokens: that share of the causal cells, plus sink and
+        // local. With a spread, the mean over the chunks' ranks (at most 4,096 evenly spaced
+        // quantiles of the distribution).
         Pattern::TokenSelect(p) => {
-            let share = p.keep.resolve(n) as f64 / f64::from(p.block.max(1));
+            let block = p.block.max(1) as usize;
+            let chunks = (n as usize).div_ceil(block).clamp(1, 4096);
+            let keeps = runtime::pattern::token_select::keeps_by_rank(
+                chunks,
+                block,
+                p.keep.resolve(n) as usize,
+                p.spread,
+            );
+            let mean = keeps.iter().sum::<usize>() as f64 / chunks as f64;
+            let share = mean / block as f64;
             (share.min(1.0) + per_row((p.sink.resolve(n) + p.local.resolve(n)) as f64)).min(1.0)
         }
         // Coverage rules (block-sparse coverage, query-adaptive) and grids: the calibrated density.

@@ -693,15 +693,22 @@ fn a_dynamic_choice_is_emitted_as_its_pattern() {
 #[test]
 fn token_select_density_is_predicted_from_its_budgets() {
     use schemas::{Budget, Pattern, TokenSelect};
-    let ts = Pattern::TokenSelect(TokenSelect {
-        block: 64,
-        keep: Budget::Fixed(8),
-        sink: Budget::Fixed(64),
-        local: Budget::Fixed(512),
-    });
-    let at = |n| calibrate::emit::predicted_density(&ts, 0.5, n, 64);
+    let ts = |spread| {
+        Pattern::TokenSelect(TokenSelect {
+            block: 64,
+            keep: Budget::Fixed(8),
+            spread,
+            sink: Budget::Fixed(64),
+            local: Budget::Fixed(512),
+        })
+    };
+    let at = |n| calibrate::emit::predicted_density(&ts(0.0), 0.5, n, 64);
     assert!(at(8192) > at(131_072) && at(131_072) > 0.125);
     assert!((at(1 << 30) - 0.125).abs() < 1e-3, "{}", at(1 << 30));
+    // With a spread the share is the mean count over the chunks: 2^round(3 + Z) for Z standard
+    // normal, clamped to [1, 64], has mean Σ_k 2^clamp(3 + k) P(round(Z) = k) ≈ 10.36 of 64 tokens.
+    let spread = calibrate::emit::predicted_density(&ts(1.0), 0.5, 1 << 30, 64);
+    assert!((spread - 0.1619).abs() < 2e-3, "{spread}");
     let qa = dynamic_candidates()[0].clone();
     assert_eq!(
         calibrate::emit::predicted_density(&qa, 0.42, 131_072, 64),

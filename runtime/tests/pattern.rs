@@ -114,6 +114,14 @@ fn all_kinds() -> Vec<Pattern> {
         Pattern::TokenSelect(TokenSelect {
             block: 32,
             keep: fixed(3),
+            spread: 0.0,
+            sink: fixed(4),
+            local: fixed(16),
+        }),
+        Pattern::TokenSelect(TokenSelect {
+            block: 32,
+            keep: fixed(3),
+            spread: 1.5,
             sink: fixed(4),
             local: fixed(16),
         }),
@@ -344,8 +352,8 @@ fn block_sparse_forced_and_nested() {
 #[test]
 fn token_select_keeps_top_per_chunk() {
     let score = [0.1, 0.5, 0.5, 0.2, 0.9, 0.0, 0.3];
-    assert_eq!(token_select::select(&score, 3, 2), vec![1, 2, 3, 4, 6]);
-    assert_eq!(token_select::select(&score, 3, 0), Vec::<usize>::new());
+    assert_eq!(token_select::select(&score, 3, 2, 0.0), vec![1, 2, 3, 4, 6]);
+    assert_eq!(token_select::select(&score, 3, 0, 0.0), Vec::<usize>::new());
 }
 
 #[test]

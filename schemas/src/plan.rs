@@ -256,12 +256,23 @@ pub struct QueryAdaptive {
 pub struct TokenSelect {
     /// Key block size in tokens within which tokens are selected.
     pub block: u32,
-    /// Tokens kept per key block, `<= block`.
+    /// Tokens kept per key block, `<= block`; with a `spread`, the count of the median block.
     pub keep: Budget,
+    /// Spread of the tokens kept per key block, in powers of two (TCA-Attention's per-head
+    /// distribution of budgets): 0, the default, keeps `keep` tokens of every block; with `s > 0` the
+    /// blocks are ranked by the attention the last queries pay them, and the block at quantile `u`
+    /// of that ranking (1 = most attended) keeps `2^round(log2(keep) + s * Φ⁻¹(u))` tokens, clamped
+    /// to `[1, block]`: a log-Gaussian over `{1, 2, 4, …, block}`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spread: f64,
     /// First tokens every query sees (tokens).
     pub sink: Budget,
     /// Local window (tokens).
     pub local: Budget,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// A count that may depend on the sequence length `n`. The unit is the field's (tokens or blocks).

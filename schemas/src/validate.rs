@@ -11,6 +11,9 @@ use crate::plan::{Budget, Defaults, HeadPlan, ModelInfo, Pattern, Plan, SCHEMA_V
 /// Smallest and largest kernel tile edge accepted.
 pub const MIN_BLOCK: u32 = 16;
 pub const MAX_BLOCK: u32 = 256;
+/// Largest `token_select.spread` (powers of two): at 8, every block but the median ones is already
+/// at 1 token or at the whole block.
+pub const MAX_SPREAD: f64 = 8.0;
 
 /// Collects every rule violation of `plan`.
 pub fn validate(plan: &Plan) -> Vec<Issue> {
@@ -468,6 +471,12 @@ impl Validator {
                     );
                 }
                 self.budget(&f("keep"), &p.keep, (u64::from(p.block.max(1)), "block"));
+                if !(p.spread.is_finite() && (0.0..=MAX_SPREAD).contains(&p.spread)) {
+                    self.push(
+                        f("spread"),
+                        format!("{}, expected a number in [0, {MAX_SPREAD}]", p.spread),
+                    );
+                }
                 self.budget(&f("sink"), &p.sink, tokens);
                 self.budget(&f("local"), &p.local, tokens);
             }

@@ -315,10 +315,11 @@ fn pattern() -> BoxedStrategy<Pattern> {
                 min_budget: Budget::Fixed(m),
             })
         }),
-        (1u64..64, budget(), budget()).prop_map(|(keep, sink, local)| {
+        (1u64..64, 0u8..=32, budget(), budget()).prop_map(|(keep, quarters, sink, local)| {
             Pattern::TokenSelect(TokenSelect {
                 block: 64,
                 keep: Budget::Fixed(keep),
+                spread: f64::from(quarters) / 4.0,
                 sink,
                 local,
             })

@@ -35,8 +35,12 @@ pub const GAMMAS: [f64; 5] = [0.8, 0.9, 0.95, 0.98, 0.99];
 pub const TAUS: [f64; 4] = [0.0, 0.1, 0.3, 1.0];
 /// Fewest key blocks per query block (query-aware), or `min_budget * block_k` tokens (vertical-slash).
 pub const MIN_BUDGETS: [u64; 2] = [1, 4];
-/// Token-select: tokens kept per chunk of `block_k` tokens, TCA's log scale `1, 2, 4, …`.
+/// Token-select: tokens kept per chunk of `block_k` tokens (the median chunk's with a spread), TCA's
+/// log scale `1, 2, 4, …`.
 pub const KEEPS: [u64; 5] = [1, 2, 4, 8, 16];
+/// Token-select spreads (powers of two): one count for every chunk, or TCA's per-head log-Gaussian
+/// distribution of counts over the chunks, ranked by the attention they receive.
+pub const SPREADS: [f64; 3] = [0.0, 1.0, 2.0];
 /// Token-select and grid local windows (tokens); the sink is one key block.
 pub const LOCALS: [u64; 3] = [128, 512, 1024];
 /// Grid widths searched at each declared stride.
@@ -56,14 +60,17 @@ pub fn default_candidates(block_k: u32) -> Vec<Pattern> {
             }
         }
     }
-    for &keep in &KEEPS {
-        for &local in &LOCALS {
-            out.push(Pattern::TokenSelect(TokenSelect {
-                block: block_k,
-                keep: Budget::Fixed(keep),
-                sink: Budget::Fixed(u64::from(block_k)),
-                local: Budget::Fixed(local),
-            }));
+    for &spread in &SPREADS {
+        for &keep in &KEEPS {
+            for &local in &LOCALS {
+                out.push(Pattern::TokenSelect(TokenSelect {
+                    block: block_k,
+                    keep: Budget::Fixed(keep),
+                    spread,
+                    sink: Budget::Fixed(u64::from(block_k)),
+                    local: Budget::Fixed(local),
+                }));
+            }
         }
     }
     out
@@ -283,8 +290,8 @@ enum Key {
     Aware(u64, usize),
     /// Vertical-slash branch: clamped `(vertical, slash)`.
     Vs(usize, usize),
-    /// Token-select: `(block, keep, sink, local)` resolved.
-    Tokens(usize, usize, usize, usize),
+    /// Token-select: `(block, keep, spread bits, sink, local)` resolved.
+    Tokens(usize, usize, u64, usize, usize),
     /// Grid: never shared.
     Other,
 }
@@ -318,6 +325,7 @@ pub fn score(
             Pattern::TokenSelect(t) => Key::Tokens(
                 (t.block as usize).max(1),
                 ctx.resolve(&t.keep),
+                t.spread.to_bits(),
                 ctx.resolve(&t.sink),
                 ctx.resolve(&t.local),
             ),
@@ -359,8 +367,9 @@ pub fn score(
                     tail_start,
                 )
             }
-            (None, Key::Tokens(block, keep, sink, local)) => {
-                let chosen = token_select::select(&r.vs.col_scores, block, keep.min(block));
+            (None, Key::Tokens(block, keep, spread, sink, local)) => {
+                let spread = f64::from_bits(spread);
+                let chosen = token_select::select(&r.vs.col_scores, block, keep.min(block), spread);
                 rule_mass(
                     ctx,
                     heat,
