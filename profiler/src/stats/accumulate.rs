@@ -124,14 +124,8 @@ pub fn layer_stats_scored(
     dynamic::check_candidates(candidates)?;
     let scored = !candidates.is_empty();
     let shape = input.shape;
-    shape.check()?;
-    let ctx = cfg.context(shape.seq_len);
-    ctx.check()?;
+    let (ctx, packed) = PackedKeys::pack_layer(input, cfg)?;
     let (n, d) = (shape.seq_len, shape.head_dim);
-    let packed: Vec<PackedKeys> = (0..shape.kv_heads)
-        .into_par_iter()
-        .map(|g| PackedKeys::pack(input.k_head(g), n, d, ctx.block_k))
-        .collect();
     let preps: Vec<HeadPrep> = (0..shape.q_heads)
         .into_par_iter()
         .map(|h| HeadPrep::new(&ctx, &HeadQk::from_input(input, h)?, scored))

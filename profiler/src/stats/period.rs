@@ -111,14 +111,8 @@ pub fn layer_periods(
     search: &PeriodSearch,
 ) -> Result<Vec<Option<HeadPeriod>>> {
     let shape = input.shape;
-    shape.check()?;
-    let ctx = cfg.context(shape.seq_len);
-    ctx.check()?;
+    let (ctx, packed) = PackedKeys::pack_layer(input, cfg)?;
     let (n, d) = (shape.seq_len, shape.head_dim);
-    let packed: Vec<PackedKeys> = (0..shape.kv_heads)
-        .into_par_iter()
-        .map(|g| PackedKeys::pack(input.k_head(g), n, d, ctx.block_k))
-        .collect();
     let nqb = ctx.q_blocks();
     let first = nqb.saturating_sub(search.rows.div_ceil(ctx.block_q.max(1)));
     (0..shape.q_heads)

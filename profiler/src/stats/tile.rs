@@ -63,6 +63,25 @@ impl PackedKeys {
         }
     }
 
+    /// Checks `input`'s shape and the context at its length, and packs every KV head's keys (in
+    /// parallel): what a pass over one layer's tiles starts with.
+    pub fn pack_layer(
+        input: &runtime::AttentionInput<'_>,
+        cfg: &super::StatsConfig,
+    ) -> Result<(runtime::pattern::PatternContext, Vec<Self>)> {
+        use rayon::prelude::*;
+        let shape = input.shape;
+        shape.check()?;
+        let ctx = cfg.context(shape.seq_len);
+        ctx.check()?;
+        let (n, d) = (shape.seq_len, shape.head_dim);
+        let packed = (0..shape.kv_heads)
+            .into_par_iter()
+            .map(|g| Self::pack(input.k_head(g), n, d, ctx.block_k))
+            .collect();
+        Ok((ctx, packed))
+    }
+
     fn block(&self, kb: usize) -> &[f32] {
         let size = self.head_dim * self.stride;
         &self.data[kb * size..(kb + 1) * size]
