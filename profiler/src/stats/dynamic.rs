@@ -36,8 +36,8 @@ pub const TAUS: [f64; 4] = [0.0, 0.1, 0.3, 1.0];
 /// Fewest key blocks per query block (query-aware), or `min_budget * block_k` tokens (vertical-slash).
 pub const MIN_BUDGETS: [u64; 2] = [1, 4];
 /// Token-select: tokens kept per chunk of `block_k` tokens (the median chunk's with a spread), TCA's
-/// log scale `1, 2, 4, …`.
-pub const KEEPS: [u64; 5] = [1, 2, 4, 8, 16];
+/// log scale `1, 2, 4, …` up to half a 64-token chunk (a whole chunk would be its every column).
+pub const KEEPS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 /// Token-select spreads (powers of two): one count for every chunk, or TCA's per-head log-Gaussian
 /// distribution of counts over the chunks, ranked by the attention they receive.
 pub const SPREADS: [f64; 3] = [0.0, 1.0, 2.0];
