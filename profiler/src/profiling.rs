@@ -139,7 +139,7 @@ pub fn profile_samples(
             }
             report = Some(PeriodReport {
                 sample: sample.id.clone(),
-                rows: s.rows.div_ceil(run.stats.block_q) as u32 * run.stats.block_q as u32,
+                rows: period::rows_searched(seq_len, run.stats.block_q, s.rows) as u32,
                 strides: [
                     (run.stats.block_q + run.stats.block_k) as u32,
                     (seq_len / 3) as u32,

@@ -114,7 +114,7 @@ pub fn layer_periods(
     let (ctx, packed) = PackedKeys::pack_layer(input, cfg)?;
     let (n, d) = (shape.seq_len, shape.head_dim);
     let nqb = ctx.q_blocks();
-    let first = nqb.saturating_sub(search.rows.div_ceil(ctx.block_q.max(1)));
+    let first = first_block(n, ctx.block_q, search.rows);
     (0..shape.q_heads)
         .into_par_iter()
         .map(|h| {
@@ -144,6 +144,19 @@ pub fn layer_periods(
             Ok(head_period(&diag, &cols, rows, ctx.block_k, search))
         })
         .collect()
+}
+
+/// First query block of the last `rows` rows of `seq_len`, rounded out to whole blocks of `block_q`.
+fn first_block(seq_len: usize, block_q: usize, rows: usize) -> usize {
+    let block_q = block_q.max(1);
+    seq_len
+        .div_ceil(block_q)
+        .saturating_sub(rows.div_ceil(block_q))
+}
+
+/// How many rows [`layer_periods`] sums at `seq_len` when asked for the last `rows`.
+pub fn rows_searched(seq_len: usize, block_q: usize, rows: usize) -> usize {
+    seq_len - first_block(seq_len, block_q, rows) * block_q.max(1)
 }
 
 /// The period of one head from its attention summed over `rows` rows by diagonal offset (`diag[o]`)
@@ -338,6 +351,15 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn the_rows_searched_are_whole_query_blocks_within_the_sample() {
+        assert_eq!(rows_searched(2048, 64, 256), 256);
+        // 1000 tokens: blocks 12..16 start at row 768.
+        assert_eq!(rows_searched(1000, 64, 256), 232);
+        assert_eq!(rows_searched(200, 64, 256), 200);
+        assert_eq!(rows_searched(2048, 64, 200), 256);
     }
 
     #[test]
