@@ -123,12 +123,9 @@ pub fn profile_samples(
         hook.periods = search.take().map(|s| (s, Vec::new()));
         model.forward_hidden(&sample.tokens, &mut hook)?;
         if let Some((s, per_head)) = hook.periods.take() {
-            let found = period::detect(
-                &per_head,
-                per_head.len(),
-                run.stats.block_q + run.stats.block_k,
-                &s,
-            );
+            // A grid with a shorter stride would touch every tile (its diagonals are block-granular).
+            let min_grid = run.stats.block_q + run.stats.block_k;
+            let found = period::detect(&per_head, min_grid, &s);
             let before = dynamic.len();
             for p in found.iter().filter(|p| p.searched) {
                 for c in grid_candidates(p.stride, p.phase, run.stats.block_k as u32) {
@@ -140,10 +137,7 @@ pub fn profile_samples(
             report = Some(PeriodReport {
                 sample: sample.id.clone(),
                 rows: period::rows_searched(seq_len, run.stats.block_q, s.rows) as u32,
-                strides: [
-                    (run.stats.block_q + run.stats.block_k) as u32,
-                    (seq_len / 3) as u32,
-                ],
+                strides: [min_grid as u32, (seq_len / 3) as u32],
                 heads: per_head.len() as u32,
                 found,
             });

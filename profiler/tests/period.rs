@@ -73,7 +73,7 @@ fn periodic_heads_are_found_at_their_stride_and_phase() {
         .map(|p| p.as_ref().map(|p| p.stride))
         .collect();
     assert_eq!(strides, vec![Some(STRIDE), None, Some(STRIDE)]);
-    let found = detect(&per_head, 3, 128, &search);
+    let found = detect(&per_head, 128, &search);
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(
         (found[0].stride, found[0].phase),

@@ -242,19 +242,18 @@ pub fn head_period(
     })
 }
 
-/// The strides at least `search.min_heads` of `heads` heads agree on (at least 2 heads), most heads
-/// first, each with the phase where the agreeing heads' folded column mass peaks. Periods of at
+/// The strides at least `search.min_heads` of the heads of `per_head` (one entry per head searched)
+/// agree on (at least 2 heads), most heads first, each with the phase where the agreeing heads' folded column mass peaks. Periods of at
 /// least `min_grid` tokens are marked `searched`, up to `search.max_periods` of them.
 pub fn detect(
     per_head: &[Option<HeadPeriod>],
-    heads: usize,
     min_grid: usize,
     search: &PeriodSearch,
 ) -> Vec<Period> {
     let mut strides: Vec<usize> = per_head.iter().flatten().map(|h| h.stride).collect();
     strides.sort_unstable();
     strides.dedup();
-    let need = ((search.min_heads * heads as f64).ceil() as usize).max(2);
+    let need = ((search.min_heads * per_head.len() as f64).ceil() as usize).max(2);
     let mut found: Vec<Period> = strides
         .into_iter()
         .filter_map(|stride| {
@@ -381,7 +380,7 @@ mod tests {
         per_head[50] = head(33, 0);
         per_head[51] = head(33, 0);
         per_head[60] = head(500, 0); // one head: not a period
-        let found = detect(&per_head, 100, 128, &PeriodSearch::default());
+        let found = detect(&per_head, 128, &PeriodSearch::default());
         let got: Vec<(u32, u32, u32, bool)> = found
             .iter()
             .map(|p| (p.stride, p.phase, p.heads, p.searched))
