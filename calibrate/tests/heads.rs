@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use calibrate::heads::duo::Adam;
-use calibrate::heads::{apply_to_plan, lowest, random_streaming, HeadScores, Hybrid, Method};
+use calibrate::heads::{
+    apply_to_plan, lowest, lowest_by, random_streaming, HeadScores, Hybrid, Method,
+};
 use profiler::gated::{GatedModel, StreamingHeads};
 use profiler::model::{DenseAttention, Hidden, Model};
 
@@ -88,7 +90,11 @@ fn gate_gradient_matches_finite_differences_on_smollm2() {
     let target = model.forward_hidden(&tokens, &mut DenseAttention).unwrap();
     let gates = vec![0.5f32; n];
     let lambda = 0.05;
-    let at = gated.step(&tokens, &target, &gates, lambda).unwrap();
+    // The loss over the last rows only, as DuoAttention's over the answer rows.
+    let rows = tokens.len() - 16..tokens.len();
+    let at = gated
+        .step(&tokens, &target, rows.clone(), &gates, lambda)
+        .unwrap();
     assert!(at.distill > 0.0 && at.reg > 0.0);
     let eps = 0.05f32;
     // The most influential gates, where the finite difference is well above f32 noise.
@@ -97,9 +103,15 @@ fn gate_gradient_matches_finite_differences_on_smollm2() {
     for &i in order.iter().take(3) {
         let mut g = gates.clone();
         g[i] += eps;
-        let up = gated.step(&tokens, &target, &g, lambda).unwrap().loss;
+        let up = gated
+            .step(&tokens, &target, rows.clone(), &g, lambda)
+            .unwrap()
+            .loss;
         g[i] -= 2.0 * eps;
-        let down = gated.step(&tokens, &target, &g, lambda).unwrap().loss;
+        let down = gated
+            .step(&tokens, &target, rows.clone(), &g, lambda)
+            .unwrap()
+            .loss;
         let fd = (up - down) / (2.0 * f64::from(eps));
         let an = f64::from(at.grad[i]);
         assert!(
@@ -127,6 +139,14 @@ fn lowest_and_random_choose_the_asked_count() {
     assert_eq!(lowest(&v, 0.5), vec![false, true, false, true, false, true]);
     assert_eq!(lowest(&v, 0.0), vec![false; 6]);
     assert_eq!(lowest(&v, 1.0), vec![true; 6]);
+    // Equal values (gates clamped at 0) ranked by the second key, then by position.
+    let gates = [0.0, 0.0, 0.0, 0.5];
+    let pull = [0.3, 0.1, 0.1, -1.0];
+    assert_eq!(
+        lowest_by(&gates, Some(&pull), 0.5),
+        vec![false, true, true, false]
+    );
+    assert_eq!(lowest_by(&gates, None, 0.5), vec![true, true, false, false]);
     for seed in 1..20 {
         let r = random_streaming(90, 0.5, seed);
         assert_eq!(r.iter().filter(|x| **x).count(), 45);
@@ -298,6 +318,7 @@ fn apply_to_plan_marks_the_lowest_kv_heads() {
         q_heads: 9,
         kv,
         query: Some(query),
+        pull: None,
         settings: serde_json::Value::Null,
     };
     let hybrid = Hybrid {

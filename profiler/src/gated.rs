@@ -6,8 +6,8 @@
 //!   `g · full + (1 − g) · streaming`, where streaming attention sees the first `sink` tokens and the
 //!   `recent` tokens up to and including the query (token granularity, causal).
 //! - [`GatedModel::step`]: DuoAttention's objective on one sample, `mean((h_gated − h_dense)^2) +
-//!   λ · mean(gates)` over the final hidden states (after the last RMSNorm), and its gradient with
-//!   respect to the gates.
+//!   λ · mean(gates)` over the final hidden states (after the last RMSNorm) of chosen rows (the
+//!   answer's, as DuoAttention), and its gradient with respect to the gates.
 //! - [`StreamingHeads`]: a [`LayerAttention`] for the fast forward that runs exact streaming attention
 //!   (same sink and window) for chosen KV heads and dense attention for the rest: the deployed form of a
 //!   gated model whose gates are 0 or 1.
@@ -17,6 +17,8 @@
 //! 0.3 GB per layer at 1K tokens for SmolLM2), so it is meant for modest lengths (512–1024 tokens).
 //! Op order follows the fast forward (RMSNorm, stacked QKV, RoPE, attention, output projection,
 //! residual, RMSNorm, SwiGLU, residual), with candle's slow, differentiable RMSNorm and RoPE.
+
+use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
@@ -179,11 +181,14 @@ impl<'m> GatedModel<'m> {
     }
 
     /// DuoAttention's loss on one sample and its gradient in the gates: `target` is the dense model's
-    /// final hidden states of the same `tokens` ([`Model::forward_hidden`] with dense attention).
+    /// final hidden states of the same `tokens` ([`Model::forward_hidden`] with dense attention), and
+    /// the squared error is averaged over the rows `rows` only (DuoAttention supervises the rows that
+    /// predict the answer; `0..tokens.len()` averages over all).
     pub fn step(
         &self,
         tokens: &[u32],
         target: &Hidden,
+        rows: Range<usize>,
         gates: &[f32],
         lambda: f64,
     ) -> Result<GateStep> {
@@ -195,9 +200,16 @@ impl<'m> GatedModel<'m> {
                 tokens.len()
             )));
         }
+        if rows.is_empty() || rows.end > tokens.len() {
+            return Err(self.input_err(format!("loss rows {rows:?} for {} tokens", tokens.len())));
+        }
         let var = Var::from_tensor(&self.gate_tensor(gates)?)?;
         let h = self.forward(tokens, var.as_tensor())?;
         let want = Tensor::from_slice(&target.data, (target.seq_len, target.hidden), &Device::Cpu)?;
+        let (h, want) = (
+            h.narrow(0, rows.start, rows.len())?,
+            want.narrow(0, rows.start, rows.len())?,
+        );
         let distill = (h - want)?.sqr()?.mean_all()?;
         let reg = (var.as_tensor().mean_all()? * lambda)?;
         let loss = (&distill + &reg)?;

@@ -11,9 +11,11 @@ use anyhow::Context;
 use profiler::data::{ChatTemplate, TaskKind};
 use profiler::gated::StreamingHeads;
 use profiler::model::{DenseAttention, Model};
+use profiler::sparse::SparseAttention;
+use runtime::PrefillOptions;
 use serde::Serialize;
 
-use crate::heads::duo::{self, CheckpointOptions, DuoConfig};
+use crate::heads::duo::{self, CheckpointOptions, DuoConfig, LossRows};
 use crate::heads::eval::{cases, run_case, Accuracy};
 use crate::heads::score::{self, ScoreConfig};
 use crate::heads::{
@@ -22,6 +24,7 @@ use crate::heads::{
 };
 
 use super::common::load_model;
+use super::report_plan_error;
 use super::Outcome;
 
 #[derive(Debug, clap::Args)]
@@ -50,7 +53,7 @@ pub struct Args {
     /// Seed of the synthetic samples [default: duo 1001, score 2001, --evaluate 1].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Prompt template of the score and --evaluate tasks.
+    /// Prompt template of the synthetic tasks (duo training, score, --evaluate).
     #[arg(long, value_enum, default_value_t = Chat::Chatml)]
     pub chat: Chat,
 
@@ -66,6 +69,10 @@ pub struct Args {
     /// duo: training data spec.
     #[arg(long, default_value = "synthetic:passkey")]
     pub data: String,
+    /// duo: rows whose hidden states the loss compares (answer: those predicting a synthetic task's
+    /// answer, as DuoAttention).
+    #[arg(long, value_enum, default_value_t = LossRows::Answer)]
+    pub loss_rows: LossRows,
     /// duo: checkpoint file [default: <out>.ckpt.json].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -91,6 +98,10 @@ pub struct Args {
     /// --evaluate: number of random seeds.
     #[arg(long, default_value_t = 3)]
     pub random_seeds: u64,
+    /// --evaluate: also evaluate these plans (repeatable; run through the sparse runtime on every row,
+    /// answer rows included, as the streaming heads are), e.g. a hybrid plan and a pure one.
+    #[arg(long, value_name = "PLAN")]
+    pub plan: Vec<PathBuf>,
     /// --evaluate: write every number as JSON here.
     #[arg(long)]
     pub table: Option<PathBuf>,
@@ -151,6 +162,8 @@ fn identify(args: &Args, method: Method, model: &Model, out: &Path) -> anyhow::R
                 lambda: args.lambda,
                 seed: args.seed.unwrap_or(d.seed),
                 data: args.data.clone(),
+                chat: args.chat.into(),
+                loss_rows: args.loss_rows,
                 checkpoint_every: args.checkpoint_every,
             };
             let ckpt = args.checkpoint.clone().unwrap_or_else(|| {
@@ -159,11 +172,13 @@ fn identify(args: &Args, method: Method, model: &Model, out: &Path) -> anyhow::R
                 PathBuf::from(p)
             });
             eprintln!(
-                "duo: {} steps, {} samples of {} tokens ({}), sink {}, recent {}, lr {}, lambda {}",
+                "duo: {} steps, {} samples of {} tokens ({}, {}, loss on {:?} rows), sink {}, recent {}, lr {}, lambda {}",
                 config.steps,
                 config.samples,
                 config.seq_len,
                 config.data,
+                config.chat,
+                config.loss_rows,
                 config.sink,
                 config.recent,
                 config.lr,
@@ -226,16 +241,33 @@ fn summarize(s: &HeadScores) -> String {
 #[derive(Debug, Clone, Serialize)]
 struct Row {
     config: String,
+    /// Fraction of KV heads streaming (head choices) or 0 (plans).
     fraction: f64,
     task: String,
     accuracy: Accuracy,
+    /// Fraction of dense causal attention cells computed over this task's cases.
+    cells: f64,
 }
 
-/// One streaming choice to evaluate.
+/// One configuration to evaluate.
 struct Choice {
     name: String,
     fraction: f64,
-    streaming: Vec<bool>,
+    attention: ChoiceAttention,
+}
+
+enum ChoiceAttention {
+    /// These KV heads streaming, the rest dense; none: the dense model.
+    Heads(Vec<bool>),
+    /// A plan run by the sparse runtime.
+    Plan(Box<SparseAttention>),
+}
+
+/// Cells that streaming attention with `sink` and `recent` computes for one query head over `t`
+/// rows (causal): each row sees at most `sink + recent` keys.
+fn streaming_cells(t: usize, sink: usize, recent: usize) -> u64 {
+    let w = (sink + recent.max(1)) as u64;
+    (1..=t as u64).map(|i| i.min(w)).sum()
 }
 
 fn evaluate(args: &Args, model: &Model) -> Outcome {
@@ -249,7 +281,7 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
     let mut choices = vec![Choice {
         name: "dense".into(),
         fraction: 0.0,
-        streaming: vec![false; n],
+        attention: ChoiceAttention::Heads(vec![false; n]),
     }];
     let mut overlaps = String::new();
     for &f in &args.fractions {
@@ -264,7 +296,7 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
             choices.push(Choice {
                 name: s.method.name().into(),
                 fraction: f,
-                streaming: s.streaming(f),
+                attention: ChoiceAttention::Heads(s.streaming(f)),
             });
         }
         if let [a, b, ..] = files.as_slice() {
@@ -284,9 +316,23 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
             choices.push(Choice {
                 name: format!("random-{seed}"),
                 fraction: f,
-                streaming: random_streaming(n, f, seed),
+                attention: ChoiceAttention::Heads(random_streaming(n, f, seed)),
             });
         }
+    }
+    let info = model.spec().model_info();
+    for path in &args.plan {
+        let plan = schemas::Plan::read(path).map_err(report_plan_error)?;
+        plan.check_model(path, &info).map_err(report_plan_error)?;
+        let sparse = SparseAttention::from_plan(&plan, &info, PrefillOptions::default())?;
+        let name = path
+            .file_stem()
+            .map_or_else(|| "plan".into(), |s| s.to_string_lossy().into_owned());
+        choices.push(Choice {
+            name,
+            fraction: 0.0,
+            attention: ChoiceAttention::Plan(Box::new(sparse)),
+        });
     }
     let seq_len = args.seq_len.unwrap_or(1024);
     let seed = args.seed.unwrap_or(1);
@@ -295,18 +341,41 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
     for task in [TaskKind::Passkey, TaskKind::KvRetrieval] {
         let all = cases(model, task, args.chat.into(), seq_len, args.cases, seed)?;
         let mut acc = vec![Accuracy::default(); choices.len()];
+        // (cells, dense cells) per choice over this task's cases.
+        let mut cells = vec![(0u64, 0u64); choices.len()];
         for (i, case) in all.iter().enumerate() {
-            for (c, a) in choices.iter().zip(acc.iter_mut()) {
-                let o = if c.streaming.iter().any(|x| *x) {
-                    let mut attn = StreamingHeads {
-                        streaming: c.streaming.clone(),
-                        kv_heads: cfg.kv_heads,
-                        sink: args.sink,
-                        recent: args.recent,
-                    };
-                    run_case(model, case, &mut attn)?
-                } else {
-                    run_case(model, case, &mut DenseAttention)?
+            let t = case.tokens.len();
+            let dense = (cfg.q_heads * cfg.layers) as u64 * (t as u64 * (t as u64 + 1) / 2);
+            for ((c, a), cells) in choices.iter_mut().zip(acc.iter_mut()).zip(&mut cells) {
+                let o = match &mut c.attention {
+                    ChoiceAttention::Heads(streaming) if streaming.iter().any(|x| *x) => {
+                        let k = streaming.iter().filter(|x| **x).count();
+                        let group = (cfg.q_heads / cfg.kv_heads.max(1)) as u64;
+                        let per_head = streaming_cells(t, args.sink, args.recent);
+                        let full = t as u64 * (t as u64 + 1) / 2;
+                        cells.0 += group * (k as u64 * per_head + (n - k) as u64 * full);
+                        cells.1 += dense;
+                        let mut attn = StreamingHeads {
+                            streaming: streaming.clone(),
+                            kv_heads: cfg.kv_heads,
+                            sink: args.sink,
+                            recent: args.recent,
+                        };
+                        run_case(model, case, &mut attn)?
+                    }
+                    ChoiceAttention::Heads(_) => {
+                        cells.0 += dense;
+                        cells.1 += dense;
+                        run_case(model, case, &mut DenseAttention)?
+                    }
+                    ChoiceAttention::Plan(sparse) => {
+                        let o = run_case(model, case, sparse.as_mut())?;
+                        for (_, st) in sparse.take_stats() {
+                            cells.0 += st.cells;
+                            cells.1 += st.dense_cells;
+                        }
+                        o
+                    }
                 };
                 a.add(case, &o);
             }
@@ -319,17 +388,18 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
                 start.elapsed().as_secs_f64()
             );
         }
-        for (c, a) in choices.iter().zip(acc) {
+        for ((c, a), (done, dense)) in choices.iter().zip(acc).zip(cells) {
             rows.push(Row {
                 config: c.name.clone(),
                 fraction: c.fraction,
                 task: task.name().into(),
                 accuracy: a,
+                cells: done as f64 / dense.max(1) as f64,
             });
         }
     }
     let mut text = format!(
-        "{} tokens, sink {}, recent {}, {} cases per task (seed {seed}), {:.0} s\n{:<10} {:>9} {:<13} {:>7} {:>8}\n",
+        "{} tokens, sink {}, recent {}, {} cases per task (seed {seed}), {:.0} s\n{:<14} {:>9} {:<13} {:>7} {:>8} {:>7}\n",
         seq_len,
         args.sink,
         args.recent,
@@ -339,17 +409,19 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
         "streaming",
         "task",
         "exact%",
-        "tokens%"
+        "tokens%",
+        "cells"
     );
     for r in &rows {
         let _ = writeln!(
             text,
-            "{:<10} {:>9.2} {:<13} {:>7.1} {:>8.1}",
+            "{:<14} {:>9.2} {:<13} {:>7.1} {:>8.1} {:>7.3}",
             r.config,
             r.fraction,
             r.task,
             r.accuracy.exact_pct(),
-            r.accuracy.token_pct()
+            r.accuracy.token_pct(),
+            r.cells
         );
     }
     text.push_str(&overlaps);

@@ -2,18 +2,24 @@
 //!
 //! Parameters `α`, one per (layer, KV head), start at 1; the gates are `α` itself, projected onto
 //! `[0, 1]` after every step (DuoAttention's clamping). Each step takes one synthetic passkey sample
-//! (cycling over [`DuoConfig::samples`] of them), runs the gated forward
+//! with its answer appended (cycling over [`DuoConfig::samples`] of them), runs the gated forward
 //! ([`profiler::gated::GatedModel`]), and minimizes
-//! `mean((h_gated − h_dense)^2) + λ · mean(gates)` over the final hidden states, with Adam on `α` only;
-//! the model is frozen. The dense targets are computed once with the fast forward.
+//! `mean((h_gated − h_dense)^2) + λ · mean(gates)` over the final hidden states of the rows that
+//! predict the answer (DuoAttention's supervised rows; [`LossRows::All`] takes every row), with Adam
+//! on `α` only; the model is frozen. The dense targets are computed once with the fast forward.
+//!
+//! The clamp leaves many gates at exactly 0, and the ranking among them would be arbitrary; each
+//! gate's pull, `−∂distill/∂gate` averaged over the steps, ranks them (how much opening the gate would
+//! lower the distillation loss).
 //!
 //! A [`Checkpoint`] (JSON: step, `α`, Adam moments, loss history, settings) is written atomically every
 //! [`DuoConfig::checkpoint_every`] steps and at the end; [`train`] with `resume` continues from it.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use profiler::data::{load_samples, DataSource, Sample};
+use profiler::data::{load_samples, ChatTemplate, DataSource};
 use profiler::gated::GatedModel;
 use profiler::model::{DenseAttention, Hidden, Model};
 use serde::{Deserialize, Serialize};
@@ -22,12 +28,27 @@ use super::{HeadScores, Method, DEFAULT_RECENT, DEFAULT_SINK, HEAD_SCORES_VERSIO
 use crate::Error;
 
 /// Version of the checkpoint format.
-pub const CHECKPOINT_VERSION: u32 = 1;
+pub const CHECKPOINT_VERSION: u32 = 2;
+
+/// Weight of the previous average in a gate's pull (about the last 10 steps count).
+const PULL_DECAY: f64 = 0.9;
+
+/// Which rows' hidden states the distillation loss compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LossRows {
+    /// The rows that predict the answer's tokens (DuoAttention); every row for data without one.
+    #[default]
+    Answer,
+    /// Every row.
+    All,
+}
 
 /// Settings of one optimization. Defaults: DuoAttention's recipe (sink 128, recent 256, λ 0.05,
-/// lr 0.02, 2000 steps at 1K–32K tokens) cut to what 2 CPU cores do in 5–15 minutes on SmolLM2:
-/// sink 64, recent 128, 6 passkey samples of 512 tokens, 50 steps (6–17 s each, measured on a
-/// shared 2-core machine), lr 0.05 (fewer steps), λ 0.05 on the mean gate.
+/// lr 0.02, 2000 steps at 1K–32K tokens, loss on the answer rows) cut to what 2 CPU cores do in
+/// 5–15 minutes on SmolLM2: sink 64, recent 128, 6 ChatML passkey samples of 512 tokens, 50 steps
+/// (6–17 s each, measured on a shared 2-core machine), lr 0.05 (fewer steps), λ 0.05 on the mean
+/// gate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DuoConfig {
@@ -44,6 +65,9 @@ pub struct DuoConfig {
     pub seed: u64,
     /// Training data (`synthetic:passkey` by default; any `--data` spec).
     pub data: String,
+    /// Prompt template of synthetic training data.
+    pub chat: ChatTemplate,
+    pub loss_rows: LossRows,
     pub checkpoint_every: usize,
 }
 
@@ -59,6 +83,8 @@ impl Default for DuoConfig {
             lambda: 0.05,
             seed: 1001,
             data: "synthetic:passkey".into(),
+            chat: ChatTemplate::ChatMl,
+            loss_rows: LossRows::Answer,
             checkpoint_every: 10,
         }
     }
@@ -117,6 +143,8 @@ pub struct Checkpoint {
     pub config: DuoConfig,
     /// `α`, layer-major `[layers * kv_heads]` (already in `[0, 1]`).
     pub gates: Vec<f64>,
+    /// Each gate's pull, `−∂distill/∂gate`, exponentially averaged over the steps.
+    pub pull: Vec<f64>,
     pub adam: Adam,
     /// Loss of every step done.
     pub losses: Vec<f64>,
@@ -137,8 +165,9 @@ impl Checkpoint {
                 c.version
             )));
         }
-        if c.adam.m.len() != c.gates.len() || c.adam.v.len() != c.gates.len() {
-            return Err(input("Adam state and gates differ in length".into()));
+        let n = c.gates.len();
+        if c.adam.m.len() != n || c.adam.v.len() != n || c.pull.len() != n {
+            return Err(input("Adam state, pull and gates differ in length".into()));
         }
         Ok(c)
     }
@@ -221,6 +250,7 @@ pub fn train(
             step: 0,
             config: config.clone(),
             gates: vec![1.0; n],
+            pull: vec![0.0; n],
             adam: Adam::new(n),
             losses: Vec::new(),
         },
@@ -231,13 +261,25 @@ pub fn train(
         .iter()
         .map(|s| model.forward_hidden(&s.tokens, &mut DenseAttention))
         .collect::<Result<_, _>>()?;
+    // d reg / d gate: the same for every gate; the rest of the gradient is the distillation's.
+    let reg_grad = config.lambda / n as f64;
 
     while state.step < config.steps {
         let start = Instant::now();
         let i = state.step % samples.len();
         let gates: Vec<f32> = state.gates.iter().map(|&g| g as f32).collect();
-        let r = gated.step(&samples[i].tokens, &targets[i], &gates, config.lambda)?;
+        let sample = &samples[i];
+        let r = gated.step(
+            &sample.tokens,
+            &targets[i],
+            sample.rows.clone(),
+            &gates,
+            config.lambda,
+        )?;
         let grad: Vec<f64> = r.grad.iter().map(|&g| f64::from(g)).collect();
+        for (p, g) in state.pull.iter_mut().zip(&grad) {
+            *p = PULL_DECAY * *p + (1.0 - PULL_DECAY) * (reg_grad - g);
+        }
         state.adam.step(&mut state.gates, &grad, config.lr);
         for g in &mut state.gates {
             *g = g.clamp(0.0, 1.0);
@@ -263,11 +305,11 @@ pub fn train(
             checkpoint: written,
         });
     }
-    let kv: Vec<Vec<f64>> = state
-        .gates
-        .chunks(cfg.kv_heads.max(1))
-        .map(|c| c.to_vec())
-        .collect();
+    let per_layer = |v: &[f64]| -> Vec<Vec<f64>> {
+        v.chunks(cfg.kv_heads.max(1)).map(|c| c.to_vec()).collect()
+    };
+    let kv = per_layer(&state.gates);
+    let pull = per_layer(&state.pull);
     let mut settings =
         serde_json::to_value(&state.config).map_err(|e| Error::Usage(e.to_string()))?;
     if let Some(obj) = settings.as_object_mut() {
@@ -286,17 +328,51 @@ pub fn train(
         q_heads: cfg.q_heads,
         kv,
         query: None,
+        pull: Some(pull),
         settings,
     })
 }
 
-fn training_samples(model: &Model, config: &DuoConfig) -> Result<Vec<Sample>, Error> {
+/// One training input and the rows its loss compares.
+struct TrainSample {
+    tokens: Vec<u32>,
+    rows: Range<usize>,
+}
+
+/// Synthetic tasks: `prompt + answer[..A-1]`, the loss on the `A` rows predicting the answer (or all
+/// rows with [`LossRows::All`]); other data: the windows as loaded, every row.
+fn training_samples(model: &Model, config: &DuoConfig) -> Result<Vec<TrainSample>, Error> {
     let source = DataSource::parse(&config.data)?;
-    Ok(load_samples(
+    let every = |tokens: Vec<u32>| TrainSample {
+        rows: 0..tokens.len(),
+        tokens,
+    };
+    if let DataSource::Synthetic { task, .. } = source {
+        let cases = super::eval::cases(
+            model,
+            task,
+            config.chat,
+            config.seq_len,
+            config.samples,
+            config.seed,
+        )?;
+        return Ok(cases
+            .into_iter()
+            .map(|c| match config.loss_rows {
+                LossRows::Answer => TrainSample {
+                    rows: c.answer_rows(),
+                    tokens: c.tokens,
+                },
+                LossRows::All => every(c.tokens),
+            })
+            .collect());
+    }
+    let samples = load_samples(
         &source,
         model.tokenizer(),
         config.seq_len,
         config.samples,
         config.seed,
-    )?)
+    )?;
+    Ok(samples.into_iter().map(|s| every(s.tokens)).collect())
 }

@@ -66,6 +66,11 @@ pub struct HeadScores {
     /// `[layers][q_heads]`: per query head (score method only; gates are per KV head).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<Vec<Vec<f64>>>,
+    /// `[layers][kv_heads]`, duo only: how hard the distillation loss pulls each gate open
+    /// (`−∂distill/∂gate`, an exponential average over the steps). Ranks the gates that end equal,
+    /// most often many at 0, where the clamp hides the difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<Vec<Vec<f64>>>,
     /// The settings it was computed with, for people.
     pub settings: serde_json::Value,
 }
@@ -112,6 +117,15 @@ impl HeadScores {
                 ));
             }
         }
+        if let Some(p) = &s.pull {
+            let bad = p.len() != s.layers || p.iter().any(|r| r.len() != s.kv_heads);
+            if bad || p.iter().flatten().any(|x| !x.is_finite()) {
+                return Err(input(
+                    "pull",
+                    format!("expected [{}][{}] finite values", s.layers, s.kv_heads),
+                ));
+            }
+        }
         if let Some(q) = &s.query {
             let bad = q.len() != s.layers || q.iter().any(|r| r.len() != s.q_heads);
             if bad {
@@ -137,18 +151,35 @@ impl HeadScores {
     }
 
     /// The `round(fraction * layers * kv_heads)` lowest-ranked KV heads marked streaming (layer-major;
-    /// ties broken by position, so the result is deterministic).
+    /// equal values ranked by [`HeadScores::pull`] where present, then by position, so the result is
+    /// deterministic).
     pub fn streaming(&self, fraction: f64) -> Vec<bool> {
-        lowest(&self.flat(), fraction)
+        let pull: Option<Vec<f64>> = self
+            .pull
+            .as_ref()
+            .map(|p| p.iter().flatten().copied().collect());
+        lowest_by(&self.flat(), pull.as_deref(), fraction)
     }
 }
 
 /// Marks the `round(fraction * n)` smallest of `values` (ties: earlier first).
 pub fn lowest(values: &[f64], fraction: f64) -> Vec<bool> {
+    lowest_by(values, None, fraction)
+}
+
+/// Marks the `round(fraction * n)` smallest of `values`; ties ranked by `then` (smaller first) when
+/// given, then by position.
+pub fn lowest_by(values: &[f64], then: Option<&[f64]>, fraction: f64) -> Vec<bool> {
     let n = values.len();
     let k = count_of(n, fraction);
+    let second = |i: usize| then.and_then(|t| t.get(i)).copied().unwrap_or(0.0);
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        values[a]
+            .total_cmp(&values[b])
+            .then(second(a).total_cmp(&second(b)))
+            .then(a.cmp(&b))
+    });
     let mut marked = vec![false; n];
     for &i in order.iter().take(k) {
         marked[i] = true;
@@ -209,19 +240,28 @@ pub struct HybridSummary {
     pub streaming_query_heads: usize,
     pub sink: u64,
     pub recent: u64,
+    /// The plan's longest calibrated length, at which the two densities below are predicted.
+    pub seq_len: u64,
+    /// Mean predicted fraction of dense cells over all heads: the searched plan, and the hybrid one.
+    pub searched_cells: f64,
+    pub hybrid_cells: f64,
 }
 
 impl HybridSummary {
     /// One line for the calibration report.
     pub fn line(&self) -> String {
         format!(
-            "retrieval    {} of {} KV heads streaming by {} ({} query heads; sink {}, recent {}); the rest as searched\n",
+            "retrieval    {} of {} KV heads streaming by {} ({} query heads; sink {}, recent {}); the rest as searched\n\
+             hybrid       predicted cells at {} tokens {:.4} (the searched plan above: {:.4})\n",
             self.streaming_kv_heads,
             self.kv_heads,
             self.method.name(),
             self.streaming_query_heads,
             self.sink,
-            self.recent
+            self.recent,
+            self.seq_len,
+            self.hybrid_cells,
+            self.searched_cells
         )
     }
 }
@@ -259,6 +299,16 @@ pub fn apply_to_plan(plan: &mut Plan, hybrid: &Hybrid<'_>) -> Result<HybridSumma
     });
     let density =
         crate::emit::predicted_density(&pattern, 1.0, longest, u64::from(plan.defaults.block_k));
+    let mean_cells = |plan: &Plan| {
+        let f: Vec<f64> = plan
+            .layers
+            .iter()
+            .flat_map(|l| &l.heads)
+            .map(|h| h.flops_fraction.unwrap_or(1.0))
+            .collect();
+        f.iter().sum::<f64>() / f.len().max(1) as f64
+    };
+    let searched_cells = mean_cells(plan);
     let mut streaming_query_heads = 0;
     for layer in &mut plan.layers {
         let l = layer.layer as usize;
@@ -290,6 +340,9 @@ pub fn apply_to_plan(plan: &mut Plan, hybrid: &Hybrid<'_>) -> Result<HybridSumma
         streaming_query_heads,
         sink: hybrid.sink,
         recent: hybrid.recent.max(1),
+        seq_len: longest,
+        searched_cells,
+        hybrid_cells: mean_cells(plan),
     })
 }
 

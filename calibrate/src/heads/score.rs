@@ -164,6 +164,7 @@ pub fn score(
         q_heads: qh,
         kv,
         query: Some(query),
+        pull: None,
         settings,
     })
 }
