@@ -270,22 +270,42 @@ pub fn calibrate(
         .iter()
         .map(|f| (f.profile.meta.seq_len, f))
         .collect();
-    let heads = pairs
+    // Every candidate of every head scored at every length, with MInference's choices.
+    let searched = pairs
         .par_iter()
         .map(|&(layer, head)| {
             let per_len: Vec<HeadSamples> = calib
                 .iter()
                 .map(|f| head_samples(f, layer, head))
                 .collect::<Result<_, _>>()?;
-            let scored: Vec<Vec<Scored>> = per_len
-                .iter()
-                .map(|hs| hs.candidates().into_iter().map(|c| hs.score(c)).collect())
-                .collect();
-            let chosen = choose_across_lengths(&scored, &goal);
+            Ok(Searched {
+                layer,
+                head,
+                scored: per_len
+                    .iter()
+                    .map(|hs| hs.candidates().into_iter().map(|c| hs.score(c)).collect())
+                    .collect(),
+                minference: per_len.iter().map(minference::choose).collect(),
+                minference_default: per_len.iter().map(minference::single_best).collect(),
+            })
+        })
+        .collect::<Result<Vec<Searched>, Error>>()?;
+    // A FLOPs budget becomes the highest common target whose plan fits it.
+    let goal = match goal.flops_budget {
+        Some(budget) => Goal {
+            target_recall: target_within_budget(&searched, &goal, budget),
+            ..goal
+        },
+        None => goal,
+    };
+    let heads = searched
+        .into_par_iter()
+        .map(|s| {
+            let chosen = choose_across_lengths(&s.scored, &goal);
             let mut held: Vec<Scored> = Vec::new();
-            for (f, s) in calib.iter().zip(&chosen) {
+            for (f, c) in calib.iter().zip(&chosen) {
                 if let Some(h) = heldout_by_len.get(&f.profile.meta.seq_len) {
-                    held.push(head_samples(h, layer, head)?.score(s.candidate));
+                    held.push(head_samples(h, s.layer, s.head)?.score(c.candidate));
                 }
             }
             let any = !heldout_by_len.is_empty();
@@ -296,13 +316,13 @@ pub fn calibrate(
                 None
             };
             Ok(HeadResult {
-                layer,
-                head,
+                layer: s.layer,
+                head: s.head,
                 chosen,
                 heldout,
                 heldout_tail,
-                minference: per_len.iter().map(minference::choose).collect(),
-                minference_default: per_len.iter().map(minference::single_best).collect(),
+                minference: s.minference,
+                minference_default: s.minference_default,
             })
         })
         .collect::<Result<Vec<HeadResult>, Error>>()?;
@@ -318,6 +338,49 @@ pub fn calibrate(
         calib,
         heldout,
     ))
+}
+
+/// One head's scored candidates (`[length][candidate]`) before the choice.
+struct Searched {
+    layer: usize,
+    head: usize,
+    scored: Vec<Vec<Scored>>,
+    minference: Vec<MInferenceChoice>,
+    minference_default: Vec<Scored>,
+}
+
+/// The highest recall target (same objective for every head) whose plan computes at most `budget`
+/// of dense cells, averaged over heads and lengths: the budget goes where it buys recall, instead
+/// of capping every head at the same density (a head that needs 60% of its cells would get 40% and
+/// lose recall, while one content with 5% would leave its share unused). A plan's density only grows
+/// with its target, so bisection finds it; 0 when even the cheapest plan exceeds the budget.
+fn target_within_budget(searched: &[Searched], goal: &Goal, budget: f64) -> f64 {
+    let density_at = |target: f64| {
+        let g = Goal {
+            target_recall: target,
+            ..*goal
+        };
+        mean(searched.iter().map(|s| {
+            mean(
+                choose_across_lengths(&s.scored, &g)
+                    .iter()
+                    .map(|c| c.density),
+            )
+        }))
+    };
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    if density_at(hi) <= budget {
+        return hi;
+    }
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if density_at(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// One family for all lengths (a plan entry has one pattern), with the cheapest budgets per length:

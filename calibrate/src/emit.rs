@@ -221,8 +221,10 @@ pub fn plan(cal: &Calibration, inputs: PlanInputs<'_>) -> Plan {
     let goal = &cal.goal;
     let objective = match goal.flops_budget {
         Some(f) => format!(
-            "best {} recall within {f} of dense attention FLOPs",
-            objective_name(goal.objective)
+            "fewest computed cells with {} recall >= target, the target ({:.4}) the highest whose \
+             plan computes at most {f} of dense attention cells",
+            objective_name(goal.objective),
+            goal.target_recall
         ),
         None => format!(
             "fewest computed cells with {} recall >= target{}",

@@ -222,14 +222,19 @@ pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let mix: Vec<String> = s.patterns.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let _ = writeln!(out, "heads        {}: {}", s.heads, mix.join(", "));
-    let _ = writeln!(
-        out,
-        "objective    {} (target {}{})",
-        s.objective,
-        s.target_recall,
-        s.tail_recall
-            .map_or(String::new(), |t| format!(", last rows {t}"))
-    );
+    if s.flops_budget.is_some() {
+        // The objective names the target the budget bought.
+        let _ = writeln!(out, "objective    {}", s.objective);
+    } else {
+        let _ = writeln!(
+            out,
+            "objective    {} (target {}{})",
+            s.objective,
+            s.target_recall,
+            s.tail_recall
+                .map_or(String::new(), |t| format!(", last rows {t}"))
+        );
+    }
     let _ = writeln!(
         out,
         "\n  {:>7} {:>8} {:>8} {:>8} {:>9} | {:>10} {:>10} | {:>10} {:>10} | {:>9}",

@@ -158,7 +158,7 @@ fn constant_time_read_outs_equal_the_statistics() {
 }
 
 #[test]
-fn the_choice_is_the_cheapest_candidate_at_target_and_respects_a_flops_budget() {
+fn the_choice_is_the_cheapest_candidate_at_target() {
     let per_sample: Vec<HeadStats> = [1u64, 2, 3]
         .iter()
         .map(|&s| sample_stats(s, 300).remove(1))
@@ -185,18 +185,6 @@ fn the_choice_is_the_cheapest_candidate_at_target_and_respects_a_flops_budget() 
         assert_eq!(cheaper, 0, "{pick:?}");
         assert!(pick.worst <= pick.recall + 1e-12);
     }
-    let goal = Goal {
-        target_recall: 0.9,
-        tail_recall: None,
-        flops_budget: Some(0.3),
-        objective: Objective::Mean,
-    };
-    let pick = choose(&scored, &goal);
-    assert!(pick.density <= 0.3);
-    assert!(scored
-        .iter()
-        .filter(|s| s.density <= 0.3)
-        .all(|s| s.recall <= pick.recall));
     // An unreachable target gives dense.
     let goal = Goal {
         target_recall: 1.0 + 1e-6,
@@ -351,6 +339,57 @@ fn calibrate_from_profiles_writes_a_valid_deterministic_plan_and_report() {
     assert!(r["heads"][0]["minference"].is_array());
     let out = attnplan(&["validate", plan1.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// A FLOPs budget is spent on the whole plan: the highest common target whose plan fits, which is
+/// the plan `--target-recall` gives at that target; a larger budget buys a higher target.
+#[test]
+fn a_flops_budget_buys_the_highest_common_target_that_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = write(
+        dir.path(),
+        "c.safetensors",
+        &profile("cal", &[1, 2, 3], 300),
+    );
+    let run = |extra: &[&str], name: &str| {
+        let (plan, report) = (
+            dir.path().join(format!("{name}.yaml")),
+            dir.path().join(format!("{name}.json")),
+        );
+        let mut args = vec!["calibrate", "--profile", cal.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend(["--out", plan.to_str().unwrap()]);
+        args.extend(["--report", report.to_str().unwrap()]);
+        let out = attnplan(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let plan = schemas::Plan::read(&plan).unwrap();
+        (r["summary"].clone(), plan)
+    };
+    let mut targets = Vec::new();
+    for budget in [0.3, 0.6] {
+        let (summary, plan) = run(&["--flops-budget", &budget.to_string()], "b");
+        let cells = summary["per_length"][0]["flops_fraction"].as_f64().unwrap();
+        let target = summary["target_recall"].as_f64().unwrap();
+        assert!(cells <= budget + 1e-9, "{budget}: {summary}");
+        assert!((0.0..=1.0).contains(&target), "{summary}");
+        assert_eq!(summary["flops_budget"], budget);
+        // The same heads as asking for that target directly.
+        let (direct, direct_plan) = run(&["--target-recall", &target.to_string()], "t");
+        assert_eq!(
+            direct["per_length"][0]["flops_fraction"].as_f64(),
+            Some(cells)
+        );
+        let kinds = |p: &schemas::Plan| -> Vec<String> {
+            p.heads()
+                .map(|(_, h)| h.pattern.kind().to_string())
+                .collect()
+        };
+        assert_eq!(kinds(&plan), kinds(&direct_plan));
+        targets.push(target);
+    }
+    assert!(targets[1] > targets[0], "{targets:?}");
 }
 
 #[test]

@@ -283,7 +283,8 @@ pub struct Goal {
     pub target_recall: f64,
     /// Also hold the recall of the last rows (same objective) to this target.
     pub tail_recall: Option<f64>,
-    /// With a FLOPs budget: the best objective recall among candidates within it.
+    /// A FLOPs budget for the whole plan (mean fraction of dense cells over heads). The calibration
+    /// turns it into the highest `target_recall` whose plan fits; [`choose`] uses the target only.
     pub flops_budget: Option<f64>,
     pub objective: Objective,
 }
@@ -314,32 +315,24 @@ fn prefer(goal: &Goal, a: &Scored, b: &Scored) -> std::cmp::Ordering {
         (s.candidate.family(), budgets)
     };
     let (oa, ob) = (goal.objective.of(a), goal.objective.of(b));
-    let order = match goal.flops_budget {
-        None => a.density.total_cmp(&b.density).then(ob.total_cmp(&oa)),
-        Some(_) => ob.total_cmp(&oa).then(a.density.total_cmp(&b.density)),
-    };
-    order.then_with(|| {
-        let (ka, kb) = (key(a), key(b));
-        ka.0.cmp(&kb.0)
-            .then(ka.1 .0.total_cmp(&kb.1 .0))
-            .then(ka.1 .1.total_cmp(&kb.1 .1))
-    })
+    a.density
+        .total_cmp(&b.density)
+        .then(ob.total_cmp(&oa))
+        .then_with(|| {
+            let (ka, kb) = (key(a), key(b));
+            ka.0.cmp(&kb.0)
+                .then(ka.1 .0.total_cmp(&kb.1 .0))
+                .then(ka.1 .1.total_cmp(&kb.1 .1))
+        })
 }
 
-/// The chosen candidate among `scored`: the cheapest reaching the target (dense if none does), or,
-/// with a FLOPs budget, the best objective recall within it (dense if nothing fits).
+/// The chosen candidate among `scored`: the cheapest reaching the target, dense if none does (or if
+/// the cheapest computes every cell: dense without the index overhead).
 pub fn choose(scored: &[Scored], goal: &Goal) -> Scored {
-    let dense = Scored::dense();
-    let feasible = scored.iter().filter(|s| match goal.flops_budget {
-        None => goal.reaches(s),
-        Some(f) => s.density <= f,
-    });
+    let feasible = scored.iter().filter(|s| goal.reaches(s));
     match feasible.min_by(|a, b| prefer(goal, a, b)).copied() {
-        // A pattern that computes every cell is dense without the index overhead.
         Some(pick) if pick.density < 1.0 - 1e-9 => pick,
-        Some(pick) if goal.flops_budget.is_some() && goal.objective.of(&pick) > 1.0 - 1e-9 => dense,
-        Some(pick) if goal.flops_budget.is_some() => pick,
-        _ => dense,
+        _ => Scored::dense(),
     }
 }
 
