@@ -99,16 +99,27 @@ pub fn pattern_of(head: &HeadResult, seq_lens: &[u64], dynamic: &[Pattern]) -> P
     }
 }
 
-/// Predicted density of a pattern at length `n` from its budgets, by a cell model that ignores
-/// overlaps (an upper bound for vertical-slash and A-shape): each kept column, diagonal, sink or
-/// local token costs about `n` cells, plus one key block of diagonal granularity per row.
+/// Predicted density of a pattern at length `n` from its budgets. A-shape and streaming: exact, the
+/// causal cells of the runtime's own index (square `block_k` tiles). Others by a cell model that
+/// ignores overlaps (an upper bound for vertical-slash): each kept column, diagonal, sink or local
+/// token costs about `n` cells, plus one key block of diagonal granularity per row.
 pub fn predicted_density(pattern: &Pattern, measured: f64, n: u64, block_k: u64) -> f64 {
     let dense_cells = (n as f64) * (n as f64 + 1.0) / 2.0;
     let per_row = |tokens: f64| ((tokens + block_k as f64) * n as f64 / dense_cells).min(1.0);
+    let window = |sink: u64, local: u64| {
+        let ctx = runtime::pattern::PatternContext {
+            seq_len: n as usize,
+            block_q: block_k.max(1) as usize,
+            block_k: block_k.max(1) as usize,
+            last_q: 0,
+        };
+        let index = runtime::pattern::a_shape::index(&ctx, sink as usize, local as usize);
+        (index.cells() as f64 / dense_cells.max(1.0)).min(1.0)
+    };
     match pattern {
         Pattern::Dense(_) => 1.0,
-        Pattern::AShape(p) => per_row((p.sink.resolve(n) + p.local.resolve(n)) as f64),
-        Pattern::Streaming(p) => per_row((p.sink.resolve(n) + p.recent.resolve(n)) as f64),
+        Pattern::AShape(p) => window(p.sink.resolve(n), p.local.resolve(n)),
+        Pattern::Streaming(p) => window(p.sink.resolve(n), p.recent.resolve(n)),
         Pattern::VerticalSlash(p) => per_row((p.vertical.resolve(n) + p.slash.resolve(n)) as f64),
         Pattern::BlockSparse(BlockSparse { top_k: Some(k), .. }) => {
             per_row((k.resolve(n) * block_k) as f64)

@@ -730,7 +730,7 @@ fn a_dynamic_choice_is_emitted_as_its_pattern() {
 /// Token-select's predicted density is its kept share of each chunk plus sink and local, falling
 /// towards the share at long lengths; coverage rules keep their calibrated density.
 #[test]
-fn token_select_density_is_predicted_from_its_budgets() {
+fn token_select_and_streaming_densities_are_predicted_from_budgets() {
     use schemas::{Budget, Pattern, TokenSelect};
     let ts = |spread| {
         Pattern::TokenSelect(TokenSelect {
@@ -752,5 +752,21 @@ fn token_select_density_is_predicted_from_its_budgets() {
     assert_eq!(
         calibrate::emit::predicted_density(&qa, 0.42, 131_072, 64),
         0.42
+    );
+    // Streaming is counted exactly at tile granularity: with sink 64 and recent 1 at 1,024 tokens,
+    // query block 0 computes its diagonal tile (64·65/2 cells) and each of the other 15 the full
+    // sink tile plus its diagonal tile.
+    let streaming = |recent| {
+        Pattern::Streaming(schemas::Streaming {
+            sink: Budget::Fixed(64),
+            recent: Budget::Fixed(recent),
+        })
+    };
+    let d = calibrate::emit::predicted_density(&streaming(1), 1.0, 1024, 64);
+    let want = (2080.0 + 15.0 * (4096.0 + 2080.0)) / (1024.0 * 1025.0 / 2.0);
+    assert!((d - want).abs() < 1e-12, "{d} vs {want}");
+    assert_eq!(
+        calibrate::emit::predicted_density(&streaming(1024), 1.0, 1024, 64),
+        1.0
     );
 }
