@@ -44,10 +44,10 @@ pub struct Args {
     /// Streaming recent window in tokens, the query's own included (duo training and --evaluate).
     #[arg(long, default_value_t = DEFAULT_RECENT)]
     pub recent: usize,
-    /// Tokens per sample [default: duo 512, score 1024, --evaluate 1024].
+    /// Tokens per sample [default: 1024 for duo, score and --evaluate].
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Samples: duo's distinct training samples [default 6]; score's per task [default 10].
+    /// Samples: duo's distinct training samples [default 10]; score's per task [default 10].
     #[arg(long)]
     pub samples: Option<usize>,
     /// Seed of the synthetic samples [default: duo 1001, score 2001, --evaluate 1].
