@@ -64,7 +64,8 @@ pub struct Args {
     /// is read and its answer produced) to this target, in (0, 1], with the same objective.
     #[arg(long)]
     pub tail_recall: Option<f64>,
-    /// Instead: the best recall within this fraction of dense attention FLOPs, in (0, 1].
+    /// Instead of a target: a budget for the whole plan, the mean fraction of dense attention cells
+    /// over heads, in (0, 1]; the plan is that of the highest common target within it.
     #[arg(long)]
     pub flops_budget: Option<f64>,
     /// Which recall must reach the target: over all samples, or of the worst sample.
