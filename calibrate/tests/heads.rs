@@ -280,6 +280,48 @@ fn duo_resumes_and_makes_a_hybrid_plan_that_validates() {
         .collect();
     assert_eq!(streaming.len(), 135);
     assert!(p.heads().all(|(_, h)| h.gate.is_some()));
+
+    // The gates and the plan evaluated on the same cases, each row with its cells.
+    let table = dir.path().join("table.json");
+    let out = attnplan(&[
+        "retrieval-heads",
+        "--evaluate",
+        path(&gates),
+        "--plan",
+        path(&plan),
+        "--cases",
+        "1",
+        "--seq-len",
+        "256",
+        "--sink",
+        "4",
+        "--recent",
+        "8",
+        "--fractions",
+        "0.5",
+        "--random-seeds",
+        "1",
+        "--table",
+        path(&table),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
+    let rows = t["rows"].as_array().unwrap();
+    let configs: Vec<&str> = rows.iter().map(|r| r["config"].as_str().unwrap()).collect();
+    assert_eq!(
+        configs,
+        ["dense", "duo", "random-1", "plan", "dense", "duo", "random-1", "plan"]
+    );
+    for r in rows {
+        let cells = r["cells"].as_f64().unwrap();
+        assert_eq!(r["accuracy"]["cases"], 1, "{r}");
+        match r["config"].as_str().unwrap() {
+            "dense" => assert_eq!(cells, 1.0),
+            // Half the KV heads see 12 keys per row, the other half every key.
+            "duo" | "random-1" => assert!(cells > 0.5 && cells < 0.6, "{r}"),
+            _ => assert!(cells > 0.0 && cells <= 1.0, "{r}"),
+        }
+    }
 }
 
 /// The plan hook on a synthetic plan: the lowest-ranked KV heads' query heads become streaming,

@@ -344,16 +344,17 @@ fn evaluate(args: &Args, model: &Model) -> Outcome {
         // (cells, dense cells) per choice over this task's cases.
         let mut cells = vec![(0u64, 0u64); choices.len()];
         for (i, case) in all.iter().enumerate() {
+            // Causal cells of one query head: all of them, and those a streaming head computes.
             let t = case.tokens.len();
-            let dense = (cfg.q_heads * cfg.layers) as u64 * (t as u64 * (t as u64 + 1) / 2);
+            let full = t as u64 * (t as u64 + 1) / 2;
+            let window = streaming_cells(t, args.sink, args.recent);
+            let group = (cfg.q_heads / cfg.kv_heads.max(1)) as u64;
+            let dense = (cfg.q_heads * cfg.layers) as u64 * full;
             for ((c, a), cells) in choices.iter_mut().zip(acc.iter_mut()).zip(&mut cells) {
                 let o = match &mut c.attention {
                     ChoiceAttention::Heads(streaming) if streaming.iter().any(|x| *x) => {
                         let k = streaming.iter().filter(|x| **x).count();
-                        let group = (cfg.q_heads / cfg.kv_heads.max(1)) as u64;
-                        let per_head = streaming_cells(t, args.sink, args.recent);
-                        let full = t as u64 * (t as u64 + 1) / 2;
-                        cells.0 += group * (k as u64 * per_head + (n - k) as u64 * full);
+                        cells.0 += group * (k as u64 * window + (n - k) as u64 * full);
                         cells.1 += dense;
                         let mut attn = StreamingHeads {
                             streaming: streaming.clone(),

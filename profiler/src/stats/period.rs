@@ -243,8 +243,9 @@ pub fn head_period(
 }
 
 /// The strides at least `search.min_heads` of the heads of `per_head` (one entry per head searched)
-/// agree on (at least 2 heads), most heads first, each with the phase where the agreeing heads' folded column mass peaks. Periods of at
-/// least `min_grid` tokens are marked `searched`, up to `search.max_periods` of them.
+/// agree on (at least 2 heads), most heads first, each with the phase where the agreeing heads'
+/// folded column mass peaks. Periods of at least `min_grid` tokens are marked `searched`, up to
+/// `search.max_periods` of them.
 pub fn detect(
     per_head: &[Option<HeadPeriod>],
     min_grid: usize,
