@@ -490,12 +490,17 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
 }
 // Dynamic shared memory of attn_fwd_wg<D>: as attn_fwd<D> plus 1024 bytes for the base alignment.
 
-// Pipelined variant (head_dim 128): three K/V stages; the S = Q K^T wgmma of tile t+1 is issued before
-// the softmax of tile t, so the tensor cores work while the softmax runs (FA3's intra-warpgroup
-// overlap). Q passes through the third V stage before the pipeline starts, so shared memory is
-// 6 tiles + 3 x 64 positions + 1024 alignment bytes = 100,096 bytes (2 CTAs per SM).
+// Pipelined one-warpgroup variant (head_dim 128): three K/V stages, in FlashAttention-3's order. In
+// iteration t the S = Q K^T wgmma of tile t+1 and the O += P V wgmma of tile t are both in flight while
+// the softmax of tile t+1 runs; only the rescale of O waits for P V. P of tile t+1 goes to its own
+// registers because the in-flight P V still reads P of tile t. The key positions of a tile are read
+// one iteration before its loads, and a key block inside the sequence is loaded from one address with
+// constant offsets. Q passes through the third V stage before the pipeline starts, so shared memory
+// is 6 tiles + 3 x 64 positions + 1024 alignment bytes = 100,096 bytes (2 CTAs per SM). It replaced
+// attn_fwd_wg2 (S of t+1 overlapped only the softmax, P V waited at once): 89.5 -> 72.5 ms sparse at
+// 128K (H200, 2026-11-29).
 template <int D>
-__device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+__device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                              const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                              const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
                                              const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
@@ -564,41 +569,69 @@ __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const
         __syncthreads();  // stage 2 of V is free again
     }
 
-    auto load_tile = [&](int t) {
-        const int stage = t % NS;
-        const int c = tid % CPR;
-        const u32 dk = sK + stage * TILE_BYTES, dv = sV + stage * TILE_BYTES;
-        int kb = 0, e0 = 0;
+    // Key positions of this thread's rows of tile t (POS_NONE past the end), computed one iteration
+    // before the loads that use them, so the index reads are off the critical path. A key block that
+    // lies inside the sequence is described by its first position alone (`full`): its rows are
+    // consecutive, so the loads use one address per operand with constant offsets.
+    struct TilePos {
+        int pos[PASSES];
+        int base;
+        bool full;
+    };
+    const int r0 = tid / CPR, c0 = tid % CPR;
+    auto tile_pos = [&](int t, TilePos& tp) {
         const bool blockwise = t < nb;
-        if (blockwise) {
-            kb = dense ? t : (int)blk_idx[bstart + t];
-        } else {
-            e0 = cstart + (t - nb) * BN;
-        }
+        const int kb = blockwise ? (dense ? t : (int)blk_idx[bstart + t]) : 0;
+        const int e0 = cstart + (t - nb) * BN;
+        tp.base = kb * BN;
+        tp.full = blockwise && kb * BN + BN <= n;
+        if (!tp.full) {
 #pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
-            const int r = tid / CPR + p * ROWS_PER_PASS;
-            int pos;
-            if (blockwise) {
-                pos = kb * BN + r;
-                if (pos >= n) pos = POS_NONE;
-            } else {
-                pos = e0 + r < cstart + nc ? (int)col_idx[e0 + r] : POS_NONE;
+            for (int p = 0; p < PASSES; ++p) {
+                const int r = r0 + p * ROWS_PER_PASS;
+                if (blockwise) {
+                    tp.pos[p] = kb * BN + r < n ? kb * BN + r : POS_NONE;
+                } else {
+                    tp.pos[p] = e0 + r < cstart + nc ? (int)col_idx[e0 + r] : POS_NONE;
+                }
             }
-            const bool ok = pos != POS_NONE;
-            const u64 off = ok ? (u64)pos * D + c * 8 : 0;
-            cp_async16(dk + swz128(r, c), kh + off, ok ? 16 : 0);
-            cp_async16(dv + swz128(r, c), vh + off, ok ? 16 : 0);
-            if (c == 0) kpos[stage * BN + r] = pos;
+        }
+    };
+    auto load_tile = [&](int t, const TilePos& tp) {
+        const int stage = t % NS;
+        const u32 dk = sK + stage * TILE_BYTES + swz128(r0, c0), dv = sV + stage * TILE_BYTES + swz128(r0, c0);
+        int* kp = kpos + stage * BN;
+        if (tp.full) {
+            const u64 off = (u64)(tp.base + r0) * D + c0 * 8;
+            const bf16_t* ks = kh + off;
+            const bf16_t* vs = vh + off;
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                // rows r0 + 8p: the swizzle term (r & 7) is that of r0, so the offset is 1024 p
+                cp_async16_full(dk + p * ROWS_PER_PASS * 128, ks + p * ROWS_PER_PASS * D);
+                cp_async16_full(dv + p * ROWS_PER_PASS * 128, vs + p * ROWS_PER_PASS * D);
+            }
+            if (c0 == 0) {
+#pragma unroll
+                for (int p = 0; p < PASSES; ++p) kp[r0 + p * ROWS_PER_PASS] = tp.base + r0 + p * ROWS_PER_PASS;
+            }
+        } else {
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const bool ok = tp.pos[p] != POS_NONE;
+                const u64 off = ok ? (u64)tp.pos[p] * D + c0 * 8 : 0;
+                cp_async16(dk + p * ROWS_PER_PASS * 128, kh + off, ok ? 16 : 0);
+                cp_async16(dv + p * ROWS_PER_PASS * 128, vh + off, ok ? 16 : 0);
+                if (c0 == 0) kp[r0 + p * ROWS_PER_PASS] = tp.pos[p];
+            }
         }
     };
     auto issue_s = [&](float (*s)[4], int t) {
         const u32 k_st = sK + (t % NS) * TILE_BYTES;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
         wgmma_fence();
+        wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], gmma_desc(k_st, 16, 1024));  // the first step overwrites s
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 1; kk < D / 16; ++kk) {
             const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
             wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
         }
@@ -609,55 +642,31 @@ __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
-    float s_cur[8][4], s_nxt[8][4];
+    float s[8][4];
+    u32 pa[4][4];
 
-    if (ntiles > 0) load_tile(0);
-    cp_async_commit();
-    if (ntiles > 1) load_tile(1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    if (ntiles > 0) {
-        issue_s(s_cur, 0);
-        wgmma_wait0();
-    }
-
-    for (int t = 0; t < ntiles; ++t) {
+    // softmax of the S tile in `s` (tile t, stage st): masks, updates m and l, writes P to `p` and
+    // returns the factors that O must be scaled by
+    auto softmax = [&](int t, u32 (*p)[4], float& al_a, float& al_b) {
         const int st = t % NS;
-        if (t + 2 < ntiles) load_tile(t + 2);
-        cp_async_commit();
-        const bool more = t + 1 < ntiles;
-        if (more) {
-            cp_async_wait<1>();  // tile t+1 is in
-            fence_proxy_async();
-            __syncthreads();
-            issue_s(s_nxt, t + 1);  // runs while the softmax of tile t does
-        }
-
-        bool need_mask;
-        if (t < nb) {
-            const int kb = dense ? t : (int)blk_idx[bstart + t];
-            need_mask = kb * BN + BN - 1 > row0 || kb * BN + BN > n;
-        } else {
-            need_mask = true;
-        }
-        if (need_mask) {
+        // positions ascend within a tile, and missing rows are POS_NONE: the mask is needed only when
+        // the last position is past the block's first row
+        if (kpos[st * BN + BN - 1] > row0) {
             const int* kp = kpos + st * BN;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
-                if (p0 > ra) s_cur[j][0] = NEG_INF;
-                if (p1 > ra) s_cur[j][1] = NEG_INF;
-                if (p0 > rb) s_cur[j][2] = NEG_INF;
-                if (p1 > rb) s_cur[j][3] = NEG_INF;
+                if (p0 > ra) s[j][0] = NEG_INF;
+                if (p1 > ra) s[j][1] = NEG_INF;
+                if (p0 > rb) s[j][2] = NEG_INF;
+                if (p1 > rb) s[j][3] = NEG_INF;
             }
         }
         float mx_a = NEG_INF, mx_b = NEG_INF;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            mx_a = fmaxf(mx_a, fmaxf(s_cur[j][0], s_cur[j][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s_cur[j][2], s_cur[j][3]));
+            mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
         }
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
@@ -665,21 +674,79 @@ __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const
         mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
         const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
         const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-        const float al_a = fast_exp2(m_a - use_a), al_b = fast_exp2(m_b - use_b);
+        al_a = fast_exp2(m_a - use_a);
+        al_b = fast_exp2(m_b - use_b);
         m_a = mn_a;
         m_b = mn_b;
         float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            s_cur[j][0] = fast_exp2(fmaf(s_cur[j][0], scale_log2, -use_a));
-            s_cur[j][1] = fast_exp2(fmaf(s_cur[j][1], scale_log2, -use_a));
-            s_cur[j][2] = fast_exp2(fmaf(s_cur[j][2], scale_log2, -use_b));
-            s_cur[j][3] = fast_exp2(fmaf(s_cur[j][3], scale_log2, -use_b));
-            sum_a += s_cur[j][0] + s_cur[j][1];
-            sum_b += s_cur[j][2] + s_cur[j][3];
+            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
+            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
+            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
+            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
+            sum_a += s[j][0] + s[j][1];
+            sum_b += s[j][2] + s[j][3];
         }
         l_a = l_a * al_a + sum_a;
         l_b = l_b * al_b + sum_b;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+    };
+
+    TilePos nxt;
+    if (ntiles > 0) {
+        tile_pos(0, nxt);
+        load_tile(0, nxt);
+    }
+    cp_async_commit();
+    if (ntiles > 1) {
+        tile_pos(1, nxt);
+        load_tile(1, nxt);
+    }
+    cp_async_commit();
+    if (ntiles > 2) tile_pos(2, nxt);
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    if (ntiles > 0) {
+        issue_s(s, 0);
+        wgmma_wait0();
+        float al_a, al_b;
+        softmax(0, pa, al_a, al_b);  // O is zero: no rescale
+    }
+
+    // every iteration but the last has a tile t+1 (peeled, so that ptxas sees one wgmma pipeline shape
+    // and does not serialize the wgmmas)
+    for (int t = 0; t + 1 < ntiles; ++t) {
+        // here: P of tile t is in pa, O holds tiles < t, tile t is in stage t % NS
+        if (t + 2 < ntiles) load_tile(t + 2, nxt);  // its stage held tile t - 1, freed by the last barrier
+        cp_async_commit();
+        if (t + 3 < ntiles) tile_pos(t + 3, nxt);
+        cp_async_wait<1>();  // tile t+1 is in
+        fence_proxy_async();
+        __syncthreads();
+        issue_s(s, t + 1);
+        const u32 v_st = sV + (t % NS) * TILE_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
+            wgmma_m64n128k16<1>(&o[0][0], pa[kk], desc);
+        }
+        wgmma_commit();
+        u32 pn[4][4];
+        float al_a, al_b;
+        wgmma_wait<1>();                   // S of tile t+1 is done
+        softmax(t + 1, pn, al_a, al_b);  // while P V of tile t runs
+        wgmma_wait0();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) reg_fence4(pa[kk]);  // P of tile t stays live until here
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
             o[i][0] *= al_a;
@@ -687,15 +754,17 @@ __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const
             o[i][2] *= al_b;
             o[i][3] *= al_b;
         }
-        u32 pa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            pa[kk][0] = pack_bf16(s_cur[2 * kk][0], s_cur[2 * kk][1]);
-            pa[kk][1] = pack_bf16(s_cur[2 * kk][2], s_cur[2 * kk][3]);
-            pa[kk][2] = pack_bf16(s_cur[2 * kk + 1][0], s_cur[2 * kk + 1][1]);
-            pa[kk][3] = pack_bf16(s_cur[2 * kk + 1][2], s_cur[2 * kk + 1][3]);
+            pa[kk][0] = pn[kk][0];
+            pa[kk][1] = pn[kk][1];
+            pa[kk][2] = pn[kk][2];
+            pa[kk][3] = pn[kk][3];
         }
-        const u32 v_st = sV + st * TILE_BYTES;
+        __syncthreads();  // stage t % NS is free for the load of tile t + 3
+    }
+    if (ntiles > 0) {
+        const u32 v_st = sV + ((ntiles - 1) % NS) * TILE_BYTES;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -704,14 +773,6 @@ __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const
         }
         wgmma_commit();
         wgmma_wait0();
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s_cur[j][0] = s_nxt[j][0];
-            s_cur[j][1] = s_nxt[j][1];
-            s_cur[j][2] = s_nxt[j][2];
-            s_cur[j][3] = s_nxt[j][3];
-        }
-        __syncthreads();  // stage st is free for the load of tile t + 3
     }
     cp_async_wait<0>();
 
@@ -729,7 +790,428 @@ __device__ __forceinline__ void attn_fwd_wg2(const bf16_t* __restrict__ q, const
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg2_d128(ATTN_ARGS) {
-    attn_fwd_wg2<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
+extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS) {
+    attn_fwd_wg3<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
+}
+// Warp-specialized variant (head_dim 128): one CTA of 384 threads takes two neighbouring query blocks,
+// 2p and 2p+1, of one head. Warpgroup 2 is the producer: it walks the CTA's tile sequence and copies each
+// K/V tile once into a ring of NS stages (cp.async; after its copies land it fences them for the
+// tensor cores and arrives on the stage's `full` mbarrier). Warpgroup w (warps 4w..4w+3) computes
+// block 2p+w with the pipeline of attn_fwd_wg3 over its own tiles only, and arrives on the stage's
+// `empty` mbarrier when it is done with a tile (at once for a tile that is not its own). Loading K/V
+// once for 128 query rows halves the L2-to-shared traffic per cell, which limited the one-warpgroup
+// kernels (403 TFLOP/s with their loads, 620 with the loads left out; H200, 2026-11-29), and the
+// consumers issue no loads and meet no CTA-wide barrier.
+//
+// Tile sequence (the producer's): the union of the two blocks' key-block lists, merged in order, each
+// tile tagged with the warpgroups whose list holds it (dense: the key blocks 0..=2p+1, the last for
+// warpgroup 1 only); then the column tiles of the two blocks, alternating; then an END marker. A
+// warpgroup holds its current tile (its P V runs after the next tile's S) while it waits for its next
+// one, so it may wait at most NS - 1 tiles ahead, or the producer, needing that stage, would never
+// deliver. The producer therefore lets at most NS - 2 tiles in a row pass a warpgroup that still has
+// tiles: at that point it takes that warpgroup's next tile out of order (a block then shared by both
+// lists may be loaded twice, once per warpgroup). A warpgroup's last tile is followed by a tile
+// tagged DONE for it; after finishing, it releases the remaining tiles without computing them. Each
+// warpgroup computes exactly the cells of its own index.
+//
+// Registers: the launch bound caps the CTA at 168 per thread; the producer gives back to 40 and the
+// consumers take 232 (setmaxnreg), as FlashAttention-3 does.
+// Shared memory: NS = 4 K and V stages, 2 Q tiles, NS x 64 positions, NS tags, 2 NS mbarriers, 2 x 128
+// list entries and 1024 alignment bytes = 166,992 bytes (one CTA per SM, 12 warps).
+template <int D>
+__device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                            const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
+                                            const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
+                                            const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
+                                            int n, int q_heads, int group, float scale_log2, int dense) {
+    constexpr int BM = 64, BN = 64, NS = 4;
+    constexpr int TILE_BYTES = BM * D * 2;
+    constexpr int NONE = 0x7fffffff;
+    constexpr int END = 4;   // tag of the marker after the last tile
+    constexpr int DONE = 8;  // DONE << w: warpgroup w has no tile from this one on
+
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const u32 base = (smem_u32(smem) + 1023u) & ~1023u;
+    unsigned char* gbase = smem + (base - smem_u32(smem));
+    const u32 sK = base;
+    const u32 sV = sK + NS * TILE_BYTES;
+    const u32 sQ = sV + NS * TILE_BYTES;  // one tile per warpgroup
+    int* kpos = (int*)(gbase + (2 * NS + 2) * TILE_BYTES);
+    int* ktag = kpos + NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
+    const u32 full = smem_u32(ktag + NS);  // NS mbarriers, then NS `empty` ones
+    const u32 empty = full + 8 * NS;
+    int* lst = (int*)(gbase + (2 * NS + 2) * TILE_BYTES + NS * BN * 4 + NS * 4 + 16 * NS);  // 2 x 128
+
+    const int q_blocks = (n + BM - 1) / BM;
+    const int q_pairs = (q_blocks + 1) / 2;
+    const int id = blockIdx.x;
+    const int pr = dense ? q_pairs - 1 - id / q_heads : q_pairs - 1 - id % q_pairs;
+    const int h = dense ? id % q_heads : id / q_pairs;
+    const int kvh = h / group;
+    // the warp index through a shuffle, so that ptxas knows it is warp-uniform
+    const int tid = threadIdx.x, warp = __shfl_sync(0xffffffff, tid >> 5, 0), lane = tid & 31;
+    const int qb0 = 2 * pr;
+    const bool has1 = qb0 + 1 < q_blocks;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+            mbar_init(full + 8 * s, 128);  // the producer's threads
+            mbar_init(empty + 8 * s, 256);  // the consumers' threads
+        }
+    }
+    __syncthreads();
+
+    if (warp >= 8) {
+        // ---- producer ----
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        const bf16_t* kh = k + (u64)kvh * n * D;
+        const bf16_t* vh = v + (u64)kvh * n * D;
+        int a_off = 0, a_len = 0, b_off = 0, b_len = 0, ca_off = 0, ca_len = 0, cb_off = 0, cb_len = 0;
+        if (dense) {  // the key blocks 0..=last of each query block
+            a_len = (min(qb0 * BM + BM, n) - 1) / BN + 1;
+            b_len = has1 ? (min(qb0 * BM + 2 * BM, n) - 1) / BN + 1 : 0;
+        } else {
+            const int e = h * q_blocks + qb0;
+            a_off = blk_off[e];
+            a_len = blk_off[e + 1] - a_off;
+            ca_off = col_off[e];
+            ca_len = col_off[e + 1] - ca_off;
+            if (has1) {
+                b_off = blk_off[e + 1];
+                b_len = blk_off[e + 2] - b_off;
+                cb_off = col_off[e + 1];
+                cb_len = col_off[e + 2] - cb_off;
+            }
+        }
+        // The merge reads the block lists through shared memory, 128 entries at a time (one load per
+        // producer thread), so that each step waits on shared memory, not on a dependent global load.
+        // The producer's threads run the merge in lockstep, so all of them refill together.
+        const int pt = tid - 256;
+        int base_a = -128, base_b = -128;
+        auto refill = [&](int* dst, int& bse, int i, int off, int len) {
+            named_bar_sync(3, 128);  // everyone is done with the old entries
+            bse = i & ~127;
+            dst[pt] = bse + pt < len ? (int)blk_idx[off + bse + pt] : NONE;
+            named_bar_sync(3, 128);
+        };
+        auto block_a = [&](int i) {
+            if (i >= a_len) return NONE;
+            if (dense) return i;
+            if (i >= base_a + 128) refill(lst, base_a, i, a_off, a_len);
+            return lst[i - base_a];
+        };
+        auto block_b = [&](int i) {
+            if (i >= b_len) return NONE;
+            if (dense) return i;
+            if (i >= base_b + 128) refill(lst + 128, base_b, i, b_off, b_len);
+            return lst[128 + i - base_b];
+        };
+        const int cta = (ca_len + BN - 1) / BN, ctb = (cb_len + BN - 1) / BN;
+        int ia = 0, ib = 0, ja = 0, jb = 0;  // next block / column tile of each warpgroup
+        int va = block_a(0), vb = block_b(0);
+        // tiles since each warpgroup's last own tile (negative before its first); DONE bits for the next tile
+        int since0 = -(1 << 30), since1 = -(1 << 30), pend = 0;
+        bool done0 = va == NONE && cta == 0, done1 = vb == NONE && ctb == 0;
+
+        // thread: rows lr + 8j (j < 8) and 16-byte chunk lc of each tile; with the row's low bits fixed,
+        // the 128B swizzle is a per-thread constant
+        const int lr = pt & 7, lc = pt >> 3;
+        const u32 sw = (u32)(lc >> 3) * (64 * 128) + (u32)(((lc & 7) ^ lr) << 4) + lr * 128;
+        int t = 0;
+        for (;; ++t) {
+            if (done0 && done1) break;
+            // a warpgroup passed by NS - 2 tiles in a row gets the next one
+            const int force = since0 >= NS - 2 && !done0 ? 0 : (since1 >= NS - 2 && !done1 ? 1 : -1);
+            int kb = -1, colw = -1;
+            if (force == 0) {
+                if (va != NONE) kb = va; else colw = 0;
+            } else if (force == 1) {
+                if (vb != NONE) kb = vb; else colw = 1;
+            } else if (va != NONE || vb != NONE) {
+                kb = min(va, vb);
+            } else {
+                colw = ja < cta && (jb >= ctb || ja <= jb) ? 0 : 1;
+            }
+            int tag, e0 = 0, len = 0;
+            const u32* list = col_idx;
+            if (kb >= 0) {
+                tag = (va == kb ? 1 : 0) | (vb == kb ? 2 : 0);
+                if (va == kb) va = block_a(++ia);
+                if (vb == kb) vb = block_b(++ib);
+            } else {
+                tag = 1 << colw;
+                e0 = (colw == 0 ? ja++ : jb++) * BN;
+                len = colw == 0 ? ca_len : cb_len;
+                list = col_idx + (colw == 0 ? ca_off : cb_off);
+            }
+            since0 = tag & 1 ? 0 : since0 + 1;
+            since1 = tag & 2 ? 0 : since1 + 1;
+            tag |= pend;
+            pend = 0;
+            if (!done0 && va == NONE && ja >= cta) {
+                done0 = true;
+                pend |= DONE;
+            }
+            if (!done1 && vb == NONE && jb >= ctb) {
+                done1 = true;
+                pend |= DONE << 1;
+            }
+            const int s = t % NS, u = t / NS;
+            if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
+            int* kp = kpos + s * BN;
+            if (pt == 0) ktag[s] = tag;
+            const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
+            if (kb >= 0 && kb * BN + BN <= n) {
+                const u64 off = (u64)(kb * BN + lr) * D + lc * 8;
+                const bf16_t* ks = kh + off;
+                const bf16_t* vs = vh + off;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    cp_async16_full(dk + j * 1024, ks + j * 8 * D);
+                    cp_async16_full(dv + j * 1024, vs + j * 8 * D);
+                }
+                if (lc == 0) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) kp[lr + 8 * j] = kb * BN + lr + 8 * j;
+                }
+            } else {
+                int pos[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int r = lr + 8 * j;
+                    if (kb >= 0) {
+                        pos[j] = kb * BN + r < n ? kb * BN + r : POS_NONE;
+                    } else {
+                        pos[j] = e0 + r < len ? (int)list[e0 + r] : POS_NONE;
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const bool ok = pos[j] != POS_NONE;
+                    const u64 off = ok ? (u64)pos[j] * D + lc * 8 : 0;
+                    cp_async16(dk + j * 1024, kh + off, ok ? 16 : 0);
+                    cp_async16(dv + j * 1024, vh + off, ok ? 16 : 0);
+                }
+                if (lc == 0) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) kp[lr + 8 * j] = pos[j];
+                }
+            }
+            cp_async_commit();
+            if (t > 0) {
+                cp_async_wait<1>();  // tile t-1 has landed
+                fence_proxy_async();
+                mbar_arrive(full + 8 * ((t - 1) % NS));
+            }
+        }
+        if (t > 0) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbar_arrive(full + 8 * ((t - 1) % NS));
+        }
+        const int s = t % NS, u = t / NS;
+        if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
+        if (pt == 0) ktag[s] = END;
+        mbar_arrive(full + 8 * s);
+    } else {
+    // ---- consumers ----
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int wg = warp >> 2, wl = warp & 3;
+    const int row0 = (qb0 + wg) * BM;  // this warpgroup's first row
+    const int g = lane >> 2, tq = lane & 3;
+    const int ra = row0 + wl * 16 + g, rb = ra + 8;
+    const bf16_t* qh = q + (u64)h * n * D;
+    u32 qf[D / 16][4];
+    {
+        const int ct = tid & 127, c = ct % (D / 8);
+        const u32 sq = sQ + wg * TILE_BYTES;
+#pragma unroll
+        for (int p = 0; p < BM * (D / 8) / 128; ++p) {
+            const int r = ct / (D / 8) + p * (128 / (D / 8));
+            const int pos = row0 + r < n ? row0 + r : POS_NONE;
+            const bool ok = pos != POS_NONE;
+            cp_async16(sq + swz128(r, c), qh + (ok ? (u64)pos * D + c * 8 : 0), ok ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        named_bar_sync(1 + wg, 128);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int r = wl * 16 + (lane & 15);
+            const int c2 = kk * 2 + (lane >> 4);
+            ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sq + swz128(r, c2));
+        }
+    }
+
+    int t = -1;
+    // The next tile of this warpgroup (-1 at END or at its DONE tag, which it does not release yet);
+    // the tiles that are not its own are released on the way.
+    auto next_member = [&]() -> int {
+        for (;;) {
+            ++t;
+            const int s = t % NS;
+            mbar_wait(full + 8 * s, (t / NS) & 1);
+            const int tag = ktag[s];
+            if (tag & (END | (DONE << wg))) return -1;
+            if ((tag >> wg) & 1) return t;
+            mbar_arrive(empty + 8 * s);
+        }
+    };
+    // every consumer thread arrives: a branch on the lane here would make ptxas serialize the wgmmas
+    auto release = [&](int tt) { mbar_arrive(empty + 8 * (tt % NS)); };
+    auto issue_s = [&](float (*s)[4], int tt) {
+        const u32 k_st = sK + (tt % NS) * TILE_BYTES;
+        wgmma_fence();
+        wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], gmma_desc(k_st, 16, 1024));  // the first step overwrites s
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) {
+            const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+            wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
+        }
+        wgmma_commit();
+    };
+    auto issue_pv = [&](float* o, u32 (*p)[4], int tt) {
+        const u32 v_st = sV + (tt % NS) * TILE_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
+            wgmma_m64n128k16<1>(o, p[kk], desc);
+        }
+        wgmma_commit();
+    };
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+    float s[8][4];
+    u32 pa[4][4];
+
+    auto softmax = [&](int tt, u32 (*p)[4], float& al_a, float& al_b) {
+        const int st = tt % NS;
+        if (kpos[st * BN + BN - 1] > row0) {
+            const int* kp = kpos + st * BN;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
+                if (p0 > ra) s[j][0] = NEG_INF;
+                if (p1 > ra) s[j][1] = NEG_INF;
+                if (p0 > rb) s[j][2] = NEG_INF;
+                if (p1 > rb) s[j][3] = NEG_INF;
+            }
+        }
+        float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
+        const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
+        al_a = fast_exp2(m_a - use_a);
+        al_b = fast_exp2(m_b - use_b);
+        m_a = mn_a;
+        m_b = mn_b;
+        float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
+            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
+            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
+            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
+            sum_a += s[j][0] + s[j][1];
+            sum_b += s[j][2] + s[j][3];
+        }
+        l_a = l_a * al_a + sum_a;
+        l_b = l_b * al_b + sum_b;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+    };
+
+    int cur = next_member();
+    if (cur >= 0) {
+        issue_s(s, cur);
+        wgmma_wait0();
+        float al_a, al_b;
+        softmax(cur, pa, al_a, al_b);  // O is zero: no rescale
+    }
+    // P of tile `cur` is in pa; S of the next tile and P V of `cur` run while the softmax of the next one
+    // does. This loop shape (counted bound, never reached, with breaks; the wgmmas outside any branch)
+    // is one that ptxas keeps asynchronous: a loop condition calling next_member, a wgmma in a branch of
+    // the body or an early exit from next_member without a wait made it serialize them (C7513).
+    for (int it = 0; it < 2 * n + 4; ++it) {
+        if (cur < 0) break;
+        const int nx = next_member();
+        if (nx < 0) break;
+        issue_s(s, nx);
+        issue_pv(&o[0][0], pa, cur);
+        u32 pn[4][4];
+        float al_a, al_b;
+        wgmma_wait<1>();              // S of tile nx is done
+        softmax(nx, pn, al_a, al_b);  // while P V of tile cur runs
+        wgmma_wait0();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) reg_fence4(pa[kk]);  // P of tile cur stays live until here
+        release(cur);
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            o[i][0] *= al_a;
+            o[i][1] *= al_a;
+            o[i][2] *= al_b;
+            o[i][3] *= al_b;
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            pa[kk][0] = pn[kk][0];
+            pa[kk][1] = pn[kk][1];
+            pa[kk][2] = pn[kk][2];
+            pa[kk][3] = pn[kk][3];
+        }
+        cur = nx;
+    }
+    if (cur >= 0) {
+        issue_pv(&o[0][0], pa, cur);
+        wgmma_wait0();
+        release(cur);
+    }
+    // after its DONE tag: release that tile and the rest up to END
+    if (!(ktag[t % NS] & END)) {
+        mbar_arrive(empty + 8 * (t % NS));
+        for (;;) {
+            ++t;
+            mbar_wait(full + 8 * (t % NS), (t / NS) & 1);
+            if (ktag[t % NS] & END) break;
+            mbar_arrive(empty + 8 * (t % NS));
+        }
+    }
+
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+    bf16_t* oh = out + (u64)h * n * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        const int c = i * 8 + 2 * tq;
+        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_ws_d128(ATTN_ARGS) {
+    attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
 }
 #endif

@@ -99,8 +99,9 @@ pub enum Keys<'a> {
 }
 
 /// Environment variable choosing the attention kernel where the build has wgmma (sm_90a, the default):
-/// unset = `attn_fwd_wg2_d128` (pipelined wgmma) for head_dim 128 and `attn_fwd_d64` (mma.sync) for 64;
-/// `wg1` = the unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = also try the wgmma
+/// unset = `attn_fwd_ws_d128` (warp-specialized, two query blocks per CTA) for head_dim 128 and
+/// `attn_fwd_d64` (mma.sync) for 64; `wg3` = the pipelined one-warpgroup `attn_fwd_wg3_d128`; `wg1` =
+/// the unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = also try the wgmma
 /// head_dim-64 kernel (wrong on the H200, 2026-11-28).
 pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 
@@ -120,6 +121,8 @@ pub struct SparsePrefill {
     names: [&'static str; 2],
     /// Dynamic shared memory of those kernels.
     smem: [u32; 2],
+    /// Threads per CTA and query blocks (of 64 rows) per CTA of those kernels.
+    geometry: [(u32, usize); 2],
     /// One-element buffer passed as the index of the dense case (never read).
     dummy: CudaSlice<u32>,
 }
@@ -136,7 +139,7 @@ impl SparsePrefill {
         }
         // wgmma kernels exist only in sm_90a builds; ATTN_ENV=mma forces the mma.sync ones.
         let want_mma = std::env::var(ATTN_ENV).is_ok_and(|v| v == "mma");
-        let pick = |d: usize| -> Result<(CudaFunction, &'static str, u32)> {
+        let pick = |d: usize| -> Result<(CudaFunction, &'static str, u32, (u32, usize))> {
             // attn_fwd_wg_d64 gave wrong results on the H200 (2026-11-28, see docs/cuda.md): head_dim
             // 64 stays on mma.sync unless ATTN_ENV=wg64 asks for it.
             let (wg, mma) = if d == 64 {
@@ -146,26 +149,37 @@ impl SparsePrefill {
             };
             let wg64 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg64");
             let wg1 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg1");
+            let wg3 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg3");
+            if d == 128 && !want_mma && !wg1 && !wg3 {
+                // warp-specialized: 384 threads, two query blocks per CTA; 4 K/V stages, 2 Q tiles,
+                // positions, tags, mbarriers, list entries, alignment
+                let smem =
+                    (10 * 64 * 128 * 2 + 4 * 64 * 4 + 4 * 4 + 8 * 8 + 2 * 128 * 4 + 1024) as u32;
+                if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_ws_d128", smem) {
+                    return Ok((f, "attn_fwd_ws_d128", smem, (384, 2)));
+                }
+            }
             if d == 128 && !want_mma && !wg1 {
-                // pipelined wgmma variant: 6 tiles + 3 x 64 positions + alignment
+                // pipelined one-warpgroup variant: 6 tiles + 3 x 64 positions + alignment
                 let smem = (6 * 64 * 128 * 2 + 3 * 64 * 4 + 1024) as u32;
-                if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_wg2_d128", smem) {
-                    return Ok((f, "attn_fwd_wg2_d128", smem));
+                if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_wg3_d128", smem) {
+                    return Ok((f, "attn_fwd_wg3_d128", smem, (128, 1)));
                 }
             }
             if !want_mma && (d == 128 || wg64) {
                 if let Ok(f) = dev.function(KernelFile::Attention, wg, attn_smem(d) + 1024) {
-                    return Ok((f, wg, attn_smem(d) + 1024));
+                    return Ok((f, wg, attn_smem(d) + 1024, (128, 1)));
                 }
             }
             Ok((
                 dev.function(KernelFile::Attention, mma, attn_smem(d) + 1024)?,
                 mma,
                 attn_smem(d) + 1024,
+                (128, 1),
             ))
         };
-        let (attn_d64, name_d64, smem_d64) = pick(64)?;
-        let (attn_d128, name_d128, smem_d128) = pick(128)?;
+        let (attn_d64, name_d64, smem_d64, geo_d64) = pick(64)?;
+        let (attn_d128, name_d128, smem_d128, geo_d128) = pick(128)?;
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         Ok(Self {
             dev,
@@ -173,6 +187,7 @@ impl SparsePrefill {
             attn_d128,
             names: [name_d64, name_d128],
             smem: [smem_d64, smem_d128],
+            geometry: [geo_d64, geo_d128],
             dummy,
         })
     }
@@ -311,17 +326,17 @@ impl SparsePrefill {
                 (Some(ix), 0i32)
             }
         };
-        let f = if shape.head_dim == 64 {
-            &self.attn_d64
+        let (f, (threads, blocks_per_cta)) = if shape.head_dim == 64 {
+            (&self.attn_d64, self.geometry[0])
         } else {
-            &self.attn_d128
+            (&self.attn_d128, self.geometry[1])
         };
-        let grid = grid_u32(q_blocks * shape.q_heads)?;
+        let grid = grid_u32(q_blocks.div_ceil(blocks_per_cta) * shape.q_heads)?;
         let (n_i, heads_i, group_i) = (n as i32, shape.q_heads as i32, shape.group() as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: if shape.head_dim == 64 {
                 self.smem[0]
             } else {
