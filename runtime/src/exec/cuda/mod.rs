@@ -151,10 +151,9 @@ impl SparsePrefill {
             let wg1 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg1");
             let wg3 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg3");
             if d == 128 && !want_mma && !wg1 && !wg3 {
-                // warp-specialized: 384 threads, two query blocks per CTA; 4 K/V stages, 2 Q tiles,
-                // positions, tags, mbarriers, list entries, alignment
-                let smem =
-                    (10 * 64 * 128 * 2 + 4 * 64 * 4 + 4 * 4 + 8 * 8 + 2 * 128 * 4 + 1024) as u32;
+                // warp-specialized: 384 threads, two query blocks per CTA; 5 K/V stages, 2 Q tiles,
+                // positions, tags, mbarriers, alignment
+                let smem = (12 * 64 * 128 * 2 + 5 * 64 * 4 + 5 * 8 + 10 * 8 + 1024) as u32;
                 if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_ws_d128", smem) {
                     return Ok((f, "attn_fwd_ws_d128", smem, (384, 2)));
                 }

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Model check of the warp-specialized attention kernel's tile schedule (attn_fwd_ws in
+runtime/kernels/attention.cu), on the CPU, in a few seconds.
+
+The producer warpgroup loads the union of two query blocks' key-block lists, then their column
+tiles, into a ring of NS stages; each consumer warpgroup computes only its own tiles and holds its
+current tile while it waits for its next one. This script replays the producer's generator (same
+rules as the kernel) on random lists and runs producer and consumers under random interleavings,
+checking that (1) nothing deadlocks, (2) each warpgroup computes exactly its own blocks and column
+tiles, once each, and (3) no warpgroup is passed by more than NS - 2 tiles in a row before its last.
+
+It checks the protocol as designed, not the CUDA code itself; keep the two in step. With
+--old-protocol it runs the first version (one issued tile unannounced, no announcement before
+blocking), which this check shows can deadlock.
+usage: scripts/gpu/ws-schedule.py [--trials N] [--ns NS] [--old-protocol]
+"""
+import argparse
+import random
+import sys
+
+NONE = 1 << 60
+END, DONE = 4, 8
+
+
+def schedule(a, b, ca, cb, ns):
+    """The producer's tile sequence: [(item, tag)], item = ('b', block) or ('c0'/'c1', tile)."""
+    ia = ib = ja = jb = 0
+    block_a = lambda i: a[i] if i < len(a) else NONE
+    block_b = lambda i: b[i] if i < len(b) else NONE
+    va, vb = block_a(0), block_b(0)
+    since0 = since1 = -(1 << 30)
+    pend = 0
+    done0, done1 = va == NONE and ca == 0, vb == NONE and cb == 0
+    out = []
+    while not (done0 and done1):
+        force = 0 if since0 >= ns - 2 and not done0 else (1 if since1 >= ns - 2 and not done1 else -1)
+        kb = colw = -1
+        if force == 0:
+            kb, colw = (va, -1) if va != NONE else (-1, 0)
+        elif force == 1:
+            kb, colw = (vb, -1) if vb != NONE else (-1, 1)
+        elif va != NONE or vb != NONE:
+            kb = min(va, vb)
+        else:
+            colw = 0 if ja < ca and (jb >= cb or ja <= jb) else 1
+        if kb >= 0:
+            tag = (1 if va == kb else 0) | (2 if vb == kb else 0)
+            if va == kb:
+                ia += 1
+                va = block_a(ia)
+            if vb == kb:
+                ib += 1
+                vb = block_b(ib)
+            item = ('b', kb)
+        else:
+            tag = 1 << colw
+            if colw == 0:
+                item, ja = ('c0', ja), ja + 1
+            else:
+                item, jb = ('c1', jb), jb + 1
+        since0 = 0 if tag & 1 else since0 + 1
+        since1 = 0 if tag & 2 else since1 + 1
+        tag |= pend
+        pend = 0
+        if not done0 and va == NONE and ja >= ca:
+            done0, pend = True, pend | DONE
+        if not done1 and vb == NONE and jb >= cb:
+            done1, pend = True, pend | DONE << 1
+        out.append((item, tag))
+    out.append((('end', 0), END))
+    return out
+
+
+def run(tiles, ns, rng, old):
+    """Random interleaving of producer and consumers; returns what each warpgroup computed."""
+    n_tiles = len(tiles)
+    released = [set(), set()]
+    issued = 0  # tiles whose copies were issued
+    published = 0  # tiles announced on `full`
+    wgs = [{'t': -1, 'cur': None, 'state': 'run', 'got': []} for _ in range(2)]
+
+    def stage_free(t):
+        return t < ns or ((t - ns) in released[0] and (t - ns) in released[1])
+
+    def producer():
+        nonlocal issued, published
+        t = issued
+        if t >= n_tiles:
+            if published < n_tiles:
+                published = n_tiles
+                return True
+            return False
+        if not stage_free(t):
+            if not old and published < t:  # announce everything before blocking
+                published = t
+                return True
+            return False
+        issued += 1
+        if old:
+            if t - published == 1:
+                published += 1
+        elif t - published == 2:
+            published += 1
+        return True
+
+    def consumer(w):
+        c = wgs[w]
+        if c['state'] == 'end':
+            return False
+        t = c['t'] + 1
+        if t >= published:
+            return False
+        c['t'] = t
+        item, tag = tiles[t]
+        if c['state'] == 'drain':
+            if tag & END:
+                c['state'] = 'end'
+            else:
+                released[w].add(t)
+            return True
+        if tag & (END | DONE << w):
+            if c['cur'] is not None:
+                released[w].add(c['cur'])
+                c['cur'] = None
+            if tag & END:
+                c['state'] = 'end'
+            else:
+                released[w].add(t)
+                c['state'] = 'drain'
+            return True
+        if (tag >> w) & 1:
+            c['got'].append(item)
+            if c['cur'] is not None:
+                released[w].add(c['cur'])
+            c['cur'] = t
+            return True
+        released[w].add(t)
+        return True
+
+    while True:
+        actors = ['p', 0, 1]
+        rng.shuffle(actors)
+        if not any(producer() if a == 'p' else consumer(a) for a in actors):
+            if all(c['state'] == 'end' for c in wgs):
+                return [c['got'] for c in wgs]
+            raise RuntimeError(f"deadlock: published {published}, warpgroups at tiles "
+                               f"{[c['t'] for c in wgs]} holding {[c['cur'] for c in wgs]}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--trials', type=int, default=20000)
+    ap.add_argument('--ns', type=int, default=5)
+    ap.add_argument('--seed', type=int, default=1)
+    ap.add_argument('--old-protocol', action='store_true')
+    o = ap.parse_args()
+    rng = random.Random(o.seed)
+    for trial in range(o.trials):
+        nb = rng.randint(1, 40)
+        a = sorted(rng.sample(range(nb), rng.randint(0, nb)))
+        b = sorted(rng.sample(range(nb + 1), rng.randint(0, nb + 1))) if rng.random() < 0.9 else []
+        ca = rng.randint(0, 8)
+        cb = rng.randint(0, 8) if b or rng.random() < 0.5 else 0
+        tiles = schedule(a, b, ca, cb, o.ns)
+        try:
+            got = run(tiles, o.ns, rng, o.old_protocol)
+        except RuntimeError as e:
+            print(f"trial {trial}: {e}")
+            return 1
+        for w, (blocks, cols) in enumerate([(a, ca), (b, cb)]):
+            want = [('b', x) for x in blocks] + [(f'c{w}', j) for j in range(cols)]
+            if sorted(got[w]) != sorted(want) or len(got[w]) != len(set(got[w])):
+                print(f"trial {trial}: warpgroup {w} computed {got[w]}, wants {want}")
+                return 1
+            own = []
+            for i, (_, tag) in enumerate(tiles):
+                if (tag >> w) & 1 or tag & (END | DONE << w):
+                    own.append(i)
+                if tag & (END | DONE << w):
+                    break
+            if any(y - x > o.ns - 1 for x, y in zip(own, own[1:])):
+                print(f"trial {trial}: warpgroup {w} passed by more than {o.ns - 2} tiles: {own}")
+                return 1
+    print(f"{o.trials} random schedules (NS = {o.ns}): no deadlock, every warpgroup computed exactly its tiles")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
