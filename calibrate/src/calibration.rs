@@ -283,7 +283,15 @@ pub fn calibrate(
                 head,
                 scored: per_len
                     .iter()
-                    .map(|hs| hs.candidates().into_iter().map(|c| hs.score(c)).collect())
+                    .map(|hs| {
+                        // under a local floor, candidates cheaper than its A-shape are not offered
+                        let floor = goal.local_floor.map_or(0.0, |l| hs.floor_density(l));
+                        hs.candidates()
+                            .into_iter()
+                            .map(|c| hs.score(c))
+                            .filter(|s| s.density >= floor - 1e-12)
+                            .collect()
+                    })
                     .collect(),
                 minference: per_len.iter().map(minference::choose).collect(),
                 minference_default: per_len.iter().map(minference::single_best).collect(),

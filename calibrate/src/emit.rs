@@ -230,15 +230,21 @@ pub fn plan(cal: &Calibration, inputs: PlanInputs<'_>) -> Plan {
         })
         .collect();
     let goal = &cal.goal;
+    let floor = goal.local_floor.map_or(String::new(), |l| {
+        format!(
+            ", no head below the cells of an A-shape with {} sink and {l} local tokens",
+            crate::search::LOCAL_FLOOR_SINK
+        )
+    });
     let objective = match goal.flops_budget {
         Some(f) => format!(
             "fewest computed cells with {} recall >= target, the target ({:.4}) the highest whose \
-             plan computes at most {f} of dense attention cells",
+             plan computes at most {f} of dense attention cells{floor}",
             objective_name(goal.objective),
             goal.target_recall
         ),
         None => format!(
-            "fewest computed cells with {} recall >= target{}",
+            "fewest computed cells with {} recall >= target{}{floor}",
             objective_name(goal.objective),
             goal.tail_recall.map_or(String::new(), |t| format!(
                 " and {} recall of the last rows >= {t}",

@@ -175,6 +175,7 @@ fn the_choice_is_the_cheapest_candidate_at_target() {
             tail_recall: None,
             flops_budget: None,
             objective,
+            local_floor: None,
         };
         let pick = choose(&scored, &goal);
         assert!(goal.objective.of(&pick) >= 0.9);
@@ -191,6 +192,7 @@ fn the_choice_is_the_cheapest_candidate_at_target() {
         tail_recall: None,
         flops_budget: None,
         objective: Objective::Mean,
+        local_floor: None,
     };
     assert_eq!(choose(&scored, &goal).candidate, Candidate::Dense);
 }
@@ -235,6 +237,7 @@ fn a_tail_target_holds_the_last_rows_too() {
             tail_recall: None,
             flops_budget: None,
             objective,
+            local_floor: None,
         };
         let both = Goal {
             tail_recall: Some(0.99),
@@ -769,4 +772,69 @@ fn token_select_and_streaming_densities_are_predicted_from_budgets() {
         calibrate::emit::predicted_density(&streaming(1024), 1.0, 1024, 64),
         1.0
     );
+}
+
+/// Under a local floor no head computes fewer cells than the floor's A-shape (64 sink, L local
+/// tokens), the plan says so, and a floor costs cells; `--local-floor 0` is refused.
+#[test]
+fn a_local_floor_keeps_every_head_at_least_its_a_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = [1u64, 2, 3];
+    let p = profile("cal", &seeds, 300);
+    let cal = write(dir.path(), "c.safetensors", &p);
+    let run = |extra: &[&str], name: &str| {
+        let (plan, report) = (
+            dir.path().join(format!("{name}.yaml")),
+            dir.path().join(format!("{name}.json")),
+        );
+        let mut args = vec!["calibrate", "--profile", cal.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend(["--out", plan.to_str().unwrap()]);
+        args.extend(["--report", report.to_str().unwrap()]);
+        let out = attnplan(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        (r, schemas::Plan::read(&plan).unwrap())
+    };
+    let (plain, _) = run(&["--target-recall", "0.9"], "plain");
+    let (floored, plan) = run(&["--target-recall", "0.9", "--local-floor", "96"], "floor");
+    let objective = plan.provenance.objective.clone().unwrap_or_default();
+    assert!(
+        objective.contains("A-shape with 64 sink and 96 local tokens"),
+        "{objective}"
+    );
+    let mut raised = 0;
+    for (h, f) in plain["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(floored["heads"].as_array().unwrap())
+    {
+        let (layer, head) = (
+            f["layer"].as_u64().unwrap() as usize,
+            f["head"].as_u64().unwrap() as usize,
+        );
+        let per_sample = p
+            .per_sample_stats(Path::new("c.safetensors"), layer, head)
+            .unwrap();
+        let floor = HeadSamples::new(per_sample).unwrap().floor_density(96);
+        let density = f["chosen"][0]["density"].as_f64().unwrap();
+        assert!(density >= floor - 1e-12, "{f} below {floor}");
+        let before = h["chosen"][0]["density"].as_f64().unwrap();
+        assert!(density >= before - 1e-12, "{f} vs {h}");
+        if density > before + 1e-12 {
+            raised += 1;
+        }
+    }
+    assert!(raised > 0, "the floor changed no head");
+    let out = attnplan(&[
+        "calibrate",
+        "--profile",
+        cal.to_str().unwrap(),
+        "--local-floor",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--local-floor 0"));
 }

@@ -71,6 +71,12 @@ pub struct Args {
     /// Which recall must reach the target: over all samples, or of the worst sample.
     #[arg(long, value_enum, default_value_t = Objective::Worst)]
     pub objective: Objective,
+    /// No head computes fewer cells than an A-shape of 64 sink and this many local tokens (at each
+    /// calibrated length). Patterns cheaper than that can keep 98-99% of a head's attention yet drop
+    /// what the model needs: on SmolLM2 at 8K such heads caused most of the perplexity loss on
+    /// prose (docs/perf.md).
+    #[arg(long, value_name = "TOKENS")]
+    pub local_floor: Option<usize>,
     /// Held-out recall may miss the target by this much before the plan is refused.
     #[arg(long, default_value_t = 0.02)]
     pub tolerance: f64,
@@ -95,6 +101,9 @@ fn check(args: &Args) -> anyhow::Result<Goal> {
     let unit = |x: f64| x > 0.0 && x <= 1.0;
     if !unit(args.target_recall) {
         anyhow::bail!("--target-recall {} is outside (0, 1]", args.target_recall);
+    }
+    if args.local_floor == Some(0) {
+        anyhow::bail!("--local-floor 0: give at least 1 token (or leave it out)");
     }
     if let Some(f) = args.flops_budget {
         if !unit(f) {
@@ -141,6 +150,7 @@ fn check(args: &Args) -> anyhow::Result<Goal> {
         tail_recall: args.tail_recall,
         flops_budget: args.flops_budget,
         objective: args.objective,
+        local_floor: args.local_floor,
     })
 }
 

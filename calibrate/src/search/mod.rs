@@ -287,6 +287,25 @@ pub struct Goal {
     /// turns it into the highest `target_recall` whose plan fits; [`choose`] uses the target only.
     pub flops_budget: Option<f64>,
     pub objective: Objective,
+    /// Local floor (tokens): no head may compute fewer cells than an A-shape with
+    /// [`LOCAL_FLOOR_SINK`] sink tokens and this many local tokens. The calibration drops the cheaper
+    /// candidates before choosing ([`floor_density`]).
+    pub local_floor: Option<usize>,
+}
+
+/// Sink tokens of the A-shape that sets the local floor.
+pub const LOCAL_FLOOR_SINK: usize = 64;
+
+impl HeadSamples {
+    /// Density of the A-shape ([`LOCAL_FLOOR_SINK`], `local`) on these samples: the fewest cells a
+    /// head may compute under a local floor of `local` tokens.
+    pub fn floor_density(&self, local: usize) -> f64 {
+        self.score(Candidate::AShape {
+            sink: LOCAL_FLOOR_SINK,
+            local,
+        })
+        .density
+    }
 }
 
 impl Goal {
