@@ -289,7 +289,7 @@ pub struct Goal {
     pub objective: Objective,
     /// Local floor (tokens): no head may compute fewer cells than an A-shape with
     /// [`LOCAL_FLOOR_SINK`] sink tokens and this many local tokens. The calibration drops the cheaper
-    /// candidates before choosing ([`floor_density`]).
+    /// candidates before choosing ([`HeadSamples::floor_density`]).
     pub local_floor: Option<usize>,
 }
 
