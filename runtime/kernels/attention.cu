@@ -490,6 +490,78 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
 }
 // Dynamic shared memory of attn_fwd_wg<D>: as attn_fwd<D> plus 1024 bytes for the base alignment.
 
+// Shared by attn_fwd_wg3 and attn_fwd_ws: the online softmax of one 64-key S tile of a warpgroup, in the
+// wgmma accumulator layout (this thread holds rows ra and rb = ra + 8, columns 8j + 2tq, 8j + 2tq + 1).
+// Masks keys past each row (positions `kp`, ascending within the tile, POS_NONE for missing rows; only
+// when the tile's last position passes the block's first row `row0`), updates the running max m and
+// sum l (log2 units), writes P as bf16 A fragments to `p` and returns the factors O must be scaled by.
+__device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, int row0, int ra, int rb, int tq,
+                                             float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
+                                             u32 (*p)[4], float& al_a, float& al_b) {
+    if (kp[63] > row0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
+            if (p0 > ra) s[j][0] = NEG_INF;
+            if (p1 > ra) s[j][1] = NEG_INF;
+            if (p0 > rb) s[j][2] = NEG_INF;
+            if (p1 > rb) s[j][3] = NEG_INF;
+        }
+    }
+    float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+        mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+    }
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
+    const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
+    al_a = fast_exp2(m_a - use_a);
+    al_b = fast_exp2(m_b - use_b);
+    m_a = mn_a;
+    m_b = mn_b;
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
+        s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
+        s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
+        s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
+        sum_a += s[j][0] + s[j][1];
+        sum_b += s[j][2] + s[j][3];
+    }
+    l_a = l_a * al_a + sum_a;
+    l_b = l_b * al_b + sum_b;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+// Normalizes this thread's O rows (ra, rb) by their softmax sums and stores them as bf16.
+template <int D>
+__device__ __forceinline__ void store_rows(float (*o)[4], float l_a, float l_b, bf16_t* oh, int ra, int rb, int n,
+                                           int tq) {
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        const int c = i * 8 + 2 * tq;
+        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+}
+
 // Pipelined one-warpgroup variant (head_dim 128): three K/V stages, in FlashAttention-3's order. In
 // iteration t the S = Q K^T wgmma of tile t+1 and the O += P V wgmma of tile t are both in flight while
 // the softmax of tile t+1 runs; only the rescale of O waits for P V. P of tile t+1 goes to its own
@@ -645,58 +717,8 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
     float s[8][4];
     u32 pa[4][4];
 
-    // softmax of the S tile in `s` (tile t, stage st): masks, updates m and l, writes P to `p` and
-    // returns the factors that O must be scaled by
     auto softmax = [&](int t, u32 (*p)[4], float& al_a, float& al_b) {
-        const int st = t % NS;
-        // positions ascend within a tile, and missing rows are POS_NONE: the mask is needed only when
-        // the last position is past the block's first row
-        if (kpos[st * BN + BN - 1] > row0) {
-            const int* kp = kpos + st * BN;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
-                if (p0 > ra) s[j][0] = NEG_INF;
-                if (p1 > ra) s[j][1] = NEG_INF;
-                if (p0 > rb) s[j][2] = NEG_INF;
-                if (p1 > rb) s[j][3] = NEG_INF;
-            }
-        }
-        float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
-        const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-        al_a = fast_exp2(m_a - use_a);
-        al_b = fast_exp2(m_b - use_b);
-        m_a = mn_a;
-        m_b = mn_b;
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
-            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
-            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
-            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-            sum_a += s[j][0] + s[j][1];
-            sum_b += s[j][2] + s[j][3];
-        }
-        l_a = l_a * al_a + sum_a;
-        l_b = l_b * al_b + sum_b;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+        softmax_tile(s, kpos + (t % NS) * BN, row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
     };
 
     TilePos nxt;
@@ -776,18 +798,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
     }
     cp_async_wait<0>();
 
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-    bf16_t* oh = out + (u64)h * n * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-        const int c = i * 8 + 2 * tq;
-        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
+    store_rows<D>(o, l_a, l_b, out + (u64)h * n * D, ra, rb, n, tq);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS) {
@@ -1079,55 +1090,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
     float s[8][4];
     u32 pa[4][4];
-
-    auto softmax = [&](int tt, u32 (*p)[4], float& al_a, float& al_b) {
-        const int st = tt % NS;
-        if (kpos[st * BN + BN - 1] > row0) {
-            const int* kp = kpos + st * BN;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
-                if (p0 > ra) s[j][0] = NEG_INF;
-                if (p1 > ra) s[j][1] = NEG_INF;
-                if (p0 > rb) s[j][2] = NEG_INF;
-                if (p1 > rb) s[j][3] = NEG_INF;
-            }
-        }
-        float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
-        const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-        al_a = fast_exp2(m_a - use_a);
-        al_b = fast_exp2(m_b - use_b);
-        m_a = mn_a;
-        m_b = mn_b;
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
-            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
-            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
-            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-            sum_a += s[j][0] + s[j][1];
-            sum_b += s[j][2] + s[j][3];
-        }
-        l_a = l_a * al_a + sum_a;
-        l_b = l_b * al_b + sum_b;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+    auto softmax = [&](int t, u32 (*p)[4], float& al_a, float& al_b) {
+        softmax_tile(s, kpos + (t % NS) * BN, row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
     };
 
     int cur = next_member();
@@ -1187,18 +1151,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         }
     }
 
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-    bf16_t* oh = out + (u64)h * n * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-        const int c = i * 8 + 2 * tq;
-        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
+    store_rows<D>(o, l_a, l_b, out + (u64)h * n * D, ra, rb, n, tq);
     }
 }
 
