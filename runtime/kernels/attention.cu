@@ -21,6 +21,78 @@
 // mask) of all heads start first (qb = q_blocks - 1 - id / q_heads, h = id % q_heads). Index: head-major
 // (h = id / q_blocks, qb = q_blocks - 1 - id % q_blocks), so CTAs running together share K/V in L2.
 
+// The online softmax of one 64-key S tile, shared by every attention kernel: the mma.sync and wgmma
+// accumulators have the same layout (this thread holds rows ra and rb = ra + 8, columns 8j + 2tq and
+// 8j + 2tq + 1). When `mask`, masks the keys past each row (positions `kp`, POS_NONE for missing rows);
+// updates the running max m and sum l (log2 units), writes P as bf16 A fragments to `p` and returns
+// the factors O must be scaled by.
+__device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool mask, int ra, int rb, int tq,
+                                             float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
+                                             u32 (*p)[4], float& al_a, float& al_b) {
+    if (mask) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
+            if (p0 > ra) s[j][0] = NEG_INF;
+            if (p1 > ra) s[j][1] = NEG_INF;
+            if (p0 > rb) s[j][2] = NEG_INF;
+            if (p1 > rb) s[j][3] = NEG_INF;
+        }
+    }
+    float mx_a = NEG_INF, mx_b = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+        mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+    }
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
+    const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
+    al_a = fast_exp2(m_a - use_a);
+    al_b = fast_exp2(m_b - use_b);
+    m_a = mn_a;
+    m_b = mn_b;
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
+        s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
+        s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
+        s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
+        sum_a += s[j][0] + s[j][1];
+        sum_b += s[j][2] + s[j][3];
+    }
+    l_a = l_a * al_a + sum_a;
+    l_b = l_b * al_b + sum_b;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+// Normalizes this thread's O rows (ra, rb) by their softmax sums and stores them as bf16.
+template <int D>
+__device__ __forceinline__ void store_rows(float (*o)[4], float l_a, float l_b, bf16_t* oh, int ra, int rb, int n,
+                                           int tq) {
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        const int c = i * 8 + 2 * tq;
+        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
+        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                          const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
@@ -156,46 +228,9 @@ __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf1
         } else {
             need_mask = true;
         }
-        if (need_mask) {
-            const int* kp = kpos + st * BN;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
-                if (p0 > ra) s[j][0] = NEG_INF;
-                if (p1 > ra) s[j][1] = NEG_INF;
-                if (p0 > rb) s[j][2] = NEG_INF;
-                if (p1 > rb) s[j][3] = NEG_INF;
-            }
-        }
-
-        // Online softmax in log2 units.
-        float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
-        const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-        const float al_a = fast_exp2(m_a - use_a), al_b = fast_exp2(m_b - use_b);
-        m_a = mn_a;
-        m_b = mn_b;
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
-            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
-            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
-            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-            sum_a += s[j][0] + s[j][1];
-            sum_b += s[j][2] + s[j][3];
-        }
-        l_a = l_a * al_a + sum_a;
-        l_b = l_b * al_b + sum_b;
+        u32 pa[4][4];
+        float al_a, al_b;
+        softmax_tile(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, pa, al_a, al_b);
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
             o[i][0] *= al_a;
@@ -207,37 +242,21 @@ __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf1
         // O += P V.
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            u32 a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int nd = 0; nd < D / 8; nd += 2) {
                 const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
                 const int c = nd + (lane >> 4);
                 u32 b0, b1, b2, b3;
                 ldsm_x4_t(b0, b1, b2, b3, v_st + swz<D>(r, c));
-                mma_bf16(o[nd], a, b0, b1);
-                mma_bf16(o[nd + 1], a, b2, b3);
+                mma_bf16(o[nd], pa[kk], b0, b1);
+                mma_bf16(o[nd + 1], pa[kk], b2, b3);
             }
         }
         __syncthreads();
     }
     cp_async_wait<0>();
 
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-    bf16_t* oh = out + (u64)h * n * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-        const int c = i * 8 + 2 * tq;
-        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
+    store_rows<D>(o, l_a, l_b, out + (u64)h * n * D, ra, rb, n, tq);
 }
 
 #define ATTN_ARGS                                                                                     \
@@ -398,60 +417,15 @@ __device__ __forceinline__ void attn_fwd_wg(const bf16_t* __restrict__ q, const 
         } else {
             need_mask = true;
         }
-        if (need_mask) {
-            const int* kp = kpos + st * BN;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
-                if (p0 > ra) s[j][0] = NEG_INF;
-                if (p1 > ra) s[j][1] = NEG_INF;
-                if (p0 > rb) s[j][2] = NEG_INF;
-                if (p1 > rb) s[j][3] = NEG_INF;
-            }
-        }
-
-        float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-        const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
-        const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-        const float al_a = fast_exp2(m_a - use_a), al_b = fast_exp2(m_b - use_b);
-        m_a = mn_a;
-        m_b = mn_b;
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
-            s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
-            s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
-            s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-            sum_a += s[j][0] + s[j][1];
-            sum_b += s[j][2] + s[j][3];
-        }
-        l_a = l_a * al_a + sum_a;
-        l_b = l_b * al_b + sum_b;
+        u32 pa[4][4];
+        float al_a, al_b;
+        softmax_tile(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, pa, al_a, al_b);
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
             o[i][0] *= al_a;
             o[i][1] *= al_a;
             o[i][2] *= al_b;
             o[i][3] *= al_b;
-        }
-
-        u32 pa[4][4];
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
         wgmma_fence();
 #pragma unroll
@@ -467,18 +441,7 @@ __device__ __forceinline__ void attn_fwd_wg(const bf16_t* __restrict__ q, const 
     }
     cp_async_wait<0>();
 
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-    bf16_t* oh = out + (u64)h * n * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-        const int c = i * 8 + 2 * tq;
-        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
+    store_rows<D>(o, l_a, l_b, out + (u64)h * n * D, ra, rb, n, tq);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg_d128(ATTN_ARGS) {
@@ -489,78 +452,6 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
     attn_fwd_wg<64>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
 }
 // Dynamic shared memory of attn_fwd_wg<D>: as attn_fwd<D> plus 1024 bytes for the base alignment.
-
-// Shared by attn_fwd_wg3 and attn_fwd_ws: the online softmax of one 64-key S tile of a warpgroup, in the
-// wgmma accumulator layout (this thread holds rows ra and rb = ra + 8, columns 8j + 2tq, 8j + 2tq + 1).
-// Masks keys past each row (positions `kp`, ascending within the tile, POS_NONE for missing rows; only
-// when the tile's last position passes the block's first row `row0`), updates the running max m and
-// sum l (log2 units), writes P as bf16 A fragments to `p` and returns the factors O must be scaled by.
-__device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, int row0, int ra, int rb, int tq,
-                                             float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
-                                             u32 (*p)[4], float& al_a, float& al_b) {
-    if (kp[63] > row0) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int p0 = kp[j * 8 + 2 * tq], p1 = kp[j * 8 + 2 * tq + 1];
-            if (p0 > ra) s[j][0] = NEG_INF;
-            if (p1 > ra) s[j][1] = NEG_INF;
-            if (p0 > rb) s[j][2] = NEG_INF;
-            if (p1 > rb) s[j][3] = NEG_INF;
-        }
-    }
-    float mx_a = NEG_INF, mx_b = NEG_INF;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-        mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-    }
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-    const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
-    const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-    al_a = fast_exp2(m_a - use_a);
-    al_b = fast_exp2(m_b - use_b);
-    m_a = mn_a;
-    m_b = mn_b;
-    float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
-        s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
-        s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
-        s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-        sum_a += s[j][0] + s[j][1];
-        sum_b += s[j][2] + s[j][3];
-    }
-    l_a = l_a * al_a + sum_a;
-    l_b = l_b * al_b + sum_b;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-        p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-        p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-}
-
-// Normalizes this thread's O rows (ra, rb) by their softmax sums and stores them as bf16.
-template <int D>
-__device__ __forceinline__ void store_rows(float (*o)[4], float l_a, float l_b, bf16_t* oh, int ra, int rb, int n,
-                                           int tq) {
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffff, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffff, l_b, 2);
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-        const int c = i * 8 + 2 * tq;
-        if (ra < n) *(u32*)(oh + (u64)ra * D + c) = pack_bf16(o[i][0] * inv_a, o[i][1] * inv_a);
-        if (rb < n) *(u32*)(oh + (u64)rb * D + c) = pack_bf16(o[i][2] * inv_b, o[i][3] * inv_b);
-    }
-}
 
 // Pipelined one-warpgroup variant (head_dim 128): three K/V stages, in FlashAttention-3's order. In
 // iteration t the S = Q K^T wgmma of tile t+1 and the O += P V wgmma of tile t are both in flight while
@@ -718,7 +609,10 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
     u32 pa[4][4];
 
     auto softmax = [&](int t, u32 (*p)[4], float& al_a, float& al_b) {
-        softmax_tile(s, kpos + (t % NS) * BN, row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
+        // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
+        // passes the block's first row needs the mask
+        const int* kp = kpos + (t % NS) * BN;
+        softmax_tile(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
     };
 
     TilePos nxt;
@@ -1091,7 +985,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     float s[8][4];
     u32 pa[4][4];
     auto softmax = [&](int t, u32 (*p)[4], float& al_a, float& al_b) {
-        softmax_tile(s, kpos + (t % NS) * BN, row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
+        // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
+        // passes the block's first row needs the mask
+        const int* kp = kpos + (t % NS) * BN;
+        softmax_tile(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
     };
 
     int cur = next_member();
