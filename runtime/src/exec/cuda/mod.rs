@@ -111,18 +111,25 @@ fn attn_smem(head_dim: usize) -> u32 {
     (5 * 64 * head_dim * 2 + 2 * 64 * 4) as u32
 }
 
+/// One compiled attention kernel and how it is launched.
+#[derive(Debug)]
+struct AttnKernel {
+    f: CudaFunction,
+    name: &'static str,
+    /// Dynamic shared memory per CTA.
+    smem: u32,
+    /// Threads per CTA.
+    threads: u32,
+    /// Query blocks (of 64 rows) per CTA.
+    blocks_per_cta: usize,
+}
+
 /// A CUDA device with the compiled attention and index-building kernels.
 #[derive(Debug)]
 pub struct SparsePrefill {
     pub(crate) dev: Device,
-    attn_d64: CudaFunction,
-    attn_d128: CudaFunction,
-    /// Kernel names in use for head_dim 64 and 128.
-    names: [&'static str; 2],
-    /// Dynamic shared memory of those kernels.
-    smem: [u32; 2],
-    /// Threads per CTA and query blocks (of 64 rows) per CTA of those kernels.
-    geometry: [(u32, usize); 2],
+    /// Attention kernels for head_dim 64 and 128.
+    attn: [AttnKernel; 2],
     /// One-element buffer passed as the index of the dense case (never read).
     dummy: CudaSlice<u32>,
 }
@@ -137,9 +144,21 @@ impl SparsePrefill {
         for f in KernelFile::ALL {
             dev.module(f)?;
         }
-        // wgmma kernels exist only in sm_90a builds; ATTN_ENV=mma forces the mma.sync ones.
-        let want_mma = std::env::var(ATTN_ENV).is_ok_and(|v| v == "mma");
-        let pick = |d: usize| -> Result<(CudaFunction, &'static str, u32, (u32, usize))> {
+        // wgmma kernels exist only in sm_90a builds, so each choice falls back to the next; ATTN_ENV
+        // picks among them.
+        let choice = std::env::var(ATTN_ENV).unwrap_or_default();
+        let want_mma = choice == "mma";
+        let kernel = |name: &'static str, smem: u32, threads: u32, blocks_per_cta: usize| {
+            dev.function(KernelFile::Attention, name, smem)
+                .map(|f| AttnKernel {
+                    f,
+                    name,
+                    smem,
+                    threads,
+                    blocks_per_cta,
+                })
+        };
+        let pick = |d: usize| -> Result<AttnKernel> {
             // attn_fwd_wg_d64 gave wrong results on the H200 (2026-11-28, see docs/cuda.md): head_dim
             // 64 stays on mma.sync unless ATTN_ENV=wg64 asks for it.
             let (wg, mma) = if d == 64 {
@@ -147,48 +166,32 @@ impl SparsePrefill {
             } else {
                 ("attn_fwd_wg_d128", "attn_fwd_d128")
             };
-            let wg64 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg64");
-            let wg1 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg1");
-            let wg3 = std::env::var(ATTN_ENV).is_ok_and(|v| v == "wg3");
+            let (wg1, wg3, wg64) = (choice == "wg1", choice == "wg3", choice == "wg64");
             if d == 128 && !want_mma && !wg1 && !wg3 {
                 // warp-specialized: 384 threads, two query blocks per CTA; 5 K/V stages, 2 Q tiles,
                 // positions, tags, mbarriers, alignment
                 let smem = (12 * 64 * 128 * 2 + 5 * 64 * 4 + 5 * 8 + 10 * 8 + 1024) as u32;
-                if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_ws_d128", smem) {
-                    return Ok((f, "attn_fwd_ws_d128", smem, (384, 2)));
+                if let Ok(k) = kernel("attn_fwd_ws_d128", smem, 384, 2) {
+                    return Ok(k);
                 }
             }
             if d == 128 && !want_mma && !wg1 {
                 // pipelined one-warpgroup variant: 6 tiles + 3 x 64 positions + alignment
                 let smem = (6 * 64 * 128 * 2 + 3 * 64 * 4 + 1024) as u32;
-                if let Ok(f) = dev.function(KernelFile::Attention, "attn_fwd_wg3_d128", smem) {
-                    return Ok((f, "attn_fwd_wg3_d128", smem, (128, 1)));
+                if let Ok(k) = kernel("attn_fwd_wg3_d128", smem, 128, 1) {
+                    return Ok(k);
                 }
             }
             if !want_mma && (d == 128 || wg64) {
-                if let Ok(f) = dev.function(KernelFile::Attention, wg, attn_smem(d) + 1024) {
-                    return Ok((f, wg, attn_smem(d) + 1024, (128, 1)));
+                if let Ok(k) = kernel(wg, attn_smem(d) + 1024, 128, 1) {
+                    return Ok(k);
                 }
             }
-            Ok((
-                dev.function(KernelFile::Attention, mma, attn_smem(d) + 1024)?,
-                mma,
-                attn_smem(d) + 1024,
-                (128, 1),
-            ))
+            kernel(mma, attn_smem(d) + 1024, 128, 1)
         };
-        let (attn_d64, name_d64, smem_d64, geo_d64) = pick(64)?;
-        let (attn_d128, name_d128, smem_d128, geo_d128) = pick(128)?;
+        let attn = [pick(64)?, pick(128)?];
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
-        Ok(Self {
-            dev,
-            attn_d64,
-            attn_d128,
-            names: [name_d64, name_d128],
-            smem: [smem_d64, smem_d128],
-            geometry: [geo_d64, geo_d128],
-            dummy,
-        })
+        Ok(Self { dev, attn, dummy })
     }
 
     /// The device (name, stream, module cache).
@@ -198,19 +201,17 @@ impl SparsePrefill {
 
     /// Resource use of each attention kernel: `(name, registers, static shared bytes, local bytes)`.
     pub fn kernel_resources(&self) -> Result<Vec<(String, i32, i32, i32)>> {
-        let mut out = Vec::new();
-        for (name, f) in [
-            (self.names[0], &self.attn_d64),
-            (self.names[1], &self.attn_d128),
-        ] {
-            out.push((
-                name.to_string(),
-                drv("regs", f.num_regs())?,
-                drv("smem", f.shared_size_bytes())?,
-                drv("local", f.local_size_bytes())?,
-            ));
-        }
-        Ok(out)
+        self.attn
+            .iter()
+            .map(|k| {
+                Ok((
+                    k.name.to_string(),
+                    drv("regs", k.f.num_regs())?,
+                    drv("smem", k.f.shared_size_bytes())?,
+                    drv("local", k.f.local_size_bytes())?,
+                ))
+            })
+            .collect()
     }
 
     /// Copies `host` to a new device buffer.
@@ -325,28 +326,20 @@ impl SparsePrefill {
                 (Some(ix), 0i32)
             }
         };
-        let (f, (threads, blocks_per_cta)) = if shape.head_dim == 64 {
-            (&self.attn_d64, self.geometry[0])
-        } else {
-            (&self.attn_d128, self.geometry[1])
-        };
-        let grid = grid_u32(q_blocks.div_ceil(blocks_per_cta) * shape.q_heads)?;
+        let kernel = &self.attn[usize::from(shape.head_dim != 64)];
+        let grid = grid_u32(q_blocks.div_ceil(kernel.blocks_per_cta) * shape.q_heads)?;
         let (n_i, heads_i, group_i) = (n as i32, shape.q_heads as i32, shape.group() as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: if shape.head_dim == 64 {
-                self.smem[0]
-            } else {
-                self.smem[1]
-            },
+            block_dim: (kernel.threads, 1, 1),
+            shared_mem_bytes: kernel.smem,
         };
         let (bo, bi, co, ci) = match index {
             Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),
             None => (&self.dummy, &self.dummy, &self.dummy, &self.dummy),
         };
-        let mut b = self.dev.stream.launch_builder(f);
+        let mut b = self.dev.stream.launch_builder(&kernel.f);
         b.arg(&q.inner)
             .arg(&k.inner)
             .arg(&v.inner)
