@@ -344,6 +344,28 @@ fn calibrate_from_profiles_writes_a_valid_deterministic_plan_and_report() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// Runs `attnplan calibrate --profile cal EXTRA --out DIR/NAME.yaml --report DIR/NAME.json`, which must
+/// succeed, and returns the report and the plan.
+fn calibrate_run(
+    dir: &Path,
+    cal: &Path,
+    extra: &[&str],
+    name: &str,
+) -> (serde_json::Value, schemas::Plan) {
+    let (plan, report) = (
+        dir.join(format!("{name}.yaml")),
+        dir.join(format!("{name}.json")),
+    );
+    let mut args = vec!["calibrate", "--profile", cal.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend(["--out", plan.to_str().unwrap()]);
+    args.extend(["--report", report.to_str().unwrap()]);
+    let out = attnplan(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    (r, schemas::Plan::read(&plan).unwrap())
+}
+
 /// A FLOPs budget is spent on the whole plan: the highest common target whose plan fits, which is
 /// the plan `--target-recall` gives at that target; a larger budget buys a higher target.
 #[test]
@@ -355,19 +377,7 @@ fn a_flops_budget_buys_the_highest_common_target_that_fits() {
         &profile("cal", &[1, 2, 3], 300),
     );
     let run = |extra: &[&str], name: &str| {
-        let (plan, report) = (
-            dir.path().join(format!("{name}.yaml")),
-            dir.path().join(format!("{name}.json")),
-        );
-        let mut args = vec!["calibrate", "--profile", cal.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        args.extend(["--out", plan.to_str().unwrap()]);
-        args.extend(["--report", report.to_str().unwrap()]);
-        let out = attnplan(&args);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        let r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-        let plan = schemas::Plan::read(&plan).unwrap();
+        let (r, plan) = calibrate_run(dir.path(), &cal, extra, name);
         (r["summary"].clone(), plan)
     };
     let mut targets = Vec::new();
@@ -782,21 +792,7 @@ fn a_local_floor_keeps_every_head_at_least_its_a_shape() {
     let seeds = [1u64, 2, 3];
     let p = profile("cal", &seeds, 300);
     let cal = write(dir.path(), "c.safetensors", &p);
-    let run = |extra: &[&str], name: &str| {
-        let (plan, report) = (
-            dir.path().join(format!("{name}.yaml")),
-            dir.path().join(format!("{name}.json")),
-        );
-        let mut args = vec!["calibrate", "--profile", cal.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        args.extend(["--out", plan.to_str().unwrap()]);
-        args.extend(["--report", report.to_str().unwrap()]);
-        let out = attnplan(&args);
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        let r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-        (r, schemas::Plan::read(&plan).unwrap())
-    };
+    let run = |extra: &[&str], name: &str| calibrate_run(dir.path(), &cal, extra, name);
     let (plain, _) = run(&["--target-recall", "0.9"], "plain");
     let (floored, plan) = run(&["--target-recall", "0.9", "--local-floor", "96"], "floor");
     let objective = plan.provenance.objective.clone().unwrap_or_default();
