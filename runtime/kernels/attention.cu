@@ -453,6 +453,32 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
 }
 // Dynamic shared memory of attn_fwd_wg<D>: as attn_fwd<D> plus 1024 bytes for the base alignment.
 
+// S = Q K^T of one 64-key tile for a warpgroup: Q fragments `qf` in registers, the K tile at `k_st`
+// (128B-swizzled, K-major); overwrites `s`; one commit group.
+template <int D>
+__device__ __forceinline__ void wg_issue_s(float (*s)[4], const u32 (*qf)[4], u32 k_st) {
+    wgmma_fence();
+    wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], gmma_desc(k_st, 16, 1024));  // the first step overwrites s
+#pragma unroll
+    for (int kk = 1; kk < D / 16; ++kk) {
+        const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
+        wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
+    }
+    wgmma_commit();
+}
+
+// O += P V of one 64-key tile for a warpgroup, head_dim 128: P fragments `p` in registers, the V tile
+// at `v_st` (128B-swizzled, MN-major); one commit group.
+__device__ __forceinline__ void wg_issue_pv128(float* o, const u32 (*p)[4], u32 v_st) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
+        wgmma_m64n128k16<1>(o, p[kk], desc);
+    }
+    wgmma_commit();
+}
+
 // Pipelined one-warpgroup variant (head_dim 128): three K/V stages, in FlashAttention-3's order. In
 // iteration t the S = Q K^T wgmma of tile t+1 and the O += P V wgmma of tile t are both in flight while
 // the softmax of tile t+1 runs; only the rescale of O waits for P V. P of tile t+1 goes to its own
@@ -589,17 +615,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
             }
         }
     };
-    auto issue_s = [&](float (*s)[4], int t) {
-        const u32 k_st = sK + (t % NS) * TILE_BYTES;
-        wgmma_fence();
-        wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], gmma_desc(k_st, 16, 1024));  // the first step overwrites s
-#pragma unroll
-        for (int kk = 1; kk < D / 16; ++kk) {
-            const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
-            wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
-        }
-        wgmma_commit();
-    };
+    auto issue_s = [&](float (*s)[4], int t) { wg_issue_s<D>(s, qf, sK + (t % NS) * TILE_BYTES); };
 
     float o[D / 8][4];
 #pragma unroll
@@ -648,14 +664,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         fence_proxy_async();
         __syncthreads();
         issue_s(s, t + 1);
-        const u32 v_st = sV + (t % NS) * TILE_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
-            wgmma_m64n128k16<1>(&o[0][0], pa[kk], desc);
-        }
-        wgmma_commit();
+        wg_issue_pv128(&o[0][0], pa, sV + (t % NS) * TILE_BYTES);
         u32 pn[4][4];
         float al_a, al_b;
         wgmma_wait<1>();                   // S of tile t+1 is done
@@ -680,14 +689,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         __syncthreads();  // stage t % NS is free for the load of tile t + 3
     }
     if (ntiles > 0) {
-        const u32 v_st = sV + ((ntiles - 1) % NS) * TILE_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
-            wgmma_m64n128k16<1>(&o[0][0], pa[kk], desc);
-        }
-        wgmma_commit();
+        wg_issue_pv128(&o[0][0], pa, sV + ((ntiles - 1) % NS) * TILE_BYTES);
         wgmma_wait0();
     }
     cp_async_wait<0>();
@@ -956,27 +958,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     };
     // every consumer thread arrives: a branch on the lane here would make ptxas serialize the wgmmas
     auto release = [&](int tt) { mbar_arrive(empty + 8 * (tt % NS)); };
-    auto issue_s = [&](float (*s)[4], int tt) {
-        const u32 k_st = sK + (tt % NS) * TILE_BYTES;
-        wgmma_fence();
-        wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], gmma_desc(k_st, 16, 1024));  // the first step overwrites s
-#pragma unroll
-        for (int kk = 1; kk < D / 16; ++kk) {
-            const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
-            wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
-        }
-        wgmma_commit();
-    };
-    auto issue_pv = [&](float* o, u32 (*p)[4], int tt) {
-        const u32 v_st = sV + (tt % NS) * TILE_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
-            wgmma_m64n128k16<1>(o, p[kk], desc);
-        }
-        wgmma_commit();
-    };
+    auto issue_s = [&](float (*s)[4], int tt) { wg_issue_s<D>(s, qf, sK + (tt % NS) * TILE_BYTES); };
+    auto issue_pv = [&](float* o, u32 (*p)[4], int tt) { wg_issue_pv128(o, p, sV + (tt % NS) * TILE_BYTES); };
 
     float o[D / 8][4];
 #pragma unroll
