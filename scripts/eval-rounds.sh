@@ -5,13 +5,15 @@
 # perplexity. Sum the rounds with scripts/eval-aggregate.py.
 # usage: scripts/eval-rounds.sh PLAN OUTDIR [ROUNDS=5] [CASES=10] [SEQ_LEN=8150]
 #   env: ATTNPLAN (binary), MODEL (--model; default the cached SmolLM2), ROUND0 (first round, default 0:
-#   runs on several machines take disjoint round ranges, hence disjoint seeds)
+#   runs on several machines take disjoint round ranges, hence disjoint seeds), DENSE_CACHE (directory
+#   for --dense-cache: evaluating another plan on the same rounds reuses the dense results)
 set -euo pipefail
 PLAN=$1; OUT=$2; ROUNDS=${3:-5}; CASES=${4:-10}; N=${5:-8150}
 BIN=${ATTNPLAN:-target/release/attnplan}
 R0=${ROUND0:-0}
 model=()
 [ -n "${MODEL:-}" ] && model=(--model "$MODEL")
+[ -n "${DENSE_CACHE:-}" ] && model+=(--dense-cache "$DENSE_CACHE")
 mkdir -p "$OUT"
 for r in $(seq "$R0" $((R0 + ROUNDS - 1))); do
   for task in passkey kv-retrieval needle; do

@@ -19,6 +19,7 @@
 //!   recall of each head's pattern built from the live Q of its group's first query head (the
 //!   runtime's sharing rule) instead of its own, with the index-building time of both.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use profiler::data::Sample;
@@ -28,7 +29,7 @@ use runtime::exec::reference::reference_row;
 use runtime::pattern::{build_index, HeadQk, PatternContext};
 use runtime::{AttentionInput, PrefillOptions, SparsePrefill};
 use schemas::Plan;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
@@ -176,7 +177,7 @@ impl EvalAttention {
 }
 
 /// One sample's figures under one attention.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleEval {
     /// Sum of `-log p` over the prompt's next-token predictions, and how many.
     pub nll: f64,
@@ -193,12 +194,11 @@ pub fn eval_sample(
     sample: &Sample,
     attn: &mut dyn LayerAttention,
 ) -> Result<SampleEval, Error> {
-    let mut tokens = sample.tokens.clone();
+    let tokens = full_tokens(sample);
     let answer: &[u32] = sample
         .task
         .as_ref()
         .map_or(&[][..], |t| t.answer_tokens.as_slice());
-    tokens.extend_from_slice(answer);
     let hidden = model.forward_hidden(&tokens, attn)?;
     let logp = model.next_token_logprobs(&hidden, &tokens)?;
     let prompt = sample.tokens.len();
@@ -226,6 +226,108 @@ pub fn eval_sample(
         correct,
         answer_logprob,
     })
+}
+
+/// Dense results kept on disk, one JSON file per model and token sequence, so that several plans
+/// evaluated on the same samples run the dense forward once. A file holds the model fingerprint and
+/// the whole token sequence (prompt and answer) it was computed for, and is used only when both are
+/// equal; a file that cannot be read or parsed is an error naming it, never silently recomputed.
+/// Files are written atomically.
+#[derive(Debug, Clone)]
+pub struct DenseCache {
+    dir: PathBuf,
+    fingerprint: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedDense {
+    fingerprint: String,
+    sample: String,
+    tokens: Vec<u32>,
+    dense: SampleEval,
+}
+
+impl DenseCache {
+    /// A cache in `dir` (created if missing) for the model with this fingerprint.
+    pub fn new(dir: &Path, fingerprint: &str) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Input {
+            path: dir.to_path_buf(),
+            field: "dense cache directory".into(),
+            message: e.to_string(),
+        })?;
+        Ok(DenseCache {
+            dir: dir.to_path_buf(),
+            fingerprint: fingerprint.to_string(),
+        })
+    }
+
+    /// The file for `tokens`: FNV-1a (64 bits) of the fingerprint and the tokens; the file's own
+    /// contents decide whether it really is for them.
+    fn path(&self, tokens: &[u32]) -> PathBuf {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let bytes = self
+            .fingerprint
+            .bytes()
+            .chain(tokens.iter().flat_map(|t| t.to_le_bytes()));
+        for b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.dir.join(format!("dense-{h:016x}.json"))
+    }
+
+    /// The dense result stored for `sample` (prompt and answer tokens), if any.
+    pub fn get(&self, sample: &Sample) -> Result<Option<SampleEval>, Error> {
+        let tokens = full_tokens(sample);
+        let path = self.path(&tokens);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::Input {
+                    path,
+                    field: "dense cache entry".into(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let entry: CachedDense = serde_json::from_str(&text).map_err(|e| Error::Input {
+            path: path.clone(),
+            field: "dense cache entry".into(),
+            message: format!("{e} (delete the file to recompute it)"),
+        })?;
+        Ok(
+            (entry.fingerprint == self.fingerprint && entry.tokens == tokens)
+                .then_some(entry.dense),
+        )
+    }
+
+    /// Stores `dense` as the dense result for `sample`.
+    pub fn put(&self, sample: &Sample, dense: &SampleEval) -> Result<(), Error> {
+        let tokens = full_tokens(sample);
+        let path = self.path(&tokens);
+        let entry = CachedDense {
+            fingerprint: self.fingerprint.clone(),
+            sample: sample.id.clone(),
+            tokens,
+            dense: dense.clone(),
+        };
+        let text = serde_json::to_string(&entry).map_err(|e| Error::Input {
+            path: path.clone(),
+            field: "dense cache entry".into(),
+            message: e.to_string(),
+        })?;
+        schemas::io::write_atomic(&path, text.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// The tokens a sample's forward runs over: the prompt, then the answer if it has a task.
+fn full_tokens(sample: &Sample) -> Vec<u32> {
+    let mut tokens = sample.tokens.clone();
+    if let Some(t) = &sample.task {
+        tokens.extend_from_slice(&t.answer_tokens);
+    }
+    tokens
 }
 
 #[cfg(test)]
@@ -275,6 +377,46 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A stored dense result comes back only for the same model and the same tokens; a damaged file
+    /// is an error that names it.
+    #[test]
+    fn the_dense_cache_returns_only_what_it_stored_for_these_tokens() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Usage(e.to_string()))?;
+        let sample = Sample {
+            id: "text:0".into(),
+            tokens: vec![5, 17, 3, 9],
+            task: None,
+        };
+        let other = Sample {
+            tokens: vec![5, 17, 3, 10],
+            ..sample.clone()
+        };
+        let result = SampleEval {
+            nll: 12.5,
+            tokens: 3,
+            correct: None,
+            answer_logprob: None,
+        };
+        let cache = DenseCache::new(dir.path(), "sha256:aa")?;
+        assert_eq!(cache.get(&sample)?, None);
+        cache.put(&sample, &result)?;
+        assert_eq!(cache.get(&sample)?, Some(result.clone()));
+        assert_eq!(cache.get(&other)?, None);
+        assert_eq!(
+            DenseCache::new(dir.path(), "sha256:bb")?.get(&sample)?,
+            None
+        );
+
+        let path = cache.path(&sample.tokens);
+        std::fs::write(&path, "{\"fingerprint\": 3").map_err(|e| Error::Usage(e.to_string()))?;
+        let err = cache.get(&sample).expect_err("a damaged entry is an error");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
         Ok(())
     }
 }

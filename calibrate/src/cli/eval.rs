@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::eval::{eval_sample, EvalAttention, SampleEval};
+use crate::eval::{eval_sample, DenseCache, EvalAttention, SampleEval};
 use profiler::model::DenseAttention;
 use serde::Serialize;
 
@@ -50,6 +50,10 @@ pub struct Args {
     /// prefill's KV cache computes them (stricter than any engine).
     #[arg(long)]
     pub sparse_answer_rows: bool,
+    /// Keep each sample's dense result in this directory and reuse it when the same model sees the
+    /// same tokens again (evaluating several plans on the same data runs dense once).
+    #[arg(long, value_name = "DIR")]
+    pub dense_cache: Option<PathBuf>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -156,6 +160,19 @@ struct EvalReport {
     /// Samples per source that ran dense attention beside the sparse one.
     compared_samples_per_source: usize,
     heads_run_dense: u64,
+    /// Samples whose dense result came from `--dense-cache` instead of a dense forward.
+    dense_from_cache: usize,
+    /// Every sample's figures, in order.
+    cases: Vec<Case>,
+}
+
+/// One sample under both attentions.
+#[derive(Debug, Serialize)]
+struct Case {
+    source: String,
+    sample: String,
+    dense: SampleEval,
+    sparse: SampleEval,
 }
 
 pub fn run(args: &Args) -> Outcome {
@@ -199,13 +216,35 @@ pub fn run(args: &Args) -> Outcome {
             all.push((source.clone(), s));
         }
     }
+    let cache = match &args.dense_cache {
+        Some(dir) => Some(DenseCache::new(dir, &info.fingerprint)?),
+        None => None,
+    };
+    let mut dense_from_cache = 0;
+    let mut cases = Vec::with_capacity(all.len());
     let mut sparse_attn = EvalAttention::new(&plan, &info)?;
     let (mut dense, mut sparse) = (Side::default(), Side::default());
     let progress = Progress::new("evaluating", all.len());
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut agreement: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (i, (source, sample)) in all.iter().enumerate() {
-        let d = eval_sample(&model, sample, &mut DenseAttention)?;
+        let cached = match &cache {
+            Some(c) => c.get(sample)?,
+            None => None,
+        };
+        let d = match cached {
+            Some(d) => {
+                dense_from_cache += 1;
+                d
+            }
+            None => {
+                let d = eval_sample(&model, sample, &mut DenseAttention)?;
+                if let Some(c) = &cache {
+                    c.put(sample, &d)?;
+                }
+                d
+            }
+        };
         let k = seen.entry(source.clone()).or_default();
         sparse_attn.compare_dense = *k < args.compare_samples;
         *k += 1;
@@ -227,6 +266,12 @@ pub fn run(args: &Args) -> Outcome {
             all.len(),
             &format!("{source}: dense {:?}, sparse {:?}", d.correct, s.correct),
         );
+        cases.push(Case {
+            source: source.clone(),
+            sample: sample.id.clone(),
+            dense: d,
+            sparse: s,
+        });
     }
     progress.finish();
     dense.finish();
@@ -277,6 +322,8 @@ pub fn run(args: &Args) -> Outcome {
         agreement,
         compared_samples_per_source: args.compare_samples.min(args.samples),
         heads_run_dense: totals.dense_short + totals.dense_planned + totals.dense_mismatch,
+        dense_from_cache,
+        cases,
         dense,
         sparse,
     };
@@ -389,6 +436,14 @@ fn render(r: &EvalReport) -> String {
         "  (output error and attention times from the first {} sample(s) of each source)",
         r.compared_samples_per_source
     );
+    if r.dense_from_cache > 0 {
+        let _ = writeln!(
+            out,
+            "  ({} of {} dense results from the dense cache)",
+            r.dense_from_cache,
+            r.cases.len()
+        );
+    }
     out
 }
 
