@@ -301,7 +301,7 @@ pub fn calibrate(
     // A FLOPs budget becomes the highest common target whose plan fits it.
     let goal = match goal.flops_budget {
         Some(budget) => Goal {
-            target_recall: target_within_budget(&searched, &goal, budget),
+            target_recall: target_within_budget(&searched, &goal, budget)?,
             ..goal
         },
         None => goal,
@@ -361,8 +361,8 @@ struct Searched {
 /// of dense cells, averaged over heads and lengths: the budget goes where it buys recall, instead
 /// of capping every head at the same density (a head that needs 60% of its cells would get 40% and
 /// lose recall, while one content with 5% would leave its share unused). A plan's density only grows
-/// with its target, so bisection finds it; 0 when even the cheapest plan exceeds the budget.
-fn target_within_budget(searched: &[Searched], goal: &Goal, budget: f64) -> f64 {
+/// with its target, so bisection finds it. An error when even the cheapest plan exceeds the budget.
+fn target_within_budget(searched: &[Searched], goal: &Goal, budget: f64) -> Result<f64, Error> {
     let density_at = |target: f64| {
         let g = Goal {
             target_recall: target,
@@ -378,7 +378,17 @@ fn target_within_budget(searched: &[Searched], goal: &Goal, budget: f64) -> f64 
     };
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     if density_at(hi) <= budget {
-        return hi;
+        return Ok(hi);
+    }
+    let cheapest = density_at(lo);
+    if cheapest > budget {
+        let floor = goal.local_floor.map_or(String::new(), |l| {
+            format!(" under the local floor of {l} tokens (lower or turn off --local-floor)")
+        });
+        return Err(Error::Usage(format!(
+            "--flops-budget {budget}: the cheapest plan computes {cheapest:.4} of dense attention \
+             cells{floor}"
+        )));
     }
     for _ in 0..40 {
         let mid = 0.5 * (lo + hi);
@@ -388,7 +398,7 @@ fn target_within_budget(searched: &[Searched], goal: &Goal, budget: f64) -> f64 
             hi = mid;
         }
     }
-    lo
+    Ok(lo)
 }
 
 /// One family for all lengths (a plan entry has one pattern), with the cheapest budgets per length:

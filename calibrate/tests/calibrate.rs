@@ -377,7 +377,9 @@ fn a_flops_budget_buys_the_highest_common_target_that_fits() {
         &profile("cal", &[1, 2, 3], 300),
     );
     let run = |extra: &[&str], name: &str| {
-        let (r, plan) = calibrate_run(dir.path(), &cal, extra, name);
+        let mut args = vec!["--local-floor", "0"];
+        args.extend_from_slice(extra);
+        let (r, plan) = calibrate_run(dir.path(), &cal, &args, name);
         (r["summary"].clone(), plan)
     };
     let mut targets = Vec::new();
@@ -403,6 +405,26 @@ fn a_flops_budget_buys_the_highest_common_target_that_fits() {
         targets.push(target);
     }
     assert!(targets[1] > targets[0], "{targets:?}");
+    // A budget below what the local floor alone computes is refused, saying why.
+    let out = attnplan(&[
+        "calibrate",
+        "--profile",
+        cal.to_str().unwrap(),
+        "--flops-budget",
+        "0.3",
+        "--local-floor",
+        "128",
+        "--out",
+        dir.path().join("never.yaml").to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--flops-budget 0.3: the cheapest plan computes")
+            && err.contains("local floor of 128 tokens"),
+        "{err}"
+    );
+    assert!(!dir.path().join("never.yaml").exists());
 }
 
 #[test]
@@ -661,6 +683,9 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
         "--tolerance",
         "0.1",
         "--force",
+        // the default floor (128 tokens) would make these 256-token samples nearly dense
+        "--local-floor",
+        "32",
         "--out",
         plan.to_str().unwrap(),
     ]);
@@ -785,7 +810,7 @@ fn token_select_and_streaming_densities_are_predicted_from_budgets() {
 }
 
 /// Under a local floor no head computes fewer cells than the floor's A-shape (64 sink, L local
-/// tokens), the plan says so, and a floor costs cells; `--local-floor 0` is refused.
+/// tokens), the plan says so, and a floor costs cells; `--local-floor 0` turns it off.
 #[test]
 fn a_local_floor_keeps_every_head_at_least_its_a_shape() {
     let dir = tempfile::tempdir().unwrap();
@@ -793,7 +818,9 @@ fn a_local_floor_keeps_every_head_at_least_its_a_shape() {
     let p = profile("cal", &seeds, 300);
     let cal = write(dir.path(), "c.safetensors", &p);
     let run = |extra: &[&str], name: &str| calibrate_run(dir.path(), &cal, extra, name);
-    let (plain, _) = run(&["--target-recall", "0.9"], "plain");
+    let (plain, plain_plan) = run(&["--target-recall", "0.9", "--local-floor", "0"], "plain");
+    let plain_objective = plain_plan.provenance.objective.clone().unwrap_or_default();
+    assert!(!plain_objective.contains("A-shape"), "{plain_objective}");
     let (floored, plan) = run(&["--target-recall", "0.9", "--local-floor", "96"], "floor");
     let objective = plan.provenance.objective.clone().unwrap_or_default();
     assert!(
@@ -824,13 +851,11 @@ fn a_local_floor_keeps_every_head_at_least_its_a_shape() {
         }
     }
     assert!(raised > 0, "the floor changed no head");
-    let out = attnplan(&[
-        "calibrate",
-        "--profile",
-        cal.to_str().unwrap(),
-        "--local-floor",
-        "0",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("--local-floor 0"));
+    let (_, default_plan) = run(&["--target-recall", "0.9"], "default");
+    let default_objective = default_plan.provenance.objective.unwrap_or_default();
+    let want = format!(
+        "A-shape with 64 sink and {} local tokens",
+        calibrate::search::DEFAULT_LOCAL_FLOOR
+    );
+    assert!(default_objective.contains(&want), "{default_objective}");
 }

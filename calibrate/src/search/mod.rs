@@ -296,6 +296,11 @@ pub struct Goal {
 /// Sink tokens of the A-shape that sets the local floor.
 pub const LOCAL_FLOOR_SINK: usize = 64;
 
+/// The calibrator's default local floor, in tokens (`attnplan calibrate --local-floor`): on SmolLM2
+/// at 8K it removed most of the perplexity lost on prose for under half a point of cells
+/// (docs/perf.md, "Where the perplexity goes").
+pub const DEFAULT_LOCAL_FLOOR: usize = 256;
+
 impl HeadSamples {
     /// Density of the A-shape ([`LOCAL_FLOOR_SINK`], `local`) on these samples: the fewest cells a
     /// head may compute under a local floor of `local` tokens.
