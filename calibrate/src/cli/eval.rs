@@ -393,49 +393,63 @@ fn render(r: &EvalReport) -> String {
         "  {:<28} {:>12.4} {:>12.4}",
         "attention FLOPs fraction", 1.0, r.flops_fraction
     );
-    let _ = writeln!(
-        out,
-        "  {:<28} {:>12.3} {:>12.3}  ({:.2}x; index building {:.3} s)",
-        "attention time (s)",
-        r.attention_seconds_dense,
-        r.attention_seconds_sparse,
-        r.attention_speedup,
-        r.index_seconds
-    );
-    let (worst_layer, worst) =
-        r.layer_output_error
-            .iter()
-            .enumerate()
-            .fold(
-                (0, 0.0f64),
-                |acc, (l, &e)| if e > acc.1 { (l, e) } else { acc },
-            );
-    let mean_err =
-        r.layer_output_error.iter().sum::<f64>() / r.layer_output_error.len().max(1) as f64;
-    let _ = writeln!(
-        out,
-        "  layer output error           mean {mean_err:.4}, worst {worst:.4} (layer {worst_layer})"
-    );
-    let _ = writeln!(
-        out,
-        "  head recall (first sample)   mean {:.4}, min {:.4}",
-        r.mean_head_recall, r.min_head_recall
-    );
-    let _ = writeln!(
-        out,
-        "  same, index per KV group     mean {:.4}, min {:.4}; {} heads lose > 0.01; index building \
-         {:.3} s -> {:.3} s",
-        r.mean_shared_head_recall,
-        r.min_shared_head_recall,
-        r.heads_losing_over_001_shared,
-        r.index_seconds_own,
-        r.index_seconds_shared
-    );
-    let _ = writeln!(
-        out,
-        "  (output error and attention times from the first {} sample(s) of each source)",
-        r.compared_samples_per_source
-    );
+    if r.compared_samples_per_source == 0 {
+        let _ = writeln!(
+            out,
+            "  attention time, layer output error: not measured (--compare-samples 0); index \
+             building {:.3} s",
+            r.index_seconds
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>12.3} {:>12.3}  ({:.2}x; index building {:.3} s)",
+            "attention time (s)",
+            r.attention_seconds_dense,
+            r.attention_seconds_sparse,
+            r.attention_speedup,
+            r.index_seconds
+        );
+        let (worst_layer, worst) =
+            r.layer_output_error
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, 0.0f64),
+                    |acc, (l, &e)| if e > acc.1 { (l, e) } else { acc },
+                );
+        let mean_err =
+            r.layer_output_error.iter().sum::<f64>() / r.layer_output_error.len().max(1) as f64;
+        let _ = writeln!(
+            out,
+            "  layer output error           mean {mean_err:.4}, worst {worst:.4} (layer \
+             {worst_layer})"
+        );
+        let _ = writeln!(
+            out,
+            "  (output error and attention times from the first {} sample(s) of each source)",
+            r.compared_samples_per_source
+        );
+    }
+    if r.head_recall.iter().flatten().all(|x| x.is_nan()) {
+        let _ = writeln!(out, "  head recall: not measured (--no-head-recall)");
+    } else {
+        let _ = writeln!(
+            out,
+            "  head recall (first sample)   mean {:.4}, min {:.4}",
+            r.mean_head_recall, r.min_head_recall
+        );
+        let _ = writeln!(
+            out,
+            "  same, index per KV group     mean {:.4}, min {:.4}; {} heads lose > 0.01; index \
+             building {:.3} s -> {:.3} s",
+            r.mean_shared_head_recall,
+            r.min_shared_head_recall,
+            r.heads_losing_over_001_shared,
+            r.index_seconds_own,
+            r.index_seconds_shared
+        );
+    }
     if r.dense_from_cache > 0 {
         let _ = writeln!(
             out,
