@@ -11,9 +11,9 @@ set -euo pipefail
 PLAN=$1; OUT=$2; ROUNDS=${3:-5}; CASES=${4:-10}; N=${5:-8150}
 BIN=${ATTNPLAN:-target/release/attnplan}
 R0=${ROUND0:-0}
-model=()
-[ -n "${MODEL:-}" ] && model=(--model "$MODEL")
-[ -n "${DENSE_CACHE:-}" ] && model+=(--dense-cache "$DENSE_CACHE")
+opts=()
+[ -n "${MODEL:-}" ] && opts+=(--model "$MODEL")
+[ -n "${DENSE_CACHE:-}" ] && opts+=(--dense-cache "$DENSE_CACHE")
 mkdir -p "$OUT"
 for r in $(seq "$R0" $((R0 + ROUNDS - 1))); do
   for task in passkey kv-retrieval needle; do
@@ -21,7 +21,7 @@ for r in $(seq "$R0" $((R0 + ROUNDS - 1))); do
     [ -s "$f" ] && continue
     extra=(--no-head-recall --compare-samples 0)
     [ "$r" = 0 ] && extra=(--compare-samples 1)
-    "$BIN" eval "${model[@]}" --plan "$PLAN" --data "synthetic:$task" --seq-len "$N" --samples "$CASES" \
+    "$BIN" eval "${opts[@]}" --plan "$PLAN" --data "synthetic:$task" --seq-len "$N" --samples "$CASES" \
       --seed $((1001 + 1000 * r)) --json "${extra[@]}" > "$f.tmp"
     mv "$f.tmp" "$f"
     echo "$(date +%T) round $r $task done"
