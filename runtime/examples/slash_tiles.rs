@@ -19,8 +19,8 @@
 //! Every figure is causal cells over the dense causal cells.
 
 use runtime::exec::cuda::bench::{structured, BenchConfig};
-use runtime::pattern::vertical_slash::VsRanking;
-use runtime::pattern::{causal_cells, HeadQk, PatternContext};
+use runtime::pattern::vertical_slash::{selection_cells, VsRanking};
+use runtime::pattern::{causal_cells, HeadQk};
 use runtime::AttnShape;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,17 +51,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (v, s) = (cfg.vertical, cfg.slash);
             let aligned = ranking.index(&ctx, v, s).density();
             let columns = ranking.top_columns(v.min(n));
-            let mut diagonals: Vec<usize> = ranking
-                .diagonals
-                .order
-                .iter()
-                .take(s.min(n))
-                .map(|&d| d as usize)
-                .collect();
-            diagonals.sort_unstable();
-            let (ranges, exact) = range_and_exact_cells(&ctx, &columns, &diagonals);
+            let diagonals = ranking.top_diagonals(s.min(n));
+            let cells = selection_cells(&ctx, &columns, &diagonals);
             let dense = causal_cells(&(0..n), &(0..n)) as f64;
-            let (ranges, exact) = (ranges as f64 / dense, exact as f64 / dense);
+            let (ranges, exact) = (cells.ranges as f64 / dense, cells.exact as f64 / dense);
             println!(
                 "| {n} | {h} | {aligned:.4} | {ranges:.4} | {exact:.4} | {:.2} |",
                 aligned / ranges
@@ -69,51 +62,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
-}
-
-/// Causal cells of MInference's range tiling and of the exact selection, summed over query blocks.
-/// `columns` and `diagonals` are sorted ascending.
-fn range_and_exact_cells(
-    ctx: &PatternContext,
-    columns: &[usize],
-    diagonals: &[usize],
-) -> (u64, u64) {
-    let (mut ranges_total, mut exact_total) = (0u64, 0u64);
-    let mut merged: Vec<(usize, usize)> = Vec::new();
-    for qb in 0..ctx.q_blocks() {
-        let rows = ctx.q_rows(qb);
-        // Ranges by descending start = ascending offset; keep keys <= the block's last row.
-        merged.clear();
-        for &d in diagonals.iter().rev() {
-            if d >= rows.end {
-                continue;
-            }
-            let (lo, hi) = (rows.start.saturating_sub(d), rows.end - d);
-            match merged.last_mut() {
-                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
-            }
-        }
-        for &(lo, hi) in &merged {
-            let mut start = lo;
-            while start < hi {
-                ranges_total += causal_cells(&rows, &(start..start + ctx.block_k));
-                start += ctx.block_k;
-            }
-        }
-        let inside = |j: usize| merged.iter().any(|&(lo, hi)| lo <= j && j < hi);
-        for &j in columns.iter().take_while(|&&j| j < rows.end) {
-            let col = causal_cells(&rows, &(j..j + 1));
-            if !inside(j) {
-                ranges_total += col;
-            }
-            exact_total += col;
-        }
-        // Diagonal cells: row i meets diagonal d at key i - d when d <= i (a cell on a selected
-        // column too is counted twice, so this is an upper bound of the exact selection).
-        for &d in diagonals.iter().take_while(|&&d| d < rows.end) {
-            exact_total += (rows.end - d.max(rows.start)) as u64;
-        }
-    }
-    (ranges_total, exact_total)
 }

@@ -439,3 +439,53 @@ proptest! {
         prop_assert!(small.cells() <= big.cells());
     }
 }
+
+#[test]
+fn selection_cells_by_hand_and_by_brute_force() {
+    // By hand: n 128, blocks of 64. Diagonal 0 alone: one 64-key tile per query block, each with
+    // 64 * 65 / 2 causal cells. Adding diagonal 100: query block 1 also needs keys [0, 28), one tile
+    // 0..64 fully below its rows (64 * 64 cells).
+    let c = ctx(128, 64, 64);
+    let one = vertical_slash::selection_cells(&c, &[], &[0]);
+    assert_eq!((one.ranges, one.exact), (2 * 2080, 128));
+    let two = vertical_slash::selection_cells(&c, &[], &[0, 100]);
+    assert_eq!((two.ranges, two.exact), (2 * 2080 + 4096, 128 + 28));
+
+    // Brute force on an odd length: `exact` counts the selected cells (a cell on a column and a
+    // diagonal twice); range tiling covers every selected cell.
+    let (n, b) = (203, 16);
+    let c = ctx(n, b, 16);
+    let columns = [0usize, 5, 77, 140, 202];
+    let diagonals = [0usize, 1, 2, 30, 31, 64, 150];
+    let cells = vertical_slash::selection_cells(&c, &columns, &diagonals);
+    let (mut exact, mut distinct) = (0u64, 0u64);
+    for i in 0..n {
+        for j in 0..=i {
+            let on = u64::from(columns.contains(&j)) + u64::from(diagonals.contains(&(i - j)));
+            exact += on;
+            distinct += u64::from(on > 0);
+        }
+    }
+    assert_eq!(cells.exact, exact);
+    assert!(cells.ranges >= distinct, "{cells:?} < {distinct}");
+    // ...and computes no more than the aligned blocks the same diagonals touch plus the columns.
+    let aligned: u64 = (0..c.q_blocks())
+        .map(|qb| {
+            let rows = c.q_rows(qb);
+            let blocks = (0..c.causal_k_blocks(qb)).filter(|&kb| {
+                let keys = c.k_cols(kb);
+                rows.clone()
+                    .any(|i| keys.clone().any(|j| j <= i && diagonals.contains(&(i - j))))
+            });
+            let block_cells: u64 = blocks
+                .map(|kb| runtime::pattern::causal_cells(&rows, &c.k_cols(kb)))
+                .sum();
+            let column_cells: u64 = columns
+                .iter()
+                .map(|&j| runtime::pattern::causal_cells(&rows, &(j..j + 1)))
+                .sum();
+            block_cells + column_cells
+        })
+        .sum();
+    assert!(cells.ranges <= aligned, "{cells:?} > {aligned}");
+}

@@ -29,7 +29,7 @@
 
 use super::index::IndexBuilder;
 use super::rank::{dot, RangeMin, Ranking};
-use super::{HeadIndex, HeadQk, PatternContext};
+use super::{causal_cells, HeadIndex, HeadQk, PatternContext};
 use crate::error::{Error, Result};
 
 /// Columns always ranked first (the attention sink).
@@ -166,6 +166,19 @@ impl VsRanking {
         chosen
     }
 
+    /// The top `s` diagonal offsets (already clamped), sorted ascending.
+    pub fn top_diagonals(&self, s: usize) -> Vec<usize> {
+        let mut chosen: Vec<usize> = self
+            .diagonals
+            .order
+            .iter()
+            .take(s)
+            .map(|&d| d as usize)
+            .collect();
+        chosen.sort_unstable();
+        chosen
+    }
+
     /// Causal key blocks of query block `qb` that the top `s` diagonals (already clamped) touch.
     pub fn slash_blocks<'a>(
         &'a self,
@@ -175,6 +188,65 @@ impl VsRanking {
     ) -> impl Iterator<Item = usize> + 'a {
         (0..ctx.causal_k_blocks(qb)).filter(move |&kb| (self.block_rank(qb, kb) as usize) < s)
     }
+}
+
+/// What one vertical-slash selection costs under two tilings other than the index's aligned key
+/// blocks, in causal cells summed over query blocks (see [`selection_cells`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectionCells {
+    /// MInference's conversion: per query block, each selected diagonal `d` becomes the key range
+    /// `[r0 - d, r1 - d)`, overlapping ranges are merged, each merged range is covered by `block_k`
+    /// key tiles from its first key (not block-aligned), plus the columns outside the ranges.
+    pub ranges: u64,
+    /// The selected cells themselves: the cells on the diagonals and on the columns (a cell on both
+    /// counts twice, so this is an upper bound of the exact selection).
+    pub exact: u64,
+}
+
+/// Cells of the selection `columns` + `diagonals` (both sorted ascending) under range tiling and
+/// exactly; compare with [`HeadIndex::density`] of the aligned index.
+pub fn selection_cells(
+    ctx: &PatternContext,
+    columns: &[usize],
+    diagonals: &[usize],
+) -> SelectionCells {
+    let (mut ranges, mut exact) = (0u64, 0u64);
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    for qb in 0..ctx.q_blocks() {
+        let rows = ctx.q_rows(qb);
+        // Ranges by descending start = ascending offset; keys stop at the block's last row.
+        merged.clear();
+        for &d in diagonals.iter().rev() {
+            if d >= rows.end {
+                continue;
+            }
+            let (lo, hi) = (rows.start.saturating_sub(d), rows.end - d);
+            match merged.last_mut() {
+                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        for &(lo, hi) in &merged {
+            let mut start = lo;
+            while start < hi {
+                ranges += causal_cells(&rows, &(start..start + ctx.block_k));
+                start += ctx.block_k;
+            }
+        }
+        let inside = |j: usize| merged.iter().any(|&(lo, hi)| lo <= j && j < hi);
+        for &j in columns.iter().take_while(|&&j| j < rows.end) {
+            let col = causal_cells(&rows, &(j..j + 1));
+            if !inside(j) {
+                ranges += col;
+            }
+            exact += col;
+        }
+        // Row i meets diagonal d at key i - d when d <= i.
+        for &d in diagonals.iter().take_while(|&&d| d < rows.end) {
+            exact += (rows.end - d.max(rows.start)) as u64;
+        }
+    }
+    SelectionCells { ranges, exact }
 }
 
 /// `[q_blocks * k_blocks]`: for each tile, the smallest `diag_rank[o]` over the diagonal offsets `o`
