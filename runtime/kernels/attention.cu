@@ -21,6 +21,9 @@
 // mask) of all heads start first (qb = q_blocks - 1 - id / q_heads, h = id % q_heads). Index: head-major
 // (h = id / q_blocks, qb = q_blocks - 1 - id % q_blocks), so CTAs running together share K/V in L2.
 
+// Headroom of the lazy running max of softmax_tile, log2 units (P stays below 2^8 = 256).
+#define RESCALE_LOG2 8.f
+
 // The online softmax of one 64-key S tile, shared by every attention kernel: the mma.sync and wgmma
 // accumulators have the same layout (this thread holds rows ra and rb = ra + 8, columns 8j + 2tq and
 // 8j + 2tq + 1). When `mask`, masks the keys past each row (positions `kp`, POS_NONE for missing rows);
@@ -39,20 +42,36 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
             if (p1 > rb) s[j][3] = NEG_INF;
         }
     }
-    float mx_a = NEG_INF, mx_b = NEG_INF;
+    // row maxima as trees (a chain of 16 dependent FMNMX was a visible latency stall)
+    float ta[8], tb[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-        mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+        ta[j] = fmaxf(s[j][0], s[j][1]);
+        tb[j] = fmaxf(s[j][2], s[j][3]);
     }
+#pragma unroll
+    for (int w = 4; w >= 1; w >>= 1) {
+#pragma unroll
+        for (int j = 0; j < w; ++j) {
+            ta[j] = fmaxf(ta[j], ta[j + w]);
+            tb[j] = fmaxf(tb[j], tb[j + w]);
+        }
+    }
+    float mx_a = ta[0], mx_b = tb[0];
     mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
     mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
     mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
     mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-    const float mn_a = fmaxf(m_a, mx_a * scale_log2), mn_b = fmaxf(m_b, mx_b * scale_log2);
+    // The running max moves only when the tile's max passes it by more than RESCALE_LOG2 (as
+    // FlashAttention-4 does): then P <= 2^RESCALE_LOG2, which bf16 and the f32 sums hold with the same
+    // relative precision, and O needs no rescale (alpha = 1) on most tiles. Starting from -inf any
+    // finite max moves it; a row with no visible key so far keeps -inf (and P = 0).
+    const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
+    const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
+    const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
     const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-    al_a = fast_exp2(m_a - use_a);
-    al_b = fast_exp2(m_b - use_b);
+    al_a = up_a ? fast_exp2(m_a - use_a) : 1.f;
+    al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
     m_a = mn_a;
     m_b = mn_b;
     float sum_a = 0.f, sum_b = 0.f;
@@ -453,28 +472,29 @@ extern "C" __global__ void __launch_bounds__(128, 3) attn_fwd_wg_d64(ATTN_ARGS) 
 }
 // Dynamic shared memory of attn_fwd_wg<D>: as attn_fwd<D> plus 1024 bytes for the base alignment.
 
-// S = Q K^T of one 64-key tile for a warpgroup: Q fragments `qf` in registers, the K tile at `k_st`
-// (128B-swizzled, K-major); overwrites `s`; one commit group.
+// S = Q K^T of one 64-key tile for a warpgroup: Q fragments `qf` in registers, the K tile through
+// `k_desc`, the descriptor of its first byte (gmma_desc(tile, 16, 1024): 128B-swizzled, K-major);
+// overwrites `s`; one commit group. The descriptors of the later k-steps add their byte offset >> 4
+// to the start-address field (no carry out of it: shared addresses are below 256 KB), which keeps
+// the descriptor arithmetic out of the loop (it was a fifth of the consumers' instructions).
 template <int D>
-__device__ __forceinline__ void wg_issue_s(float (*s)[4], const u32 (*qf)[4], u32 k_st) {
+__device__ __forceinline__ void wg_issue_s(float (*s)[4], const u32 (*qf)[4], u64 k_desc) {
     wgmma_fence();
-    wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], gmma_desc(k_st, 16, 1024));  // the first step overwrites s
+    wgmma_m64n64k16<0, 0>(&s[0][0], qf[0], k_desc);  // the first step overwrites s
 #pragma unroll
     for (int kk = 1; kk < D / 16; ++kk) {
-        const u64 desc = gmma_desc(k_st + (kk >> 2) * (64 * 128) + (kk & 3) * 32, 16, 1024);
-        wgmma_m64n64k16<0>(&s[0][0], qf[kk], desc);
+        wgmma_m64n64k16<0>(&s[0][0], qf[kk], k_desc + (u64)(((kk >> 2) * (64 * 128) + (kk & 3) * 32) >> 4));
     }
     wgmma_commit();
 }
 
 // O += P V of one 64-key tile for a warpgroup, head_dim 128: P fragments `p` in registers, the V tile
-// at `v_st` (128B-swizzled, MN-major); one commit group.
-__device__ __forceinline__ void wg_issue_pv128(float* o, const u32 (*p)[4], u32 v_st) {
+// through `v_desc` = gmma_desc(tile, 64 * 128, 1024) (128B-swizzled, MN-major); one commit group.
+__device__ __forceinline__ void wg_issue_pv128(float* o, const u32 (*p)[4], u64 v_desc) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-        const u64 desc = gmma_desc(v_st + kk * 2048, 64 * 128, 1024);
-        wgmma_m64n128k16<1>(o, p[kk], desc);
+        wgmma_m64n128k16<1>(o, p[kk], v_desc + (u64)((kk * 2048) >> 4));
     }
     wgmma_commit();
 }
@@ -615,7 +635,8 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
             }
         }
     };
-    auto issue_s = [&](float (*s)[4], int t) { wg_issue_s<D>(s, qf, sK + (t % NS) * TILE_BYTES); };
+    const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
+    auto issue_s = [&](float (*s)[4], int t) { wg_issue_s<D>(s, qf, k_desc0 + (u64)((t % NS) * (TILE_BYTES >> 4))); };
 
     float o[D / 8][4];
 #pragma unroll
@@ -664,7 +685,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         fence_proxy_async();
         __syncthreads();
         issue_s(s, t + 1);
-        wg_issue_pv128(&o[0][0], pa, sV + (t % NS) * TILE_BYTES);
+        wg_issue_pv128(&o[0][0], pa, v_desc0 + (u64)((t % NS) * (TILE_BYTES >> 4)));
         u32 pn[4][4];
         float al_a, al_b;
         wgmma_wait<1>();                   // S of tile t+1 is done
@@ -689,7 +710,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         __syncthreads();  // stage t % NS is free for the load of tile t + 3
     }
     if (ntiles > 0) {
-        wg_issue_pv128(&o[0][0], pa, sV + ((ntiles - 1) % NS) * TILE_BYTES);
+        wg_issue_pv128(&o[0][0], pa, v_desc0 + (u64)(((ntiles - 1) % NS) * (TILE_BYTES >> 4)));
         wgmma_wait0();
     }
     cp_async_wait<0>();
@@ -723,15 +744,20 @@ extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS
 //
 // Registers: the launch bound caps the CTA at 168 per thread; the producer gives back to 40 and the
 // consumers take 232 (setmaxnreg), as FlashAttention-3 does.
-// Shared memory: NS = 5 K and V stages, 2 Q tiles, NS x 64 positions, NS tags (8-byte slots), 2 NS
-// mbarriers and 1024 alignment bytes = 199,032 bytes (one CTA per SM, 12 warps).
+// Shared memory: NS = 6 K and V stages, NS x 64 positions, NS tags (8-byte slots), 2 NS + 1 mbarriers
+// and 1024 alignment bytes = 199,320 bytes (one CTA per SM, 12 warps). The two Q tiles pass through the
+// last stage (warpgroup 0's in its K slot, 1's in its V slot) before the pipeline reaches it: the
+// producer waits on the `qfree` mbarrier (count 256) before its first write there, and each consumer
+// thread arrives on it once its Q fragments are in registers. That sixth stage (the fifth had cost the
+// Q tiles' 32 KB) lets one more tile be in flight: the consumers had waited for tiles (27 polls of the
+// `full` barrier per tile at 128K, H200, 2026-11-29).
 template <int D>
 __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
                                             const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
                                             int n, int q_heads, int group, float scale_log2, int dense) {
-    constexpr int BM = 64, BN = 64, NS = 5;
+    constexpr int BM = 64, BN = 64, NS = 6;
     constexpr int TILE_BYTES = BM * D * 2;
     constexpr int NONE = 0x7fffffff;
     constexpr int END = 4;   // tag of the marker after the last tile
@@ -742,11 +768,12 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     unsigned char* gbase = smem + (base - smem_u32(smem));
     const u32 sK = base;
     const u32 sV = sK + NS * TILE_BYTES;
-    const u32 sQ = sV + NS * TILE_BYTES;  // one tile per warpgroup
-    int* kpos = (int*)(gbase + (2 * NS + 2) * TILE_BYTES);
+    const u32 sQ = sK + (NS - 1) * TILE_BYTES;  // warpgroup w's Q tile: sQ + w * (sV - sK)
+    int* kpos = (int*)(gbase + 2 * NS * TILE_BYTES);
     int* ktag = kpos + NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
     const u32 full = smem_u32(ktag + 2 * NS);  // NS mbarriers (8-byte aligned), then NS `empty` ones
     const u32 empty = full + 8 * NS;
+    const u32 qfree = empty + 8 * NS;  // both Q tiles are in registers
 
     const int q_blocks = (n + BM - 1) / BM;
     const int q_pairs = (q_blocks + 1) / 2;
@@ -765,6 +792,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             mbar_init(full + 8 * s, 128);  // the producer's threads
             mbar_init(empty + 8 * s, 256);  // the consumers' threads
         }
+        mbar_init(qfree, 256);
     }
     __syncthreads();
 
@@ -860,6 +888,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 publish_all(t);
                 mbar_wait(empty + 8 * s, (u - 1) & 1);
             }
+            if (t == NS - 1 && !mbar_test(qfree, 0)) {  // the last stage still holds the Q tiles
+                publish_all(t);
+                mbar_wait(qfree, 0);
+            }
             int* kp = kpos + s * BN;
             if (pt == 0) ktag[s] = tag;
             const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
@@ -923,7 +955,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     u32 qf[D / 16][4];
     {
         const int ct = tid & 127, c = ct % (D / 8);
-        const u32 sq = sQ + wg * TILE_BYTES;
+        const u32 sq = sQ + wg * (sV - sK);
 #pragma unroll
         for (int p = 0; p < BM * (D / 8) / 128; ++p) {
             const int r = ct / (D / 8) + p * (128 / (D / 8));
@@ -940,6 +972,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             const int c2 = kk * 2 + (lane >> 4);
             ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sq + swz128(r, c2));
         }
+        mbar_arrive(qfree);  // the producer may now fill the last stage
     }
 
     int t = -1;
@@ -958,8 +991,11 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     };
     // every consumer thread arrives: a branch on the lane here would make ptxas serialize the wgmmas
     auto release = [&](int tt) { mbar_arrive(empty + 8 * (tt % NS)); };
-    auto issue_s = [&](float (*s)[4], int tt) { wg_issue_s<D>(s, qf, sK + (tt % NS) * TILE_BYTES); };
-    auto issue_pv = [&](float* o, u32 (*p)[4], int tt) { wg_issue_pv128(o, p, sV + (tt % NS) * TILE_BYTES); };
+    const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
+    auto issue_s = [&](float (*s)[4], int tt) { wg_issue_s<D>(s, qf, k_desc0 + (u64)((tt % NS) * (TILE_BYTES >> 4))); };
+    auto issue_pv = [&](float* o, u32 (*p)[4], int tt) {
+        wg_issue_pv128(o, p, v_desc0 + (u64)((tt % NS) * (TILE_BYTES >> 4)));
+    };
 
     float o[D / 8][4];
 #pragma unroll
@@ -999,12 +1035,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) reg_fence4(pa[kk]);  // P of tile cur stays live until here
         release(cur);
+        // the lazy max leaves alpha = 1 on most tiles: skip the 64 multiplies when the whole warp may
+        if (__any_sync(0xffffffff, al_a != 1.f || al_b != 1.f)) {
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-            o[i][0] *= al_a;
-            o[i][1] *= al_a;
-            o[i][2] *= al_b;
-            o[i][3] *= al_b;
+            for (int i = 0; i < D / 8; ++i) {
+                o[i][0] *= al_a;
+                o[i][1] *= al_a;
+                o[i][2] *= al_b;
+                o[i][3] *= al_b;
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {

@@ -17,6 +17,10 @@ const WGMMA: &str = include_str!("../../../kernels/wgmma.cuh");
 /// `compute_90` drops the wgmma kernels and the mma.sync ones are used).
 pub const ARCH_ENV: &str = "ATTNPLAN_NVRTC_ARCH";
 
+/// Environment variable that, set to `1`, compiles the kernels with `-lineinfo` (source lines for
+/// Nsight Compute's source view; the code is the same).
+pub const LINEINFO_ENV: &str = "ATTNPLAN_NVRTC_LINEINFO";
+
 /// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFile {
@@ -54,9 +58,13 @@ pub fn compile(file: KernelFile, arch: &'static str) -> Result<Ptx> {
         ));
     }
     let src = format!("{COMMON}\n{WGMMA}\n{}", file.body());
+    let mut options = vec!["-std=c++17".to_owned()];
+    if std::env::var(LINEINFO_ENV).is_ok_and(|v| v == "1") {
+        options.push("-lineinfo".to_owned());
+    }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["-std=c++17".into()],
+        options,
         name: Some(file.file_name().into()),
         ..Default::default()
     };

@@ -168,9 +168,9 @@ impl SparsePrefill {
             };
             let (wg1, wg3, wg64) = (choice == "wg1", choice == "wg3", choice == "wg64");
             if d == 128 && !want_mma && !wg1 && !wg3 {
-                // warp-specialized: 384 threads, two query blocks per CTA; 5 K/V stages, 2 Q tiles,
-                // positions, tags, mbarriers, alignment
-                let smem = (12 * 64 * 128 * 2 + 5 * 64 * 4 + 5 * 8 + 10 * 8 + 1024) as u32;
+                // warp-specialized: 384 threads, two query blocks per CTA; 6 K/V stages (the Q tiles
+                // pass through the last), positions, tags, 2 x 6 + 1 mbarriers, alignment
+                let smem = (12 * 64 * 128 * 2 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
                 if let Ok(k) = kernel("attn_fwd_ws_d128", smem, 384, 2) {
                     return Ok(k);
                 }
