@@ -756,7 +756,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
                                             const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
-                                            int n, int q_heads, int group, float scale_log2, int dense) {
+                                            int n, int q_heads, int group, float scale_log2, int dense,
+                                            const TmaDesc& tmk, const TmaDesc& tmv) {
     constexpr int BM = 64, BN = 64, NS = 6;
     constexpr int TILE_BYTES = BM * D * 2;
     constexpr int NONE = 0x7fffffff;
@@ -835,15 +836,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         // the 128B swizzle is a per-thread constant
         const int lr = pt & 7, lc = pt >> 3;
         const u32 sw = (u32)(lc >> 3) * (64 * 128) + (u32)(((lc & 7) ^ lr) << 4) + lr * 128;
-        // Tiles [0, published) have been announced on `full`. Up to two issued tiles stay unannounced,
-        // so that loads overlap; before blocking on a stage, the producer announces all of them: a
-        // warpgroup may be waiting for one while holding the stage the producer waits for.
-        int published = 0;
-        auto publish_all = [&](int upto) {
-            cp_async_wait<0>();
-            fence_proxy_async();
-            for (; published < upto; ++published) mbar_arrive(full + 8 * (published % NS));
-        };
+        // Announcing a tile on the stage's `full` barrier (count 128, one arrival per producer thread;
+        // each arrival also releases that thread's tag and position writes):
+        // - a key block is loaded by TMA (thread 0: four 64 x 64 boxes, K and V halves, rows past n
+        //   zero-filled; its arrival carries the 32 KB of expected transactions), so the phase completes
+        //   when the bytes have landed;
+        // - a column tile is gathered with cp.async by all threads, each of which adds
+        //   cp.async.mbarrier.arrive (the phase cannot complete before its copies land).
+        // The producer thus never waits for its own loads and runs up to NS tiles ahead; most tiles
+        // cost it a few instructions instead of 16 cp.async per thread.
         int t = 0;
         for (;; ++t) {
             if (done0 && done1) break;
@@ -884,40 +885,36 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 pend |= DONE << 1;
             }
             const int s = t % NS, u = t / NS;
-            if (u > 0 && !mbar_test(empty + 8 * s, (u - 1) & 1)) {
-                publish_all(t);
-                mbar_wait(empty + 8 * s, (u - 1) & 1);
-            }
-            if (t == NS - 1 && !mbar_test(qfree, 0)) {  // the last stage still holds the Q tiles
-                publish_all(t);
-                mbar_wait(qfree, 0);
-            }
+            if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
+            if (t == NS - 1) mbar_wait(qfree, 0);  // the last stage still holds the Q tiles
             int* kp = kpos + s * BN;
             if (pt == 0) ktag[s] = tag;
-            const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
-            if (kb >= 0 && kb * BN + BN <= n) {
-                const u64 off = (u64)(kb * BN + lr) * D + lc * 8;
-                const bf16_t* ks = kh + off;
-                const bf16_t* vs = vh + off;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    cp_async16_full(dk + j * 1024, ks + j * 8 * D);
-                    cp_async16_full(dv + j * 1024, vs + j * 8 * D);
-                }
+            const u32 fb = full + 8 * s;
+            if (kb >= 0) {
                 if (lc == 0) {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) kp[lr + 8 * j] = kb * BN + lr + 8 * j;
+                    for (int j = 0; j < 8; ++j) {
+                        const int r = kb * BN + lr + 8 * j;
+                        kp[lr + 8 * j] = r < n ? r : POS_NONE;
+                    }
+                }
+                if (pt == 0) {  // after its own tag and position writes: its arrival releases them
+                    mbar_arrive_expect_tx(fb, 2 * TILE_BYTES);
+                    const u32 k_st = sK + s * TILE_BYTES, v_st = sV + s * TILE_BYTES;
+                    tma_load_3d(k_st, &tmk, 0, kb * BN, kvh, fb);
+                    tma_load_3d(k_st + 64 * 128, &tmk, 64, kb * BN, kvh, fb);
+                    tma_load_3d(v_st, &tmv, 0, kb * BN, kvh, fb);
+                    tma_load_3d(v_st + 64 * 128, &tmv, 64, kb * BN, kvh, fb);
+                } else {
+                    mbar_arrive(fb);
                 }
             } else {
+                const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
                 int pos[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const int r = lr + 8 * j;
-                    if (kb >= 0) {
-                        pos[j] = kb * BN + r < n ? kb * BN + r : POS_NONE;
-                    } else {
-                        pos[j] = e0 + r < len ? (int)list[e0 + r] : POS_NONE;
-                    }
+                    pos[j] = e0 + r < len ? (int)list[e0 + r] : POS_NONE;
                 }
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
@@ -930,20 +927,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 #pragma unroll
                     for (int j = 0; j < 8; ++j) kp[lr + 8 * j] = pos[j];
                 }
-            }
-            cp_async_commit();
-            if (t - published == 2) {
-                cp_async_wait<2>();  // the oldest unannounced tile has landed
-                fence_proxy_async();
-                mbar_arrive(full + 8 * (published % NS));
-                ++published;
+                cp_async_mbar_arrive(fb);
+                mbar_arrive(fb);
             }
         }
-        publish_all(t);
         const int s = t % NS, u = t / NS;
         if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
         if (pt == 0) ktag[s] = END;
         mbar_arrive(full + 8 * s);
+        cp_async_wait<0>();  // no copy outlives its thread
     } else {
     // ---- consumers ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
@@ -1074,7 +1066,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_ws_d128(ATTN_ARGS) {
-    attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
+// K and V as TMA tensor maps too (3-D: head_dim, n, kv_heads; 64 x 64 boxes, 128B swizzle, zero fill).
+extern "C" __global__ void __launch_bounds__(384, 1)
+    attn_fwd_ws_d128(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv) {
+    attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
+                     tmv);
 }
 #endif

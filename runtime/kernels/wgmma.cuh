@@ -36,6 +36,28 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "r"(parity)
         : "memory");
 }
+// Arrive-on `bar` once every cp.async this thread issued so far has landed; the pending count is raised
+// now, so the phase cannot complete before then (zero net change: pair it with a plain arrive).
+__device__ __forceinline__ void cp_async_mbar_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+// Arrive on `bar` and expect `bytes` of transactions (TMA) in the current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A CUtensorMap (opaque, 128 bytes), passed by value as a __grid_constant__ kernel parameter.
+struct __align__(64) TmaDesc {
+    u64 opaque[16];
+};
+// TMA: the box at (c0, c1, c2) of the 3-D tensor map `map` into shared memory at `dst` (the map's
+// swizzle), completing `bytes` of transactions on `bar`.
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaDesc* map, int c0, int c1, int c2, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
 // Whether the phase of the given parity has completed (does not wait).
 __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
     u32 r;

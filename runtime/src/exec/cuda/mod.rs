@@ -24,7 +24,7 @@ mod flat;
 mod vertical_slash;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
 pub use device::{Device, KernelFile};
@@ -122,7 +122,17 @@ struct AttnKernel {
     threads: u32,
     /// Query blocks (of 64 rows) per CTA.
     blocks_per_cta: usize,
+    /// Takes K and V also as TMA tensor maps (two extra parameters after the common ones).
+    tma: bool,
 }
+
+/// A `CUtensorMap` passed by value as a kernel parameter (`TmaDesc` in wgmma.cuh).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TensorMap(cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte struct of integers, copied to the kernel's parameter space as it is.
+unsafe impl DeviceRepr for TensorMap {}
 
 /// A CUDA device with the compiled attention and index-building kernels.
 #[derive(Debug)]
@@ -156,6 +166,7 @@ impl SparsePrefill {
                     smem,
                     threads,
                     blocks_per_cta,
+                    tma: name == "attn_fwd_ws_d128",
                 })
         };
         let pick = |d: usize| -> Result<AttnKernel> {
@@ -339,6 +350,11 @@ impl SparsePrefill {
             Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),
             None => (&self.dummy, &self.dummy, &self.dummy, &self.dummy),
         };
+        let maps = if kernel.tma {
+            Some((self.tensor_map(k, shape)?, self.tensor_map(v, shape)?))
+        } else {
+            None
+        };
         let mut b = self.dev.stream.launch_builder(&kernel.f);
         b.arg(&q.inner)
             .arg(&k.inner)
@@ -353,10 +369,49 @@ impl SparsePrefill {
             .arg(&group_i)
             .arg(&scale_log2)
             .arg(&dense);
-        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu; Q/K/V/out lengths were
+        if let Some((mk, mv)) = &maps {
+            b.arg(mk).arg(mv);
+        }
+        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps only
+        // for the kernel that takes them, built for these K and V buffers); Q/K/V/out lengths were
         // checked against the shape, and the index's offsets were built for this shape (q_heads,
         // seq_len) by `FlatIndex` or `VerticalSlashBuilder`, which only write in-range entries.
         drv("attn_fwd launch", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
+    /// The TMA tensor map of K or V (`[kv_heads, n, head_dim]` bf16) as the wgmma kernels read it:
+    /// 3-D (head_dim, n, kv_heads), boxes of 64 x 64 x 1, 128-byte swizzle, rows past `n` read as zero.
+    fn tensor_map(&self, buf: &DeviceBuffer<u16>, shape: &AttnShape) -> Result<TensorMap> {
+        use cudarc::driver::sys;
+        let (d, n, heads) = (shape.head_dim, shape.seq_len, shape.kv_heads);
+        let (ptr, _record) = buf.inner.device_ptr(&self.dev.stream);
+        let dims = [d as u64, n as u64, heads as u64];
+        let strides = [(d * 2) as u64, (n * d * 2) as u64];
+        let boxes = [64u32, 64, 1];
+        let steps = [1u32, 1, 1];
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        // SAFETY: `map` is writable; the arrays have the rank's lengths (strides: rank - 1); `ptr` is
+        // the live allocation of `buf`, 256-byte aligned by the driver, with `heads * n * d` elements
+        // (checked by the caller); row strides are multiples of 16 bytes.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                3,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                steps.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        drv("cuTensorMapEncodeTiled", r.result())?;
+        // SAFETY: initialized by the successful call above.
+        Ok(TensorMap(unsafe { map.assume_init() }))
     }
 
     /// Milliseconds of device time taken by the work `f` queues (events around it; waits).
