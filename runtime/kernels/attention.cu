@@ -74,16 +74,24 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
     al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
     m_a = mn_a;
     m_b = mn_b;
-    float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
         s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
         s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
         s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-        sum_a += s[j][0] + s[j][1];
-        sum_b += s[j][2] + s[j][3];
+        ta[j] = s[j][0] + s[j][1];
+        tb[j] = s[j][2] + s[j][3];
     }
+#pragma unroll
+    for (int w = 4; w >= 1; w >>= 1) {  // row sums as trees too
+#pragma unroll
+        for (int j = 0; j < w; ++j) {
+            ta[j] += ta[j + w];
+            tb[j] += tb[j + w];
+        }
+    }
+    const float sum_a = ta[0], sum_b = tb[0];
     l_a = l_a * al_a + sum_a;
     l_b = l_b * al_b + sum_b;
 #pragma unroll
@@ -967,26 +975,32 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         mbar_arrive(qfree);  // the producer may now fill the last stage
     }
 
-    int t = -1;
-    // The next tile of this warpgroup (-1 at END or at its DONE tag, which it does not release yet);
-    // the tiles that are not its own are released on the way.
+    // Tiles are followed by their stage (ts) and the parity of its phase (tph), kept incrementally
+    // (NS = 6 makes t % NS and t / NS a handful of instructions each).
+    int ts = -1, tph = 0;
+    int klast = 0;  // the last key position of the tile next_member returned (read with its tag)
+    // The stage of this warpgroup's next tile (-1 at END or at its DONE tag, which it does not release
+    // yet); the tiles that are not its own are released on the way.
     auto next_member = [&]() -> int {
         for (;;) {
-            ++t;
-            const int s = t % NS;
-            mbar_wait(full + 8 * s, (t / NS) & 1);
-            const int tag = ktag[s];
+            if (++ts == NS) {
+                ts = 0;
+                tph ^= 1;
+            }
+            mbar_wait(full + 8 * ts, tph);
+            const int tag = ktag[ts];
+            klast = kpos[ts * BN + BN - 1];
             if (tag & (END | (DONE << wg))) return -1;
-            if ((tag >> wg) & 1) return t;
-            mbar_arrive(empty + 8 * s);
+            if ((tag >> wg) & 1) return ts;
+            mbar_arrive(empty + 8 * ts);
         }
     };
     // every consumer thread arrives: a branch on the lane here would make ptxas serialize the wgmmas
-    auto release = [&](int tt) { mbar_arrive(empty + 8 * (tt % NS)); };
+    auto release = [&](int st) { mbar_arrive(empty + 8 * st); };
     const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
-    auto issue_s = [&](float (*s)[4], int tt) { wg_issue_s<D>(s, qf, k_desc0 + (u64)((tt % NS) * (TILE_BYTES >> 4))); };
-    auto issue_pv = [&](float* o, u32 (*p)[4], int tt) {
-        wg_issue_pv128(o, p, v_desc0 + (u64)((tt % NS) * (TILE_BYTES >> 4)));
+    auto issue_s = [&](float (*s)[4], int st) { wg_issue_s<D>(s, qf, k_desc0 + (u64)(st * (TILE_BYTES >> 4))); };
+    auto issue_pv = [&](float* o, u32 (*p)[4], int st) {
+        wg_issue_pv128(o, p, v_desc0 + (u64)(st * (TILE_BYTES >> 4)));
     };
 
     float o[D / 8][4];
@@ -995,11 +1009,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
     float s[8][4];
     u32 pa[4][4];
-    auto softmax = [&](int t, u32 (*p)[4], float& al_a, float& al_b) {
+    auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        const int* kp = kpos + (t % NS) * BN;
-        softmax_tile(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
+        softmax_tile(s, kpos + st * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
     };
 
     int cur = next_member();
@@ -1007,13 +1020,13 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         issue_s(s, cur);
         wgmma_wait0();
         float al_a, al_b;
-        softmax(cur, pa, al_a, al_b);  // O is zero: no rescale
+        softmax(cur, klast, pa, al_a, al_b);  // O is zero: no rescale
     }
     // P of tile `cur` is in pa; S of the next tile and P V of `cur` run while the softmax of the next one
     // does. This loop shape (counted bound, never reached, with breaks; the wgmmas outside any branch)
     // is one that ptxas keeps asynchronous: a loop condition calling next_member, a wgmma in a branch of
     // the body or an early exit from next_member without a wait made it serialize them (C7513).
-    for (int it = 0; it < 2 * n + 4; ++it) {
+    for (int it = 0; it < (1 << 30); ++it) {
         if (cur < 0) break;
         const int nx = next_member();
         if (nx < 0) break;
@@ -1022,7 +1035,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         u32 pn[4][4];
         float al_a, al_b;
         wgmma_wait<1>();              // S of tile nx is done
-        softmax(nx, pn, al_a, al_b);  // while P V of tile cur runs
+        softmax(nx, klast, pn, al_a, al_b);  // while P V of tile cur runs
         wgmma_wait0();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) reg_fence4(pa[kk]);  // P of tile cur stays live until here
@@ -1052,13 +1065,16 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         release(cur);
     }
     // after its DONE tag: release that tile and the rest up to END
-    if (!(ktag[t % NS] & END)) {
-        mbar_arrive(empty + 8 * (t % NS));
+    if (!(ktag[ts] & END)) {
+        mbar_arrive(empty + 8 * ts);
         for (;;) {
-            ++t;
-            mbar_wait(full + 8 * (t % NS), (t / NS) & 1);
-            if (ktag[t % NS] & END) break;
-            mbar_arrive(empty + 8 * (t % NS));
+            if (++ts == NS) {
+                ts = 0;
+                tph ^= 1;
+            }
+            mbar_wait(full + 8 * ts, tph);
+            if (ktag[ts] & END) break;
+            mbar_arrive(empty + 8 * ts);
         }
     }
 
