@@ -9,10 +9,14 @@ rules as the kernel) on random lists and runs producer and consumers under rando
 checking that (1) nothing deadlocks, (2) each warpgroup computes exactly its own blocks and column
 tiles, once each, and (3) no warpgroup is passed by more than NS - 2 tiles in a row before its last.
 
-It checks the protocol as designed, not the CUDA code itself; keep the two in step. With
---old-protocol it runs the first version (one issued tile unannounced, no announcement before
-blocking), which this check shows can deadlock.
-usage: scripts/gpu/ws-schedule.py [--trials N] [--ns NS] [--old-protocol]
+It checks the protocol as designed, not the CUDA code itself; keep the two in step. The default is
+the kernel's protocol since c4db20c: a tile is announced by its own copies (TMA transaction bytes or
+cp.async.mbarrier.arrive), at any later time and in any order, never by the producer; the producer
+waits for the consumers' Q loads before its first write to the last stage (where the Q tiles
+passed). --protocol delayed runs edfc24c's (up to two issued tiles unannounced, all announced before
+the producer blocks) and --protocol old the first version (one issued tile unannounced, no
+announcement before blocking), which this check shows can deadlock.
+usage: scripts/gpu/ws-schedule.py [--trials N] [--ns NS] [--protocol async|delayed|old]
 """
 import argparse
 import random
@@ -71,44 +75,64 @@ def schedule(a, b, ca, cb, ns):
     return out
 
 
-def run(tiles, ns, rng, old):
-    """Random interleaving of producer and consumers; returns what each warpgroup computed."""
+def run(tiles, ns, rng, protocol):
+    """Random interleaving of producer, copies and consumers; returns what each warpgroup computed."""
     n_tiles = len(tiles)
     released = [set(), set()]
     issued = 0  # tiles whose copies were issued
-    published = 0  # tiles announced on `full`
+    published = 0  # delayed/old protocols: tiles [0, published) announced on `full`
+    landed = set()  # async protocol: tiles whose copies have landed (announced)
+    q_loaded = [False, False]  # async protocol: each consumer's Q tile is in registers
     wgs = [{'t': -1, 'cur': None, 'state': 'run', 'got': []} for _ in range(2)]
 
     def stage_free(t):
         return t < ns or ((t - ns) in released[0] and (t - ns) in released[1])
 
+    def announced(t):
+        return t in landed if protocol == 'async' else t < published
+
     def producer():
         nonlocal issued, published
         t = issued
+        if protocol == 'async':
+            if t >= n_tiles or not stage_free(t) or (t == ns - 1 and not all(q_loaded)):
+                return False
+            issued += 1
+            return True
         if t >= n_tiles:
             if published < n_tiles:
                 published = n_tiles
                 return True
             return False
         if not stage_free(t):
-            if not old and published < t:  # announce everything before blocking
+            if protocol == 'delayed' and published < t:  # announce everything before blocking
                 published = t
                 return True
             return False
         issued += 1
-        if old:
+        if protocol == 'old':
             if t - published == 1:
                 published += 1
         elif t - published == 2:
             published += 1
         return True
 
+    def copies():  # async protocol: some issued tile's copies land (any order)
+        waiting = [t for t in range(issued) if t not in landed]
+        if protocol != 'async' or not waiting:
+            return False
+        landed.add(rng.choice(waiting))
+        return True
+
     def consumer(w):
         c = wgs[w]
         if c['state'] == 'end':
             return False
+        if not q_loaded[w]:
+            q_loaded[w] = True
+            return True
         t = c['t'] + 1
-        if t >= published:
+        if t >= n_tiles or not announced(t):
             return False
         c['t'] = t
         item, tag = tiles[t]
@@ -138,21 +162,23 @@ def run(tiles, ns, rng, old):
         return True
 
     while True:
-        actors = ['p', 0, 1]
+        actors = ['p', 'c', 0, 1]
         rng.shuffle(actors)
-        if not any(producer() if a == 'p' else consumer(a) for a in actors):
+        step = {'p': producer, 'c': copies}
+        if not any(step[a]() if a in step else consumer(a) for a in actors):
             if all(c['state'] == 'end' for c in wgs):
                 return [c['got'] for c in wgs]
-            raise RuntimeError(f"deadlock: published {published}, warpgroups at tiles "
-                               f"{[c['t'] for c in wgs]} holding {[c['cur'] for c in wgs]}")
+            raise RuntimeError(f"deadlock: issued {issued}, published {published}, landed "
+                               f"{len(landed)}, warpgroups at tiles {[c['t'] for c in wgs]} "
+                               f"holding {[c['cur'] for c in wgs]}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--trials', type=int, default=20000)
-    ap.add_argument('--ns', type=int, default=5)
+    ap.add_argument('--ns', type=int, default=6)
     ap.add_argument('--seed', type=int, default=1)
-    ap.add_argument('--old-protocol', action='store_true')
+    ap.add_argument('--protocol', choices=['async', 'delayed', 'old'], default='async')
     o = ap.parse_args()
     rng = random.Random(o.seed)
     for trial in range(o.trials):
@@ -163,7 +189,7 @@ def main():
         cb = rng.randint(0, 8) if b or rng.random() < 0.5 else 0
         tiles = schedule(a, b, ca, cb, o.ns)
         try:
-            got = run(tiles, o.ns, rng, o.old_protocol)
+            got = run(tiles, o.ns, rng, o.protocol)
         except RuntimeError as e:
             print(f"trial {trial}: {e}")
             return 1
@@ -181,7 +207,8 @@ def main():
             if any(y - x > o.ns - 1 for x, y in zip(own, own[1:])):
                 print(f"trial {trial}: warpgroup {w} passed by more than {o.ns - 2} tiles: {own}")
                 return 1
-    print(f"{o.trials} random schedules (NS = {o.ns}): no deadlock, every warpgroup computed exactly its tiles")
+    print(f"{o.trials} random schedules (NS = {o.ns}, protocol {o.protocol}): no deadlock, every warpgroup "
+          f"computed exactly its tiles")
     return 0
 
 
