@@ -13,9 +13,12 @@ use serde::Serialize;
 use crate::calibration::{mean, Calibration, HeadResult};
 use crate::search::{Candidate, Objective};
 
-/// Predicted cost of sparse attention relative to dense below which it pays: estimation, index
-/// building and gathering cost about 20% (measured by `runtime/examples/sparse_bench.rs`).
-pub const PAYS_BELOW: f64 = 0.8;
+/// Predicted cost of sparse attention relative to dense below which it pays, the stricter of the two
+/// executors' measurements: on the CPU estimation, index building and gathering cost about 20%
+/// (`runtime/examples/sparse_bench.rs`: 0.8); on the H200 (`attnplan bench --device cuda`, docs/perf.md)
+/// index building costs 0.22 of dense attention at 8K and a computed cell 1.05x a dense one, so
+/// sparse pays there below a density of about 0.74 (0.95 from 32K on).
+pub const PAYS_BELOW: f64 = 0.75;
 
 /// Why `dense_below` has its value.
 #[derive(Debug, Clone, Serialize)]
