@@ -16,7 +16,7 @@
 //! scripts/fetch-model.sh
 //! cargo run --release -p profiler --example slash_structure -- [N] [TASK] [SEED]
 //! ```
-//! N defaults to 8192, TASK to needle (passkey, kv, needle), SEED to 11001.
+//! N defaults to 8192, TASK to needle (passkey, kv-retrieval, needle), SEED to 11001.
 
 use profiler::data::{load_samples, DataSource};
 use profiler::model::{ensure_default_model, Model};
