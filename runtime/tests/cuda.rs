@@ -49,7 +49,16 @@ fn bf16_rounding_is_nearest_even() {
 #[test]
 fn dense_keys_match_cpu_dense() {
     let Some(sp) = device() else { return };
-    for (n, hq, hkv, d) in [(200usize, 4usize, 2usize, 128usize), (97, 2, 1, 64)] {
+    // head_dim 128 runs the TMA kernel: lengths below, at and just past one 64-row box, odd GQA
+    for (n, hq, hkv, d) in [
+        (200usize, 4usize, 2usize, 128usize),
+        (97, 2, 1, 64),
+        (1, 2, 1, 128),
+        (17, 3, 3, 128),
+        (64, 4, 1, 128),
+        (65, 2, 2, 128),
+        (129, 8, 2, 128),
+    ] {
         let shape = AttnShape {
             q_heads: hq,
             kv_heads: hkv,
