@@ -17,6 +17,13 @@ pub struct Ranking {
 }
 
 impl Ranking {
+    /// The first `k` items of the order (fewer if there are fewer), sorted by index.
+    pub fn top_sorted(&self, k: usize) -> Vec<usize> {
+        let mut chosen: Vec<usize> = self.order.iter().take(k).map(|&i| i as usize).collect();
+        chosen.sort_unstable();
+        chosen
+    }
+
     /// Items `0..forced` first (index order), then the others by descending `score`, ties to the
     /// lower index.
     pub fn by_score(score: &[f64], forced: usize) -> Self {

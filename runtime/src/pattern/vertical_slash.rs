@@ -155,28 +155,12 @@ impl VsRanking {
 
     /// The top `v` columns (already clamped), sorted by token.
     pub fn top_columns(&self, v: usize) -> Vec<usize> {
-        let mut chosen: Vec<usize> = self
-            .columns
-            .order
-            .iter()
-            .take(v)
-            .map(|&j| j as usize)
-            .collect();
-        chosen.sort_unstable();
-        chosen
+        self.columns.top_sorted(v)
     }
 
     /// The top `s` diagonal offsets (already clamped), sorted ascending.
     pub fn top_diagonals(&self, s: usize) -> Vec<usize> {
-        let mut chosen: Vec<usize> = self
-            .diagonals
-            .order
-            .iter()
-            .take(s)
-            .map(|&d| d as usize)
-            .collect();
-        chosen.sort_unstable();
-        chosen
+        self.diagonals.top_sorted(s)
     }
 
     /// Causal key blocks of query block `qb` that the top `s` diagonals (already clamped) touch.
