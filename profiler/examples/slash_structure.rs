@@ -7,21 +7,25 @@
 //! - **aligned**: what our index computes (every 64×64 block a selected diagonal touches, plus the
 //!   columns); **ranges**: MInference's range tiling of the same selection;
 //! - **local**: the share of the selected diagonals with offset below `s` (1 when the selection is
-//!   the band `0..s`).
+//!   the band `0..s`);
+//! - **recall** of each of the three cell sets: the attention mass they hold, averaged over 128 query
+//!   rows spread over the sequence (exact softmax of the head's live Q and K, f64), so that tiling
+//!   ranges instead of aligned blocks can be judged at equal recall.
 //!
 //! The same figures follow for the benchmark's structured inputs at the same length (head_dim 64
 //! and 128), so the two can be compared.
 //!
 //! ```text
 //! scripts/fetch-model.sh
-//! cargo run --release -p profiler --example slash_structure -- [N] [TASK] [SEED]
+//! cargo run --release -p profiler --example slash_structure -- [N] [TASK] [SEED] [SCALE]
 //! ```
-//! N defaults to 8192, TASK to needle (passkey, kv-retrieval, needle), SEED to 11001.
+//! N defaults to 8192, TASK to needle (passkey, kv-retrieval, needle), SEED to 11001; SCALE (default
+//! 1) multiplies both budgets, to compare the tilings at equal recall.
 
 use profiler::data::{load_samples, DataSource};
 use profiler::model::{ensure_default_model, Model};
 use runtime::exec::cuda::bench::structured;
-use runtime::pattern::vertical_slash::{selection_cells, VsRanking};
+use runtime::pattern::vertical_slash::{range_tiles, selection_cells, VsRanking};
 use runtime::pattern::{causal_cells, HeadQk, PatternContext};
 use runtime::AttnShape;
 
@@ -30,6 +34,9 @@ const BENCH_N: f64 = 131_072.0;
 const BENCH_V: f64 = 1000.0;
 const BENCH_S: f64 = 6096.0;
 
+/// Query rows whose attention mass is summed for the recalls.
+const RECALL_ROWS: usize = 128;
+
 /// One head's figures.
 #[derive(Debug, Clone, Copy)]
 struct Head {
@@ -37,6 +44,9 @@ struct Head {
     aligned: f64,
     ranges: f64,
     local: f64,
+    recall_exact: f64,
+    recall_aligned: f64,
+    recall_ranges: f64,
 }
 
 fn measure(ctx: &PatternContext, qk: &HeadQk<'_>, v: usize, s: usize) -> runtime::Result<Head> {
@@ -48,11 +58,51 @@ fn measure(ctx: &PatternContext, qk: &HeadQk<'_>, v: usize, s: usize) -> runtime
     let cells = selection_cells(ctx, &columns, &diagonals);
     let dense = causal_cells(&(0..n), &(0..n)) as f64;
     let local = diagonals.iter().filter(|&&d| d < s).count() as f64 / diagonals.len() as f64;
+    let index = ranking.index(ctx, v, s);
+    let (mut re, mut ra, mut rr) = (0.0f64, 0.0f64, 0.0f64);
+    let rows: Vec<usize> = (0..RECALL_ROWS)
+        .map(|r| n - 1 - r * (n - 1) / RECALL_ROWS)
+        .collect();
+    for &i in &rows {
+        let qi = &qk.q[i * qk.head_dim..(i + 1) * qk.head_dim];
+        let scale = 1.0 / (qk.head_dim as f64).sqrt();
+        let logits: Vec<f64> = (0..=i)
+            .map(|j| {
+                let kj = &qk.k[j * qk.head_dim..(j + 1) * qk.head_dim];
+                qi.iter()
+                    .zip(kj)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let p: Vec<f64> = logits.iter().map(|&x| (x - m).exp()).collect();
+        let z: f64 = p.iter().sum();
+        let qb = i / ctx.block_q;
+        let tiles = range_tiles(ctx, qb, &diagonals);
+        for (j, &pj) in p.iter().enumerate() {
+            let column = columns.binary_search(&j).is_ok();
+            if column || diagonals.binary_search(&(i - j)).is_ok() {
+                re += pj / z;
+            }
+            if index.contains(i, j) {
+                ra += pj / z;
+            }
+            if column || tiles.iter().any(|t| t.contains(&j)) {
+                rr += pj / z;
+            }
+        }
+    }
+    let rows = rows.len() as f64;
     Ok(Head {
         exact: cells.exact as f64 / dense,
         aligned,
         ranges: cells.ranges as f64 / dense,
         local,
+        recall_exact: re / rows,
+        recall_aligned: ra / rows,
+        recall_ranges: rr / rows,
     })
 }
 
@@ -73,13 +123,16 @@ fn row(name: &str, heads: &[Head]) {
         )
     };
     println!(
-        "| {name} | {} | {} | {} | {} | {} | {} |",
+        "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         heads.len(),
         column(|h| h.exact),
         column(|h| h.aligned),
         column(|h| h.ranges),
         column(|h| h.aligned / h.exact),
         column(|h| h.local),
+        column(|h| h.recall_exact),
+        column(|h| h.recall_aligned),
+        column(|h| h.recall_ranges),
     );
 }
 
@@ -98,7 +151,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("SEED must be an integer: {e}"))?,
         None => 11_001,
     };
-    let scale = n as f64 / BENCH_N;
+    let factor: f64 = match args.get(3) {
+        Some(a) => a.parse().map_err(|e| format!("SCALE must be a number: {e}"))?,
+        None => 1.0,
+    };
+    let scale = factor * n as f64 / BENCH_N;
     let (v, s) = (
         (BENCH_V * scale).round().max(1.0) as usize,
         (BENCH_S * scale).round().max(1.0) as usize,
@@ -138,8 +195,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sample.id
     );
     println!("quartiles over heads (25% / median / 75%); cells over the dense causal cells\n");
-    println!("| inputs | heads | exact | aligned | ranges | aligned / exact | local |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| inputs | heads | exact | aligned | ranges | aligned / exact | local | recall exact | recall aligned | recall ranges |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let all: Vec<Head> = real.iter().map(|&(_, h)| h).collect();
     row("SmolLM2-135M, all layers", &all);
     let layers = real.iter().map(|&(l, _)| l).max().map_or(0, |l| l + 1);

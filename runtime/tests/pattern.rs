@@ -468,6 +468,23 @@ fn selection_cells_by_hand_and_by_brute_force() {
     }
     assert_eq!(cells.exact, exact);
     assert!(cells.ranges >= distinct, "{cells:?} < {distinct}");
+    // every diagonal cell lies in one of its query block's tiles; tiles are block_k keys, ascending
+    for qb in 0..c.q_blocks() {
+        let tiles = vertical_slash::range_tiles(&c, qb, &diagonals);
+        assert!(tiles.iter().all(|t| t.len() == b));
+        assert!(
+            tiles.windows(2).all(|w| w[0].start < w[1].start),
+            "{tiles:?}"
+        );
+        for i in c.q_rows(qb) {
+            for &d in diagonals.iter().filter(|&&d| d <= i) {
+                assert!(
+                    tiles.iter().any(|t| t.contains(&(i - d))),
+                    "qb {qb} row {i} d {d}"
+                );
+            }
+        }
+    }
     // ...and computes no more than the aligned blocks the same diagonals touch plus the columns.
     let aligned: u64 = (0..c.q_blocks())
         .map(|qb| {

@@ -27,6 +27,8 @@
 //! So cell `(i, j)`, `j <= i`, is computed iff `col_rank[j] < v || block_slash_rank[qb(i)][kb(j)] < s`:
 //! the rule the profiler's histograms are built on.
 
+use std::ops::Range;
+
 use super::index::IndexBuilder;
 use super::rank::{dot, RangeMin, Ranking};
 use super::{causal_cells, HeadIndex, HeadQk, PatternContext};
@@ -187,40 +189,44 @@ pub struct SelectionCells {
     pub exact: u64,
 }
 
-/// Cells of the selection `columns` + `diagonals` (both sorted ascending) under range tiling and
-/// exactly; compare with [`HeadIndex::density`] of the aligned index.
+/// MInference's tiles of the selected `diagonals` (sorted ascending) for query block `qb`: each
+/// diagonal `d` needs the keys `[r0 - d, r1 - d)` (clipped at 0), overlapping ranges are merged, and
+/// each merged range is covered by `block_k`-key tiles from its first key (not block-aligned). Returns
+/// the tiles' key ranges, ascending; a tile may reach past its range (the causal mask still applies).
+pub fn range_tiles(ctx: &PatternContext, qb: usize, diagonals: &[usize]) -> Vec<Range<usize>> {
+    let rows = ctx.q_rows(qb);
+    // Ranges by descending start = ascending offset; keys stop at the block's last row.
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    for &d in diagonals.iter().take_while(|&&d| d < rows.end) {
+        let (lo, hi) = (rows.start.saturating_sub(d), rows.end - d);
+        match merged.last_mut() {
+            Some(last) if hi >= last.0 => last.0 = last.0.min(lo),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    let mut tiles = Vec::new();
+    for &(lo, hi) in merged.iter().rev() {
+        tiles.extend((lo..hi).step_by(ctx.block_k).map(|a| a..a + ctx.block_k));
+    }
+    tiles
+}
+
+/// Cells of the selection `columns` + `diagonals` (both sorted ascending) under range tiling
+/// ([`range_tiles`] plus the columns outside the tiles) and exactly; compare with
+/// [`HeadIndex::density`] of the aligned index.
 pub fn selection_cells(
     ctx: &PatternContext,
     columns: &[usize],
     diagonals: &[usize],
 ) -> SelectionCells {
     let (mut ranges, mut exact) = (0u64, 0u64);
-    let mut merged: Vec<(usize, usize)> = Vec::new();
     for qb in 0..ctx.q_blocks() {
         let rows = ctx.q_rows(qb);
-        // Ranges by descending start = ascending offset; keys stop at the block's last row.
-        merged.clear();
-        for &d in diagonals.iter().rev() {
-            if d >= rows.end {
-                continue;
-            }
-            let (lo, hi) = (rows.start.saturating_sub(d), rows.end - d);
-            match merged.last_mut() {
-                Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
-                _ => merged.push((lo, hi)),
-            }
-        }
-        for &(lo, hi) in &merged {
-            let mut start = lo;
-            while start < hi {
-                ranges += causal_cells(&rows, &(start..start + ctx.block_k));
-                start += ctx.block_k;
-            }
-        }
-        let inside = |j: usize| merged.iter().any(|&(lo, hi)| lo <= j && j < hi);
+        let tiles = range_tiles(ctx, qb, diagonals);
+        ranges += tiles.iter().map(|t| causal_cells(&rows, t)).sum::<u64>();
         for &j in columns.iter().take_while(|&&j| j < rows.end) {
             let col = causal_cells(&rows, &(j..j + 1));
-            if !inside(j) {
+            if !tiles.iter().any(|t| t.contains(&j)) {
                 ranges += col;
             }
             exact += col;
