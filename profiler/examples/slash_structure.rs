@@ -152,7 +152,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 11_001,
     };
     let factor: f64 = match args.get(3) {
-        Some(a) => a.parse().map_err(|e| format!("SCALE must be a number: {e}"))?,
+        Some(a) => a
+            .parse()
+            .map_err(|e| format!("SCALE must be a number: {e}"))?,
         None => 1.0,
     };
     let scale = factor * n as f64 / BENCH_N;
