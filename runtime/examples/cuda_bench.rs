@@ -3,7 +3,7 @@
 //! ```text
 //! cuda_bench compile DIR                      NVRTC only (no device): writes DIR/<kernel>.ptx
 //! cuda_bench smoke                            device name, kernel resources, a small dense check
-//! cuda_bench check DIR --n N --hq H --hkv K --d D --index dense|cpu-vs|gpu-vs [--seed S]
+//! cuda_bench check DIR --n N --hq H --hkv K --d D --index dense|cpu-vs|cpu-vs-shared|gpu-vs [--seed S]
 //!                  [--v V --s S --last-q L]
 //!     fresh random inputs (structured for the *-vs indexes), NaN-poisoned output, one forward;
 //!     writes q/k/v/out (bf16), the flat index (u32) and meta.json to DIR for scripts/gpu/check.py.
@@ -388,10 +388,14 @@ fn check(args: &[String]) -> Result<()> {
             let d = dense::index(&ctx);
             FlatIndex::from_heads(n, &vec![d; shape.q_heads])?
         }
-        "cpu-vs" => {
+        "cpu-vs" | "cpu-vs-shared" => {
+            // shared: heads 2p and 2p+1 use head 2p's index (KV-group sharing; with an even GQA
+            // group the head_dim-128 kernel then pairs them in one CTA)
+            let shared = kind == "cpu-vs-shared";
             let heads: Vec<HeadIndex> = (0..shape.q_heads)
                 .into_par_iter()
                 .map(|h| {
+                    let h = if shared { h & !1 } else { h };
                     let qk = HeadQk::new(
                         &q[h * n * shape.head_dim..(h + 1) * n * shape.head_dim],
                         &k[shape.kv_head_of(h) * n * shape.head_dim
@@ -399,12 +403,23 @@ fn check(args: &[String]) -> Result<()> {
                         shape.head_dim,
                         n,
                     )?;
-                    // per-head budgets: vary them so every head differs
+                    // per-head budgets: vary them so every head (pair) differs
                     vertical_slash::index(&ctx, &qk, vb / (1 + h % 3), sb / (1 + h % 2))
                 })
                 .collect::<Result<_>>()?;
             let ix = sp.upload_index(n, &heads)?;
             sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
+            if shared {
+                let mut ms = (0..5)
+                    .map(|_| {
+                        sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out))
+                    })
+                    .collect::<Result<Vec<f32>>>()?;
+                println!(
+                    "attention over shared indexes: {:.3} ms (median of 5)",
+                    bench::median(std::mem::take(&mut ms))
+                );
+            }
             FlatIndex::from_heads(n, &heads)?
         }
         "gpu-vs" => {
@@ -424,7 +439,7 @@ fn check(args: &[String]) -> Result<()> {
         }
         other => {
             return Err(Error::Shape(format!(
-                "--index {other}: expected dense, cpu-vs or gpu-vs"
+                "--index {other}: expected dense, cpu-vs, cpu-vs-shared or gpu-vs"
             )))
         }
     };

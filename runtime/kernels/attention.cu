@@ -765,7 +765,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
                                             const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
                                             int n, int q_heads, int group, float scale_log2, int dense,
-                                            const TmaDesc& tmk, const TmaDesc& tmv) {
+                                            const TmaDesc& tmk, const TmaDesc& tmv, int pair_heads) {
     constexpr int BM = 64, BN = 64, NS = 6;
     constexpr int TILE_BYTES = BM * D * 2;
     constexpr int NONE = 0x7fffffff;
@@ -784,16 +784,28 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     const u32 empty = full + 8 * NS;
     const u32 qfree = empty + 8 * NS;  // both Q tiles are in registers
 
+    // Warpgroup 0 computes query block qb0 of head h, warpgroup 1 query block qb1 of head h1:
+    // normally neighbouring query blocks of one head; with pair_heads (two heads of one KV group with
+    // identical indexes, group even) the same query block of heads 2p and 2p+1, whose tiles are then
+    // all shared.
     const int q_blocks = (n + BM - 1) / BM;
-    const int q_pairs = (q_blocks + 1) / 2;
     const int id = blockIdx.x;
-    const int pr = dense ? q_pairs - 1 - id / q_heads : q_pairs - 1 - id % q_pairs;
-    const int h = dense ? id % q_heads : id / q_pairs;
+    int h, h1, qb0, qb1;
+    if (pair_heads) {  // head-major, heaviest query block first (indexed runs only)
+        h = 2 * (id / q_blocks);
+        h1 = h + 1;
+        qb0 = qb1 = q_blocks - 1 - id % q_blocks;
+    } else {
+        const int q_pairs = (q_blocks + 1) / 2;
+        const int pr = dense ? q_pairs - 1 - id / q_heads : q_pairs - 1 - id % q_pairs;
+        h = h1 = dense ? id % q_heads : id / q_pairs;
+        qb0 = 2 * pr;
+        qb1 = qb0 + 1;
+    }
     const int kvh = h / group;
     // the warp index through a shuffle, so that ptxas knows it is warp-uniform
     const int tid = threadIdx.x, warp = __shfl_sync(0xffffffff, tid >> 5, 0), lane = tid & 31;
-    const int qb0 = 2 * pr;
-    const bool has1 = qb0 + 1 < q_blocks;
+    const bool has1 = qb1 < q_blocks;
 
     if (tid == 0) {
 #pragma unroll
@@ -813,18 +825,18 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         int a_off = 0, a_len = 0, b_off = 0, b_len = 0, ca_off = 0, ca_len = 0, cb_off = 0, cb_len = 0;
         if (dense) {  // the key blocks 0..=last of each query block
             a_len = (min(qb0 * BM + BM, n) - 1) / BN + 1;
-            b_len = has1 ? (min(qb0 * BM + 2 * BM, n) - 1) / BN + 1 : 0;
+            b_len = has1 ? (min(qb1 * BM + BM, n) - 1) / BN + 1 : 0;
         } else {
-            const int e = h * q_blocks + qb0;
+            const int e = h * q_blocks + qb0, e1 = h1 * q_blocks + qb1;
             a_off = blk_off[e];
             a_len = blk_off[e + 1] - a_off;
             ca_off = col_off[e];
             ca_len = col_off[e + 1] - ca_off;
             if (has1) {
-                b_off = blk_off[e + 1];
-                b_len = blk_off[e + 2] - b_off;
-                cb_off = col_off[e + 1];
-                cb_len = col_off[e + 2] - cb_off;
+                b_off = blk_off[e1];
+                b_len = blk_off[e1 + 1] - b_off;
+                cb_off = col_off[e1];
+                cb_len = col_off[e1 + 1] - cb_off;
             }
         }
         // Each producer thread runs the merge by itself (same result in all of them) and publishes its
@@ -948,10 +960,11 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     // ---- consumers ----
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
     const int wg = warp >> 2, wl = warp & 3;
-    const int row0 = (qb0 + wg) * BM;  // this warpgroup's first row
+    const int hw = wg ? h1 : h;                  // this warpgroup's head
+    const int row0 = (wg ? qb1 : qb0) * BM;  // and first row
     const int g = lane >> 2, tq = lane & 3;
     const int ra = row0 + wl * 16 + g, rb = ra + 8;
-    const bf16_t* qh = q + (u64)h * n * D;
+    const bf16_t* qh = q + (u64)hw * n * D;
     u32 qf[D / 16][4];
     {
         const int ct = tid & 127, c = ct % (D / 8);
@@ -1078,14 +1091,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         }
     }
 
-    store_rows<D>(o, l_a, l_b, out + (u64)h * n * D, ra, rb, n, tq);
+    store_rows<D>(o, l_a, l_b, out + (u64)hw * n * D, ra, rb, n, tq);
     }
 }
 
 // K and V as TMA tensor maps too (3-D: head_dim, n, kv_heads; 64 x 64 boxes, 128B swizzle, zero fill).
 extern "C" __global__ void __launch_bounds__(384, 1)
-    attn_fwd_ws_d128(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv) {
+    attn_fwd_ws_d128(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
+                     int pair_heads) {
     attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                     tmv);
+                     tmv, pair_heads);
 }
 #endif

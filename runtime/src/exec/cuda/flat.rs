@@ -56,6 +56,18 @@ impl FlatIndex {
         Ok(f)
     }
 
+    /// Whether heads `2p` and `2p + 1` have identical lists for every `p` (an even number of heads
+    /// whose KV groups share one index per pair, e.g. a plan with `share_kv_group_indexes`).
+    pub fn pairs_share(&self) -> bool {
+        self.q_heads % 2 == 0
+            && (0..self.q_heads).step_by(2).all(|h| {
+                (0..self.q_blocks).all(|qb| {
+                    self.key_blocks(h, qb) == self.key_blocks(h + 1, qb)
+                        && self.columns(h, qb) == self.columns(h + 1, qb)
+                })
+            })
+    }
+
     /// Key blocks of query block `qb` of head `h` (empty when out of range).
     pub fn key_blocks(&self, h: usize, qb: usize) -> &[u32] {
         Self::row(&self.blk_off, &self.blk_idx, h * self.q_blocks + qb)
@@ -142,6 +154,25 @@ mod tests {
             assert_eq!(f.cells(h), d.cells());
         }
         assert!((f.density() - 1.0).abs() < 1e-12);
+        assert!(f.pairs_share());
+    }
+
+    #[test]
+    fn pairs_share_needs_equal_pairs_and_an_even_count() {
+        let ctx = PatternContext {
+            seq_len: 200,
+            block_q: 64,
+            block_k: 64,
+            last_q: 64,
+        };
+        let (d, a) = (
+            dense::index(&ctx),
+            crate::pattern::a_shape::index(&ctx, 64, 64),
+        );
+        let flat = |heads: &[HeadIndex]| FlatIndex::from_heads(200, heads).unwrap_or_default();
+        assert!(flat(&[d.clone(), d.clone(), a.clone(), a.clone()]).pairs_share());
+        assert!(!flat(&[d.clone(), a.clone(), a.clone(), a.clone()]).pairs_share());
+        assert!(!flat(&[d.clone(), d.clone(), d.clone()]).pairs_share());
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct DeviceIndex {
     /// Entries in use in `blk_idx` and `col_idx` (the buffers may be larger).
     pub(crate) n_blk: usize,
     pub(crate) n_col: usize,
+    /// Heads 2p and 2p+1 have identical lists ([`FlatIndex::pairs_share`]): with GQA groups of even
+    /// size the head_dim-128 kernel then pairs them in one CTA, sharing every K/V tile.
+    pub(crate) pairs_share: bool,
 }
 
 impl DeviceIndex {
@@ -104,6 +107,10 @@ pub enum Keys<'a> {
 /// the unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = also try the wgmma
 /// head_dim-64 kernel (wrong on the H200, 2026-11-28).
 pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
+
+/// Environment variable that, set to `0`, keeps the head_dim-128 kernel from pairing the heads of a
+/// KV group that share their indexes (it then pairs neighbouring query blocks, as for other indexes).
+pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
 /// (callers add 1024 bytes so the wgmma kernels can align their tiles to 1024).
@@ -279,6 +286,7 @@ impl SparsePrefill {
             col_idx: drv("upload", s.clone_htod(&nonempty(&f.col_idx)))?,
             n_blk: f.blk_idx.len(),
             n_col: f.col_idx.len(),
+            pairs_share: f.pairs_share(),
         })
     }
 
@@ -338,7 +346,17 @@ impl SparsePrefill {
             }
         };
         let kernel = &self.attn[usize::from(shape.head_dim != 64)];
-        let grid = grid_u32(q_blocks.div_ceil(kernel.blocks_per_cta) * shape.q_heads)?;
+        // heads of one KV group with identical indexes share their K/V tiles (ws kernel only)
+        let pair_heads = kernel.tma
+            && index.is_some_and(|ix| ix.pairs_share)
+            && shape.group() % 2 == 0
+            && std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
+        let grid = if pair_heads {
+            grid_u32(q_blocks * (shape.q_heads / 2))?
+        } else {
+            grid_u32(q_blocks.div_ceil(kernel.blocks_per_cta) * shape.q_heads)?
+        };
+        let pair_i = i32::from(pair_heads);
         let (n_i, heads_i, group_i) = (n as i32, shape.q_heads as i32, shape.group() as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
@@ -370,7 +388,7 @@ impl SparsePrefill {
             .arg(&scale_log2)
             .arg(&dense);
         if let Some((mk, mv)) = &maps {
-            b.arg(mk).arg(mv);
+            b.arg(mk).arg(mv).arg(&pair_i);
         }
         // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps only
         // for the kernel that takes them, built for these K and V buffers); Q/K/V/out lengths were

@@ -274,8 +274,10 @@ impl VerticalSlashBuilder {
                 col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
                 n_blk: 0,
                 n_col: 0,
+                pairs_share: false,
             },
         };
+        ix.pairs_share = false; // per-head selections
         let m_i = m as i32;
         let mut b = s.launch_builder(&self.scan);
         b.arg(&self.cnt_blk)
