@@ -52,20 +52,19 @@ struct Head {
 fn measure(ctx: &PatternContext, qk: &HeadQk<'_>, v: usize, s: usize) -> runtime::Result<Head> {
     let n = ctx.seq_len;
     let ranking = VsRanking::new(ctx, qk)?;
-    let aligned = ranking.index(ctx, v, s).density();
+    let index = ranking.index(ctx, v, s);
     let columns = ranking.top_columns(v);
     let diagonals = ranking.top_diagonals(s);
     let cells = selection_cells(ctx, &columns, &diagonals);
     let dense = causal_cells(&(0..n), &(0..n)) as f64;
     let local = diagonals.iter().filter(|&&d| d < s).count() as f64 / diagonals.len() as f64;
-    let index = ranking.index(ctx, v, s);
+    let scale = 1.0 / (qk.head_dim as f64).sqrt();
     let (mut re, mut ra, mut rr) = (0.0f64, 0.0f64, 0.0f64);
     let rows: Vec<usize> = (0..RECALL_ROWS)
         .map(|r| n - 1 - r * (n - 1) / RECALL_ROWS)
         .collect();
     for &i in &rows {
         let qi = &qk.q[i * qk.head_dim..(i + 1) * qk.head_dim];
-        let scale = 1.0 / (qk.head_dim as f64).sqrt();
         let logits: Vec<f64> = (0..=i)
             .map(|j| {
                 let kj = &qk.k[j * qk.head_dim..(j + 1) * qk.head_dim];
@@ -97,7 +96,7 @@ fn measure(ctx: &PatternContext, qk: &HeadQk<'_>, v: usize, s: usize) -> runtime
     let rows = rows.len() as f64;
     Ok(Head {
         exact: cells.exact as f64 / dense,
-        aligned,
+        aligned: index.density(),
         ranges: cells.ranges as f64 / dense,
         local,
         recall_exact: re / rows,

@@ -410,14 +410,14 @@ fn check(args: &[String]) -> Result<()> {
             let ix = sp.upload_index(n, &heads)?;
             sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
             if shared {
-                let mut ms = (0..5)
+                let ms = (0..5)
                     .map(|_| {
                         sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out))
                     })
                     .collect::<Result<Vec<f32>>>()?;
                 println!(
                     "attention over shared indexes: {:.3} ms (median of 5)",
-                    bench::median(std::mem::take(&mut ms))
+                    bench::median(ms)
                 );
             }
             FlatIndex::from_heads(n, &heads)?

@@ -12,7 +12,7 @@
 //!   columns outside those blocks (what the CPU and CUDA executors compute now);
 //! - **ranges**: MInference's conversion: per query block, each selected diagonal `d` becomes the
 //!   64-key range `[r0 − d, r1 − d)`, overlapping ranges are merged, each merged range is covered by
-//!   64-key tiles starting at its first key (not block-aligned), plus the columns outside the ranges;
+//!   64-key tiles starting at its first key (not block-aligned), plus the columns outside the tiles;
 //! - **exact**: only the cells on the selected diagonals and columns (the selection itself; a cell
 //!   on both is counted twice, so this is an upper bound).
 //!

@@ -991,15 +991,18 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     // Tiles are followed by their stage (ts) and the parity of its phase (tph), kept incrementally
     // (NS = 6 makes t % NS and t / NS a handful of instructions each).
     int ts = -1, tph = 0;
+    auto advance = [&]() {
+        if (++ts == NS) {
+            ts = 0;
+            tph ^= 1;
+        }
+    };
     int klast = 0;  // the last key position of the tile next_member returned (read with its tag)
     // The stage of this warpgroup's next tile (-1 at END or at its DONE tag, which it does not release
     // yet); the tiles that are not its own are released on the way.
     auto next_member = [&]() -> int {
         for (;;) {
-            if (++ts == NS) {
-                ts = 0;
-                tph ^= 1;
-            }
+            advance();
             mbar_wait(full + 8 * ts, tph);
             const int tag = ktag[ts];
             klast = kpos[ts * BN + BN - 1];
@@ -1081,10 +1084,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     if (!(ktag[ts] & END)) {
         mbar_arrive(empty + 8 * ts);
         for (;;) {
-            if (++ts == NS) {
-                ts = 0;
-                tph ^= 1;
-            }
+            advance();
             mbar_wait(full + 8 * ts, tph);
             if (ktag[ts] & END) break;
             mbar_arrive(empty + 8 * ts);

@@ -58,16 +58,6 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const TmaDesc* map, int c0,
         "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
         : "memory");
 }
-// Whether the phase of the given parity has completed (does not wait).
-__device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
-    u32 r;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
-        : "=r"(r)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return r != 0;
-}
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }

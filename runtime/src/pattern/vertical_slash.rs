@@ -180,9 +180,10 @@ impl VsRanking {
 /// blocks, in causal cells summed over query blocks (see [`selection_cells`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SelectionCells {
-    /// MInference's conversion: per query block, each selected diagonal `d` becomes the key range
-    /// `[r0 - d, r1 - d)`, overlapping ranges are merged, each merged range is covered by `block_k`
-    /// key tiles from its first key (not block-aligned), plus the columns outside the ranges.
+    /// MInference's conversion ([`range_tiles`]): per query block, each selected diagonal `d` becomes
+    /// the key range `[r0 - d, r1 - d)`, overlapping ranges are merged, each merged range is covered
+    /// by `block_k` key tiles from its first key (not block-aligned), plus the columns outside the
+    /// tiles.
     pub ranges: u64,
     /// The selected cells themselves: the cells on the diagonals and on the columns (a cell on both
     /// counts twice, so this is an upper bound of the exact selection).
@@ -195,7 +196,7 @@ pub struct SelectionCells {
 /// the tiles' key ranges, ascending; a tile may reach past its range (the causal mask still applies).
 pub fn range_tiles(ctx: &PatternContext, qb: usize, diagonals: &[usize]) -> Vec<Range<usize>> {
     let rows = ctx.q_rows(qb);
-    // Ranges by descending start = ascending offset; keys stop at the block's last row.
+    // Ranges by ascending offset = descending start; keys stop at the block's last row.
     let mut merged: Vec<(usize, usize)> = Vec::new();
     for &d in diagonals.iter().take_while(|&&d| d < rows.end) {
         let (lo, hi) = (rows.start.saturating_sub(d), rows.end - d);

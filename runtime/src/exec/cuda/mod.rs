@@ -110,6 +110,7 @@ pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 
 /// Environment variable that, set to `0`, keeps the head_dim-128 kernel from pairing the heads of a
 /// KV group that share their indexes (it then pairs neighbouring query blocks, as for other indexes).
+/// Read by [`SparsePrefill::new`].
 pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
@@ -129,7 +130,8 @@ struct AttnKernel {
     threads: u32,
     /// Query blocks (of 64 rows) per CTA.
     blocks_per_cta: usize,
-    /// Takes K and V also as TMA tensor maps (two extra parameters after the common ones).
+    /// `attn_fwd_ws_d128`: takes three parameters after the common ones (TMA tensor maps of K and V,
+    /// and whether to pair the heads of a KV group).
     tma: bool,
 }
 
@@ -149,6 +151,8 @@ pub struct SparsePrefill {
     attn: [AttnKernel; 2],
     /// One-element buffer passed as the index of the dense case (never read).
     dummy: CudaSlice<u32>,
+    /// Whether indexes shared by head pairs may pair the heads in one CTA ([`PAIR_ENV`], read once).
+    pair_heads: bool,
 }
 
 impl SparsePrefill {
@@ -209,7 +213,13 @@ impl SparsePrefill {
         };
         let attn = [pick(64)?, pick(128)?];
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
-        Ok(Self { dev, attn, dummy })
+        let pair_heads = std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
+        Ok(Self {
+            dev,
+            attn,
+            dummy,
+            pair_heads,
+        })
     }
 
     /// The device (name, stream, module cache).
@@ -347,10 +357,10 @@ impl SparsePrefill {
         };
         let kernel = &self.attn[usize::from(shape.head_dim != 64)];
         // heads of one KV group with identical indexes share their K/V tiles (ws kernel only)
-        let pair_heads = kernel.tma
+        let pair_heads = self.pair_heads
+            && kernel.tma
             && index.is_some_and(|ix| ix.pairs_share)
-            && shape.group() % 2 == 0
-            && std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
+            && shape.group() % 2 == 0;
         let grid = if pair_heads {
             grid_u32(q_blocks * (shape.q_heads / 2))?
         } else {
