@@ -8,11 +8,12 @@
 //!     fresh random inputs (structured for the *-vs indexes), NaN-poisoned output, one forward;
 //!     writes q/k/v/out (bf16), the flat index (u32) and meta.json to DIR for scripts/gpu/check.py.
 //!     gpu-vs also compares the GPU selection with the CPU `pattern::vertical_slash` selection.
-//! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--write-inputs]
-//!     `runtime::exec::cuda::bench::measure` at one length (32 query heads, 8 KV heads, head_dim 128,
-//!     vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes DIR/bench.json (and inputs
-//!     + index for scripts/gpu/baselines.py with --write-inputs). `attnplan bench --device cuda` runs
-//!     the same measurement over several lengths with the baselines.
+//! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
+//!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
+//!     head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes
+//!     DIR/bench.json (and inputs + index for scripts/gpu/baselines.py with --write-inputs).
+//!     `attnplan bench --device cuda` runs the same measurement over several lengths with the
+//!     baselines.
 //! ```
 //!
 //! Structured inputs and the timing are in `runtime::exec::cuda::bench`.
@@ -478,6 +479,9 @@ fn bench(args: &[String]) -> Result<()> {
         vertical: o.num("v", 1000)?,
         slash: o.num("s", 6096)?,
         last_q: o.num("last-q", 64)?,
+        q_heads: o.num("hq", bench::Q_HEADS)?,
+        kv_heads: o.num("hkv", bench::KV_HEADS)?,
+        head_dim: o.num("d", bench::HEAD_DIM)?,
         ..BenchConfig::new(o.num("n", 8192)?)
     };
     let sp = SparsePrefill::new(0)?;

@@ -496,13 +496,16 @@ __device__ __forceinline__ void wg_issue_s(float (*s)[4], const u32 (*qf)[4], u6
     wgmma_commit();
 }
 
-// O += P V of one 64-key tile for a warpgroup, head_dim 128: P fragments `p` in registers, the V tile
-// through `v_desc` = gmma_desc(tile, 64 * 128, 1024) (128B-swizzled, MN-major); one commit group.
-__device__ __forceinline__ void wg_issue_pv128(float* o, const u32 (*p)[4], u64 v_desc) {
+// O += P V of one 64-key tile for a warpgroup: P fragments `p` in registers, the V tile through
+// `v_desc` = gmma_desc(tile, 64 * 128, 1024) (128B-swizzled, MN-major: D / 64 column blocks of 64 x 128
+// bytes, 8-key groups 1024 bytes apart); one commit group.
+template <int D>
+__device__ __forceinline__ void wg_issue_pv(float* o, const u32 (*p)[4], u64 v_desc) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-        wgmma_m64n128k16<1>(o, p[kk], v_desc + (u64)((kk * 2048) >> 4));
+        if constexpr (D == 128) wgmma_m64n128k16<1>(o, p[kk], v_desc + (u64)((kk * 2048) >> 4));
+        else wgmma_m64n64k16<1>(o, p[kk], v_desc + (u64)((kk * 2048) >> 4));
     }
     wgmma_commit();
 }
@@ -693,7 +696,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         fence_proxy_async();
         __syncthreads();
         issue_s(s, t + 1);
-        wg_issue_pv128(&o[0][0], pa, v_desc0 + (u64)((t % NS) * (TILE_BYTES >> 4)));
+        wg_issue_pv<D>(&o[0][0], pa, v_desc0 + (u64)((t % NS) * (TILE_BYTES >> 4)));
         u32 pn[4][4];
         float al_a, al_b;
         wgmma_wait<1>();                   // S of tile t+1 is done
@@ -718,7 +721,7 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         __syncthreads();  // stage t % NS is free for the load of tile t + 3
     }
     if (ntiles > 0) {
-        wg_issue_pv128(&o[0][0], pa, v_desc0 + (u64)(((ntiles - 1) % NS) * (TILE_BYTES >> 4)));
+        wg_issue_pv<D>(&o[0][0], pa, v_desc0 + (u64)(((ntiles - 1) % NS) * (TILE_BYTES >> 4)));
         wgmma_wait0();
     }
     cp_async_wait<0>();
@@ -852,14 +855,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         int since0 = -(1 << 30), since1 = -(1 << 30), pend = 0;
         bool done0 = va == NONE && cta == 0, done1 = vb == NONE && ctb == 0;
 
-        // thread: rows lr + 8j (j < 8) and 16-byte chunk lc of each tile; with the row's low bits fixed,
-        // the 128B swizzle is a per-thread constant
-        const int lr = pt & 7, lc = pt >> 3;
-        const u32 sw = (u32)(lc >> 3) * (64 * 128) + (u32)(((lc & 7) ^ lr) << 4) + lr * 128;
+        // thread: rows lr + RS j (j < BN / RS) and 16-byte chunk lc of each tile (RS = 8 for D = 128, 16 for
+        // D = 64); with the row's low bits fixed, the 128B swizzle is a per-thread constant
+        constexpr int RS = 128 / (D / 8);
+        const int lr = pt % RS, lc = pt / RS;
+        const u32 sw = (u32)(lc >> 3) * (64 * 128) + (u32)(((lc & 7) ^ (lr & 7)) << 4) + lr * 128;
         // Announcing a tile on the stage's `full` barrier (count 128, one arrival per producer thread;
         // each arrival also releases that thread's tag and position writes):
-        // - a key block is loaded by TMA (thread 0: four 64 x 64 boxes, K and V halves, rows past n
-        //   zero-filled; its arrival carries the 32 KB of expected transactions), so the phase completes
+        // - a key block is loaded by TMA (thread 0: 64 x 64 boxes, D / 64 each of K and V, rows past n
+        //   zero-filled; its arrival carries the tile's expected transaction bytes), so the phase completes
         //   when the bytes have landed;
         // - a column tile is gathered with cp.async by all threads, each of which adds
         //   cp.async.mbarrier.arrive (the phase cannot complete before its copies land).
@@ -913,39 +917,40 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             if (kb >= 0) {
                 if (lc == 0) {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        const int r = kb * BN + lr + 8 * j;
-                        kp[lr + 8 * j] = r < n ? r : POS_NONE;
+                    for (int j = 0; j < BN / RS; ++j) {
+                        const int r = kb * BN + lr + RS * j;
+                        kp[lr + RS * j] = r < n ? r : POS_NONE;
                     }
                 }
                 if (pt == 0) {  // after its own tag and position writes: its arrival releases them
                     mbar_arrive_expect_tx(fb, 2 * TILE_BYTES);
                     const u32 k_st = sK + s * TILE_BYTES, v_st = sV + s * TILE_BYTES;
-                    tma_load_3d(k_st, &tmk, 0, kb * BN, kvh, fb);
-                    tma_load_3d(k_st + 64 * 128, &tmk, 64, kb * BN, kvh, fb);
-                    tma_load_3d(v_st, &tmv, 0, kb * BN, kvh, fb);
-                    tma_load_3d(v_st + 64 * 128, &tmv, 64, kb * BN, kvh, fb);
+#pragma unroll
+                    for (int c = 0; c < D / 64; ++c) {
+                        tma_load_3d(k_st + c * (64 * 128), &tmk, 64 * c, kb * BN, kvh, fb);
+                        tma_load_3d(v_st + c * (64 * 128), &tmv, 64 * c, kb * BN, kvh, fb);
+                    }
                 } else {
                     mbar_arrive(fb);
                 }
             } else {
                 const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
-                int pos[8];
+                int pos[BN / RS];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const int r = lr + 8 * j;
+                for (int j = 0; j < BN / RS; ++j) {
+                    const int r = lr + RS * j;
                     pos[j] = e0 + r < len ? (int)list[e0 + r] : POS_NONE;
                 }
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
+                for (int j = 0; j < BN / RS; ++j) {
                     const bool ok = pos[j] != POS_NONE;
                     const u64 off = ok ? (u64)pos[j] * D + lc * 8 : 0;
-                    cp_async16(dk + j * 1024, kh + off, ok ? 16 : 0);
-                    cp_async16(dv + j * 1024, vh + off, ok ? 16 : 0);
+                    cp_async16(dk + j * (RS * 128), kh + off, ok ? 16 : 0);
+                    cp_async16(dv + j * (RS * 128), vh + off, ok ? 16 : 0);
                 }
                 if (lc == 0) {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) kp[lr + 8 * j] = pos[j];
+                    for (int j = 0; j < BN / RS; ++j) kp[lr + RS * j] = pos[j];
                 }
                 cp_async_mbar_arrive(fb);
                 mbar_arrive(fb);
@@ -1016,7 +1021,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
     auto issue_s = [&](float (*s)[4], int st) { wg_issue_s<D>(s, qf, k_desc0 + (u64)(st * (TILE_BYTES >> 4))); };
     auto issue_pv = [&](float* o, u32 (*p)[4], int st) {
-        wg_issue_pv128(o, p, v_desc0 + (u64)(st * (TILE_BYTES >> 4)));
+        wg_issue_pv<D>(o, p, v_desc0 + (u64)(st * (TILE_BYTES >> 4)));
     };
 
     float o[D / 8][4];
@@ -1101,5 +1106,12 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                      int pair_heads) {
     attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
                      tmv, pair_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    attn_fwd_ws_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
+                    int pair_heads) {
+    attn_fwd_ws<64>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
+                    tmv, pair_heads);
 }
 #endif

@@ -49,15 +49,21 @@ fn bf16_rounding_is_nearest_even() {
 #[test]
 fn dense_keys_match_cpu_dense() {
     let Some(sp) = device() else { return };
-    // head_dim 128 runs the TMA kernel: lengths below, at and just past one 64-row box, odd GQA
+    // both head dims run the TMA kernels: lengths below, at and just past one 64-row box, odd GQA
+    // (9 x 3 x 64 is SmolLM2-135M's layer)
     for (n, hq, hkv, d) in [
         (200usize, 4usize, 2usize, 128usize),
         (97, 2, 1, 64),
         (1, 2, 1, 128),
+        (1, 2, 1, 64),
         (17, 3, 3, 128),
+        (17, 3, 3, 64),
         (64, 4, 1, 128),
+        (64, 4, 2, 64),
         (65, 2, 2, 128),
+        (65, 2, 2, 64),
         (129, 8, 2, 128),
+        (129, 9, 3, 64),
     ] {
         let shape = AttnShape {
             q_heads: hq,
@@ -242,6 +248,20 @@ fn bench_result_json_keeps_the_keys_baselines_py_reads() {
         assert!(js.contains(needle), "{needle} missing from {js}");
     }
     assert!(r.summary().starts_with("bench n=262144: density 0.1350;"));
+    let small = BenchResult {
+        config: BenchConfig {
+            q_heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            ..BenchConfig::new(8192)
+        },
+        ..r
+    };
+    assert!(small
+        .to_json()
+        .starts_with("{\"n\":8192,\"q_heads\":9,\"kv_heads\":3,\"head_dim\":64,"));
+    let flops = 2.0 * 8192.0f64 * 8192.0 * 64.0 * 9.0;
+    assert!((small.dense_flops() - flops).abs() < 1e-9 * flops);
 }
 
 #[test]

@@ -7,8 +7,9 @@ BIN=${1:-.cuda-carry/cuda_bench}
 RES=${2:-${OUT:-/tmp}}
 W=${CASE_DIR:-/tmp/attnplan-cases}
 rm -rf "$W"; mkdir -p "$W"
-# n hq hkv d index v s       (GQA groups 1, 4, 8; head_dim 64 and 128; odd lengths; cpu-vs-shared:
-# heads 2p and 2p+1 share an index, which the head_dim-128 kernel computes as one CTA per pair)
+# n hq hkv d index v s       (GQA groups 1, 3, 4, 8; head_dim 64 and 128; odd lengths; 9 3 64 is
+# SmolLM2-135M's layer; cpu-vs-shared: heads 2p and 2p+1 share an index, which the warp-specialized
+# kernels compute as one CTA per pair)
 cases=(
   "1023 8 8 64 dense 0 0"
   "1023 8 8 128 cpu-vs 100 200"
@@ -22,6 +23,10 @@ cases=(
   "33000 8 8 64 cpu-vs 1000 3000"
   "1023 8 2 128 cpu-vs-shared 100 200"
   "33000 32 8 128 cpu-vs-shared 1000 6096"
+  "4097 9 3 64 gpu-vs 300 600"
+  "33000 9 3 64 dense 0 0"
+  "1023 8 2 64 cpu-vs-shared 100 200"
+  "33000 32 8 64 cpu-vs-shared 1000 6096"
 )
 dirs=()
 fail=0

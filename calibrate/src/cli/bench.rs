@@ -50,6 +50,10 @@ pub struct Args {
     /// Timed repetitions of each of our stages (medians); dense from 128K on: at most 3.
     #[arg(long, default_value_t = 10, value_parser = parse_reps)]
     pub reps: usize,
+    /// Layer shape: query heads, KV heads and head_dim (64 or 128), as HQxHKVxD; SmolLM2-135M's
+    /// layers are 9x3x64.
+    #[arg(long, default_value = "32x8x128", value_parser = parse_shape)]
+    pub shape: (usize, usize, usize),
     /// Skip the baselines (PyTorch SDPA cuDNN, FA2, MInference's Triton kernel).
     #[arg(long)]
     pub no_baselines: bool,
@@ -90,6 +94,30 @@ pub fn parse_length(s: &str) -> Result<usize, String> {
         return Err(format!("{s:?}: a length must be at least 1 token"));
     }
     Ok(n)
+}
+
+/// A layer shape `HQxHKVxD`: query heads, KV heads dividing them, head_dim 64 or 128.
+pub fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
+    let bad = || format!("{s:?}: expected query heads x KV heads x head_dim, such as 32x8x128");
+    let parts: Vec<usize> = s
+        .trim()
+        .split(['x', 'X'])
+        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let [hq, hkv, d] = parts[..] else {
+        return Err(bad());
+    };
+    if hkv == 0 || hq == 0 || hq % hkv != 0 {
+        return Err(format!(
+            "{s:?}: the KV heads ({hkv}) must divide the query heads ({hq}), both at least 1"
+        ));
+    }
+    if d != 64 && d != 128 {
+        return Err(format!(
+            "{s:?}: head_dim must be 64 or 128 (the CUDA kernels' sizes), not {d}"
+        ));
+    }
+    Ok((hq, hkv, d))
 }
 
 fn parse_reps(s: &str) -> Result<usize, String> {
@@ -196,8 +224,12 @@ fn measure_lengths(
     let mut rows = Vec::new();
     let mut dirs = Vec::new();
     for &n in &args.lengths {
+        let (q_heads, kv_heads, head_dim) = args.shape;
         let cfg = BenchConfig {
             reps: args.reps,
+            q_heads,
+            kv_heads,
+            head_dim,
             ..BenchConfig::new(n)
         };
         let (ours, index) = bench::measure(&sp, &cfg).with_context(|| format!("length {n}"))?;
@@ -423,9 +455,9 @@ pub fn format_table(rows: &[Row], status: &Baselines) -> String {
              TFLOP/s in parentheses; ratios are baseline / ours.",
             first.ours.device,
             first.ours.kernel,
-            bench::Q_HEADS,
-            bench::KV_HEADS,
-            bench::HEAD_DIM,
+            c.q_heads,
+            c.kv_heads,
+            c.head_dim,
             c.vertical,
             c.slash,
             c.last_q,
@@ -518,9 +550,31 @@ mod tests {
         assert_eq!(a.device, Device::Cuda);
         assert_eq!(a.lengths, bench::DEFAULT_LENGTHS);
         assert_eq!(a.reps, BenchConfig::new(8192).reps);
+        assert_eq!(a.shape, (bench::Q_HEADS, bench::KV_HEADS, bench::HEAD_DIM));
         assert!(!a.no_baselines);
         assert!(a.json.is_none());
         assert_eq!(a.baselines_script, Path::new("scripts/gpu/baselines.py"));
+    }
+
+    #[test]
+    fn bench_shape_is_heads_kv_heads_and_a_kernel_head_dim() {
+        assert_eq!(parse_shape("9x3x64"), Ok((9, 3, 64)));
+        assert_eq!(parse_shape(" 32X8x128 "), Ok((32, 8, 128)));
+        let a = parse(&["--device", "cuda", "--shape", "9x3x64"]).unwrap();
+        assert_eq!(a.shape, (9, 3, 64));
+        for (bad, says) in [
+            ("9x3", "expected query heads x KV heads x head_dim"),
+            ("9x3x64x1", "expected query heads x KV heads x head_dim"),
+            ("ax3x64", "expected query heads x KV heads x head_dim"),
+            ("9x4x64", "must divide the query heads"),
+            ("9x0x64", "must divide the query heads"),
+            ("9x3x96", "head_dim must be 64 or 128"),
+        ] {
+            let e = parse_shape(bad).unwrap_err();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
+        let e = parse(&["--device", "cuda", "--shape", "9x4x64"]).unwrap_err();
+        assert!(e.to_string().contains("--shape"), "{e}");
     }
 
     #[test]
@@ -539,6 +593,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.lengths, [1024, 4096, 65536]);
         assert_eq!(a.reps, 3);
+        assert_eq!(a.shape, (bench::Q_HEADS, bench::KV_HEADS, bench::HEAD_DIM));
         assert!(a.no_baselines);
         assert_eq!(a.json.as_deref(), Some(Path::new("out/bench.json")));
     }

@@ -1,11 +1,11 @@
 //! The CUDA benchmark of docs/perf.md ("CUDA runtime"), shared by `attnplan bench --device cuda` and
 //! the `cuda_bench` example.
 //!
-//! Workload: one layer of [`Q_HEADS`] query heads over [`KV_HEADS`] KV heads, head_dim [`HEAD_DIM`],
-//! bf16, causal, vertical-slash with the budgets of [`BenchConfig`] (v 1000, s 6096, last_q 64 by
-//! default), 64x64 blocks, on [`structured`] inputs. [`measure`] times estimation, selection, sparse
-//! attention, end to end and dense with CUDA events and returns a [`BenchResult`] (medians after two
-//! warm-ups) with the index it built; [`write_inputs`] writes the bf16 inputs, the index and
+//! Workload: one layer of [`Q_HEADS`] query heads over [`KV_HEADS`] KV heads, head_dim [`HEAD_DIM`]
+//! (other shapes through [`BenchConfig`]'s fields), bf16, causal, vertical-slash with the budgets of
+//! [`BenchConfig`] (v 1000, s 6096, last_q 64 by default), 64x64 blocks, on [`structured`] inputs.
+//! [`measure`] times estimation, selection, sparse attention, end to end and dense with CUDA events
+//! and returns a [`BenchResult`] (medians after two warm-ups) with the index it built; [`write_inputs`] writes the bf16 inputs, the index and
 //! `bench.json` for `scripts/gpu/baselines.py`.
 //!
 //! This file is compiled with and without the `cuda` feature: without it, it runs against the stub of
@@ -57,10 +57,17 @@ pub struct BenchConfig {
     pub slash: usize,
     /// Query rows the estimate reads (the last `last_q`).
     pub last_q: usize,
+    /// Query heads ([`Q_HEADS`] by default).
+    pub q_heads: usize,
+    /// KV heads ([`KV_HEADS`] by default; must divide `q_heads`).
+    pub kv_heads: usize,
+    /// Head dimension, 64 or 128 ([`HEAD_DIM`] by default).
+    pub head_dim: usize,
 }
 
 impl BenchConfig {
-    /// The settings of docs/perf.md at `seq_len` tokens: 10 reps, v 1000, s 6096, last_q 64.
+    /// The settings of docs/perf.md at `seq_len` tokens: 10 reps, v 1000, s 6096, last_q 64, 32 query
+    /// heads over 8 KV heads of head_dim 128.
     pub fn new(seq_len: usize) -> Self {
         Self {
             seq_len,
@@ -68,16 +75,19 @@ impl BenchConfig {
             vertical: 1000,
             slash: 6096,
             last_q: 64,
+            q_heads: Q_HEADS,
+            kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
         }
     }
 
-    /// `[Q_HEADS, seq_len, HEAD_DIM]` over `[KV_HEADS, seq_len, HEAD_DIM]`.
+    /// `[q_heads, seq_len, head_dim]` over `[kv_heads, seq_len, head_dim]`.
     pub fn shape(&self) -> AttnShape {
         AttnShape {
-            q_heads: Q_HEADS,
-            kv_heads: KV_HEADS,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
             seq_len: self.seq_len,
-            head_dim: HEAD_DIM,
+            head_dim: self.head_dim,
         }
     }
 
@@ -131,7 +141,7 @@ pub struct BenchResult {
     pub entries: (usize, usize),
     /// Device name and compute capability.
     pub device: String,
-    /// Attention kernel used for head_dim 128.
+    /// Attention kernel used for the benchmark's head_dim.
     pub kernel: String,
     /// Wall seconds to generate and upload the inputs.
     pub inputs_s: f64,
@@ -140,8 +150,9 @@ pub struct BenchResult {
 impl BenchResult {
     /// Dense causal FLOPs counted as `2 * N^2 * d * H` (the convention of docs/perf.md).
     pub fn dense_flops(&self) -> f64 {
-        let n = self.config.seq_len as f64;
-        2.0 * n * n * HEAD_DIM as f64 * Q_HEADS as f64
+        let c = &self.config;
+        let n = c.seq_len as f64;
+        2.0 * n * n * c.head_dim as f64 * c.q_heads as f64
     }
 
     /// TFLOP/s of sparse attention on the computed cells (dense FLOPs scaled by density).
@@ -166,12 +177,15 @@ impl BenchResult {
         let mut js = String::new();
         let _ = write!(
             js,
-            "{{\"n\":{},\"q_heads\":{Q_HEADS},\"kv_heads\":{KV_HEADS},\"head_dim\":{HEAD_DIM},\"v\":{},\"s\":{},\
+            "{{\"n\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"v\":{},\"s\":{},\
              \"last_q\":{},\"reps\":{},\"dense_reps\":{},\"density\":{:.5},\"estimate_ms\":{:.4},\
              \"select_ms\":{:.4},\"sparse_attn_ms\":{:.4},\"e2e_ms\":{:.4},\"dense_ms\":{:.4},\
              \"sparse_attn_tflops_on_cells\":{:.1},\"dense_tflops\":{:.1},\"index_share\":{:.4},\
              \"entries\":[{},{}],\"inputs_s\":{:.1},\"device\":{},\"kernel\":{}}}",
             c.seq_len,
+            c.q_heads,
+            c.kv_heads,
+            c.head_dim,
             c.vertical,
             c.slash,
             c.last_q,
@@ -301,7 +315,7 @@ pub fn measure(sp: &SparsePrefill, cfg: &BenchConfig) -> Result<(BenchResult, Fl
     let kernel = sp
         .kernel_resources()?
         .into_iter()
-        .nth(1)
+        .nth(usize::from(shape.head_dim != 64))
         .map(|r| r.0)
         .unwrap_or_default();
     let result = BenchResult {

@@ -102,10 +102,10 @@ pub enum Keys<'a> {
 }
 
 /// Environment variable choosing the attention kernel where the build has wgmma (sm_90a, the default):
-/// unset = `attn_fwd_ws_d128` (warp-specialized, two query blocks per CTA) for head_dim 128 and
-/// `attn_fwd_d64` (mma.sync) for 64; `wg3` = the pipelined one-warpgroup `attn_fwd_wg3_d128`; `wg1` =
-/// the unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = also try the wgmma
-/// head_dim-64 kernel (wrong on the H200, 2026-11-28).
+/// unset = `attn_fwd_ws_d128` / `attn_fwd_ws_d64` (warp-specialized, two query blocks per CTA); `wg3` =
+/// the pipelined one-warpgroup `attn_fwd_wg3_d128` (head_dim 64 then runs on mma.sync); `wg1` = the
+/// unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = the unpipelined wgmma
+/// head_dim-64 kernel `attn_fwd_wg_d64` (wrong on the H200, 2026-11-28).
 pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 
 /// Environment variable that, set to `0`, keeps the head_dim-128 kernel from pairing the heads of a
@@ -130,7 +130,7 @@ struct AttnKernel {
     threads: u32,
     /// Query blocks (of 64 rows) per CTA.
     blocks_per_cta: usize,
-    /// `attn_fwd_ws_d128`: takes three parameters after the common ones (TMA tensor maps of K and V,
+    /// `attn_fwd_ws_d*`: takes three parameters after the common ones (TMA tensor maps of K and V,
     /// and whether to pair the heads of a KV group).
     tma: bool,
 }
@@ -177,23 +177,23 @@ impl SparsePrefill {
                     smem,
                     threads,
                     blocks_per_cta,
-                    tma: name == "attn_fwd_ws_d128",
+                    tma: name.starts_with("attn_fwd_ws_"),
                 })
         };
         let pick = |d: usize| -> Result<AttnKernel> {
             // attn_fwd_wg_d64 gave wrong results on the H200 (2026-11-28, see docs/cuda.md): head_dim
             // 64 stays on mma.sync unless ATTN_ENV=wg64 asks for it.
-            let (wg, mma) = if d == 64 {
-                ("attn_fwd_wg_d64", "attn_fwd_d64")
+            let (ws, wg, mma) = if d == 64 {
+                ("attn_fwd_ws_d64", "attn_fwd_wg_d64", "attn_fwd_d64")
             } else {
-                ("attn_fwd_wg_d128", "attn_fwd_d128")
+                ("attn_fwd_ws_d128", "attn_fwd_wg_d128", "attn_fwd_d128")
             };
             let (wg1, wg3, wg64) = (choice == "wg1", choice == "wg3", choice == "wg64");
-            if d == 128 && !want_mma && !wg1 && !wg3 {
+            if !want_mma && !wg1 && !wg3 && !(wg64 && d == 64) {
                 // warp-specialized: 384 threads, two query blocks per CTA; 6 K/V stages (the Q tiles
                 // pass through the last), positions, tags, 2 x 6 + 1 mbarriers, alignment
-                let smem = (12 * 64 * 128 * 2 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
-                if let Ok(k) = kernel("attn_fwd_ws_d128", smem, 384, 2) {
+                let smem = (12 * 64 * d * 2 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
+                if let Ok(k) = kernel(ws, smem, 384, 2) {
                     return Ok(k);
                 }
             }
