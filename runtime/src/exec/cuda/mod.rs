@@ -189,7 +189,8 @@ impl SparsePrefill {
                 ("attn_fwd_ws_d128", "attn_fwd_wg_d128", "attn_fwd_d128")
             };
             let (wg1, wg3, wg64) = (choice == "wg1", choice == "wg3", choice == "wg64");
-            if !want_mma && !wg1 && !wg3 && !(wg64 && d == 64) {
+            let other = want_mma || wg1 || wg3 || (wg64 && d == 64);
+            if !other {
                 // warp-specialized: 384 threads, two query blocks per CTA; 6 K/V stages (the Q tiles
                 // pass through the last), positions, tags, 2 x 6 + 1 mbarriers, alignment
                 let smem = (12 * 64 * d * 2 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
