@@ -3,11 +3,13 @@
 //! ```text
 //! cuda_bench compile DIR                      NVRTC only (no device): writes DIR/<kernel>.ptx
 //! cuda_bench smoke                            device name, kernel resources, a small dense check
-//! cuda_bench check DIR --n N --hq H --hkv K --d D --index dense|cpu-vs|cpu-vs-shared|gpu-vs [--seed S]
-//!                  [--v V --s S --last-q L]
+//! cuda_bench check DIR --n N --hq H --hkv K --d D --index dense|cpu-vs|cpu-vs-shared|gpu-vs|gpu-bs
+//!                  [--seed S] [--v V --s S --last-q L] [--topk K --cover C]
 //!     fresh random inputs (structured for the *-vs indexes), NaN-poisoned output, one forward;
 //!     writes q/k/v/out (bf16), the flat index (u32) and meta.json to DIR for scripts/gpu/check.py.
-//!     gpu-vs also compares the GPU selection with the CPU `pattern::vertical_slash` selection.
+//!     gpu-vs also compares the GPU selection with the CPU `pattern::vertical_slash` selection;
+//!     gpu-bs builds block-sparse indexes on the GPU (heads cycling through top_k K, coverage C,
+//!     top_k K/4, coverage C/2) and compares them with the CPU `pattern::block_sparse` ranking.
 //! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
 //!     head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes
@@ -24,9 +26,10 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use runtime::exec::cuda::bench::{self, noise, structured, write_index, write_u16, BenchConfig};
 use runtime::exec::cuda::{
-    bf16_bits, bf16_to_f32, device, FlatIndex, KernelFile, Keys, SparsePrefill,
-    VerticalSlashBuilder,
+    bf16_bits, bf16_to_f32, device, BlockChoice, BlockSparseBuilder, FlatIndex, KernelFile, Keys,
+    SparsePrefill, VerticalSlashBuilder,
 };
+use runtime::pattern::block_sparse::BlockRanking;
 use runtime::pattern::{dense, vertical_slash, HeadIndex, HeadQk, PatternContext};
 use runtime::{AttnShape, Error, Result};
 
@@ -93,6 +96,15 @@ impl Opts {
             Some(v) => v
                 .parse()
                 .map_err(|_| Error::Shape(format!("--{key} {v}: expected an integer"))),
+        }
+    }
+
+    fn float(&self, key: &str, default: f64) -> Result<f64> {
+        match self.kv.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| Error::Shape(format!("--{key} {v}: expected a number"))),
         }
     }
 
@@ -228,6 +240,90 @@ fn smoke() -> Result<()> {
 /// Per head: (columns differing, of which not near-ties, diagonals differing, of which not near-ties,
 /// max column-score error, lists equal where sets are equal).
 type HeadDiff = (usize, usize, usize, usize, f64, bool);
+
+/// Relative agreement below which two f64 estimates (or a cumulative mass and the coverage) count as
+/// a near-tie: the GPU's exp and summation order differ from the CPU's in the last bits only.
+const NEAR: f64 = 1e-12;
+
+/// Per (head, query block): compares the GPU block-sparse lists with the CPU ranking of
+/// `pattern::block_sparse`; a differing list is a near-tie when the blocks that differ have the
+/// estimate of the boundary block (within [`NEAR`]) and, for coverage, a different count only moves
+/// across blocks of negligible mass with the cumulative mass at the coverage. Returns a JSON fragment.
+fn compare_blocks(
+    shape: &AttnShape,
+    ctx: &PatternContext,
+    q: &[f32],
+    k: &[f32],
+    choices: &[BlockChoice],
+    flat: &FlatIndex,
+) -> Result<String> {
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let per_head: Vec<(usize, usize)> = (0..shape.q_heads)
+        .into_par_iter()
+        .map(|h| -> Result<(usize, usize)> {
+            let g = shape.kv_head_of(h);
+            let qk = HeadQk::new(&q[h * n * d..(h + 1) * n * d], &k[g * n * d..(g + 1) * n * d], d, n)?;
+            let r = BlockRanking::new(ctx, &qk)?;
+            let (mut diff, mut not_tie) = (0, 0);
+            for qb in 0..ctx.q_blocks() {
+                let e = h * flat.q_blocks + qb;
+                let got = &flat.blk_idx[flat.blk_off[e] as usize..flat.blk_off[e + 1] as usize];
+                let (order, est) = (r.order(qb), r.estimated_mass(qb));
+                let cc = match choices[h] {
+                    BlockChoice::TopK(k) => r.top_k_count(qb, k),
+                    BlockChoice::Coverage(c) => r.coverage_count(qb, c),
+                };
+                let mut want = order[..cc].to_vec();
+                want.sort_unstable();
+                if want == got {
+                    continue;
+                }
+                diff += 1;
+                let gc = got.len().min(order.len());
+                let cum = |j: usize| est[..j].iter().sum::<f64>();
+                let count_ok = gc == cc
+                    || matches!(choices[h], BlockChoice::Coverage(c)
+                        if (cum(gc) - cum(cc)).abs() <= NEAR && (cum(cc.min(gc)) - c).abs() <= NEAR);
+                let mut lead = order[..gc].to_vec();
+                lead.sort_unstable();
+                let boundary = if gc > 0 { est[gc - 1] } else { 0.0 };
+                let est_of = |kb: u32| {
+                    order.iter().position(|&o| o == kb).map_or(f64::NAN, |i| est[i])
+                };
+                let set_ok = got
+                    .iter()
+                    .filter(|kb| lead.binary_search(kb).is_err())
+                    .chain(lead.iter().filter(|kb| got.binary_search(kb).is_err()))
+                    .all(|&kb| (est_of(kb) - boundary).abs() <= NEAR * boundary.abs().max(f64::MIN_POSITIVE));
+                if !(count_ok && set_ok) {
+                    not_tie += 1;
+                    if not_tie <= 3 {
+                        eprintln!(
+                            "head {h} query block {qb} ({:?}): GPU {} blocks, CPU {cc}; GPU {:?}, CPU {:?}",
+                            choices[h],
+                            got.len(),
+                            &got[..got.len().min(12)],
+                            &want[..want.len().min(12)]
+                        );
+                    }
+                }
+            }
+            Ok((diff, not_tie))
+        })
+        .collect::<Result<_>>()?;
+    let diff: usize = per_head.iter().map(|x| x.0).sum();
+    let not_tie: usize = per_head.iter().map(|x| x.1).sum();
+    println!(
+        "block-sparse selection vs CPU: {} of {} lists differ, {not_tie} not at a near-tie",
+        diff,
+        shape.q_heads * ctx.q_blocks()
+    );
+    Ok(format!(
+        "{{\"list_diff\":{diff},\"list_diff_not_tie\":{not_tie},\"lists\":{},\"pass\":{}}}",
+        shape.q_heads * ctx.q_blocks(),
+        not_tie == 0
+    ))
+}
 
 /// Per head: compares the GPU selection (prefix counts) with the CPU ranking; returns a JSON fragment.
 #[allow(clippy::too_many_arguments)]
@@ -438,9 +534,44 @@ fn check(args: &[String]) -> Result<()> {
             )?;
             flat
         }
+        "gpu-bs" => {
+            // per-head choices cycling through both kinds and two settings each
+            let (top, cover) = (o.num("topk", 16)?, o.float("cover", 0.9)?);
+            let choices: Vec<BlockChoice> = (0..shape.q_heads)
+                .map(|h| match h % 4 {
+                    0 => BlockChoice::TopK(top),
+                    1 => BlockChoice::Coverage(cover),
+                    2 => BlockChoice::TopK((top / 4).max(1)),
+                    _ => BlockChoice::Coverage(cover / 2.0),
+                })
+                .collect();
+            let mut b = BlockSparseBuilder::new(&sp, &shape, &ctx)?;
+            let mut ix = None;
+            b.build(&sp, &qd, &kd, &choices, &mut ix)?;
+            let ix = ix.ok_or_else(|| Error::Cuda("no index built".into()))?;
+            sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
+            let mut again = None; // a second index, its buffers reused by every timed build
+            b.build(&sp, &qd, &kd, &choices, &mut again)?;
+            let ms = (0..5)
+                .map(|_| sp.time_ms(|| b.build(&sp, &qd, &kd, &choices, &mut again)))
+                .collect::<Result<Vec<f32>>>()?;
+            let att = (0..5)
+                .map(|_| {
+                    sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out))
+                })
+                .collect::<Result<Vec<f32>>>()?;
+            println!(
+                "block-sparse index build: {:.3} ms, attention over it {:.3} ms (medians of 5)",
+                bench::median(ms),
+                bench::median(att)
+            );
+            let flat = sp.download_index(&ix)?;
+            extra = compare_blocks(&shape, &ctx, &q, &k, &choices, &flat)?;
+            flat
+        }
         other => {
             return Err(Error::Shape(format!(
-                "--index {other}: expected dense, cpu-vs, cpu-vs-shared or gpu-vs"
+                "--index {other}: expected dense, cpu-vs, cpu-vs-shared, gpu-vs or gpu-bs"
             )))
         }
     };

@@ -3,9 +3,11 @@
 //! prints why it skipped and passes. The full device suite is scripts/gpu/device-tests.sh. The `bench_*`
 //! tests cover `exec::cuda::bench` (inputs and JSON on the host; one short measurement on a device).
 
-use runtime::exec::cuda::{bf16_bits, bf16_to_f32, FlatIndex, Keys, SparsePrefill};
+use runtime::exec::cuda::{
+    bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, FlatIndex, Keys, SparsePrefill,
+};
 use runtime::exec::dense_attention;
-use runtime::pattern::{a_shape, PatternContext};
+use runtime::pattern::{a_shape, block_sparse, HeadQk, PatternContext};
 use runtime::{AttentionInput, AttnShape, Error};
 
 /// The device, or `None` after printing why the test is skipped.
@@ -98,6 +100,65 @@ fn dense_keys_match_cpu_dense() {
             );
         // bf16 output rounding (2^-9 relative) plus bf16 P in the P.V product
         assert!(worst < 2e-2, "n={n} d={d}: max abs error {worst}");
+    }
+}
+
+/// The GPU block-sparse builder selects what `pattern::block_sparse` selects on the same (bf16) Q and
+/// K, for both head dims, both kinds of choice, an odd length and GQA.
+#[test]
+fn block_sparse_builder_matches_cpu_selection() {
+    let Some(sp) = device() else { return };
+    let choices = [
+        BlockChoice::TopK(4),
+        BlockChoice::Coverage(0.8),
+        BlockChoice::TopK(1),
+        BlockChoice::Coverage(0.3),
+    ];
+    for (n, d) in [(1100usize, 64usize), (1100, 128), (65, 64)] {
+        let (hq, hkv) = (4usize, 2usize);
+        let shape = AttnShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            seq_len: n,
+            head_dim: d,
+        };
+        let ctx = PatternContext {
+            seq_len: n,
+            block_q: 64,
+            block_k: 64,
+            last_q: 64,
+        };
+        let (q, k) = (noise(hq * n * d, 7), noise(hkv * n * d, 8));
+        let mut b = BlockSparseBuilder::new(&sp, &shape, &ctx).unwrap();
+        let (qd, kd) = (sp.upload_bf16(&q).unwrap(), sp.upload_bf16(&k).unwrap());
+        let mut ix = None;
+        b.build(&sp, &qd, &kd, &choices, &mut ix).unwrap();
+        let got = sp.download_index(ix.as_ref().unwrap()).unwrap();
+        let want: Vec<_> = (0..hq)
+            .map(|h| {
+                let g = h / (hq / hkv);
+                let qk = HeadQk::new(
+                    &q[h * n * d..(h + 1) * n * d],
+                    &k[g * n * d..(g + 1) * n * d],
+                    d,
+                    n,
+                )
+                .unwrap();
+                let p = match choices[h] {
+                    BlockChoice::TopK(t) => schemas::BlockSparse {
+                        top_k: Some(schemas::Budget::Fixed(t as u64)),
+                        coverage: None,
+                    },
+                    BlockChoice::Coverage(c) => schemas::BlockSparse {
+                        top_k: None,
+                        coverage: Some(c),
+                    },
+                };
+                block_sparse::index(&ctx, &qk, &p).unwrap()
+            })
+            .collect();
+        let want = FlatIndex::from_heads(n, &want).unwrap();
+        assert_eq!(got, want, "n={n} d={d}");
     }
 }
 

@@ -7,9 +7,9 @@ BIN=${1:-.cuda-carry/cuda_bench}
 RES=${2:-${OUT:-/tmp}}
 W=${CASE_DIR:-/tmp/attnplan-cases}
 rm -rf "$W"; mkdir -p "$W"
-# n hq hkv d index v s       (GQA groups 1, 3, 4, 8; head_dim 64 and 128; odd lengths; 9 3 64 is
-# SmolLM2-135M's layer; cpu-vs-shared: heads 2p and 2p+1 share an index, which the warp-specialized
-# kernels compute as one CTA per pair)
+# n hq hkv d index v s [options]  (GQA groups 1, 3, 4, 8; head_dim 64 and 128; odd lengths; 9 3 64
+# is SmolLM2-135M's layer; cpu-vs-shared: heads 2p and 2p+1 share an index, which the warp-specialized
+# kernels compute as one CTA per pair; gpu-bs: block-sparse indexes built on the GPU)
 cases=(
   "1023 8 8 64 dense 0 0"
   "1023 8 8 128 cpu-vs 100 200"
@@ -27,14 +27,17 @@ cases=(
   "33000 9 3 64 dense 0 0"
   "1023 8 2 64 cpu-vs-shared 100 200"
   "33000 32 8 64 cpu-vs-shared 1000 6096"
+  "1023 9 3 64 gpu-bs 0 0 --topk 4 --cover 0.8"
+  "4097 8 4 64 gpu-bs 0 0 --topk 16 --cover 0.9"
+  "33000 32 8 128 gpu-bs 0 0 --topk 64 --cover 0.95"
 )
 dirs=()
 fail=0
 for i in "${!cases[@]}"; do
-  read -r n hq hkv d ix v s <<<"${cases[$i]}"
+  read -r n hq hkv d ix v s extra <<<"${cases[$i]}"
   dir="$W/case$i"
   seed=$(( (RANDOM << 15) | RANDOM ))
-  if ! "$BIN" check "$dir" --n "$n" --hq "$hq" --hkv "$hkv" --d "$d" --index "$ix" --v "$v" --s "$s" --seed "$seed"; then
+  if ! "$BIN" check "$dir" --n "$n" --hq "$hq" --hkv "$hkv" --d "$d" --index "$ix" --v "$v" --s "$s" --seed "$seed" ${extra:-}; then
     echo "case $i failed to run"; fail=1; continue
   fi
   dirs+=("$dir")

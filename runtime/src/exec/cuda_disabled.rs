@@ -10,7 +10,7 @@ mod flat;
 
 use std::marker::PhantomData;
 
-pub use flat::{FlatIndex, CUDA_BLOCK};
+pub use flat::{BlockChoice, FlatIndex, CUDA_BLOCK};
 
 use crate::error::{Error, Result};
 use crate::pattern::{HeadIndex, PatternContext};
@@ -36,6 +36,7 @@ pub fn bf16_to_f32(x: u16) -> f32 {
 pub enum KernelFile {
     Attention,
     VerticalSlash,
+    BlockSparse,
 }
 
 /// A CUDA device (cannot be opened without the feature).
@@ -144,6 +145,29 @@ impl SparsePrefill {
         Err(Error::CudaNotCompiled)
     }
     pub fn time_ms(&self, _f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        Err(Error::CudaNotCompiled)
+    }
+}
+
+/// GPU block-sparse index building; [`BlockSparseBuilder::new`] returns
+/// [`Error::CudaNotCompiled`].
+#[derive(Debug)]
+pub struct BlockSparseBuilder {
+    _never: (),
+}
+
+impl BlockSparseBuilder {
+    pub fn new(_sp: &SparsePrefill, _shape: &AttnShape, _ctx: &PatternContext) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn build(
+        &mut self,
+        _sp: &SparsePrefill,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+        _choices: &[BlockChoice],
+        _out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
         Err(Error::CudaNotCompiled)
     }
 }

@@ -29,15 +29,22 @@ pub enum KernelFile {
     Attention,
     /// `vertical_slash.cu`: `vs_est_*`, `vs_est_reduce`, `vs_topk`, `vs_count`, `vs_scan`, `vs_fill`.
     VerticalSlash,
+    /// `block_sparse.cu`: `bs_pool_d*`, `bs_rank_d*`, `bs_fill`.
+    BlockSparse,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 2] = [KernelFile::Attention, KernelFile::VerticalSlash];
+    pub const ALL: [KernelFile; 3] = [
+        KernelFile::Attention,
+        KernelFile::VerticalSlash,
+        KernelFile::BlockSparse,
+    ];
 
     pub fn file_name(self) -> &'static str {
         match self {
             KernelFile::Attention => "attention.cu",
             KernelFile::VerticalSlash => "vertical_slash.cu",
+            KernelFile::BlockSparse => "block_sparse.cu",
         }
     }
 
@@ -45,6 +52,7 @@ impl KernelFile {
         match self {
             KernelFile::Attention => include_str!("../../../kernels/attention.cu"),
             KernelFile::VerticalSlash => include_str!("../../../kernels/vertical_slash.cu"),
+            KernelFile::BlockSparse => include_str!("../../../kernels/block_sparse.cu"),
         }
     }
 }

@@ -187,3 +187,36 @@ mod tests {
         assert!(matches!(err, Err(Error::CudaUnsupported(_))));
     }
 }
+
+/// What the GPU block-sparse builder keeps for one head: the selection of
+/// [`crate::pattern::block_sparse`] (forced blocks, then the rest by descending pooled estimate).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BlockChoice {
+    /// `top_k`: this many key blocks per query block in all (at least the forced ones).
+    TopK(usize),
+    /// `coverage`: the fewest leading blocks whose estimated mass reaches this, in `(0, 1]`.
+    Coverage(f64),
+}
+
+impl BlockChoice {
+    /// The choice of a plan's `block_sparse` pattern at `ctx` (budgets resolved at its `seq_len`).
+    ///
+    /// Errors: [`Error::Pattern`] unless exactly one of `top_k` and `coverage` (in `(0, 1]`) is set,
+    /// as on the CPU.
+    pub fn from_pattern(
+        p: &schemas::BlockSparse,
+        ctx: &crate::pattern::PatternContext,
+    ) -> Result<Self> {
+        match (&p.top_k, p.coverage) {
+            (Some(k), None) => Ok(Self::TopK(ctx.resolve(k))),
+            (None, Some(c)) if c > 0.0 && c <= 1.0 => Ok(Self::Coverage(c)),
+            _ => Err(Error::Pattern {
+                kind: "block_sparse",
+                message: format!(
+                    "needs exactly one of top_k and coverage (in (0, 1]), got top_k {:?}, coverage {:?}",
+                    p.top_k, p.coverage
+                ),
+            }),
+        }
+    }
+}

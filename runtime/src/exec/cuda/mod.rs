@@ -1,5 +1,5 @@
 //! CUDA executor (feature `cuda`): sparse causal flash attention over the [`HeadIndex`] form, and GPU
-//! index building for vertical-slash. Kernels are the `.cu` files of `runtime/kernels/`, embedded and
+//! index building for vertical-slash and block-sparse. Kernels are the `.cu` files of `runtime/kernels/`, embedded and
 //! compiled with NVRTC at first use (`compute_90`, override with [`device::ARCH_ENV`]), cached per
 //! device; libcuda and libnvrtc are opened at run time, so building needs no CUDA toolkit. Without the
 //! feature, `exec/cuda_disabled.rs` offers the same API, returning [`Error::CudaNotCompiled`].
@@ -11,6 +11,9 @@
 //!   block) CSR offsets into key blocks and gathered columns).
 //! - [`VerticalSlashBuilder`]: estimation, top-k and list building on the GPU, one launch per stage for
 //!   all heads, per-head budgets; same selection as [`crate::pattern::vertical_slash`].
+//! - [`BlockSparseBuilder`]: pooled estimate, per-head `top_k` or `coverage` selection
+//!   ([`BlockChoice`]) and list building on the GPU; same selection as
+//!   [`crate::pattern::block_sparse`].
 //! - [`DeviceBuffer`]: a typed device allocation; bf16 tensors are `DeviceBuffer<u16>` (raw bits).
 //! - [`bench`](mod@bench): the benchmark of docs/perf.md ([`bench::measure`] gives a
 //!   [`bench::BenchResult`] per length), shared by `attnplan bench --device cuda` and `cuda_bench`.
@@ -19,6 +22,7 @@
 //! `[kv_heads, seq_len, head_dim]`, bf16, head_dim 64 or 128, blocks of 64 queries and 64 keys.
 
 pub mod bench;
+mod block_sparse;
 pub mod device;
 mod flat;
 mod vertical_slash;
@@ -27,8 +31,9 @@ use cudarc::driver::{
     CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
+pub use block_sparse::BlockSparseBuilder;
 pub use device::{Device, KernelFile};
-pub use flat::{FlatIndex, CUDA_BLOCK};
+pub use flat::{BlockChoice, FlatIndex, CUDA_BLOCK};
 pub use vertical_slash::VerticalSlashBuilder;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,278 @@
+//! [`BlockSparseBuilder`]: the block-sparse index of every head of a layer, built on the GPU with the
+//! selection of [`crate::pattern::block_sparse`] (per-head `top_k` or `coverage`).
+//!
+//! Stages (one launch each, all heads; see `kernels/block_sparse.cu`): `bs_pool_d*` (f64 means of
+//! every 64-row block of Q and K); per chunk of query blocks `bs_score_d*` (pooled scores into a
+//! scratch matrix of at most [`SCRATCH_BYTES`]) and `bs_select` (their softmax per query block and the
+//! selection, as a bitmask per (head, query block)); `vs_scan` (offsets; from vertical_slash.cu) and
+//! `bs_fill` (sorted lists). The block total is read back once (4 bytes) to size the list; buffers are
+//! reused across calls.
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::{drv, KernelFile};
+use super::{
+    check_qkv, grid_u32, BlockChoice, DeviceBuffer, DeviceIndex, SparsePrefill, CUDA_BLOCK,
+};
+use crate::error::{Error, Result};
+use crate::pattern::PatternContext;
+use crate::AttnShape;
+
+/// Threads per CTA of `bs_score` and `bs_select` (`BS_THREADS`; `bs_select` runs one warp per
+/// (head, query block)) and the query/key tile of `bs_score` (`BS_TQ`) in block_sparse.cu.
+const THREADS: u32 = 256;
+const TILE: usize = 64;
+/// Bound of the pooled-score scratch matrix (`[q_heads][chunk][q_blocks]` f64): the query blocks are
+/// scored and selected in chunks that fit.
+pub const SCRATCH_BYTES: usize = 512 << 20;
+
+/// Reusable buffers and kernels for one layer shape.
+#[derive(Debug)]
+pub struct BlockSparseBuilder {
+    shape: AttnShape,
+    /// Query blocks per chunk.
+    chunk: usize,
+    pool: CudaFunction,
+    score: CudaFunction,
+    select: CudaFunction,
+    scan: CudaFunction,
+    fill: CudaFunction,
+    /// Pooled Q `[q_heads][q_blocks][d]` and K `[kv_heads][q_blocks][d]`, f64.
+    qbar: CudaSlice<f64>,
+    kbar: CudaSlice<f64>,
+    /// Pooled scores, then estimates, of a chunk: `[q_heads][chunk][q_blocks]`.
+    est: CudaSlice<f64>,
+    /// Selected key blocks as bits, `[q_heads * q_blocks][ceil(q_blocks / 32)]`.
+    mask: CudaSlice<u32>,
+    cnt_blk: CudaSlice<u32>,
+    /// Zeros: no gathered columns.
+    cnt_col: CudaSlice<u32>,
+    mode: CudaSlice<u32>,
+    topk: CudaSlice<u32>,
+    cover: CudaSlice<f64>,
+}
+
+impl BlockSparseBuilder {
+    /// Buffers for `shape`; `ctx` must use 64-token blocks and `ctx.seq_len == shape.seq_len`.
+    ///
+    /// Errors: [`Error::CudaUnsupported`] for other blocks or a head_dim other than 64 or 128.
+    pub fn new(sp: &SparsePrefill, shape: &AttnShape, ctx: &PatternContext) -> Result<Self> {
+        ctx.check()?;
+        shape.check()?;
+        if ctx.block_q != CUDA_BLOCK || ctx.block_k != CUDA_BLOCK || ctx.seq_len != shape.seq_len {
+            return Err(Error::CudaUnsupported(format!(
+                "context {ctx:?}: the CUDA builder needs 64x64 blocks and seq_len {}",
+                shape.seq_len
+            )));
+        }
+        let d = shape.head_dim;
+        if d != 64 && d != 128 {
+            return Err(Error::CudaUnsupported(format!(
+                "head_dim {d}, the CUDA kernels take 64 or 128"
+            )));
+        }
+        let n = shape.seq_len.max(1);
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        let chunk = (SCRATCH_BYTES / (shape.q_heads * q_blocks * 8)).clamp(1, q_blocks);
+        let dev = &sp.dev;
+        let sfx = if d == 64 { "d64" } else { "d128" };
+        let bs = KernelFile::BlockSparse;
+        let s = &dev.stream;
+        let z32 = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<u32>(len.max(1)));
+        let zf = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<f64>(len.max(1)));
+        let m = shape.q_heads * q_blocks;
+        Ok(Self {
+            shape: *shape,
+            chunk,
+            pool: dev.function(bs, &format!("bs_pool_{sfx}"), 0)?,
+            score: dev.function(bs, &format!("bs_score_{sfx}"), 0)?,
+            select: dev.function(bs, "bs_select", 0)?,
+            scan: dev.function(KernelFile::VerticalSlash, "vs_scan", 0)?,
+            fill: dev.function(bs, "bs_fill", 0)?,
+            qbar: zf(m * d)?,
+            kbar: zf(shape.kv_heads * q_blocks * d)?,
+            est: zf(shape.q_heads * chunk * q_blocks)?,
+            mask: z32(m * q_blocks.div_ceil(32))?,
+            cnt_blk: z32(m)?,
+            cnt_col: z32(m)?,
+            mode: z32(shape.q_heads)?,
+            topk: z32(shape.q_heads)?,
+            cover: zf(shape.q_heads)?,
+        })
+    }
+
+    /// The index of every head from the live `q` and `k` (bf16, the layout of
+    /// [`SparsePrefill::forward`]) with one [`BlockChoice`] per query head, written into `out`
+    /// (reused when large enough). Waits for a 4-byte read-back of the list size.
+    pub fn build(
+        &mut self,
+        sp: &SparsePrefill,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        choices: &[BlockChoice],
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        let sh = self.shape;
+        check_qkv(&sh, q, k, k)?;
+        if choices.len() != sh.q_heads {
+            return Err(Error::Shape(format!(
+                "{} block choices for {} query heads",
+                choices.len(),
+                sh.q_heads
+            )));
+        }
+        let mut mode = Vec::with_capacity(sh.q_heads);
+        let mut topk = Vec::with_capacity(sh.q_heads);
+        let mut cover = Vec::with_capacity(sh.q_heads);
+        for (h, c) in choices.iter().enumerate() {
+            match *c {
+                BlockChoice::TopK(k) => {
+                    mode.push(0u32);
+                    topk.push(u32::try_from(k).unwrap_or(u32::MAX));
+                    cover.push(0.0f64);
+                }
+                BlockChoice::Coverage(c) if c > 0.0 && c <= 1.0 => {
+                    mode.push(1);
+                    topk.push(0);
+                    cover.push(c);
+                }
+                BlockChoice::Coverage(c) => {
+                    return Err(Error::Pattern {
+                        kind: "block_sparse",
+                        message: format!("head {h}: coverage {c} is not in (0, 1]"),
+                    })
+                }
+            }
+        }
+        let s = &sp.dev.stream;
+        drv("upload", s.memcpy_htod(&mode, &mut self.mode))?;
+        drv("upload", s.memcpy_htod(&topk, &mut self.topk))?;
+        drv("upload", s.memcpy_htod(&cover, &mut self.cover))?;
+        let n = sh.seq_len;
+        if n == 0 {
+            return Err(Error::Shape(
+                "block-sparse index of an empty sequence".into(),
+            ));
+        }
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        let m = sh.q_heads * q_blocks;
+        let (n_i, heads, group) = (n as i32, sh.q_heads as i32, sh.group() as i32);
+
+        let mut b = s.launch_builder(&self.pool);
+        b.arg(&q.inner)
+            .arg(&k.inner)
+            .arg(&n_i)
+            .arg(&heads)
+            .arg(&mut self.qbar)
+            .arg(&mut self.kbar);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32((sh.q_heads + sh.kv_heads) * q_blocks)?, 1, 1),
+            block_dim: (sh.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `bs_pool_d*`; q and k were checked against the shape, qbar/kbar hold
+        // (q_heads + kv_heads) * q_blocks rows of head_dim between them.
+        drv("bs_pool launch", unsafe { b.launch(cfg) })?;
+
+        let scale = 1.0 / (sh.head_dim as f64).sqrt();
+        for q0 in (0..q_blocks).step_by(self.chunk) {
+            let rows = self.chunk.min(q_blocks - q0);
+            let (q0_i, rows_i) = (q0 as i32, rows as i32);
+            let mut b = s.launch_builder(&self.score);
+            b.arg(&self.qbar)
+                .arg(&self.kbar)
+                .arg(&n_i)
+                .arg(&group)
+                .arg(&q0_i)
+                .arg(&rows_i)
+                .arg(&scale)
+                .arg(&mut self.est);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    grid_u32((q0 + rows).div_ceil(TILE))?,
+                    grid_u32(rows.div_ceil(TILE))?,
+                    sh.q_heads as u32,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `bs_score_d*`; est holds q_heads * chunk * q_blocks doubles and rows <=
+            // chunk; the pooled arrays were written by bs_pool for this shape.
+            drv("bs_score launch", unsafe { b.launch(cfg) })?;
+            let mut b = s.launch_builder(&self.select);
+            b.arg(&mut self.est)
+                .arg(&n_i)
+                .arg(&heads)
+                .arg(&q0_i)
+                .arg(&rows_i)
+                .arg(&self.mode)
+                .arg(&self.topk)
+                .arg(&self.cover)
+                .arg(&mut self.mask)
+                .arg(&mut self.cnt_blk);
+            let warps_per_cta = THREADS as usize / 32;
+            let cfg = LaunchConfig {
+                grid_dim: (grid_u32((sh.q_heads * rows).div_ceil(warps_per_cta))?, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `bs_select`; est as above, mask holds m * ceil(q_blocks / 32) words,
+            // cnt_blk m entries, the per-head arrays q_heads.
+            drv("bs_select launch", unsafe { b.launch(cfg) })?;
+        }
+
+        let mut ix = match out.take() {
+            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
+            _ => DeviceIndex {
+                q_heads: sh.q_heads,
+                seq_len: n,
+                q_blocks,
+                blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+                blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+                col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+                col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+                n_blk: 0,
+                n_col: 0,
+                pairs_share: false,
+            },
+        };
+        ix.pairs_share = false; // per-head selections
+        let m_i = m as i32;
+        let mut b = s.launch_builder(&self.scan);
+        b.arg(&self.cnt_blk)
+            .arg(&self.cnt_col)
+            .arg(&m_i)
+            .arg(&mut ix.blk_off)
+            .arg(&mut ix.col_off);
+        let one = LaunchConfig {
+            grid_dim: (2, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `vs_scan`; the offsets hold m + 1 entries (column counts are all zero).
+        drv("vs_scan launch", unsafe { b.launch(one) })?;
+        let nb = drv("read total", s.clone_dtoh(&ix.blk_off.slice(m..m + 1)))?;
+        let nb = nb.first().copied().unwrap_or(0) as usize;
+        if ix.blk_idx.len() < nb.max(1) {
+            ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
+        }
+        ix.n_blk = nb;
+        ix.n_col = 0;
+        let mut b = s.launch_builder(&self.fill);
+        b.arg(&self.mask)
+            .arg(&n_i)
+            .arg(&heads)
+            .arg(&ix.blk_off)
+            .arg(&mut ix.blk_idx);
+        let warps = LaunchConfig {
+            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `bs_fill`; blk_idx holds at least the scanned total, which is the number of
+        // set bits in the mask rows (bs_rank's counts).
+        drv("bs_fill launch", unsafe { b.launch(warps) })?;
+        *out = Some(ix);
+        Ok(())
+    }
+}
