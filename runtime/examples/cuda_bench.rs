@@ -10,6 +10,9 @@
 //!     gpu-vs also compares the GPU selection with the CPU `pattern::vertical_slash` selection;
 //!     gpu-bs builds block-sparse indexes on the GPU (heads cycling through top_k K, coverage C,
 //!     top_k K/4, coverage C/2) and compares them with the CPU `pattern::block_sparse` ranking.
+//! cuda_bench plan DIR --n N [--hq H --hkv K --d D --v V --s S --topk T --local L --reps R] [--share]
+//!     one layer of a mixed plan (vertical-slash, block-sparse, A-shape heads) through `PlanPrefill`
+//!     on structured inputs: index and attention times, and where each head's index came from.
 //! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
 //!     head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes
@@ -40,6 +43,7 @@ fn main() {
         Some("smoke") => smoke(),
         Some("check") => check(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("plan") => plan_bench(&args[1..]),
         _ => {
             eprintln!("usage: cuda_bench compile DIR | smoke | check DIR ... | bench DIR ...");
             std::process::exit(2);
@@ -600,6 +604,121 @@ fn check(args: &[String]) -> Result<()> {
     std::fs::write(&path, &meta).map_err(io(&path))?;
     println!("check {kind} n={n} hq={} hkv={} d={}: density {:.4}, unwritten {unwritten}, non-finite {nonfinite}",
         shape.q_heads, shape.kv_heads, shape.head_dim, flat.density());
+    Ok(())
+}
+
+/// `cuda_bench plan`: one layer of a mixed plan through `PlanPrefill` on the benchmark's structured
+/// inputs: heads cycle through vertical-slash (v, s), vertical-slash (v, s / 2), block-sparse
+/// (`top_k` = `--topk`) and A-shape (sink 64, local `--local`); prints the index and attention times
+/// (medians) and the sources of the heads' indexes.
+fn plan_bench(args: &[String]) -> Result<()> {
+    let o = Opts::parse(args)?;
+    let (n, hq, hkv, d) = (
+        o.num("n", 32768)?,
+        o.num("hq", bench::Q_HEADS)?,
+        o.num("hkv", bench::KV_HEADS)?,
+        o.num("d", bench::HEAD_DIM)?,
+    );
+    let (v, s, top, local, reps) = (
+        o.num("v", 1000)?,
+        o.num("s", 6096)?,
+        o.num("topk", 256)?,
+        o.num("local", 4096)?,
+        o.num("reps", 5)?,
+    );
+    let shape = AttnShape {
+        q_heads: hq,
+        kv_heads: hkv,
+        seq_len: n,
+        head_dim: d,
+    };
+    shape.check()?;
+    // the fixture's model and defaults, embedded (the binary runs away from the repository)
+    let fixture = Path::new("fixtures/plans/valid/every-kind.yaml");
+    let mut plan = schemas::Plan::from_yaml(
+        fixture,
+        include_str!("../../fixtures/plans/valid/every-kind.yaml"),
+    )
+    .map_err(|e| Error::Shape(e.to_string()))?;
+    plan.model.layers = 1;
+    plan.model.query_heads = hq as u32;
+    plan.model.kv_heads = hkv as u32;
+    plan.model.head_dim = d as u32;
+    plan.model.max_context = n as u64;
+    plan.defaults.share_kv_group_indexes = o.flags.iter().any(|f| f == "share");
+    let fixed = |x: usize| schemas::Budget::Fixed(x as u64);
+    let template = plan.layers[0].heads[0].clone();
+    plan.layers = vec![schemas::LayerPlan {
+        layer: 0,
+        heads: (0..hq)
+            .map(|h| schemas::HeadPlan {
+                head: h as u32,
+                pattern: match h % 4 {
+                    0 => schemas::Pattern::VerticalSlash(schemas::VerticalSlash {
+                        vertical: fixed(v),
+                        slash: fixed(s),
+                    }),
+                    1 => schemas::Pattern::VerticalSlash(schemas::VerticalSlash {
+                        vertical: fixed(v),
+                        slash: fixed(s / 2),
+                    }),
+                    2 => schemas::Pattern::BlockSparse(schemas::BlockSparse {
+                        top_k: Some(fixed(top)),
+                        coverage: None,
+                    }),
+                    _ => schemas::Pattern::AShape(schemas::AShape {
+                        sink: fixed(64),
+                        local: fixed(local),
+                    }),
+                },
+                ..template.clone()
+            })
+            .collect(),
+    }];
+    let sp = SparsePrefill::new(0)?;
+    let mut pp = runtime::exec::cuda::PlanPrefill::new(
+        &sp,
+        &plan,
+        &plan.model,
+        runtime::PrefillOptions::default(),
+    )?;
+    let (q, k, vv) = structured(&shape, 7 + n as u64)?;
+    let (qd, kd, vd) = (
+        sp.upload_bf16(&q)?,
+        sp.upload_bf16(&k)?,
+        sp.upload_bf16(&vv)?,
+    );
+    let mut out = sp.zeros::<u16>(q.len())?;
+    let mut runs = Vec::new();
+    for _ in 0..reps + 2 {
+        runs.push(pp.forward(&sp, 0, &shape, &qd, &kd, &vd, &mut out)?);
+    }
+    let flat = sp.download_index(
+        pp.last_index()
+            .ok_or_else(|| Error::Cuda("no index".into()))?,
+    )?;
+    let timed = &runs[2..];
+    let index_ms = bench::median(timed.iter().map(|r| r.index_ms).collect());
+    let attn_ms = bench::median(timed.iter().map(|r| r.attention_ms).collect());
+    let dense_ms = bench::median(
+        (0..reps.min(3))
+            .map(|_| sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)))
+            .collect::<Result<Vec<f32>>>()?,
+    );
+    let r = &runs[runs.len() - 1];
+    println!(
+        "plan n={n} {hq}x{hkv}x{d}: density {:.4}; index {index_ms:.3} ms, attention {attn_ms:.3} ms, \
+         total {:.3} ms (index share {:.1}%), dense {dense_ms:.3} ms; heads: GPU vertical-slash {}, \
+         GPU block-sparse {}, host static {}, host estimated {}, shared {}",
+        flat.density(),
+        index_ms + attn_ms,
+        100.0 * index_ms / (index_ms + attn_ms),
+        r.gpu_vertical_slash,
+        r.gpu_block_sparse,
+        r.host_static,
+        r.host_estimated,
+        r.shared
+    );
     Ok(())
 }
 

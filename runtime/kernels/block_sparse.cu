@@ -22,12 +22,15 @@
 // also vary between runs.
 
 #define BS_THREADS 256
+// mode[h] of a head whose index is not wanted: its lists stay empty and no work is done for it
+#define BS_SKIP 2u
 
 // Mean of one 64-row block of Q (blocks 0 .. q_heads * q_blocks) or K (the next kv_heads * q_blocks):
 // thread c sums column c over the block's rows in order, in f64.
 template <int D>
 __device__ __forceinline__ void bs_pool(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n,
-                                        int q_heads, double* __restrict__ qbar, double* __restrict__ kbar) {
+                                        int q_heads, const u32* __restrict__ mode, double* __restrict__ qbar,
+                                        double* __restrict__ kbar) {
     const int q_blocks = (n + 63) / 64;
     int id = blockIdx.x;
     const bf16_t* src = q;
@@ -36,6 +39,8 @@ __device__ __forceinline__ void bs_pool(const bf16_t* __restrict__ q, const bf16
         id -= q_heads * q_blocks;
         src = k;
         dst = kbar;
+    } else if (mode[id / q_blocks] == BS_SKIP) {
+        return;
     }
     const int head = id / q_blocks, blk = id % q_blocks, c = threadIdx.x;
     const int r0 = blk * 64, r1 = min(r0 + 64, n);
@@ -46,15 +51,15 @@ __device__ __forceinline__ void bs_pool(const bf16_t* __restrict__ q, const bf16
 }
 
 extern "C" __global__ void __launch_bounds__(64) bs_pool_d64(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                                                             int n, int q_heads, double* __restrict__ qbar,
-                                                             double* __restrict__ kbar) {
-    bs_pool<64>(q, k, n, q_heads, qbar, kbar);
+                                                             int n, int q_heads, const u32* __restrict__ mode,
+                                                             double* __restrict__ qbar, double* __restrict__ kbar) {
+    bs_pool<64>(q, k, n, q_heads, mode, qbar, kbar);
 }
 
 extern "C" __global__ void __launch_bounds__(128) bs_pool_d128(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                                                               int n, int q_heads, double* __restrict__ qbar,
-                                                               double* __restrict__ kbar) {
-    bs_pool<128>(q, k, n, q_heads, qbar, kbar);
+                                                               int n, int q_heads, const u32* __restrict__ mode,
+                                                               double* __restrict__ qbar, double* __restrict__ kbar) {
+    bs_pool<128>(q, k, n, q_heads, mode, qbar, kbar);
 }
 
 // Pooled scores of query blocks q0 .. q0 + rows (a chunk) against their causal key blocks, into
@@ -66,13 +71,14 @@ extern "C" __global__ void __launch_bounds__(128) bs_pool_d128(const bf16_t* __r
 #define BS_TC 16
 template <int D>
 __device__ __forceinline__ void bs_score(const double* __restrict__ qbar, const double* __restrict__ kbar, int n,
-                                         int group, int q0, int rows, double scale, double* __restrict__ est) {
+                                         int group, int q0, int rows, double scale, const u32* __restrict__ mode,
+                                         double* __restrict__ est) {
     __shared__ double qs[BS_TC][BS_TQ];
     __shared__ double ks[BS_TC][BS_TQ];
     const int q_blocks = (n + 63) / 64;
     const int kt0 = blockIdx.x * BS_TQ, qt0 = q0 + blockIdx.y * BS_TQ, h = blockIdx.z, kvh = h / group;
     const int q_end = min(q0 + rows, qt0 + BS_TQ);  // query blocks of this tile: qt0 .. q_end
-    if (kt0 > q_end - 1) return;                     // no causal cell
+    if (kt0 > q_end - 1 || mode[h] == BS_SKIP) return;  // no causal cell, or no index wanted
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     double acc[4][4];
 #pragma unroll
@@ -115,19 +121,20 @@ __device__ __forceinline__ void bs_score(const double* __restrict__ qbar, const 
 
 extern "C" __global__ void __launch_bounds__(BS_THREADS)
     bs_score_d64(const double* __restrict__ qbar, const double* __restrict__ kbar, int n, int group, int q0, int rows,
-                 double scale, double* __restrict__ est) {
-    bs_score<64>(qbar, kbar, n, group, q0, rows, scale, est);
+                 double scale, const u32* __restrict__ mode, double* __restrict__ est) {
+    bs_score<64>(qbar, kbar, n, group, q0, rows, scale, mode, est);
 }
 
 extern "C" __global__ void __launch_bounds__(BS_THREADS)
     bs_score_d128(const double* __restrict__ qbar, const double* __restrict__ kbar, int n, int group, int q0, int rows,
-                  double scale, double* __restrict__ est) {
-    bs_score<128>(qbar, kbar, n, group, q0, rows, scale, est);
+                  double scale, const u32* __restrict__ mode, double* __restrict__ est) {
+    bs_score<128>(qbar, kbar, n, group, q0, rows, scale, mode, est);
 }
 
 // The selection of query blocks q0 .. q0 + rows of every head from bs_score's `est` (softmax in place):
 // one warp per (head, query block), BS_THREADS / 32 per CTA, each with its own digit histograms.
-// Per head h: mode[h] 0 = top_k (topk[h] blocks in all), 1 = coverage (cover[h] in (0, 1]).
+// Per head h: mode[h] 0 = top_k (topk[h] blocks in all), 1 = coverage (cover[h] in (0, 1]), BS_SKIP =
+// no index (empty lists).
 // Outputs per entry e = h * q_blocks + qb: mask[e * words ..] (bit kb: key block kb selected; words =
 // ceil(q_blocks / 32); only the words up to the diagonal block are written) and cnt[e] (selected
 // blocks).
@@ -142,6 +149,11 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
     const int item = blockIdx.x * (BS_THREADS / 32) + warp;
     if (item >= q_heads * rows) return;
     const int h = item / rows, qb = q0 + item % rows;
+    if (mode[h] == BS_SKIP) {  // empty lists
+        for (int w = lane; w < (qb + 32) / 32; w += 32) mask[((u64)h * q_blocks + qb) * words + w] = 0;
+        if (lane == 0) cnt[(u64)h * q_blocks + qb] = 0;
+        return;
+    }
     const bool by_cover = mode[h] != 0;
     const u32 k_all = topk[h];
     const double c_cover = cover[h];

@@ -492,3 +492,48 @@ extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* _
         w += __popc(bal);
     }
 }
+
+// Merging per-head indexes from up to three sources (e.g. a vertical-slash and a block-sparse builder
+// and a host upload) into one: entry e = h * q_blocks + qb takes the lists of head src_head[h] in
+// source src_id[h]. ix_merge_count writes the list sizes (then vs_scan gives the offsets); ix_merge_copy
+// copies, one warp per entry.
+struct IxSrc {
+    const u32* blk_off;
+    const u32* blk_idx;
+    const u32* col_off;
+    const u32* col_idx;
+};
+
+__device__ __forceinline__ IxSrc ix_pick(int s, IxSrc a, IxSrc b, IxSrc c) { return s == 0 ? a : (s == 1 ? b : c); }
+
+#define IX_SRC_ARGS                                                                                           \
+    const u32 *bo0, const u32 *bi0, const u32 *co0, const u32 *ci0, const u32 *bo1, const u32 *bi1,           \
+        const u32 *co1, const u32 *ci1, const u32 *bo2, const u32 *bi2, const u32 *co2, const u32 *ci2
+#define IX_SRCS IxSrc{bo0, bi0, co0, ci0}, IxSrc{bo1, bi1, co1, ci1}, IxSrc{bo2, bi2, co2, ci2}
+
+extern "C" __global__ void ix_merge_count(IX_SRC_ARGS, const u32* __restrict__ src_id,
+                                          const u32* __restrict__ src_head, int q_heads, int q_blocks,
+                                          u32* __restrict__ cnt_blk, u32* __restrict__ cnt_col) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= q_heads * q_blocks) return;
+    const int h = e / q_blocks, qb = e % q_blocks;
+    const IxSrc s = ix_pick((int)src_id[h], IX_SRCS);
+    const u32 f = src_head[h] * (u32)q_blocks + (u32)qb;
+    cnt_blk[e] = s.blk_off[f + 1] - s.blk_off[f];
+    cnt_col[e] = s.col_off[f + 1] - s.col_off[f];
+}
+
+extern "C" __global__ void ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ src_id,
+                                         const u32* __restrict__ src_head, int q_heads, int q_blocks,
+                                         const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
+                                         u32* __restrict__ blk_idx, u32* __restrict__ col_idx) {
+    const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= q_heads * q_blocks) return;
+    const int h = e / q_blocks, qb = e % q_blocks;
+    const IxSrc s = ix_pick((int)src_id[h], IX_SRCS);
+    const u32 f = src_head[h] * (u32)q_blocks + (u32)qb;
+    for (u32 i = s.blk_off[f] + lane, o = blk_off[e] + lane; i < s.blk_off[f + 1]; i += 32, o += 32)
+        blk_idx[o] = s.blk_idx[i];
+    for (u32 i = s.col_off[f] + lane, o = col_off[e] + lane; i < s.col_off[f + 1]; i += 32, o += 32)
+        col_idx[o] = s.col_idx[i];
+}

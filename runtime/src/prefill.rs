@@ -329,7 +329,12 @@ impl SparsePrefill {
 
     /// The input must have the model's head counts and head_dim, and `layer` must exist.
     fn check_input(&self, layer: usize, input: &AttentionInput<'_>) -> Result<()> {
-        let s = input.shape;
+        self.check_shape(layer, &input.shape)
+    }
+
+    /// [`Error::Shape`] unless a layer input of `s` fits the model at `layer` (head counts, head_dim,
+    /// layer in range); shared with the CUDA plan runner.
+    pub(crate) fn check_shape(&self, layer: usize, s: &crate::AttnShape) -> Result<()> {
         s.check()?;
         let m = &self.model;
         let mut wrong = Vec::new();

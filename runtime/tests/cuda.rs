@@ -4,10 +4,12 @@
 //! tests cover `exec::cuda::bench` (inputs and JSON on the host; one short measurement on a device).
 
 use runtime::exec::cuda::{
-    bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, FlatIndex, Keys, SparsePrefill,
+    bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, FlatIndex, Keys, PlanPrefill,
+    SparsePrefill,
 };
-use runtime::exec::dense_attention;
-use runtime::pattern::{a_shape, block_sparse, HeadQk, PatternContext};
+use runtime::exec::{dense_attention, sparse_attention};
+use runtime::pattern::{a_shape, block_sparse, build_index, HeadIndex, HeadQk, PatternContext};
+use runtime::PrefillOptions;
 use runtime::{AttentionInput, AttnShape, Error};
 
 /// The device, or `None` after printing why the test is skipped.
@@ -103,6 +105,100 @@ fn dense_keys_match_cpu_dense() {
     }
 }
 
+/// A plan with every pattern kind (fixtures/plans/valid/every-kind.yaml) run by `PlanPrefill`: each
+/// layer's merged index equals the CPU's `build_index` of every head on the same (bf16) inputs, and
+/// the output matches the CPU sparse executor over those indexes; with `share_kv_group_indexes`
+/// heads 0 and 1 of layer 1 (both vertical-slash) use head 0's index.
+#[test]
+fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
+    let Some(sp) = device() else { return };
+    // embedded: the test binary may run away from the repository (on the GPU machine)
+    let mut plan = schemas::Plan::from_yaml(
+        std::path::Path::new("fixtures/plans/valid/every-kind.yaml"),
+        include_str!("../../fixtures/plans/valid/every-kind.yaml"),
+    )
+    .unwrap();
+    for share in [false, true] {
+        plan.defaults.share_kv_group_indexes = share;
+        if share {
+            let vs = schemas::Pattern::VerticalSlash(schemas::VerticalSlash {
+                vertical: schemas::Budget::Fixed(40),
+                slash: schemas::Budget::Fixed(100),
+            });
+            plan.layers[1].heads[0].pattern = vs.clone();
+            plan.layers[1].heads[1].pattern = vs;
+        }
+        let mut pp = PlanPrefill::new(&sp, &plan, &plan.model, PrefillOptions::default()).unwrap();
+        let (n, hq, hkv, d) = (1100usize, 4usize, 2usize, 64usize);
+        let shape = AttnShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            seq_len: n,
+            head_dim: d,
+        };
+        let round =
+            |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&y| bf16_to_f32(bf16_bits(y))).collect() };
+        let (q, k, v) = (
+            round(noise(hq * n * d, 21)),
+            round(noise(hkv * n * d, 22)),
+            round(noise(hkv * n * d, 23)),
+        );
+        let (qd, kd, vd) = (
+            sp.upload_bf16(&q).unwrap(),
+            sp.upload_bf16(&k).unwrap(),
+            sp.upload_bf16(&v).unwrap(),
+        );
+        let input = AttentionInput::new(shape, &q, &k, &v).unwrap();
+        let ctx = PatternContext::new(n, &plan.defaults);
+        // layer 0 twice: the second call takes its static heads' index from the cache
+        for layer in [0, 1, 0] {
+            let owner = |h: usize| if share && layer == 1 && h == 1 { 0 } else { h };
+            let want: Vec<HeadIndex> = (0..hq)
+                .map(|h| {
+                    let o = owner(h);
+                    let qk = HeadQk::from_input(&input, o).unwrap();
+                    build_index(&plan.head(layer, o).unwrap().pattern, &ctx, &qk).unwrap()
+                })
+                .collect();
+            let mut out = sp.zeros::<u16>(q.len()).unwrap();
+            sp.fill(&mut out, 0xffff).unwrap();
+            let stats = pp
+                .forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)
+                .unwrap();
+            let got = sp.download_index(pp.last_index().unwrap()).unwrap();
+            let what = format!("share {share} layer {layer}: {stats:?}");
+            assert_eq!(got, FlatIndex::from_heads(n, &want).unwrap(), "{what}");
+            let refs: Vec<&HeadIndex> = want.iter().collect();
+            let mut expect = vec![0.0f32; q.len()];
+            sparse_attention(&input, &refs, &mut expect).unwrap();
+            let worst = sp
+                .download(&out)
+                .unwrap()
+                .iter()
+                .zip(&expect)
+                .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
+                .fold(
+                    0.0f32,
+                    |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
+                );
+            assert!(worst < 2e-2, "{what}: max abs error {worst}");
+            assert_eq!(stats.shared, usize::from(share && layer == 1), "{what}");
+            let sources = (
+                stats.gpu_vertical_slash,
+                stats.gpu_block_sparse,
+                stats.host_static,
+                stats.host_estimated,
+            );
+            let expected = match (layer, share) {
+                (0, _) => (1, 0, 3, 0), // dense, streaming, a_shape on the host; vertical-slash
+                (_, false) => (0, 1, 1, 2), // block-sparse; grid; query-adaptive, token-select
+                (_, true) => (1, 0, 0, 2), // heads 0 and 1 vertical-slash, one build
+            };
+            assert_eq!(sources, expected, "{what}");
+        }
+    }
+}
+
 /// The GPU block-sparse builder selects what `pattern::block_sparse` selects on the same (bf16) Q and
 /// K, for both head dims, both kinds of choice, an odd length and GQA.
 #[test]
@@ -157,8 +253,27 @@ fn block_sparse_builder_matches_cpu_selection() {
                 block_sparse::index(&ctx, &qk, &p).unwrap()
             })
             .collect();
-        let want = FlatIndex::from_heads(n, &want).unwrap();
-        assert_eq!(got, want, "n={n} d={d}");
+        let want_flat = FlatIndex::from_heads(n, &want).unwrap();
+        assert_eq!(got, want_flat, "n={n} d={d}");
+        // heads without a choice get empty lists, the others the same as before
+        let some = [Some(choices[0]), None, Some(choices[2]), None];
+        b.build_heads(&sp, &qd, &kd, &some, &mut ix).unwrap();
+        let got = sp.download_index(ix.as_ref().unwrap()).unwrap();
+        let empty = runtime::HeadIndex::empty(&ctx);
+        let partial: Vec<_> = (0..hq)
+            .map(|h| {
+                if some[h].is_some() {
+                    want[h].clone()
+                } else {
+                    empty.clone()
+                }
+            })
+            .collect();
+        assert_eq!(
+            got,
+            FlatIndex::from_heads(n, &partial).unwrap(),
+            "n={n} d={d} partial"
+        );
     }
 }
 

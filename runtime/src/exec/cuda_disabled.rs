@@ -7,10 +7,13 @@
 pub mod bench;
 #[path = "cuda/flat.rs"]
 mod flat;
+#[path = "cuda/layer_stats.rs"]
+mod layer_stats;
 
 use std::marker::PhantomData;
 
 pub use flat::{BlockChoice, FlatIndex, CUDA_BLOCK};
+pub use layer_stats::LayerStats;
 
 use crate::error::{Error, Result};
 use crate::pattern::{HeadIndex, PatternContext};
@@ -149,6 +152,42 @@ impl SparsePrefill {
     }
 }
 
+/// A plan run on the GPU; [`PlanPrefill::new`] returns [`Error::CudaNotCompiled`].
+#[derive(Debug)]
+pub struct PlanPrefill {
+    plan: schemas::Plan,
+}
+
+impl PlanPrefill {
+    pub fn new(
+        _sp: &SparsePrefill,
+        _plan: &schemas::Plan,
+        _model: &schemas::ModelInfo,
+        _options: crate::PrefillOptions,
+    ) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn plan(&self) -> &schemas::Plan {
+        &self.plan
+    }
+    pub fn last_index(&self) -> Option<&DeviceIndex> {
+        None
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        _sp: &SparsePrefill,
+        _layer: usize,
+        _shape: &AttnShape,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+        _v: &DeviceBuffer<u16>,
+        _out: &mut DeviceBuffer<u16>,
+    ) -> Result<LayerStats> {
+        Err(Error::CudaNotCompiled)
+    }
+}
+
 /// GPU block-sparse index building; [`BlockSparseBuilder::new`] returns
 /// [`Error::CudaNotCompiled`].
 #[derive(Debug)]
@@ -166,6 +205,16 @@ impl BlockSparseBuilder {
         _q: &DeviceBuffer<u16>,
         _k: &DeviceBuffer<u16>,
         _choices: &[BlockChoice],
+        _out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn build_heads(
+        &mut self,
+        _sp: &SparsePrefill,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+        _choices: &[Option<BlockChoice>],
         _out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         Err(Error::CudaNotCompiled)

@@ -31,6 +31,15 @@ pub struct Piece {
 }
 
 impl HeadIndex {
+    /// An index with no cells at `ctx` (e.g. a placeholder for a head another index serves).
+    pub fn empty(ctx: &PatternContext) -> Self {
+        let mut b = IndexBuilder::new(ctx);
+        for _ in 0..ctx.q_blocks() {
+            b.push([], []);
+        }
+        b.finish()
+    }
+
     /// The context the index was built for.
     pub fn context(&self) -> &PatternContext {
         &self.ctx

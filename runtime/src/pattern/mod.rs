@@ -200,23 +200,41 @@ pub fn build_index(pattern: &Pattern, ctx: &PatternContext, qk: &HeadQk<'_>) -> 
         )));
     }
     match pattern {
-        Pattern::Dense(_) => Ok(dense::index(ctx)),
-        Pattern::Streaming(p) => Ok(a_shape::index(
-            ctx,
-            ctx.resolve(&p.sink),
-            ctx.resolve(&p.recent),
-        )),
-        Pattern::AShape(p) => Ok(a_shape::index(
-            ctx,
-            ctx.resolve(&p.sink),
-            ctx.resolve(&p.local),
-        )),
         Pattern::VerticalSlash(p) => {
             vertical_slash::index(ctx, qk, ctx.resolve(&p.vertical), ctx.resolve(&p.slash))
         }
         Pattern::BlockSparse(p) => block_sparse::index(ctx, qk, p),
-        Pattern::Grid(p) => grid::index(ctx, p),
         Pattern::QueryAdaptive(p) => query_adaptive::index(ctx, qk, p),
         Pattern::TokenSelect(p) => token_select::index(ctx, qk, p),
+        other => static_index(other, ctx).unwrap_or_else(|| {
+            Err(Error::Pattern {
+                kind: other.kind(),
+                message: "no index builder for this kind".into(),
+            })
+        }),
+    }
+}
+
+/// The index of a pattern that does not read Q or K (`dense`, `streaming`, `a_shape`, `grid`): the
+/// same cells at every input of `ctx.seq_len` tokens; `None` for the patterns that estimate from the
+/// live queries. [`build_index`] builds static patterns through this function.
+pub fn static_index(pattern: &Pattern, ctx: &PatternContext) -> Option<Result<HeadIndex>> {
+    match pattern {
+        Pattern::Dense(_) => Some(Ok(dense::index(ctx))),
+        Pattern::Streaming(p) => Some(Ok(a_shape::index(
+            ctx,
+            ctx.resolve(&p.sink),
+            ctx.resolve(&p.recent),
+        ))),
+        Pattern::AShape(p) => Some(Ok(a_shape::index(
+            ctx,
+            ctx.resolve(&p.sink),
+            ctx.resolve(&p.local),
+        ))),
+        Pattern::Grid(p) => Some(grid::index(ctx, p)),
+        Pattern::VerticalSlash(_)
+        | Pattern::BlockSparse(_)
+        | Pattern::QueryAdaptive(_)
+        | Pattern::TokenSelect(_) => None,
     }
 }

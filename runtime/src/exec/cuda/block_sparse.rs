@@ -22,6 +22,8 @@ use crate::AttnShape;
 /// (head, query block)) and the query/key tile of `bs_score` (`BS_TQ`) in block_sparse.cu.
 const THREADS: u32 = 256;
 const TILE: usize = 64;
+/// `BS_SKIP`: the mode of a head without an index.
+const SKIP: u32 = 2;
 /// Bound of the pooled-score scratch matrix (`[q_heads][chunk][q_blocks]` f64): the query blocks are
 /// scored and selected in chunks that fit.
 pub const SCRATCH_BYTES: usize = 512 << 20;
@@ -112,6 +114,20 @@ impl BlockSparseBuilder {
         choices: &[BlockChoice],
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
+        let some: Vec<Option<BlockChoice>> = choices.iter().copied().map(Some).collect();
+        self.build_heads(sp, q, k, &some, out)
+    }
+
+    /// As [`BlockSparseBuilder::build`] for the heads with a choice; the others get empty lists and
+    /// cost nothing but their pooled K (e.g. heads another builder serves).
+    pub fn build_heads(
+        &mut self,
+        sp: &SparsePrefill,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        choices: &[Option<BlockChoice>],
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
         let sh = self.shape;
         check_qkv(&sh, q, k, k)?;
         if choices.len() != sh.q_heads {
@@ -126,17 +142,22 @@ impl BlockSparseBuilder {
         let mut cover = Vec::with_capacity(sh.q_heads);
         for (h, c) in choices.iter().enumerate() {
             match *c {
-                BlockChoice::TopK(k) => {
+                None => {
+                    mode.push(SKIP);
+                    topk.push(0);
+                    cover.push(0.0);
+                }
+                Some(BlockChoice::TopK(k)) => {
                     mode.push(0u32);
                     topk.push(u32::try_from(k).unwrap_or(u32::MAX));
                     cover.push(0.0f64);
                 }
-                BlockChoice::Coverage(c) if c > 0.0 && c <= 1.0 => {
+                Some(BlockChoice::Coverage(c)) if c > 0.0 && c <= 1.0 => {
                     mode.push(1);
                     topk.push(0);
                     cover.push(c);
                 }
-                BlockChoice::Coverage(c) => {
+                Some(BlockChoice::Coverage(c)) => {
                     return Err(Error::Pattern {
                         kind: "block_sparse",
                         message: format!("head {h}: coverage {c} is not in (0, 1]"),
@@ -163,6 +184,7 @@ impl BlockSparseBuilder {
             .arg(&k.inner)
             .arg(&n_i)
             .arg(&heads)
+            .arg(&self.mode)
             .arg(&mut self.qbar)
             .arg(&mut self.kbar);
         let cfg = LaunchConfig {
@@ -186,6 +208,7 @@ impl BlockSparseBuilder {
                 .arg(&q0_i)
                 .arg(&rows_i)
                 .arg(&scale)
+                .arg(&self.mode)
                 .arg(&mut self.est);
             let cfg = LaunchConfig {
                 grid_dim: (

@@ -25,6 +25,8 @@ pub mod bench;
 mod block_sparse;
 pub mod device;
 mod flat;
+mod layer_stats;
+mod plan;
 mod vertical_slash;
 
 use cudarc::driver::{
@@ -34,6 +36,7 @@ use cudarc::driver::{
 pub use block_sparse::BlockSparseBuilder;
 pub use device::{Device, KernelFile};
 pub use flat::{BlockChoice, FlatIndex, CUDA_BLOCK};
+pub use plan::{LayerStats, PlanPrefill};
 pub use vertical_slash::VerticalSlashBuilder;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,28 @@
+//! [`LayerStats`]: what one `PlanPrefill::forward` did (host only; compiled with and without the
+//! `cuda` feature).
+
+use crate::prefill::DenseReason;
+
+/// What one [`PlanPrefill::forward`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerStats {
+    /// Why every head ran dense, if they did.
+    pub dense: Option<DenseReason>,
+    /// Query heads whose index the GPU vertical-slash builder made.
+    pub gpu_vertical_slash: usize,
+    /// Query heads whose index the GPU block-sparse builder made.
+    pub gpu_block_sparse: usize,
+    /// Query heads with a static pattern (index made on the host without reading Q or K).
+    pub host_static: usize,
+    /// Query heads whose index was estimated on the host from Q and K copied back
+    /// (`query_adaptive`, `token_select`).
+    pub host_estimated: usize,
+    /// Query heads using the index of another head of their KV group (`share_kv_group_indexes`).
+    pub shared: usize,
+    /// Key-block and gathered-column entries of the layer's index (0 when dense).
+    pub entries: (usize, usize),
+    /// Device milliseconds spent building (and merging) the index, CUDA events.
+    pub index_ms: f32,
+    /// Device milliseconds of the attention launch.
+    pub attention_ms: f32,
+}

@@ -1,0 +1,471 @@
+//! [`PlanPrefill`]: a plan run on the GPU, one layer per call: the CUDA counterpart of the CPU's
+//! [`crate::SparsePrefill`], with the same checks and the same cells.
+//!
+//! [`PlanPrefill::new`] checks the plan against the model exactly as the CPU prefill does (it holds
+//! one for that). [`PlanPrefill::forward`] takes a layer's Q, K, V on the device (bf16,
+//! [`SparsePrefill::forward`]'s layout) and:
+//! - runs dense attention when the sequence is shorter than `defaults.dense_below`, or when the plan
+//!   did not match and `dense_fallback` was asked for;
+//! - otherwise builds every head's index from its pattern: `vertical_slash` heads with the GPU
+//!   [`VerticalSlashBuilder`] (one build for all of them, per-head budgets), `block_sparse` heads with
+//!   the GPU [`BlockSparseBuilder`] (per-head `top_k` or `coverage`), static patterns (`dense`,
+//!   `streaming`, `a_shape`, `grid`) on the host (they read no Q or K: built once per layer and input
+//!   shape, then reused from the device), and `query_adaptive` and
+//!   `token_select` heads on the host from Q and K copied back (no GPU builder yet: this is the slow
+//!   path, counted in [`LayerStats::host_estimated`]);
+//! - merges the per-head lists into one index on the device (`ix_merge_count`, `vs_scan`,
+//!   `ix_merge_copy`; skipped when one builder made every head's index) and runs one attention launch.
+//!
+//! With `defaults.share_kv_group_indexes` the heads of a KV group with the same pattern use the index
+//! built for the first of them, as on the CPU. The plan's blocks must be 64 × 64 (the kernels').
+
+use std::collections::HashMap;
+
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use schemas::{ModelInfo, Pattern, Plan};
+
+use super::device::{drv, KernelFile};
+pub use super::layer_stats::LayerStats;
+use super::{
+    bf16_to_f32, grid_u32, BlockChoice, BlockSparseBuilder, DeviceBuffer, DeviceIndex, FlatIndex,
+    Keys, SparsePrefill, VerticalSlashBuilder, CUDA_BLOCK,
+};
+use crate::error::{Error, Result};
+use crate::pattern::{build_index, static_index, HeadIndex, HeadQk, PatternContext};
+use crate::prefill::{DenseReason, PrefillOptions};
+use crate::AttnShape;
+
+/// Where a head's index comes from (the source numbers of `ix_merge_*`).
+const SRC_VS: u32 = 0;
+const SRC_BS: u32 = 1;
+const SRC_HOST: u32 = 2;
+
+/// A plan run on the GPU (see the module docs).
+#[derive(Debug)]
+pub struct PlanPrefill {
+    /// The CPU prefill, for its checks of the plan and of each layer's shape.
+    checked: crate::SparsePrefill,
+    vs: Option<(AttnShape, VerticalSlashBuilder)>,
+    bs: Option<(AttnShape, BlockSparseBuilder)>,
+    vs_ix: Option<DeviceIndex>,
+    bs_ix: Option<DeviceIndex>,
+    merged: Option<DeviceIndex>,
+    host_ix: Option<DeviceIndex>,
+    /// Per layer, the host-made index of its static heads (they read no Q or K), for inputs of
+    /// `statics_shape`; dropped when the shape changes.
+    statics: HashMap<usize, DeviceIndex>,
+    statics_shape: Option<AttnShape>,
+    /// The layer whose cached static index the last forward used as its host source.
+    host_from_cache: Option<usize>,
+    /// Which index the last sparse forward ran: a `SRC_*` source, or `MERGED`.
+    last: Option<u32>,
+    merge_count: CudaFunction,
+    merge_copy: CudaFunction,
+    scan: CudaFunction,
+}
+
+/// `PlanPrefill::last`: the merged index.
+const MERGED: u32 = 3;
+
+impl PlanPrefill {
+    /// Checks `plan` against `model` as [`crate::SparsePrefill::new`] does (same errors, same
+    /// `dense_fallback`) and gets the merge kernels of `sp`.
+    pub fn new(
+        sp: &SparsePrefill,
+        plan: &Plan,
+        model: &ModelInfo,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        let checked = crate::SparsePrefill::new(plan, model, options)?;
+        let f = |name| sp.dev.function(KernelFile::VerticalSlash, name, 0);
+        Ok(Self {
+            checked,
+            vs: None,
+            bs: None,
+            vs_ix: None,
+            bs_ix: None,
+            merged: None,
+            host_ix: None,
+            statics: HashMap::new(),
+            statics_shape: None,
+            host_from_cache: None,
+            last: None,
+            merge_count: f("ix_merge_count")?,
+            merge_copy: f("ix_merge_copy")?,
+            scan: f("vs_scan")?,
+        })
+    }
+
+    /// The plan being run.
+    pub fn plan(&self) -> &Plan {
+        self.checked.plan()
+    }
+
+    /// The index of the last [`PlanPrefill::forward`] that ran sparse (`None` before, or after a
+    /// dense one); [`SparsePrefill::download_index`] brings it to the host.
+    pub fn last_index(&self) -> Option<&DeviceIndex> {
+        match self.last? {
+            SRC_VS => self.vs_ix.as_ref(),
+            SRC_BS => self.bs_ix.as_ref(),
+            SRC_HOST => match self.host_from_cache {
+                Some(layer) => self.statics.get(&layer),
+                None => self.host_ix.as_ref(),
+            },
+            _ => self.merged.as_ref(),
+        }
+    }
+
+    /// Attention of layer `layer` into `out` (see the module docs). Errors: [`Error::Shape`] for an
+    /// input that does not fit the model, [`Error::HeadPlan`] for a head the plan lacks,
+    /// [`Error::CudaUnsupported`] for a plan whose blocks are not 64 × 64, and the builders' and the
+    /// kernel's errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        sp: &SparsePrefill,
+        layer: usize,
+        shape: &AttnShape,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        v: &DeviceBuffer<u16>,
+        out: &mut DeviceBuffer<u16>,
+    ) -> Result<LayerStats> {
+        self.checked.check_shape(layer, shape)?;
+        let plan = self.checked.plan().clone();
+        let n = shape.seq_len;
+        let dense = if self.checked.fallback_reason().is_some() {
+            Some(DenseReason::PlanMismatch)
+        } else if (n as u64) < plan.defaults.dense_below {
+            Some(DenseReason::ShortSequence)
+        } else {
+            None
+        };
+        self.last = None;
+        self.host_from_cache = None;
+        if dense.is_some() {
+            let attention_ms = sp.time_ms(|| sp.forward(shape, q, k, v, Keys::Dense, out))?;
+            return Ok(LayerStats {
+                dense,
+                attention_ms,
+                ..LayerStats::default()
+            });
+        }
+        let ctx = PatternContext::new(n, &plan.defaults);
+        ctx.check()?;
+        if ctx.block_q != CUDA_BLOCK || ctx.block_k != CUDA_BLOCK {
+            return Err(Error::CudaUnsupported(format!(
+                "the plan's blocks are {} x {}; the CUDA kernels use 64 x 64",
+                ctx.block_q, ctx.block_k
+            )));
+        }
+        let patterns: Vec<&Pattern> = (0..shape.q_heads)
+            .map(|h| {
+                plan.head(layer, h)
+                    .map(|hp| &hp.pattern)
+                    .ok_or_else(|| Error::HeadPlan {
+                        layer,
+                        head: h,
+                        kind: "plan",
+                        message: "head missing from the plan".into(),
+                    })
+            })
+            .collect::<Result<_>>()?;
+        // the head whose index each head uses (itself unless shared within its KV group)
+        let owner: Vec<usize> = (0..shape.q_heads)
+            .map(|h| {
+                if !plan.defaults.share_kv_group_indexes {
+                    return h;
+                }
+                let first = shape.kv_head_of(h) * shape.group();
+                (first..h)
+                    .find(|&o| patterns[o] == patterns[h])
+                    .unwrap_or(h)
+            })
+            .collect();
+
+        let mut stats = LayerStats::default();
+        let mut src = vec![SRC_HOST; shape.q_heads];
+        let mut budgets = vec![(0usize, 1usize); shape.q_heads];
+        let mut choices = vec![None; shape.q_heads];
+        let mut host: Vec<Option<HeadIndex>> = vec![None; shape.q_heads];
+        let (mut statics, mut estimated) = (Vec::new(), Vec::new());
+        for h in (0..shape.q_heads).filter(|&h| owner[h] == h) {
+            let head_err = |e: Error| head_error(layer, h, patterns[h], e);
+            match patterns[h] {
+                Pattern::VerticalSlash(p) => {
+                    src[h] = SRC_VS;
+                    budgets[h] = (ctx.resolve(&p.vertical), ctx.resolve(&p.slash));
+                    stats.gpu_vertical_slash += 1;
+                }
+                Pattern::BlockSparse(p) => {
+                    src[h] = SRC_BS;
+                    choices[h] = Some(BlockChoice::from_pattern(p, &ctx).map_err(head_err)?);
+                    stats.gpu_block_sparse += 1;
+                }
+                Pattern::Dense(_)
+                | Pattern::Streaming(_)
+                | Pattern::AShape(_)
+                | Pattern::Grid(_) => {
+                    statics.push(h);
+                    stats.host_static += 1;
+                }
+                _ => {
+                    estimated.push(h);
+                    stats.host_estimated += 1;
+                }
+            }
+        }
+        stats.shared = (0..shape.q_heads).filter(|&h| owner[h] != h).count();
+        let src_of: Vec<(u32, u32)> = (0..shape.q_heads)
+            .map(|h| (src[owner[h]], owner[h] as u32))
+            .collect();
+        let used = |s: u32| src_of.iter().any(|&(x, _)| x == s);
+        let sources_used = [SRC_VS, SRC_BS, SRC_HOST]
+            .into_iter()
+            .filter(|&s| used(s))
+            .count();
+        // one source serving every head as itself needs no merge
+        let direct = (sources_used == 1 && stats.shared == 0).then(|| src_of[0].0);
+        if self.statics_shape != Some(*shape) {
+            self.statics.clear();
+            self.statics_shape = Some(*shape);
+        }
+        let (vs, bs, vs_ix, bs_ix, host_ix, merged) = (
+            &mut self.vs,
+            &mut self.bs,
+            &mut self.vs_ix,
+            &mut self.bs_ix,
+            &mut self.host_ix,
+            &mut self.merged,
+        );
+        let (cache, from_cache) = (&mut self.statics, &mut self.host_from_cache);
+        let (merge_count, scan, merge_copy) = (&self.merge_count, &self.scan, &self.merge_copy);
+        // CUDA events around all of it: the host's part (copies back, estimates) counts too
+        stats.index_ms = sp.time_ms(|| {
+            if !estimated.is_empty() {
+                // the slow path: Q and K back to the host for the heads without a GPU builder
+                let (hq, hk) = (sp.download(q)?, sp.download(k)?);
+                let d = shape.head_dim;
+                let to_f32 = |x: &[u16]| x.iter().map(|&b| bf16_to_f32(b)).collect::<Vec<f32>>();
+                for &h in &estimated {
+                    let g = shape.kv_head_of(h);
+                    let (qh, kh) = (
+                        to_f32(&hq[h * n * d..(h + 1) * n * d]),
+                        to_f32(&hk[g * n * d..(g + 1) * n * d]),
+                    );
+                    let qk = HeadQk::new(&qh, &kh, d, n)?;
+                    host[h] = Some(
+                        build_index(patterns[h], &ctx, &qk)
+                            .map_err(|e| head_error(layer, h, patterns[h], e))?,
+                    );
+                }
+            }
+            if used(SRC_VS) {
+                let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
+                b.build(sp, q, k, &budgets, vs_ix)?;
+            }
+            if used(SRC_BS) {
+                let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
+                b.build_heads(sp, q, k, &choices, bs_ix)?;
+            }
+            *from_cache = None;
+            if used(SRC_HOST) {
+                // static heads only: their index is the same at every call of this shape
+                let cacheable = estimated.is_empty();
+                if !(cacheable && cache.contains_key(&layer)) {
+                    for &h in &statics {
+                        if let Some(ix) = static_index(patterns[h], &ctx) {
+                            host[h] = Some(ix.map_err(|e| head_error(layer, h, patterns[h], e))?);
+                        }
+                    }
+                    let empty = HeadIndex::empty(&ctx);
+                    let heads: Vec<HeadIndex> = std::mem::take(&mut host)
+                        .into_iter()
+                        .map(|ix| ix.unwrap_or_else(|| empty.clone()))
+                        .collect();
+                    let ix = sp.upload_flat(&FlatIndex::from_heads(n, &heads)?)?;
+                    if cacheable {
+                        cache.insert(layer, ix);
+                    } else {
+                        *host_ix = Some(ix);
+                    }
+                }
+                if cacheable {
+                    *from_cache = Some(layer);
+                }
+            }
+            if direct.is_none() {
+                let host_src = match *from_cache {
+                    Some(l) => cache.get(&l),
+                    None => host_ix.as_ref(),
+                };
+                let sources = [vs_ix.as_ref(), bs_ix.as_ref(), host_src];
+                *merged = Some(merge(
+                    sp,
+                    merge_count,
+                    scan,
+                    merge_copy,
+                    shape,
+                    sources,
+                    &src_of,
+                )?);
+            }
+            Ok(())
+        })?;
+        self.last = Some(direct.unwrap_or(MERGED));
+        let ix = self
+            .last_index()
+            .ok_or_else(|| Error::Cuda("no index was built for the layer".into()))?;
+        stats.entries = (ix.n_blk, ix.n_col);
+        stats.attention_ms = sp.time_ms(|| sp.forward(shape, q, k, v, Keys::Index(ix), out))?;
+        Ok(stats)
+    }
+}
+
+fn head_error(layer: usize, head: usize, pattern: &Pattern, e: Error) -> Error {
+    Error::HeadPlan {
+        layer,
+        head,
+        kind: pattern.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// The builder in `slot`, made anew by `make` when the layer shape changed.
+fn builder<'a, B>(
+    slot: &'a mut Option<(AttnShape, B)>,
+    shape: &AttnShape,
+    make: impl FnOnce(&AttnShape) -> Result<B>,
+) -> Result<&'a mut B> {
+    if slot.as_ref().is_none_or(|(s, _)| s != shape) {
+        *slot = Some((*shape, make(shape)?));
+    }
+    match slot {
+        Some((_, b)) => Ok(b),
+        None => Err(Error::Cuda("index builder missing".into())),
+    }
+}
+
+/// One index whose head `h` holds the lists of head `src_of[h].1` of source `src_of[h].0`.
+fn merge(
+    sp: &SparsePrefill,
+    count: &CudaFunction,
+    scan: &CudaFunction,
+    copy: &CudaFunction,
+    shape: &AttnShape,
+    sources: [Option<&DeviceIndex>; 3],
+    src_of: &[(u32, u32)],
+) -> Result<DeviceIndex> {
+    let n = shape.seq_len;
+    let q_blocks = n.div_ceil(CUDA_BLOCK);
+    let m = shape.q_heads * q_blocks;
+    let any = sources
+        .iter()
+        .flatten()
+        .next()
+        .copied()
+        .ok_or_else(|| Error::Cuda("no index to merge".into()))?;
+    for (h, &(s, sh)) in src_of.iter().enumerate() {
+        let ok = sources
+            .get(s as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|ix| ix.seq_len == n && (sh as usize) < ix.q_heads);
+        if !ok {
+            return Err(Error::Cuda(format!(
+                "head {h}: source {s} head {sh} has no index for {n} tokens"
+            )));
+        }
+    }
+    // unused sources stand in with any present one (never read)
+    let srcs: Vec<&DeviceIndex> = sources.iter().map(|s| s.unwrap_or(any)).collect();
+    let s = &sp.dev.stream;
+    let ids: Vec<u32> = src_of.iter().map(|x| x.0).collect();
+    let heads: Vec<u32> = src_of.iter().map(|x| x.1).collect();
+    let ids = drv("upload", s.clone_htod(&ids))?;
+    let heads_d = drv("upload", s.clone_htod(&heads))?;
+    let mut cnt_blk = drv("alloc", s.alloc_zeros::<u32>(m.max(1)))?;
+    let mut cnt_col = drv("alloc", s.alloc_zeros::<u32>(m.max(1)))?;
+    let (hq, qbs) = (shape.q_heads as i32, q_blocks as i32);
+    let mut b = s.launch_builder(count);
+    for ix in &srcs {
+        b.arg(&ix.blk_off)
+            .arg(&ix.blk_idx)
+            .arg(&ix.col_off)
+            .arg(&ix.col_idx);
+    }
+    b.arg(&ids)
+        .arg(&heads_d)
+        .arg(&hq)
+        .arg(&qbs)
+        .arg(&mut cnt_blk)
+        .arg(&mut cnt_col);
+    let cfg = LaunchConfig {
+        grid_dim: (grid_u32(m.div_ceil(256))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `ix_merge_count`; every source head named in src_of was checked to exist in an
+    // index of this length (offsets of q_heads * q_blocks + 1 entries); the counts hold m entries.
+    drv("ix_merge_count launch", unsafe { b.launch(cfg) })?;
+    let mut blk_off = drv("alloc", s.alloc_zeros::<u32>(m + 1))?;
+    let mut col_off = drv("alloc", s.alloc_zeros::<u32>(m + 1))?;
+    let m_i = m as i32;
+    let mut b = s.launch_builder(scan);
+    b.arg(&cnt_blk)
+        .arg(&cnt_col)
+        .arg(&m_i)
+        .arg(&mut blk_off)
+        .arg(&mut col_off);
+    let one = LaunchConfig {
+        grid_dim: (2, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `vs_scan`; the offsets hold m + 1 entries.
+    drv("vs_scan launch", unsafe { b.launch(one) })?;
+    let nb = drv("read total", s.clone_dtoh(&blk_off.slice(m..m + 1)))?;
+    let nc = drv("read total", s.clone_dtoh(&col_off.slice(m..m + 1)))?;
+    let (nb, nc) = (
+        nb.first().copied().unwrap_or(0) as usize,
+        nc.first().copied().unwrap_or(0) as usize,
+    );
+    let mut blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
+    let mut col_idx = drv("alloc", s.alloc_zeros::<u32>(nc.max(1)))?;
+    let mut b = s.launch_builder(copy);
+    for ix in &srcs {
+        b.arg(&ix.blk_off)
+            .arg(&ix.blk_idx)
+            .arg(&ix.col_off)
+            .arg(&ix.col_idx);
+    }
+    b.arg(&ids)
+        .arg(&heads_d)
+        .arg(&hq)
+        .arg(&qbs)
+        .arg(&blk_off)
+        .arg(&col_off)
+        .arg(&mut blk_idx)
+        .arg(&mut col_idx);
+    let warps = LaunchConfig {
+        grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
+    // source list sizes copied.
+    drv("ix_merge_copy launch", unsafe { b.launch(warps) })?;
+    let pairs = (0..shape.q_heads / 2).all(|p| src_of[2 * p] == src_of[2 * p + 1]);
+    Ok(DeviceIndex {
+        q_heads: shape.q_heads,
+        seq_len: n,
+        q_blocks,
+        blk_off,
+        blk_idx,
+        col_off,
+        col_idx,
+        n_blk: nb,
+        n_col: nc,
+        pairs_share: pairs && shape.q_heads % 2 == 0,
+    })
+}
