@@ -11,7 +11,8 @@
 //!     gpu-bs builds block-sparse indexes on the GPU (heads cycling through top_k K, coverage C,
 //!     top_k K/4, coverage C/2) and compares them with the CPU `pattern::block_sparse` ranking.
 //! cuda_bench plan DIR --n N [--hq H --hkv K --d D --v V --s S --topk T --local L --reps R] [--share]
-//!     one layer of a mixed plan (vertical-slash, block-sparse, A-shape heads) through `PlanPrefill`
+//!     one layer of a mixed plan (vertical-slash, token-select, block-sparse, A-shape heads) through
+//!     `PlanPrefill`
 //!     on structured inputs: index and attention times, and where each head's index came from.
 //! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
@@ -608,9 +609,9 @@ fn check(args: &[String]) -> Result<()> {
 }
 
 /// `cuda_bench plan`: one layer of a mixed plan through `PlanPrefill` on the benchmark's structured
-/// inputs: heads cycle through vertical-slash (v, s), vertical-slash (v, s / 2), block-sparse
-/// (`top_k` = `--topk`) and A-shape (sink 64, local `--local`); prints the index and attention times
-/// (medians) and the sources of the heads' indexes.
+/// inputs: heads cycle through vertical-slash (v, s), token-select (chunks of 64, keep 8, spread 1,
+/// sink 64, local `--local`), block-sparse (`top_k` = `--topk`) and A-shape (sink 64, local
+/// `--local`); prints the index and attention times (medians) and the sources of the heads' indexes.
 fn plan_bench(args: &[String]) -> Result<()> {
     let o = Opts::parse(args)?;
     let (n, hq, hkv, d) = (
@@ -658,9 +659,12 @@ fn plan_bench(args: &[String]) -> Result<()> {
                         vertical: fixed(v),
                         slash: fixed(s),
                     }),
-                    1 => schemas::Pattern::VerticalSlash(schemas::VerticalSlash {
-                        vertical: fixed(v),
-                        slash: fixed(s / 2),
+                    1 => schemas::Pattern::TokenSelect(schemas::TokenSelect {
+                        block: 64,
+                        keep: fixed(8),
+                        spread: 1.0,
+                        sink: fixed(64),
+                        local: fixed(local),
                     }),
                     2 => schemas::Pattern::BlockSparse(schemas::BlockSparse {
                         top_k: Some(fixed(top)),
@@ -709,12 +713,13 @@ fn plan_bench(args: &[String]) -> Result<()> {
     println!(
         "plan n={n} {hq}x{hkv}x{d}: density {:.4}; index {index_ms:.3} ms, attention {attn_ms:.3} ms, \
          total {:.3} ms (index share {:.1}%), dense {dense_ms:.3} ms; heads: GPU vertical-slash {}, \
-         GPU block-sparse {}, host static {}, host estimated {}, shared {}",
+         GPU block-sparse {}, GPU token-select {}, host static {}, host estimated {}, shared {}",
         flat.density(),
         index_ms + attn_ms,
         100.0 * index_ms / (index_ms + attn_ms),
         r.gpu_vertical_slash,
         r.gpu_block_sparse,
+        r.gpu_token_select,
         r.host_static,
         r.host_estimated,
         r.shared

@@ -82,3 +82,32 @@ __device__ __forceinline__ void load_rows_async(u32 dst, const bf16_t* base, int
     const bf16_t* src = base + (ok ? (u64)pos * D + c * 8 : 0);
     cp_async16(dst + swz<D>(r, c), src, ok ? 16 : 0);
 }
+
+// Exclusive scan of one value per thread over a 1024-thread block; returns the prefix, sets *total.
+// Every thread of the block must call it.
+__device__ __forceinline__ u32 block_scan_1024(u32 x, u32* total) {
+    __shared__ u32 ws[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 inc = x;
+#pragma unroll
+    for (int sh = 1; sh < 32; sh <<= 1) {
+        const u32 y = __shfl_up_sync(0xffffffff, inc, sh);
+        if (lane >= sh) inc += y;
+    }
+    __syncthreads();  // ws may still be read by a previous call
+    if (lane == 31) ws[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        const u32 w = ws[lane];
+        u32 wi = w;
+#pragma unroll
+        for (int sh = 1; sh < 32; sh <<= 1) {
+            const u32 y = __shfl_up_sync(0xffffffff, wi, sh);
+            if (lane >= sh) wi += y;
+        }
+        ws[lane] = wi - w;
+        if (lane == 31) *total = wi;
+    }
+    __syncthreads();
+    return ws[warp] + inc - x;
+}

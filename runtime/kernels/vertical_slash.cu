@@ -226,34 +226,6 @@ extern "C" __global__ void vs_est_reduce(const float2* __restrict__ part, float2
     if (lane == 0) ml[row] = make_float2(m, l > 0.f ? 1.f / l : 0.f);
 }
 
-// Exclusive scan of one value per thread over a 1024-thread block; returns the prefix, sets *total.
-// Every thread of the block must call it.
-__device__ __forceinline__ u32 block_scan_1024(u32 x, u32* total) {
-    __shared__ u32 ws[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    u32 inc = x;
-#pragma unroll
-    for (int sh = 1; sh < 32; sh <<= 1) {
-        const u32 y = __shfl_up_sync(0xffffffff, inc, sh);
-        if (lane >= sh) inc += y;
-    }
-    __syncthreads();  // ws may still be read by a previous call
-    if (lane == 31) ws[warp] = inc;
-    __syncthreads();
-    if (warp == 0) {
-        const u32 w = ws[lane];
-        u32 wi = w;
-#pragma unroll
-        for (int sh = 1; sh < 32; sh <<= 1) {
-            const u32 y = __shfl_up_sync(0xffffffff, wi, sh);
-            if (lane >= sh) wi += y;
-        }
-        ws[lane] = wi - w;
-        if (lane == 31) *total = wi;
-    }
-    __syncthreads();
-    return ws[warp] + inc - x;
-}
 
 // Sort key: forced items highest, then the score's bits (scores are >= 0, so bits order like values).
 __device__ __forceinline__ u32 rank_key(const float* s, int i, int forced) {
@@ -493,8 +465,8 @@ extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* _
     }
 }
 
-// Merging per-head indexes from up to three sources (e.g. a vertical-slash and a block-sparse builder
-// and a host upload) into one: entry e = h * q_blocks + qb takes the lists of head src_head[h] in
+// Merging per-head indexes from up to four sources (e.g. the vertical-slash, block-sparse and
+// token-select builders and a host upload) into one: entry e = h * q_blocks + qb takes the lists of head src_head[h] in
 // source src_id[h]. ix_merge_count writes the list sizes (then vs_scan gives the offsets); ix_merge_copy
 // copies, one warp per entry.
 struct IxSrc {
@@ -504,12 +476,16 @@ struct IxSrc {
     const u32* col_idx;
 };
 
-__device__ __forceinline__ IxSrc ix_pick(int s, IxSrc a, IxSrc b, IxSrc c) { return s == 0 ? a : (s == 1 ? b : c); }
+__device__ __forceinline__ IxSrc ix_pick(int s, IxSrc a, IxSrc b, IxSrc c, IxSrc d) {
+    return s == 0 ? a : (s == 1 ? b : (s == 2 ? c : d));
+}
 
 #define IX_SRC_ARGS                                                                                           \
     const u32 *bo0, const u32 *bi0, const u32 *co0, const u32 *ci0, const u32 *bo1, const u32 *bi1,           \
-        const u32 *co1, const u32 *ci1, const u32 *bo2, const u32 *bi2, const u32 *co2, const u32 *ci2
-#define IX_SRCS IxSrc{bo0, bi0, co0, ci0}, IxSrc{bo1, bi1, co1, ci1}, IxSrc{bo2, bi2, co2, ci2}
+        const u32 *co1, const u32 *ci1, const u32 *bo2, const u32 *bi2, const u32 *co2, const u32 *ci2,       \
+        const u32 *bo3, const u32 *bi3, const u32 *co3, const u32 *ci3
+#define IX_SRCS                                                                                               \
+    IxSrc{bo0, bi0, co0, ci0}, IxSrc{bo1, bi1, co1, ci1}, IxSrc{bo2, bi2, co2, ci2}, IxSrc{bo3, bi3, co3, ci3}
 
 extern "C" __global__ void ix_merge_count(IX_SRC_ARGS, const u32* __restrict__ src_id,
                                           const u32* __restrict__ src_head, int q_heads, int q_blocks,

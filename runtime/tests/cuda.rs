@@ -186,16 +186,93 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             let sources = (
                 stats.gpu_vertical_slash,
                 stats.gpu_block_sparse,
+                stats.gpu_token_select,
                 stats.host_static,
                 stats.host_estimated,
             );
             let expected = match (layer, share) {
-                (0, _) => (1, 0, 3, 0), // dense, streaming, a_shape on the host; vertical-slash
-                (_, false) => (0, 1, 1, 2), // block-sparse; grid; query-adaptive, token-select
-                (_, true) => (1, 0, 0, 2), // heads 0 and 1 vertical-slash, one build
+                (0, _) => (1, 0, 0, 3, 0), // dense, streaming, a_shape on the host; vertical-slash
+                (_, false) => (0, 1, 1, 1, 1), // block-sparse; token-select; grid; query-adaptive
+                (_, true) => (1, 0, 1, 0, 1), // heads 0 and 1 vertical-slash, one build
             };
             assert_eq!(sources, expected, "{what}");
         }
+    }
+}
+
+/// The GPU token-select builder selects what `pattern::token_select` selects from the same Q and K
+/// (its vertical scores in f32 on the GPU, f64 on the CPU): with and without a spread, a head left
+/// out, an odd length.
+#[test]
+fn token_select_builder_matches_cpu_selection() {
+    use runtime::exec::cuda::{TokenChoice, TokenSelectBuilder, VerticalSlashBuilder};
+    use runtime::pattern::token_select;
+    let Some(sp) = device() else { return };
+    for (n, d) in [(1100usize, 64usize), (2050, 128)] {
+        let (hq, hkv) = (4usize, 2usize);
+        let shape = AttnShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            seq_len: n,
+            head_dim: d,
+        };
+        let ctx = PatternContext {
+            seq_len: n,
+            block_q: 64,
+            block_k: 64,
+            last_q: 64,
+        };
+        let pats = [
+            schemas::TokenSelect {
+                block: 64,
+                keep: schemas::Budget::Fixed(8),
+                spread: 0.0,
+                sink: schemas::Budget::Fixed(64),
+                local: schemas::Budget::Fixed(256),
+            },
+            schemas::TokenSelect {
+                block: 128,
+                keep: schemas::Budget::Fixed(16),
+                spread: 1.0,
+                sink: schemas::Budget::Fixed(0),
+                local: schemas::Budget::Fixed(100),
+            },
+            schemas::TokenSelect {
+                block: 50,
+                keep: schemas::Budget::Fixed(3),
+                spread: 0.5,
+                sink: schemas::Budget::Fixed(130),
+                local: schemas::Budget::Fixed(64),
+            },
+        ];
+        let (q, k) = (noise(hq * n * d, 31), noise(hkv * n * d, 32));
+        let (qd, kd) = (sp.upload_bf16(&q).unwrap(), sp.upload_bf16(&k).unwrap());
+        let mut vs = VerticalSlashBuilder::new(&sp, &shape, &ctx).unwrap();
+        vs.estimate(&sp, &qd, &kd).unwrap();
+        let mut ts = TokenSelectBuilder::new(&sp, &shape).unwrap();
+        let choices: Vec<Option<TokenChoice>> = (0..hq)
+            .map(|h| (h != 3).then(|| TokenChoice::from_pattern(&pats[h], &ctx).unwrap()))
+            .collect();
+        let mut ix = None;
+        ts.build_heads(&sp, &vs, &choices, &mut ix).unwrap();
+        let got = sp.download_index(ix.as_ref().unwrap()).unwrap();
+        let want: Vec<HeadIndex> = (0..hq)
+            .map(|h| {
+                if h == 3 {
+                    return HeadIndex::empty(&ctx);
+                }
+                let g = h / (hq / hkv);
+                let qk = HeadQk::new(
+                    &q[h * n * d..(h + 1) * n * d],
+                    &k[g * n * d..(g + 1) * n * d],
+                    d,
+                    n,
+                )
+                .unwrap();
+                token_select::index(&ctx, &qk, &pats[h]).unwrap()
+            })
+            .collect();
+        assert_eq!(got, FlatIndex::from_heads(n, &want).unwrap(), "n={n} d={d}");
     }
 }
 

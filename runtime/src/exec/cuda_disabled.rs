@@ -12,7 +12,7 @@ mod layer_stats;
 
 use std::marker::PhantomData;
 
-pub use flat::{BlockChoice, FlatIndex, CUDA_BLOCK};
+pub use flat::{BlockChoice, FlatIndex, TokenChoice, CUDA_BLOCK};
 pub use layer_stats::LayerStats;
 
 use crate::error::{Error, Result};
@@ -40,6 +40,7 @@ pub enum KernelFile {
     Attention,
     VerticalSlash,
     BlockSparse,
+    TokenSelect,
 }
 
 /// A CUDA device (cannot be opened without the feature).
@@ -188,6 +189,27 @@ impl PlanPrefill {
     }
 }
 
+/// GPU token-select index building; [`TokenSelectBuilder::new`] returns [`Error::CudaNotCompiled`].
+#[derive(Debug)]
+pub struct TokenSelectBuilder {
+    _never: (),
+}
+
+impl TokenSelectBuilder {
+    pub fn new(_sp: &SparsePrefill, _shape: &AttnShape) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+    pub fn build_heads(
+        &mut self,
+        _sp: &SparsePrefill,
+        _scores: &VerticalSlashBuilder,
+        _choices: &[Option<TokenChoice>],
+        _out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+}
+
 /// GPU block-sparse index building; [`BlockSparseBuilder::new`] returns
 /// [`Error::CudaNotCompiled`].
 #[derive(Debug)]
@@ -225,10 +247,13 @@ impl BlockSparseBuilder {
 /// [`Error::CudaNotCompiled`].
 #[derive(Debug)]
 pub struct VerticalSlashBuilder {
-    _never: (),
+    shape: AttnShape,
 }
 
 impl VerticalSlashBuilder {
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
     pub fn new(_sp: &SparsePrefill, _shape: &AttnShape, _ctx: &PatternContext) -> Result<Self> {
         Err(Error::CudaNotCompiled)
     }

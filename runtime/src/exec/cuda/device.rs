@@ -29,15 +29,18 @@ pub enum KernelFile {
     Attention,
     /// `vertical_slash.cu`: `vs_est_*`, `vs_est_reduce`, `vs_topk`, `vs_count`, `vs_scan`, `vs_fill`.
     VerticalSlash,
-    /// `block_sparse.cu`: `bs_pool_d*`, `bs_rank_d*`, `bs_fill`.
+    /// `block_sparse.cu`: `bs_pool_d*`, `bs_score_d*`, `bs_select`, `bs_fill`.
     BlockSparse,
+    /// `token_select.cu`: `ts_keep`, `ts_select`, `ts_scan`, `ts_count`, `ts_fill`.
+    TokenSelect,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 3] = [
+    pub const ALL: [KernelFile; 4] = [
         KernelFile::Attention,
         KernelFile::VerticalSlash,
         KernelFile::BlockSparse,
+        KernelFile::TokenSelect,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl KernelFile {
             KernelFile::Attention => "attention.cu",
             KernelFile::VerticalSlash => "vertical_slash.cu",
             KernelFile::BlockSparse => "block_sparse.cu",
+            KernelFile::TokenSelect => "token_select.cu",
         }
     }
 
@@ -53,6 +57,7 @@ impl KernelFile {
             KernelFile::Attention => include_str!("../../../kernels/attention.cu"),
             KernelFile::VerticalSlash => include_str!("../../../kernels/vertical_slash.cu"),
             KernelFile::BlockSparse => include_str!("../../../kernels/block_sparse.cu"),
+            KernelFile::TokenSelect => include_str!("../../../kernels/token_select.cu"),
         }
     }
 }

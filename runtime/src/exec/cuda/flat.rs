@@ -220,3 +220,37 @@ impl BlockChoice {
         }
     }
 }
+
+/// What the GPU token-select builder keeps for one head: a plan's `token_select` resolved at a length
+/// (the selection of [`crate::pattern::token_select`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenChoice {
+    /// Chunk length (tokens, at least 1).
+    pub block: usize,
+    /// Tokens kept per chunk (the median with a spread), at most `block`.
+    pub keep: usize,
+    /// TCA's spread of per-chunk counts (0: `keep` in every chunk).
+    pub spread: f64,
+    /// Sink tokens and local window, as `a_shape`.
+    pub sink: usize,
+    pub local: usize,
+}
+
+impl TokenChoice {
+    /// The choice of a plan's `token_select` pattern at `ctx`. Errors as
+    /// [`crate::pattern::token_select::check`].
+    pub fn from_pattern(
+        p: &schemas::TokenSelect,
+        ctx: &crate::pattern::PatternContext,
+    ) -> Result<Self> {
+        crate::pattern::token_select::check(p)?;
+        let block = (p.block as usize).max(1);
+        Ok(Self {
+            block,
+            keep: ctx.resolve(&p.keep).min(block),
+            spread: p.spread,
+            sink: ctx.resolve(&p.sink),
+            local: ctx.resolve(&p.local),
+        })
+    }
+}

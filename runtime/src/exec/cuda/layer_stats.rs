@@ -12,10 +12,12 @@ pub struct LayerStats {
     pub gpu_vertical_slash: usize,
     /// Query heads whose index the GPU block-sparse builder made.
     pub gpu_block_sparse: usize,
+    /// Query heads whose index the GPU token-select builder made.
+    pub gpu_token_select: usize,
     /// Query heads with a static pattern (index made on the host without reading Q or K).
     pub host_static: usize,
     /// Query heads whose index was estimated on the host from Q and K copied back
-    /// (`query_adaptive`, `token_select`).
+    /// (`query_adaptive`).
     pub host_estimated: usize,
     /// Query heads using the index of another head of their KV group (`share_kv_group_indexes`).
     pub shared: usize,

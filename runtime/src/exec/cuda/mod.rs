@@ -1,5 +1,5 @@
 //! CUDA executor (feature `cuda`): sparse causal flash attention over the [`HeadIndex`] form, and GPU
-//! index building for vertical-slash and block-sparse. Kernels are the `.cu` files of `runtime/kernels/`, embedded and
+//! index building for vertical-slash, block-sparse and token-select. Kernels are the `.cu` files of `runtime/kernels/`, embedded and
 //! compiled with NVRTC at first use (`compute_90`, override with [`device::ARCH_ENV`]), cached per
 //! device; libcuda and libnvrtc are opened at run time, so building needs no CUDA toolkit. Without the
 //! feature, `exec/cuda_disabled.rs` offers the same API, returning [`Error::CudaNotCompiled`].
@@ -11,6 +11,9 @@
 //!   block) CSR offsets into key blocks and gathered columns).
 //! - [`VerticalSlashBuilder`]: estimation, top-k and list building on the GPU, one launch per stage for
 //!   all heads, per-head budgets; same selection as [`crate::pattern::vertical_slash`].
+//! - [`TokenSelectBuilder`]: per-chunk top tokens from a vertical-slash estimate's vertical scores,
+//!   plus A-shape blocks ([`TokenChoice`]); same selection as [`crate::pattern::token_select`].
+//! - [`PlanPrefill`]: a plan run layer by layer, each head's index from its pattern.
 //! - [`BlockSparseBuilder`]: pooled estimate, per-head `top_k` or `coverage` selection
 //!   ([`BlockChoice`]) and list building on the GPU; same selection as
 //!   [`crate::pattern::block_sparse`].
@@ -27,6 +30,7 @@ pub mod device;
 mod flat;
 mod layer_stats;
 mod plan;
+mod token_select;
 mod vertical_slash;
 
 use cudarc::driver::{
@@ -35,8 +39,9 @@ use cudarc::driver::{
 
 pub use block_sparse::BlockSparseBuilder;
 pub use device::{Device, KernelFile};
-pub use flat::{BlockChoice, FlatIndex, CUDA_BLOCK};
+pub use flat::{BlockChoice, FlatIndex, TokenChoice, CUDA_BLOCK};
 pub use plan::{LayerStats, PlanPrefill};
+pub use token_select::TokenSelectBuilder;
 pub use vertical_slash::VerticalSlashBuilder;
 
 use crate::error::{Error, Result};

@@ -10,9 +10,9 @@
 //!   [`VerticalSlashBuilder`] (one build for all of them, per-head budgets), `block_sparse` heads with
 //!   the GPU [`BlockSparseBuilder`] (per-head `top_k` or `coverage`), static patterns (`dense`,
 //!   `streaming`, `a_shape`, `grid`) on the host (they read no Q or K: built once per layer and input
-//!   shape, then reused from the device), and `query_adaptive` and
-//!   `token_select` heads on the host from Q and K copied back (no GPU builder yet: this is the slow
-//!   path, counted in [`LayerStats::host_estimated`]);
+//!   shape, then reused from the device), `token_select` heads with the GPU [`TokenSelectBuilder`]
+//!   (from the same vertical-slash estimate), and `query_adaptive` heads on the host from Q and K
+//!   copied back (no GPU builder yet: the slow path, counted in [`LayerStats::host_estimated`]);
 //! - merges the per-head lists into one index on the device (`ix_merge_count`, `vs_scan`,
 //!   `ix_merge_copy`; skipped when one builder made every head's index) and runs one attention launch.
 //!
@@ -28,7 +28,7 @@ use super::device::{drv, KernelFile};
 pub use super::layer_stats::LayerStats;
 use super::{
     bf16_to_f32, grid_u32, BlockChoice, BlockSparseBuilder, DeviceBuffer, DeviceIndex, FlatIndex,
-    Keys, SparsePrefill, VerticalSlashBuilder, CUDA_BLOCK,
+    Keys, SparsePrefill, TokenChoice, TokenSelectBuilder, VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::{build_index, static_index, HeadIndex, HeadQk, PatternContext};
@@ -38,7 +38,8 @@ use crate::AttnShape;
 /// Where a head's index comes from (the source numbers of `ix_merge_*`).
 const SRC_VS: u32 = 0;
 const SRC_BS: u32 = 1;
-const SRC_HOST: u32 = 2;
+const SRC_TS: u32 = 2;
+const SRC_HOST: u32 = 3;
 
 /// A plan run on the GPU (see the module docs).
 #[derive(Debug)]
@@ -47,8 +48,10 @@ pub struct PlanPrefill {
     checked: crate::SparsePrefill,
     vs: Option<(AttnShape, VerticalSlashBuilder)>,
     bs: Option<(AttnShape, BlockSparseBuilder)>,
+    ts: Option<(AttnShape, TokenSelectBuilder)>,
     vs_ix: Option<DeviceIndex>,
     bs_ix: Option<DeviceIndex>,
+    ts_ix: Option<DeviceIndex>,
     merged: Option<DeviceIndex>,
     host_ix: Option<DeviceIndex>,
     /// Per layer, the host-made index of its static heads (they read no Q or K), for inputs of
@@ -65,7 +68,7 @@ pub struct PlanPrefill {
 }
 
 /// `PlanPrefill::last`: the merged index.
-const MERGED: u32 = 3;
+const MERGED: u32 = 4;
 
 impl PlanPrefill {
     /// Checks `plan` against `model` as [`crate::SparsePrefill::new`] does (same errors, same
@@ -82,8 +85,10 @@ impl PlanPrefill {
             checked,
             vs: None,
             bs: None,
+            ts: None,
             vs_ix: None,
             bs_ix: None,
+            ts_ix: None,
             merged: None,
             host_ix: None,
             statics: HashMap::new(),
@@ -107,6 +112,7 @@ impl PlanPrefill {
         match self.last? {
             SRC_VS => self.vs_ix.as_ref(),
             SRC_BS => self.bs_ix.as_ref(),
+            SRC_TS => self.ts_ix.as_ref(),
             SRC_HOST => match self.host_from_cache {
                 Some(layer) => self.statics.get(&layer),
                 None => self.host_ix.as_ref(),
@@ -187,6 +193,7 @@ impl PlanPrefill {
         let mut src = vec![SRC_HOST; shape.q_heads];
         let mut budgets = vec![(0usize, 1usize); shape.q_heads];
         let mut choices = vec![None; shape.q_heads];
+        let mut tokens = vec![None; shape.q_heads];
         let mut host: Vec<Option<HeadIndex>> = vec![None; shape.q_heads];
         let (mut statics, mut estimated) = (Vec::new(), Vec::new());
         for h in (0..shape.q_heads).filter(|&h| owner[h] == h) {
@@ -201,6 +208,11 @@ impl PlanPrefill {
                     src[h] = SRC_BS;
                     choices[h] = Some(BlockChoice::from_pattern(p, &ctx).map_err(head_err)?);
                     stats.gpu_block_sparse += 1;
+                }
+                Pattern::TokenSelect(p) => {
+                    src[h] = SRC_TS;
+                    tokens[h] = Some(TokenChoice::from_pattern(p, &ctx).map_err(head_err)?);
+                    stats.gpu_token_select += 1;
                 }
                 Pattern::Dense(_)
                 | Pattern::Streaming(_)
@@ -220,7 +232,7 @@ impl PlanPrefill {
             .map(|h| (src[owner[h]], owner[h] as u32))
             .collect();
         let used = |s: u32| src_of.iter().any(|&(x, _)| x == s);
-        let sources_used = [SRC_VS, SRC_BS, SRC_HOST]
+        let sources_used = [SRC_VS, SRC_BS, SRC_TS, SRC_HOST]
             .into_iter()
             .filter(|&s| used(s))
             .count();
@@ -230,11 +242,13 @@ impl PlanPrefill {
             self.statics.clear();
             self.statics_shape = Some(*shape);
         }
-        let (vs, bs, vs_ix, bs_ix, host_ix, merged) = (
+        let (vs, bs, ts, vs_ix, bs_ix, ts_ix, host_ix, merged) = (
             &mut self.vs,
             &mut self.bs,
+            &mut self.ts,
             &mut self.vs_ix,
             &mut self.bs_ix,
+            &mut self.ts_ix,
             &mut self.host_ix,
             &mut self.merged,
         );
@@ -260,9 +274,21 @@ impl PlanPrefill {
                     );
                 }
             }
-            if used(SRC_VS) {
+            if used(SRC_VS) || used(SRC_TS) {
+                // token-select ranks the vertical scores of the same estimate
                 let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
-                b.build(sp, q, k, &budgets, vs_ix)?;
+                b.estimate(sp, q, k)?;
+                if used(SRC_VS) {
+                    b.select(sp, &budgets, vs_ix)?;
+                }
+            }
+            if used(SRC_TS) {
+                let scores = vs
+                    .as_ref()
+                    .map(|(_, b)| b)
+                    .ok_or_else(|| Error::Cuda("no vertical scores".into()))?;
+                let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
+                b.build_heads(sp, scores, &tokens, ts_ix)?;
             }
             if used(SRC_BS) {
                 let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
@@ -299,7 +325,7 @@ impl PlanPrefill {
                     Some(l) => cache.get(&l),
                     None => host_ix.as_ref(),
                 };
-                let sources = [vs_ix.as_ref(), bs_ix.as_ref(), host_src];
+                let sources = [vs_ix.as_ref(), bs_ix.as_ref(), ts_ix.as_ref(), host_src];
                 *merged = Some(merge(
                     sp,
                     merge_count,
@@ -353,7 +379,7 @@ fn merge(
     scan: &CudaFunction,
     copy: &CudaFunction,
     shape: &AttnShape,
-    sources: [Option<&DeviceIndex>; 3],
+    sources: [Option<&DeviceIndex>; 4],
     src_of: &[(u32, u32)],
 ) -> Result<DeviceIndex> {
     let n = shape.seq_len;

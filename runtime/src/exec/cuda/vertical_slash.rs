@@ -337,6 +337,16 @@ impl VerticalSlashBuilder {
         self.select(sp, budgets, out)
     }
 
+    /// The layer shape the builder was made for.
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
+
+    /// The vertical scores `[q_heads][n]` of the last [`Self::estimate`], on the device.
+    pub(crate) fn col_scores(&self) -> &CudaSlice<f32> {
+        &self.col
+    }
+
     /// Vertical and slash scores `[q_heads][n]` of the last [`Self::estimate`] (for tests).
     pub fn scores(&self, sp: &SparsePrefill) -> Result<(Vec<f32>, Vec<f32>)> {
         let s = &sp.dev.stream;
