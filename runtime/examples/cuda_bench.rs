@@ -3,13 +3,15 @@
 //! ```text
 //! cuda_bench compile DIR                      NVRTC only (no device): writes DIR/<kernel>.ptx
 //! cuda_bench smoke                            device name, kernel resources, a small dense check
-//! cuda_bench check DIR --n N --hq H --hkv K --d D --index dense|cpu-vs|cpu-vs-shared|gpu-vs|gpu-bs
+//! cuda_bench check DIR --n N --hq H --hkv K --d D --index dense|cpu-vs|cpu-vs-shared|gpu-vs|gpu-bs|gpu-ts
 //!                  [--seed S] [--v V --s S --last-q L] [--topk K --cover C]
 //!     fresh random inputs (structured for the *-vs indexes), NaN-poisoned output, one forward;
 //!     writes q/k/v/out (bf16), the flat index (u32) and meta.json to DIR for scripts/gpu/check.py.
 //!     gpu-vs also compares the GPU selection with the CPU `pattern::vertical_slash` selection;
 //!     gpu-bs builds block-sparse indexes on the GPU (heads cycling through top_k K, coverage C,
-//!     top_k K/4, coverage C/2) and compares them with the CPU `pattern::block_sparse` ranking.
+//!     top_k K/4, coverage C/2) and compares them with the CPU `pattern::block_sparse` ranking;
+//!     gpu-ts builds token-select indexes on the GPU (chunks of 64 / 128 / 50, keep K / 2K / K/4,
+//!     local S) and compares the selected tokens with the CPU `pattern::token_select`.
 //! cuda_bench plan DIR --n N [--hq H --hkv K --d D --v V --s S --topk T --local L --reps R] [--share]
 //!     one layer of a mixed plan (vertical-slash, token-select, block-sparse, A-shape heads) through
 //!     `PlanPrefill`
@@ -31,7 +33,7 @@ use rayon::prelude::*;
 use runtime::exec::cuda::bench::{self, noise, structured, write_index, write_u16, BenchConfig};
 use runtime::exec::cuda::{
     bf16_bits, bf16_to_f32, device, BlockChoice, BlockSparseBuilder, FlatIndex, KernelFile, Keys,
-    SparsePrefill, VerticalSlashBuilder,
+    SparsePrefill, TokenChoice, TokenSelectBuilder, VerticalSlashBuilder,
 };
 use runtime::pattern::block_sparse::BlockRanking;
 use runtime::pattern::{dense, vertical_slash, HeadIndex, HeadQk, PatternContext};
@@ -249,6 +251,107 @@ type HeadDiff = (usize, usize, usize, usize, f64, bool);
 /// Relative agreement below which two f64 estimates (or a cumulative mass and the coverage) count as
 /// a near-tie: the GPU's exp and summation order differ from the CPU's in the last bits only.
 const NEAR: f64 = 1e-12;
+
+/// Per head: compares the GPU token selection with the CPU's `pattern::token_select` (f64 vertical
+/// scores): a differing token is a near-tie when its score is within 1e-5 (of the chunk's top score)
+/// of the chunk's boundary score, or when its chunk keeps a different count and the chunk's summed
+/// score is within 1e-5 of another chunk's (the spread's ranking). Also counts differing lists.
+#[allow(clippy::too_many_arguments)]
+fn compare_tokens(
+    shape: &AttnShape,
+    ctx: &PatternContext,
+    q: &[f32],
+    k: &[f32],
+    pats: &[schemas::TokenSelect],
+    sel: &[u32],
+    flat: &FlatIndex,
+) -> Result<String> {
+    use runtime::pattern::token_select;
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let per_head: Vec<(usize, usize, usize)> = (0..shape.q_heads)
+        .into_par_iter()
+        .map(|h| -> Result<(usize, usize, usize)> {
+            let g = shape.kv_head_of(h);
+            let qk = HeadQk::new(
+                &q[h * n * d..(h + 1) * n * d],
+                &k[g * n * d..(g + 1) * n * d],
+                d,
+                n,
+            )?;
+            let (col, _) = vertical_slash::estimate(ctx, &qk)?;
+            let p = &pats[h];
+            let block = (p.block as usize).max(1);
+            let keep = ctx.resolve(&p.keep).min(block);
+            let keeps = token_select::chunk_keeps(&col, block, keep, p.spread);
+            let chosen = token_select::select(&col, block, keep, p.spread);
+            let mut cpu = vec![false; n];
+            chosen.iter().for_each(|&j| cpu[j] = true);
+            let sums: Vec<f64> = col.chunks(block).map(|c| c.iter().sum()).collect();
+            let (mut diff, mut not_tie) = (0, 0);
+            for (c, chunk) in col.chunks(block).enumerate() {
+                let j0 = c * block;
+                let differing: Vec<usize> = (j0..j0 + chunk.len())
+                    .filter(|&j| cpu[j] != (sel[h * n + j] != 0))
+                    .collect();
+                if differing.is_empty() {
+                    continue;
+                }
+                diff += differing.len();
+                let mut sorted = chunk.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let top = sorted
+                    .first()
+                    .copied()
+                    .unwrap_or(0.0)
+                    .max(f64::MIN_POSITIVE);
+                let boundary = sorted
+                    .get(keeps[c].saturating_sub(1))
+                    .copied()
+                    .unwrap_or(0.0);
+                let gpu_count = (j0..j0 + chunk.len())
+                    .filter(|&j| sel[h * n + j] != 0)
+                    .count();
+                let sum_tie = sums
+                    .iter()
+                    .enumerate()
+                    .any(|(o, &s)| o != c && (s - sums[c]).abs() <= 1e-5 * sums[c].abs());
+                let ok = if gpu_count != keeps[c] {
+                    sum_tie
+                } else {
+                    differing
+                        .iter()
+                        .all(|&j| (col[j] - boundary).abs() <= 1e-5 * top)
+                };
+                if !ok {
+                    not_tie += differing.len();
+                }
+            }
+            let want = token_select::index(ctx, &qk, p)?;
+            let lists = (0..ctx.q_blocks())
+                .filter(|&qb| {
+                    let e = h * flat.q_blocks + qb;
+                    let blk = &flat.blk_idx[flat.blk_off[e] as usize..flat.blk_off[e + 1] as usize];
+                    let cols =
+                        &flat.col_idx[flat.col_off[e] as usize..flat.col_off[e + 1] as usize];
+                    blk != want.key_blocks(qb) || cols != want.columns(qb)
+                })
+                .count();
+            Ok((diff, not_tie, lists))
+        })
+        .collect::<Result<_>>()?;
+    let diff: usize = per_head.iter().map(|x| x.0).sum();
+    let not_tie: usize = per_head.iter().map(|x| x.1).sum();
+    let lists: usize = per_head.iter().map(|x| x.2).sum();
+    println!(
+        "token selection vs CPU: {diff} tokens differ, {not_tie} not at a near-tie; {lists} of {} \
+         lists differ",
+        shape.q_heads * ctx.q_blocks()
+    );
+    Ok(format!(
+        "{{\"token_diff\":{diff},\"token_diff_not_tie\":{not_tie},\"list_diff\":{lists},\"pass\":{}}}",
+        not_tie == 0
+    ))
+}
 
 /// Per (head, query block): compares the GPU block-sparse lists with the CPU ranking of
 /// `pattern::block_sparse`; a differing list is a near-tie when the blocks that differ have the
@@ -574,9 +677,58 @@ fn check(args: &[String]) -> Result<()> {
             extra = compare_blocks(&shape, &ctx, &q, &k, &choices, &flat)?;
             flat
         }
+        "gpu-ts" => {
+            // heads cycle through chunks of 64 keeping --topk (no spread), 128 with a spread of 1,
+            // 50 keeping a quarter; sink 64 and local --s tokens
+            let top = o.num("topk", 8)?;
+            let pats: Vec<schemas::TokenSelect> = (0..shape.q_heads)
+                .map(|h| {
+                    let (block, keep, spread) = match h % 3 {
+                        0 => (64, top, 0.0),
+                        1 => (128, 2 * top, 1.0),
+                        _ => (50, (top / 4).max(1), 0.5),
+                    };
+                    schemas::TokenSelect {
+                        block,
+                        keep: schemas::Budget::Fixed(keep as u64),
+                        spread,
+                        sink: schemas::Budget::Fixed(64),
+                        local: schemas::Budget::Fixed(sb as u64),
+                    }
+                })
+                .collect();
+            let choices = pats
+                .iter()
+                .map(|p| TokenChoice::from_pattern(p, &ctx).map(Some))
+                .collect::<Result<Vec<_>>>()?;
+            let mut vsb = VerticalSlashBuilder::new(&sp, &shape, &ctx)?;
+            let mut tsb = TokenSelectBuilder::new(&sp, &shape)?;
+            let mut ix = None;
+            vsb.estimate(&sp, &qd, &kd)?;
+            tsb.build_heads(&sp, &vsb, &choices, &mut ix)?;
+            let ix = ix.ok_or_else(|| Error::Cuda("no index built".into()))?;
+            sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
+            let mut again = None;
+            let ms = (0..5)
+                .map(|_| {
+                    sp.time_ms(|| {
+                        vsb.estimate(&sp, &qd, &kd)?;
+                        tsb.build_heads(&sp, &vsb, &choices, &mut again)
+                    })
+                })
+                .collect::<Result<Vec<f32>>>()?;
+            println!(
+                "token-select index build (estimate included): {:.3} ms (median of 5)",
+                bench::median(ms)
+            );
+            let flat = sp.download_index(&ix)?;
+            let sel = tsb.selected(&sp)?;
+            extra = compare_tokens(&shape, &ctx, &q, &k, &pats, &sel, &flat)?;
+            flat
+        }
         other => {
             return Err(Error::Shape(format!(
-                "--index {other}: expected dense, cpu-vs, cpu-vs-shared, gpu-vs or gpu-bs"
+                "--index {other}: expected dense, cpu-vs, cpu-vs-shared, gpu-vs, gpu-bs or gpu-ts"
             )))
         }
     };

@@ -9,7 +9,8 @@ W=${CASE_DIR:-/tmp/attnplan-cases}
 rm -rf "$W"; mkdir -p "$W"
 # n hq hkv d index v s [options]  (GQA groups 1, 3, 4, 8; head_dim 64 and 128; odd lengths; 9 3 64
 # is SmolLM2-135M's layer; cpu-vs-shared: heads 2p and 2p+1 share an index, which the warp-specialized
-# kernels compute as one CTA per pair; gpu-bs: block-sparse indexes built on the GPU)
+# kernels compute as one CTA per pair; gpu-bs / gpu-ts: block-sparse / token-select indexes built on
+# the GPU)
 cases=(
   "1023 8 8 64 dense 0 0"
   "1023 8 8 128 cpu-vs 100 200"
@@ -30,6 +31,8 @@ cases=(
   "1023 9 3 64 gpu-bs 0 0 --topk 4 --cover 0.8"
   "4097 8 4 64 gpu-bs 0 0 --topk 16 --cover 0.9"
   "33000 32 8 128 gpu-bs 0 0 --topk 64 --cover 0.95"
+  "4097 9 3 64 gpu-ts 0 256 --topk 8"
+  "33000 32 8 128 gpu-ts 0 1024 --topk 8"
 )
 dirs=()
 fail=0

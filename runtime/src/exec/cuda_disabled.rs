@@ -199,6 +199,9 @@ impl TokenSelectBuilder {
     pub fn new(_sp: &SparsePrefill, _shape: &AttnShape) -> Result<Self> {
         Err(Error::CudaNotCompiled)
     }
+    pub fn selected(&self, _sp: &SparsePrefill) -> Result<Vec<u32>> {
+        Err(Error::CudaNotCompiled)
+    }
     pub fn build_heads(
         &mut self,
         _sp: &SparsePrefill,

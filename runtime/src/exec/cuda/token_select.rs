@@ -81,6 +81,11 @@ impl TokenSelectBuilder {
         })
     }
 
+    /// The selected-token flags `[q_heads][n]` (0 or 1) of the last build (for tests).
+    pub fn selected(&self, sp: &SparsePrefill) -> Result<Vec<u32>> {
+        drv("download", sp.dev.stream.clone_dtoh(&self.sel))
+    }
+
     /// The index of every head with a choice, from the vertical scores of `scores`'s last
     /// [`VerticalSlashBuilder::estimate`] (same shape, on this layer's Q and K); heads without a choice
     /// get empty lists. Written into `out` (reused when large enough); waits for an 8-byte read-back.
