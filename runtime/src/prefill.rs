@@ -35,7 +35,7 @@ use schemas::{ModelInfo, Pattern, Plan};
 use crate::error::{Error, Result};
 use crate::exec::{dense_attention, sparse_attention};
 use crate::pattern::{build_index, causal_cells, HeadIndex, HeadQk, PatternContext};
-use crate::AttentionInput;
+use crate::{AttentionInput, AttnShape};
 
 /// How [`SparsePrefill`] treats a plan that does not fit the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -270,18 +270,7 @@ impl SparsePrefill {
                     })
             })
             .collect::<Result<_>>()?;
-        // `owner[h]`: the head whose index head `h` uses (itself unless shared within its KV group).
-        let owner: Vec<usize> = (0..shape.q_heads)
-            .map(|h| {
-                if !self.plan.defaults.share_kv_group_indexes {
-                    return h;
-                }
-                let first = shape.kv_head_of(h) * shape.group();
-                (first..h)
-                    .find(|&o| patterns[o] == patterns[h])
-                    .unwrap_or(h)
-            })
-            .collect();
+        let owner = index_owners(self.plan.defaults.share_kv_group_indexes, &shape, &patterns);
 
         let start = Instant::now();
         let built: Vec<Option<HeadIndex>> = (0..shape.q_heads)
@@ -334,7 +323,7 @@ impl SparsePrefill {
 
     /// [`Error::Shape`] unless a layer input of `s` fits the model at `layer` (head counts, head_dim,
     /// layer in range); shared with the CUDA plan runner.
-    pub(crate) fn check_shape(&self, layer: usize, s: &crate::AttnShape) -> Result<()> {
+    pub(crate) fn check_shape(&self, layer: usize, s: &AttnShape) -> Result<()> {
         s.check()?;
         let m = &self.model;
         let mut wrong = Vec::new();
@@ -394,6 +383,22 @@ fn missing_heads(plan: &Plan, model: &ModelInfo) -> Vec<String> {
         }
     }
     issues
+}
+
+/// `owner[h]`: the head whose index head `h` uses: itself, or with `share` the first head of its KV
+/// group with the same pattern (shared with the CUDA plan runner).
+pub(crate) fn index_owners(share: bool, shape: &AttnShape, patterns: &[&Pattern]) -> Vec<usize> {
+    (0..shape.q_heads)
+        .map(|h| {
+            if !share {
+                return h;
+            }
+            let first = shape.kv_head_of(h) * shape.group();
+            (first..h)
+                .find(|&o| patterns[o] == patterns[h])
+                .unwrap_or(h)
+        })
+        .collect()
 }
 
 fn head_error(layer: usize, head: usize, kind: &'static str, message: String) -> Error {

@@ -12,7 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, grid_u32, BlockChoice, DeviceBuffer, DeviceIndex, SparsePrefill, CUDA_BLOCK,
+    check_qkv, grid_u32, index_from_counts, BlockChoice, DeviceBuffer, DeviceIndex, SparsePrefill,
+    CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::PatternContext;
@@ -244,43 +245,15 @@ impl BlockSparseBuilder {
             drv("bs_select launch", unsafe { b.launch(cfg) })?;
         }
 
-        let mut ix = match out.take() {
-            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
-            _ => DeviceIndex {
-                q_heads: sh.q_heads,
-                seq_len: n,
-                q_blocks,
-                blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
-                blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
-                col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
-                col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
-                n_blk: 0,
-                n_col: 0,
-                pairs_share: false,
-            },
-        };
-        ix.pairs_share = false; // per-head selections
-        let m_i = m as i32;
-        let mut b = s.launch_builder(&self.scan);
-        b.arg(&self.cnt_blk)
-            .arg(&self.cnt_col)
-            .arg(&m_i)
-            .arg(&mut ix.blk_off)
-            .arg(&mut ix.col_off);
-        let one = LaunchConfig {
-            grid_dim: (2, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches `vs_scan`; the offsets hold m + 1 entries (column counts are all zero).
-        drv("vs_scan launch", unsafe { b.launch(one) })?;
-        let nb = drv("read total", s.clone_dtoh(&ix.blk_off.slice(m..m + 1)))?;
-        let nb = nb.first().copied().unwrap_or(0) as usize;
-        if ix.blk_idx.len() < nb.max(1) {
-            ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
-        }
-        ix.n_blk = nb;
-        ix.n_col = 0;
+        let mut ix = index_from_counts(
+            sp,
+            &self.scan,
+            sh.q_heads,
+            n,
+            &self.cnt_blk,
+            &self.cnt_col,
+            out.take(),
+        )?;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.mask)
             .arg(&n_i)

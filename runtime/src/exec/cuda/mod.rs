@@ -472,6 +472,70 @@ impl SparsePrefill {
     }
 }
 
+/// The index a builder fills next: `out` when it was made for `q_heads` × `seq_len` (its buffers are
+/// reused), else a new one; its offsets are the exclusive scans (`vs_scan`) of the per-(head, query
+/// block) list sizes `cnt_blk` and `cnt_col`, the two totals are read back (8 bytes) and the lists sized
+/// for them. The caller writes the lists. `pairs_share` is false (per-head selections).
+pub(crate) fn index_from_counts(
+    sp: &SparsePrefill,
+    scan: &CudaFunction,
+    q_heads: usize,
+    seq_len: usize,
+    cnt_blk: &CudaSlice<u32>,
+    cnt_col: &CudaSlice<u32>,
+    out: Option<DeviceIndex>,
+) -> Result<DeviceIndex> {
+    let s = &sp.dev.stream;
+    let q_blocks = seq_len.div_ceil(CUDA_BLOCK);
+    let m = q_heads * q_blocks;
+    let mut ix = match out {
+        Some(ix) if ix.q_heads == q_heads && ix.seq_len == seq_len => ix,
+        _ => DeviceIndex {
+            q_heads,
+            seq_len,
+            q_blocks,
+            blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+            blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+            col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+            col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+            n_blk: 0,
+            n_col: 0,
+            pairs_share: false,
+        },
+    };
+    ix.pairs_share = false;
+    let m_i = i32::try_from(m).map_err(|_| Error::Shape(format!("{m} index entries")))?;
+    let mut b = s.launch_builder(scan);
+    b.arg(cnt_blk)
+        .arg(cnt_col)
+        .arg(&m_i)
+        .arg(&mut ix.blk_off)
+        .arg(&mut ix.col_off);
+    let one = LaunchConfig {
+        grid_dim: (2, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `vs_scan`; the counts hold m entries (callers size them q_heads * q_blocks),
+    // the offsets m + 1.
+    drv("vs_scan launch", unsafe { b.launch(one) })?;
+    let nb = drv("read total", s.clone_dtoh(&ix.blk_off.slice(m..m + 1)))?;
+    let nc = drv("read total", s.clone_dtoh(&ix.col_off.slice(m..m + 1)))?;
+    let (nb, nc) = (
+        nb.first().copied().unwrap_or(0) as usize,
+        nc.first().copied().unwrap_or(0) as usize,
+    );
+    if ix.blk_idx.len() < nb.max(1) {
+        ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
+    }
+    if ix.col_idx.len() < nc.max(1) {
+        ix.col_idx = drv("alloc", s.alloc_zeros::<u32>(nc.max(1)))?;
+    }
+    ix.n_blk = nb;
+    ix.n_col = nc;
+    Ok(ix)
+}
+
 /// Checks head_dim, head counts and the lengths of Q, K and V.
 pub(crate) fn check_qkv(
     shape: &AttnShape,

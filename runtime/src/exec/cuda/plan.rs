@@ -27,12 +27,13 @@ use schemas::{ModelInfo, Pattern, Plan};
 use super::device::{drv, KernelFile};
 pub use super::layer_stats::LayerStats;
 use super::{
-    bf16_to_f32, grid_u32, BlockChoice, BlockSparseBuilder, DeviceBuffer, DeviceIndex, FlatIndex,
-    Keys, SparsePrefill, TokenChoice, TokenSelectBuilder, VerticalSlashBuilder, CUDA_BLOCK,
+    bf16_to_f32, grid_u32, index_from_counts, BlockChoice, BlockSparseBuilder, DeviceBuffer,
+    DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder,
+    VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::{build_index, static_index, HeadIndex, HeadQk, PatternContext};
-use crate::prefill::{DenseReason, PrefillOptions};
+use crate::prefill::{index_owners, DenseReason, PrefillOptions};
 use crate::AttnShape;
 
 /// Where a head's index comes from (the source numbers of `ix_merge_*`).
@@ -176,18 +177,7 @@ impl PlanPrefill {
                     })
             })
             .collect::<Result<_>>()?;
-        // the head whose index each head uses (itself unless shared within its KV group)
-        let owner: Vec<usize> = (0..shape.q_heads)
-            .map(|h| {
-                if !plan.defaults.share_kv_group_indexes {
-                    return h;
-                }
-                let first = shape.kv_head_of(h) * shape.group();
-                (first..h)
-                    .find(|&o| patterns[o] == patterns[h])
-                    .unwrap_or(h)
-            })
-            .collect();
+        let owner = index_owners(plan.defaults.share_kv_group_indexes, shape, &patterns);
 
         let mut stats = LayerStats::default();
         let mut src = vec![SRC_HOST; shape.q_heads];
@@ -326,6 +316,7 @@ impl PlanPrefill {
                     None => host_ix.as_ref(),
                 };
                 let sources = [vs_ix.as_ref(), bs_ix.as_ref(), ts_ix.as_ref(), host_src];
+                let reuse = merged.take();
                 *merged = Some(merge(
                     sp,
                     merge_count,
@@ -334,6 +325,7 @@ impl PlanPrefill {
                     shape,
                     sources,
                     &src_of,
+                    reuse,
                 )?);
             }
             Ok(())
@@ -372,7 +364,9 @@ fn builder<'a, B>(
     }
 }
 
-/// One index whose head `h` holds the lists of head `src_of[h].1` of source `src_of[h].0`.
+/// One index whose head `h` holds the lists of head `src_of[h].1` of source `src_of[h].0` (written
+/// into `out`'s buffers when they fit).
+#[allow(clippy::too_many_arguments)]
 fn merge(
     sp: &SparsePrefill,
     count: &CudaFunction,
@@ -381,6 +375,7 @@ fn merge(
     shape: &AttnShape,
     sources: [Option<&DeviceIndex>; 4],
     src_of: &[(u32, u32)],
+    out: Option<DeviceIndex>,
 ) -> Result<DeviceIndex> {
     let n = shape.seq_len;
     let q_blocks = n.div_ceil(CUDA_BLOCK);
@@ -434,30 +429,7 @@ fn merge(
     // SAFETY: matches `ix_merge_count`; every source head named in src_of was checked to exist in an
     // index of this length (offsets of q_heads * q_blocks + 1 entries); the counts hold m entries.
     drv("ix_merge_count launch", unsafe { b.launch(cfg) })?;
-    let mut blk_off = drv("alloc", s.alloc_zeros::<u32>(m + 1))?;
-    let mut col_off = drv("alloc", s.alloc_zeros::<u32>(m + 1))?;
-    let m_i = m as i32;
-    let mut b = s.launch_builder(scan);
-    b.arg(&cnt_blk)
-        .arg(&cnt_col)
-        .arg(&m_i)
-        .arg(&mut blk_off)
-        .arg(&mut col_off);
-    let one = LaunchConfig {
-        grid_dim: (2, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: matches `vs_scan`; the offsets hold m + 1 entries.
-    drv("vs_scan launch", unsafe { b.launch(one) })?;
-    let nb = drv("read total", s.clone_dtoh(&blk_off.slice(m..m + 1)))?;
-    let nc = drv("read total", s.clone_dtoh(&col_off.slice(m..m + 1)))?;
-    let (nb, nc) = (
-        nb.first().copied().unwrap_or(0) as usize,
-        nc.first().copied().unwrap_or(0) as usize,
-    );
-    let mut blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
-    let mut col_idx = drv("alloc", s.alloc_zeros::<u32>(nc.max(1)))?;
+    let mut ix = index_from_counts(sp, scan, shape.q_heads, n, &cnt_blk, &cnt_col, out)?;
     let mut b = s.launch_builder(copy);
     for ix in &srcs {
         b.arg(&ix.blk_off)
@@ -469,10 +441,10 @@ fn merge(
         .arg(&heads_d)
         .arg(&hq)
         .arg(&qbs)
-        .arg(&blk_off)
-        .arg(&col_off)
-        .arg(&mut blk_idx)
-        .arg(&mut col_idx);
+        .arg(&ix.blk_off)
+        .arg(&ix.col_off)
+        .arg(&mut ix.blk_idx)
+        .arg(&mut ix.col_idx);
     let warps = LaunchConfig {
         grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
         block_dim: (128, 1, 1),
@@ -481,17 +453,8 @@ fn merge(
     // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
     // source list sizes copied.
     drv("ix_merge_copy launch", unsafe { b.launch(warps) })?;
-    let pairs = (0..shape.q_heads / 2).all(|p| src_of[2 * p] == src_of[2 * p + 1]);
-    Ok(DeviceIndex {
-        q_heads: shape.q_heads,
-        seq_len: n,
-        q_blocks,
-        blk_off,
-        blk_idx,
-        col_off,
-        col_idx,
-        n_blk: nb,
-        n_col: nc,
-        pairs_share: pairs && shape.q_heads % 2 == 0,
-    })
+    // heads 2p and 2p + 1 served by the same head's lists may share a CTA
+    ix.pairs_share = shape.q_heads % 2 == 0
+        && (0..shape.q_heads / 2).all(|p| src_of[2 * p] == src_of[2 * p + 1]);
+    Ok(ix)
 }

@@ -11,7 +11,10 @@
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
-use super::{grid_u32, DeviceIndex, SparsePrefill, TokenChoice, VerticalSlashBuilder, CUDA_BLOCK};
+use super::{
+    grid_u32, index_from_counts, DeviceIndex, SparsePrefill, TokenChoice, VerticalSlashBuilder,
+    CUDA_BLOCK,
+};
 use crate::error::{Error, Result};
 use crate::pattern::token_select::keeps_by_rank;
 use crate::AttnShape;
@@ -228,50 +231,15 @@ impl TokenSelectBuilder {
         // SAFETY: matches `ts_count`; the counts hold m entries.
         drv("ts_count launch", unsafe { b.launch(threads) })?;
 
-        let mut ix = match out.take() {
-            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
-            _ => DeviceIndex {
-                q_heads: sh.q_heads,
-                seq_len: n,
-                q_blocks,
-                blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
-                blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
-                col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
-                col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
-                n_blk: 0,
-                n_col: 0,
-                pairs_share: false,
-            },
-        };
-        ix.pairs_share = false; // per-head selections
-        let m_i = m as i32;
-        let mut b = s.launch_builder(&self.offsets_fn);
-        b.arg(&self.cnt_blk)
-            .arg(&self.cnt_col)
-            .arg(&m_i)
-            .arg(&mut ix.blk_off)
-            .arg(&mut ix.col_off);
-        let one = LaunchConfig {
-            grid_dim: (2, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches `vs_scan`; the offsets hold m + 1 entries.
-        drv("vs_scan launch", unsafe { b.launch(one) })?;
-        let nb = drv("read total", s.clone_dtoh(&ix.blk_off.slice(m..m + 1)))?;
-        let nc = drv("read total", s.clone_dtoh(&ix.col_off.slice(m..m + 1)))?;
-        let (nb, nc) = (
-            nb.first().copied().unwrap_or(0) as usize,
-            nc.first().copied().unwrap_or(0) as usize,
-        );
-        if ix.blk_idx.len() < nb.max(1) {
-            ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
-        }
-        if ix.col_idx.len() < nc.max(1) {
-            ix.col_idx = drv("alloc", s.alloc_zeros::<u32>(nc.max(1)))?;
-        }
-        ix.n_blk = nb;
-        ix.n_col = nc;
+        let mut ix = index_from_counts(
+            sp,
+            &self.offsets_fn,
+            sh.q_heads,
+            n,
+            &self.cnt_blk,
+            &self.cnt_col,
+            out.take(),
+        )?;
         let mut b = s.launch_builder(&self.fill_fn);
         b.arg(&self.cum)
             .arg(&self.list)
