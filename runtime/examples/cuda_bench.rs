@@ -13,6 +13,7 @@
 //!     gpu-ts builds token-select indexes on the GPU (chunks of 64 / 128 / 50, keep K / 2K / K/4,
 //!     local S) and compares the selected tokens with the CPU `pattern::token_select`.
 //! cuda_bench plan DIR --n N [--hq H --hkv K --d D --v V --s S --topk T --local L --reps R] [--share]
+//!                 [--qa]   (--qa: the A-shape heads become query-adaptive, gamma 0.9 tau 0.1)
 //!     one layer of a mixed plan (vertical-slash, token-select, block-sparse, A-shape heads) through
 //!     `PlanPrefill`
 //!     on structured inputs: index and attention times, and where each head's index came from.
@@ -380,6 +381,9 @@ fn compare_blocks(
                 let cc = match choices[h] {
                     BlockChoice::TopK(k) => r.top_k_count(qb, k),
                     BlockChoice::Coverage(c) => r.coverage_count(qb, c),
+                    BlockChoice::CoverageAtLeast(c, floor) => r
+                        .coverage_count(qb, c)
+                        .max(floor.min(order.len())),
                 };
                 let mut want = order[..cc].to_vec();
                 want.sort_unstable();
@@ -390,7 +394,7 @@ fn compare_blocks(
                 let gc = got.len().min(order.len());
                 let cum = |j: usize| est[..j].iter().sum::<f64>();
                 let count_ok = gc == cc
-                    || matches!(choices[h], BlockChoice::Coverage(c)
+                    || matches!(choices[h], BlockChoice::Coverage(c) | BlockChoice::CoverageAtLeast(c, _)
                         if (cum(gc) - cum(cc)).abs() <= NEAR && (cum(cc.min(gc)) - c).abs() <= NEAR);
                 let mut lead = order[..gc].to_vec();
                 lead.sort_unstable();
@@ -799,6 +803,7 @@ fn plan_bench(args: &[String]) -> Result<()> {
     plan.model.head_dim = d as u32;
     plan.model.max_context = n as u64;
     plan.defaults.share_kv_group_indexes = o.flags.iter().any(|f| f == "share");
+    let qa = o.flags.iter().any(|f| f == "qa");
     let fixed = |x: usize| schemas::Budget::Fixed(x as u64);
     let template = plan.layers[0].heads[0].clone();
     plan.layers = vec![schemas::LayerPlan {
@@ -821,6 +826,11 @@ fn plan_bench(args: &[String]) -> Result<()> {
                     2 => schemas::Pattern::BlockSparse(schemas::BlockSparse {
                         top_k: Some(fixed(top)),
                         coverage: None,
+                    }),
+                    _ if qa => schemas::Pattern::QueryAdaptive(schemas::QueryAdaptive {
+                        gamma: 0.9,
+                        tau: 0.1,
+                        min_budget: fixed(2),
                     }),
                     _ => schemas::Pattern::AShape(schemas::AShape {
                         sink: fixed(64),
@@ -865,15 +875,15 @@ fn plan_bench(args: &[String]) -> Result<()> {
     println!(
         "plan n={n} {hq}x{hkv}x{d}: density {:.4}; index {index_ms:.3} ms, attention {attn_ms:.3} ms, \
          total {:.3} ms (index share {:.1}%), dense {dense_ms:.3} ms; heads: GPU vertical-slash {}, \
-         GPU block-sparse {}, GPU token-select {}, host static {}, host estimated {}, shared {}",
+         GPU block-sparse {}, GPU token-select {}, GPU query-adaptive {}, host static {}, shared {}",
         flat.density(),
         index_ms + attn_ms,
         100.0 * index_ms / (index_ms + attn_ms),
         r.gpu_vertical_slash,
         r.gpu_block_sparse,
         r.gpu_token_select,
+        r.gpu_query_adaptive,
         r.host_static,
-        r.host_estimated,
         r.shared
     );
     Ok(())

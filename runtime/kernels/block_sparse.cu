@@ -133,8 +133,8 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
 
 // The selection of query blocks q0 .. q0 + rows of every head from bs_score's `est` (softmax in place):
 // one warp per (head, query block), BS_THREADS / 32 per CTA, each with its own digit histograms.
-// Per head h: mode[h] 0 = top_k (topk[h] blocks in all), 1 = coverage (cover[h] in (0, 1]), BS_SKIP =
-// no index (empty lists).
+// Per head h: mode[h] 0 = top_k (topk[h] blocks in all), 1 = coverage (cover[h] in (0, 1]; at least
+// topk[h] blocks in all, FlexPrefill's floor), BS_SKIP = no index (empty lists).
 // Outputs per entry e = h * q_blocks + qb: mask[e * words ..] (bit kb: key block kb selected; words =
 // ceil(q_blocks / 32); only the words up to the diagonal block are written) and cnt[e] (selected
 // blocks).
@@ -154,8 +154,8 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
         if (lane == 0) cnt[(u64)h * q_blocks + qb] = 0;
         return;
     }
-    const bool by_cover = mode[h] != 0;
-    const u32 k_all = topk[h];
+    bool by_cover = mode[h] != 0;
+    u32 k_all = topk[h];  // top_k: blocks in all; coverage: a floor (blocks in all)
     const double c_cover = cover[h];
     u32* hc = hc_all + warp * 256;
     double* hm = hm_all + warp * 256;
@@ -181,8 +181,13 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
     const int forced = qb == 0 ? 1 : 2;
     const int rest = causal - forced;
     const double fm = qb == 0 ? e[0] : (0.0 + e[0]) + e[qb];
+    u64 prefix = 0;
+    u32 take = 0;
+    bool all = false, none = false;
+    // a coverage selection with fewer blocks than its floor is redone as top_k at the floor
+    for (int attempt = 0; attempt < 2; ++attempt) {
     u32 need = 0;  // top_k: blocks of the rest to take
-    bool all = false, none;
+    all = false;
     if (by_cover) {
         none = fm >= c_cover;
     } else {
@@ -192,11 +197,11 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
         all = need >= (u32)rest;
     }
     if (rest <= 0) none = true;
-    u64 prefix = 0;
-    u32 take = 0;
+    prefix = 0;
+    take = 0;
+    u32 above = 0;  // rest blocks with a key above the current prefix range
     if (!none && !all) {
         u64 pmask = 0;
-        u32 above = 0;     // rest blocks with a key above the current prefix range
         double acc = 0.0;  // and their mass
         for (int pass = 7; pass >= 0; --pass) {
             const int shift = pass * 8;
@@ -279,6 +284,12 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
             pmask |= (u64)255 << shift;
             __syncwarp();
         }
+    }
+    if (!by_cover) break;
+    const u32 count = none ? (u32)forced : (all ? (u32)causal : (u32)forced + above + take);
+    const u32 floor_blocks = min(k_all, (u32)causal);
+    if (count >= floor_blocks) break;
+    by_cover = false;  // k_all is the floor
     }
     // flags, 32-aligned chunks per lane so that each bitmask word has one writer
     const int per = ((causal + 31) / 32 + 31) / 32 * 32;

@@ -8,7 +8,9 @@ use runtime::exec::cuda::{
     SparsePrefill,
 };
 use runtime::exec::{dense_attention, sparse_attention};
-use runtime::pattern::{a_shape, block_sparse, build_index, HeadIndex, HeadQk, PatternContext};
+use runtime::pattern::{
+    a_shape, block_sparse, build_index, query_adaptive, HeadIndex, HeadQk, PatternContext,
+};
 use runtime::PrefillOptions;
 use runtime::{AttentionInput, AttnShape, Error};
 
@@ -108,18 +110,31 @@ fn dense_keys_match_cpu_dense() {
 /// A plan with every pattern kind (fixtures/plans/valid/every-kind.yaml) run by `PlanPrefill`: each
 /// layer's merged index equals the CPU's `build_index` of every head on the same (bf16) inputs, and
 /// the output matches the CPU sparse executor over those indexes; with `share_kv_group_indexes`
-/// heads 0 and 1 of layer 1 (both vertical-slash) use head 0's index.
+/// heads 0 and 1 of layer 1 (both vertical-slash) use head 0's index. The query-adaptive head runs
+/// with the fixture's tau and with tau 0 and 1, which force its vertical-slash and its query-aware
+/// branch (the divergence lies in [0, ln 2]).
 #[test]
 fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
     let Some(sp) = device() else { return };
     // embedded: the test binary may run away from the repository (on the GPU machine)
-    let mut plan = schemas::Plan::from_yaml(
+    let fixture = schemas::Plan::from_yaml(
         std::path::Path::new("fixtures/plans/valid/every-kind.yaml"),
         include_str!("../../fixtures/plans/valid/every-kind.yaml"),
     )
     .unwrap();
-    for share in [false, true] {
+    for (share, tau) in [
+        (false, None),
+        (true, None),
+        (false, Some(0.0)),
+        (false, Some(1.0)),
+    ] {
+        let mut plan = fixture.clone();
         plan.defaults.share_kv_group_indexes = share;
+        if let (Some(t), schemas::Pattern::QueryAdaptive(p)) =
+            (tau, &mut plan.layers[1].heads[2].pattern)
+        {
+            p.tau = t;
+        }
         if share {
             let vs = schemas::Pattern::VerticalSlash(schemas::VerticalSlash {
                 vertical: schemas::Budget::Fixed(40),
@@ -166,7 +181,7 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
                 .forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)
                 .unwrap();
             let got = sp.download_index(pp.last_index().unwrap()).unwrap();
-            let what = format!("share {share} layer {layer}: {stats:?}");
+            let what = format!("share {share} tau {tau:?} layer {layer}: {stats:?}");
             assert_eq!(got, FlatIndex::from_heads(n, &want).unwrap(), "{what}");
             let refs: Vec<&HeadIndex> = want.iter().collect();
             let mut expect = vec![0.0f32; q.len()];
@@ -187,13 +202,13 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
                 stats.gpu_vertical_slash,
                 stats.gpu_block_sparse,
                 stats.gpu_token_select,
+                stats.gpu_query_adaptive,
                 stats.host_static,
-                stats.host_estimated,
             );
             let expected = match (layer, share) {
-                (0, _) => (1, 0, 0, 3, 0), // dense, streaming, a_shape on the host; vertical-slash
-                (_, false) => (0, 1, 1, 1, 1), // block-sparse; token-select; grid; query-adaptive
-                (_, true) => (1, 0, 1, 0, 1), // heads 0 and 1 vertical-slash, one build
+                (0, _) => (1, 0, 0, 0, 3), // dense, streaming, a_shape on the host; vertical-slash
+                (_, false) => (0, 1, 1, 1, 1), // block-sparse, token-select, query-adaptive; grid
+                (_, true) => (1, 0, 1, 1, 0), // heads 0 and 1 vertical-slash, one build
             };
             assert_eq!(sources, expected, "{what}");
         }
@@ -285,7 +300,7 @@ fn block_sparse_builder_matches_cpu_selection() {
         BlockChoice::TopK(4),
         BlockChoice::Coverage(0.8),
         BlockChoice::TopK(1),
-        BlockChoice::Coverage(0.3),
+        BlockChoice::CoverageAtLeast(0.3, 6),
     ];
     for (n, d) in [(1100usize, 64usize), (1100, 128), (65, 64)] {
         let (hq, hkv) = (4usize, 2usize);
@@ -326,6 +341,16 @@ fn block_sparse_builder_matches_cpu_selection() {
                         top_k: None,
                         coverage: Some(c),
                     },
+                    BlockChoice::CoverageAtLeast(gamma, floor) => {
+                        // query-adaptive's query-aware branch
+                        let qa = schemas::QueryAdaptive {
+                            gamma,
+                            tau: 1.0,
+                            min_budget: schemas::Budget::Fixed(floor as u64),
+                        };
+                        let ranking = block_sparse::BlockRanking::new(&ctx, &qk).unwrap();
+                        return query_adaptive::query_aware_index(&ctx, &ranking, &qa);
+                    }
                 };
                 block_sparse::index(&ctx, &qk, &p).unwrap()
             })

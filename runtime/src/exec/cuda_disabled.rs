@@ -41,6 +41,7 @@ pub enum KernelFile {
     VerticalSlash,
     BlockSparse,
     TokenSelect,
+    QueryAdaptive,
 }
 
 /// A CUDA device (cannot be opened without the feature).

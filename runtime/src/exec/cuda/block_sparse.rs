@@ -158,7 +158,12 @@ impl BlockSparseBuilder {
                     topk.push(0);
                     cover.push(c);
                 }
-                Some(BlockChoice::Coverage(c)) => {
+                Some(BlockChoice::CoverageAtLeast(c, floor)) if c > 0.0 && c <= 1.0 => {
+                    mode.push(1);
+                    topk.push(u32::try_from(floor).unwrap_or(u32::MAX));
+                    cover.push(c);
+                }
+                Some(BlockChoice::Coverage(c) | BlockChoice::CoverageAtLeast(c, _)) => {
                     return Err(Error::Pattern {
                         kind: "block_sparse",
                         message: format!("head {h}: coverage {c} is not in (0, 1]"),

@@ -33,14 +33,17 @@ pub enum KernelFile {
     BlockSparse,
     /// `token_select.cu`: `ts_keep`, `ts_select`, `ts_scan`, `ts_count`, `ts_fill`.
     TokenSelect,
+    /// `query_adaptive.cu`: `qa_div_d*`, `qa_budgets`.
+    QueryAdaptive,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 4] = [
+    pub const ALL: [KernelFile; 5] = [
         KernelFile::Attention,
         KernelFile::VerticalSlash,
         KernelFile::BlockSparse,
         KernelFile::TokenSelect,
+        KernelFile::QueryAdaptive,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -49,6 +52,7 @@ impl KernelFile {
             KernelFile::VerticalSlash => "vertical_slash.cu",
             KernelFile::BlockSparse => "block_sparse.cu",
             KernelFile::TokenSelect => "token_select.cu",
+            KernelFile::QueryAdaptive => "query_adaptive.cu",
         }
     }
 
@@ -58,6 +62,7 @@ impl KernelFile {
             KernelFile::VerticalSlash => include_str!("../../../kernels/vertical_slash.cu"),
             KernelFile::BlockSparse => include_str!("../../../kernels/block_sparse.cu"),
             KernelFile::TokenSelect => include_str!("../../../kernels/token_select.cu"),
+            KernelFile::QueryAdaptive => include_str!("../../../kernels/query_adaptive.cu"),
         }
     }
 }

@@ -196,6 +196,9 @@ pub enum BlockChoice {
     TopK(usize),
     /// `coverage`: the fewest leading blocks whose estimated mass reaches this, in `(0, 1]`.
     Coverage(f64),
+    /// `coverage` with a floor: at least this many blocks in all (clamped to the causal ones), as
+    /// `query_adaptive`'s query-aware branch (`query_adaptive::query_aware_index`).
+    CoverageAtLeast(f64, usize),
 }
 
 impl BlockChoice {

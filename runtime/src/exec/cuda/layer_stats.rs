@@ -14,11 +14,11 @@ pub struct LayerStats {
     pub gpu_block_sparse: usize,
     /// Query heads whose index the GPU token-select builder made.
     pub gpu_token_select: usize,
+    /// Query-adaptive heads: branch and budgets decided on the GPU, both branches' indexes built by
+    /// the GPU builders.
+    pub gpu_query_adaptive: usize,
     /// Query heads with a static pattern (index made on the host without reading Q or K).
     pub host_static: usize,
-    /// Query heads whose index was estimated on the host from Q and K copied back
-    /// (`query_adaptive`).
-    pub host_estimated: usize,
     /// Query heads using the index of another head of their KV group (`share_kv_group_indexes`).
     pub shared: usize,
     /// Key-block and gathered-column entries of the layer's index (0 when dense).

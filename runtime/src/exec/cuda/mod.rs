@@ -30,6 +30,7 @@ pub mod device;
 mod flat;
 mod layer_stats;
 mod plan;
+mod query_adaptive;
 mod token_select;
 mod vertical_slash;
 

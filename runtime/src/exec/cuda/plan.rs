@@ -6,33 +6,37 @@
 //! [`SparsePrefill::forward`]'s layout) and:
 //! - runs dense attention when the sequence is shorter than `defaults.dense_below`, or when the plan
 //!   did not match and `dense_fallback` was asked for;
-//! - otherwise builds every head's index from its pattern: `vertical_slash` heads with the GPU
-//!   [`VerticalSlashBuilder`] (one build for all of them, per-head budgets), `block_sparse` heads with
-//!   the GPU [`BlockSparseBuilder`] (per-head `top_k` or `coverage`), static patterns (`dense`,
-//!   `streaming`, `a_shape`, `grid`) on the host (they read no Q or K: built once per layer and input
-//!   shape, then reused from the device), `token_select` heads with the GPU [`TokenSelectBuilder`]
-//!   (from the same vertical-slash estimate), and `query_adaptive` heads on the host from Q and K
-//!   copied back (no GPU builder yet: the slow path, counted in [`LayerStats::host_estimated`]);
+//! - otherwise builds every head's index from its pattern, all on the device: `vertical_slash` heads
+//!   with the GPU [`VerticalSlashBuilder`] (one build for all of them, per-head budgets),
+//!   `block_sparse` heads with the GPU [`BlockSparseBuilder`] (per-head `top_k` or `coverage`),
+//!   `token_select` heads with the GPU [`TokenSelectBuilder`] (from the same vertical-slash
+//!   estimate), `query_adaptive` heads by deciding their branch and budgets on the GPU and building
+//!   both branches (block-sparse coverage with a floor, vertical-slash), and static patterns
+//!   (`dense`, `streaming`, `a_shape`, `grid`) on the host (they read no Q or K: built once per layer
+//!   and input shape, then reused from the device);
 //! - merges the per-head lists into one index on the device (`ix_merge_count`, `vs_scan`,
-//!   `ix_merge_copy`; skipped when one builder made every head's index) and runs one attention launch.
+//!   `ix_merge_copy`, with the query-adaptive heads' sources as decided on the device; skipped when
+//!   one builder made every head's index) and runs one attention launch. Nothing goes back to the
+//!   host but the list sizes.
 //!
 //! With `defaults.share_kv_group_indexes` the heads of a KV group with the same pattern use the index
 //! built for the first of them, as on the CPU. The plan's blocks must be 64 × 64 (the kernels').
 
 use std::collections::HashMap;
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use schemas::{ModelInfo, Pattern, Plan};
 
 use super::device::{drv, KernelFile};
 pub use super::layer_stats::LayerStats;
+use super::query_adaptive::QueryAdaptive;
 use super::{
-    bf16_to_f32, grid_u32, index_from_counts, BlockChoice, BlockSparseBuilder, DeviceBuffer,
-    DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder,
-    VerticalSlashBuilder, CUDA_BLOCK,
+    grid_u32, index_from_counts, BlockChoice, BlockSparseBuilder, DeviceBuffer, DeviceIndex,
+    FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder, VerticalSlashBuilder,
+    CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
-use crate::pattern::{build_index, static_index, HeadIndex, HeadQk, PatternContext};
+use crate::pattern::{static_index, HeadIndex, PatternContext};
 use crate::prefill::{index_owners, DenseReason, PrefillOptions};
 use crate::AttnShape;
 
@@ -50,11 +54,14 @@ pub struct PlanPrefill {
     vs: Option<(AttnShape, VerticalSlashBuilder)>,
     bs: Option<(AttnShape, BlockSparseBuilder)>,
     ts: Option<(AttnShape, TokenSelectBuilder)>,
+    qa: Option<(AttnShape, QueryAdaptive)>,
+    /// `0xffffffff` per head: no source decided on the device (the merge's `src_over` without
+    /// query-adaptive heads), for `q_heads` heads.
+    no_over: Option<(usize, CudaSlice<u32>)>,
     vs_ix: Option<DeviceIndex>,
     bs_ix: Option<DeviceIndex>,
     ts_ix: Option<DeviceIndex>,
     merged: Option<DeviceIndex>,
-    host_ix: Option<DeviceIndex>,
     /// Per layer, the host-made index of its static heads (they read no Q or K), for inputs of
     /// `statics_shape`; dropped when the shape changes.
     statics: HashMap<usize, DeviceIndex>,
@@ -87,11 +94,12 @@ impl PlanPrefill {
             vs: None,
             bs: None,
             ts: None,
+            qa: None,
+            no_over: None,
             vs_ix: None,
             bs_ix: None,
             ts_ix: None,
             merged: None,
-            host_ix: None,
             statics: HashMap::new(),
             statics_shape: None,
             host_from_cache: None,
@@ -114,10 +122,7 @@ impl PlanPrefill {
             SRC_VS => self.vs_ix.as_ref(),
             SRC_BS => self.bs_ix.as_ref(),
             SRC_TS => self.ts_ix.as_ref(),
-            SRC_HOST => match self.host_from_cache {
-                Some(layer) => self.statics.get(&layer),
-                None => self.host_ix.as_ref(),
-            },
+            SRC_HOST => self.host_from_cache.and_then(|l| self.statics.get(&l)),
             _ => self.merged.as_ref(),
         }
     }
@@ -184,8 +189,9 @@ impl PlanPrefill {
         let mut budgets = vec![(0usize, 1usize); shape.q_heads];
         let mut choices = vec![None; shape.q_heads];
         let mut tokens = vec![None; shape.q_heads];
+        let mut adaptive: Vec<Option<&schemas::QueryAdaptive>> = vec![None; shape.q_heads];
         let mut host: Vec<Option<HeadIndex>> = vec![None; shape.q_heads];
-        let (mut statics, mut estimated) = (Vec::new(), Vec::new());
+        let mut statics = Vec::new();
         for h in (0..shape.q_heads).filter(|&h| owner[h] == h) {
             let head_err = |e: Error| head_error(layer, h, patterns[h], e);
             match patterns[h] {
@@ -199,6 +205,15 @@ impl PlanPrefill {
                     choices[h] = Some(BlockChoice::from_pattern(p, &ctx).map_err(head_err)?);
                     stats.gpu_block_sparse += 1;
                 }
+                Pattern::QueryAdaptive(p) => {
+                    // both branches are built; the device picks one (`QueryAdaptive::src`)
+                    crate::pattern::query_adaptive::check(p).map_err(head_err)?;
+                    src[h] = SRC_VS;
+                    adaptive[h] = Some(p);
+                    let floor = ctx.resolve(&p.min_budget);
+                    choices[h] = Some(BlockChoice::CoverageAtLeast(p.gamma, floor));
+                    stats.gpu_query_adaptive += 1;
+                }
                 Pattern::TokenSelect(p) => {
                     src[h] = SRC_TS;
                     tokens[h] = Some(TokenChoice::from_pattern(p, &ctx).map_err(head_err)?);
@@ -211,65 +226,63 @@ impl PlanPrefill {
                     statics.push(h);
                     stats.host_static += 1;
                 }
-                _ => {
-                    estimated.push(h);
-                    stats.host_estimated += 1;
-                }
             }
         }
         stats.shared = (0..shape.q_heads).filter(|&h| owner[h] != h).count();
         let src_of: Vec<(u32, u32)> = (0..shape.q_heads)
             .map(|h| (src[owner[h]], owner[h] as u32))
             .collect();
-        let used = |s: u32| src_of.iter().any(|&(x, _)| x == s);
+        let any_qa = stats.gpu_query_adaptive > 0;
+        // query-adaptive heads need both the vertical-slash and the block-sparse builds
+        let used = |s: u32| {
+            src_of.iter().any(|&(x, _)| x == s) || (any_qa && (s == SRC_VS || s == SRC_BS))
+        };
         let sources_used = [SRC_VS, SRC_BS, SRC_TS, SRC_HOST]
             .into_iter()
             .filter(|&s| used(s))
             .count();
         // one source serving every head as itself needs no merge
         let direct = (sources_used == 1 && stats.shared == 0).then(|| src_of[0].0);
+        if self
+            .no_over
+            .as_ref()
+            .is_none_or(|(h, _)| *h != shape.q_heads)
+        {
+            let ones = vec![u32::MAX; shape.q_heads];
+            self.no_over = Some((
+                shape.q_heads,
+                drv("upload", sp.dev.stream.clone_htod(&ones))?,
+            ));
+        }
         if self.statics_shape != Some(*shape) {
             self.statics.clear();
             self.statics_shape = Some(*shape);
         }
-        let (vs, bs, ts, vs_ix, bs_ix, ts_ix, host_ix, merged) = (
+        let (qa, no_over) = (&mut self.qa, &self.no_over);
+        let (vs, bs, ts, vs_ix, bs_ix, ts_ix, merged) = (
             &mut self.vs,
             &mut self.bs,
             &mut self.ts,
             &mut self.vs_ix,
             &mut self.bs_ix,
             &mut self.ts_ix,
-            &mut self.host_ix,
             &mut self.merged,
         );
         let (cache, from_cache) = (&mut self.statics, &mut self.host_from_cache);
         let (merge_count, scan, merge_copy) = (&self.merge_count, &self.scan, &self.merge_copy);
         // CUDA events around all of it: the host's part (copies back, estimates) counts too
         stats.index_ms = sp.time_ms(|| {
-            if !estimated.is_empty() {
-                // the slow path: Q and K back to the host for the heads without a GPU builder
-                let (hq, hk) = (sp.download(q)?, sp.download(k)?);
-                let d = shape.head_dim;
-                let to_f32 = |x: &[u16]| x.iter().map(|&b| bf16_to_f32(b)).collect::<Vec<f32>>();
-                for &h in &estimated {
-                    let g = shape.kv_head_of(h);
-                    let (qh, kh) = (
-                        to_f32(&hq[h * n * d..(h + 1) * n * d]),
-                        to_f32(&hk[g * n * d..(g + 1) * n * d]),
-                    );
-                    let qk = HeadQk::new(&qh, &kh, d, n)?;
-                    host[h] = Some(
-                        build_index(patterns[h], &ctx, &qk)
-                            .map_err(|e| head_error(layer, h, patterns[h], e))?,
-                    );
-                }
-            }
             if used(SRC_VS) || used(SRC_TS) {
-                // token-select ranks the vertical scores of the same estimate
+                // token-select and query-adaptive read the vertical scores of the same estimate
                 let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
                 b.estimate(sp, q, k)?;
                 if used(SRC_VS) {
-                    b.select(sp, &budgets, vs_ix)?;
+                    b.upload_budgets(sp, &budgets)?;
+                    if any_qa {
+                        let d = builder(qa, shape, |s| QueryAdaptive::new(sp, s))?;
+                        d.decide(sp, &ctx, q, k, b, &adaptive, (SRC_BS, SRC_VS))?;
+                    }
+                    b.select_uploaded(sp, vs_ix)?;
                 }
             }
             if used(SRC_TS) {
@@ -287,8 +300,7 @@ impl PlanPrefill {
             *from_cache = None;
             if used(SRC_HOST) {
                 // static heads only: their index is the same at every call of this shape
-                let cacheable = estimated.is_empty();
-                if !(cacheable && cache.contains_key(&layer)) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(layer) {
                     for &h in &statics {
                         if let Some(ix) = static_index(patterns[h], &ctx) {
                             host[h] = Some(ix.map_err(|e| head_error(layer, h, patterns[h], e))?);
@@ -299,23 +311,18 @@ impl PlanPrefill {
                         .into_iter()
                         .map(|ix| ix.unwrap_or_else(|| empty.clone()))
                         .collect();
-                    let ix = sp.upload_flat(&FlatIndex::from_heads(n, &heads)?)?;
-                    if cacheable {
-                        cache.insert(layer, ix);
-                    } else {
-                        *host_ix = Some(ix);
-                    }
+                    slot.insert(sp.upload_flat(&FlatIndex::from_heads(n, &heads)?)?);
                 }
-                if cacheable {
-                    *from_cache = Some(layer);
-                }
+                *from_cache = Some(layer);
             }
             if direct.is_none() {
-                let host_src = match *from_cache {
-                    Some(l) => cache.get(&l),
-                    None => host_ix.as_ref(),
-                };
+                let host_src = from_cache.and_then(|l| cache.get(&l));
                 let sources = [vs_ix.as_ref(), bs_ix.as_ref(), ts_ix.as_ref(), host_src];
+                let over = match (any_qa, qa.as_ref(), no_over.as_ref()) {
+                    (true, Some((_, d)), _) => &d.src,
+                    (_, _, Some((_, none))) => none,
+                    _ => return Err(Error::Cuda("no source overrides".into())),
+                };
                 let reuse = merged.take();
                 *merged = Some(merge(
                     sp,
@@ -325,6 +332,7 @@ impl PlanPrefill {
                     shape,
                     sources,
                     &src_of,
+                    over,
                     reuse,
                 )?);
             }
@@ -375,6 +383,7 @@ fn merge(
     shape: &AttnShape,
     sources: [Option<&DeviceIndex>; 4],
     src_of: &[(u32, u32)],
+    src_over: &CudaSlice<u32>,
     out: Option<DeviceIndex>,
 ) -> Result<DeviceIndex> {
     let n = shape.seq_len;
@@ -416,6 +425,7 @@ fn merge(
             .arg(&ix.col_idx);
     }
     b.arg(&ids)
+        .arg(src_over)
         .arg(&heads_d)
         .arg(&hq)
         .arg(&qbs)
@@ -438,6 +448,7 @@ fn merge(
             .arg(&ix.col_idx);
     }
     b.arg(&ids)
+        .arg(src_over)
         .arg(&heads_d)
         .arg(&hq)
         .arg(&qbs)

@@ -194,13 +194,24 @@ impl VerticalSlashBuilder {
         budgets: &[(usize, usize)],
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
-        let sh = self.shape;
-        let n = sh.seq_len;
-        if budgets.len() != sh.q_heads {
+        self.upload_budgets(sp, budgets)?;
+        self.select_uploaded(sp, out)
+    }
+
+    /// Puts per-head budgets on the device, clamped as on the CPU (`vertical <= n`,
+    /// `1 <= slash <= n`); a kernel may overwrite entries ([`Self::scores_and_budgets`]) before
+    /// [`Self::select_uploaded`].
+    pub(crate) fn upload_budgets(
+        &mut self,
+        sp: &SparsePrefill,
+        budgets: &[(usize, usize)],
+    ) -> Result<()> {
+        let n = self.shape.seq_len;
+        if budgets.len() != self.shape.q_heads {
             return Err(Error::Shape(format!(
                 "{} budgets for {} query heads",
                 budgets.len(),
-                sh.q_heads
+                self.shape.q_heads
             )));
         }
         let s = &sp.dev.stream;
@@ -210,7 +221,36 @@ impl VerticalSlashBuilder {
             .map(|&(_, sl)| sl.clamp(1, n.max(1)) as u32)
             .collect();
         drv("upload", s.memcpy_htod(&bv, &mut self.budget_v))?;
-        drv("upload", s.memcpy_htod(&bs, &mut self.budget_s))?;
+        drv("upload", s.memcpy_htod(&bs, &mut self.budget_s))
+    }
+
+    /// The vertical and slash scores of the last [`Self::estimate`] with the device budgets
+    /// `(vertical, slash)` (`[q_heads]` each) that a kernel may overwrite.
+    pub(crate) fn scores_and_budgets(
+        &mut self,
+    ) -> (
+        &CudaSlice<f32>,
+        &CudaSlice<f32>,
+        &mut CudaSlice<u32>,
+        &mut CudaSlice<u32>,
+    ) {
+        (
+            &self.col,
+            &self.diag,
+            &mut self.budget_v,
+            &mut self.budget_s,
+        )
+    }
+
+    /// Stages 2 and 3 with the budgets already on the device (see [`Self::budgets_mut`]).
+    pub(crate) fn select_uploaded(
+        &mut self,
+        sp: &SparsePrefill,
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        let sh = self.shape;
+        let n = sh.seq_len;
+        let s = &sp.dev.stream;
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let (fc, fd) = (FORCED_COLUMNS as i32, FORCED_DIAGONALS as i32);
         let mut b = s.launch_builder(&self.topk);

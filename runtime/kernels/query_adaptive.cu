@@ -1,0 +1,254 @@
+// Query-adaptive (FlexPrefill) decisions on the GPU, `runtime::pattern::query_adaptive`: which branch
+// each head takes and, for the vertical-slash branch, its budgets. The branches' indexes are built by
+// the block-sparse builder (coverage gamma with a floor of min_budget blocks) and the vertical-slash
+// builder; the merge picks one per head from `src` (written here, no read-back to the host).
+//
+// 1. qa_div_d*: per head with mode[h] != 0 (one CTA): the Jensen-Shannon divergence between the pooled
+//    estimate (mean of the last L query rows . mean of each key block / sqrt(d), f32 as the CPU's
+//    `divergence`: means by `a += x / len` in row order, the CPU's 8-lane dot, softmax in f64) and the
+//    true block distribution (the vertical scores of the vertical-slash estimate summed per key block);
+//    src[h] = js < tau[h] ? src_query_aware : src_vertical_slash.
+// 2. qa_budgets: per (head, columns | diagonals): the fewest of the vertical-slash ranking (forced items
+//    first, then by descending score, ties to the lower index) whose scores reach gamma of their total,
+//    at least min_tokens (`Ranking::coverage_count`), clamped as `vertical_slash::clamp_budgets`,
+//    written into the vertical-slash builder's budget arrays.
+//
+// The vertical scores are f32 on the GPU and f64 on the CPU, and sums run in another order: a branch
+// can differ only where js and tau agree to ~1e-6, a budget where a cumulative score meets the goal
+// within ~1e-6.
+
+#define QA_THREADS 256
+
+__device__ __forceinline__ double qa_block_sum(double x, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int sh = 16; sh >= 1; sh >>= 1) x += __shfl_xor_sync(0xffffffff, x, sh);
+    __syncthreads();
+    if (lane == 0) red[warp] = x;
+    __syncthreads();
+    double s = 0.0;
+#pragma unroll
+    for (int w = 0; w < QA_THREADS / 32; ++w) s += red[w];
+    return s;
+}
+
+__device__ __forceinline__ double qa_block_max(double x, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int sh = 16; sh >= 1; sh >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffff, x, sh));
+    __syncthreads();
+    if (lane == 0) red[warp] = x;
+    __syncthreads();
+    double m = red[0];
+#pragma unroll
+    for (int w = 1; w < QA_THREADS / 32; ++w) m = fmax(m, red[w]);
+    return m;
+}
+
+// grid q_heads, QA_THREADS threads, dynamic shared memory k_blocks doubles (the estimate).
+template <int D>
+__device__ __forceinline__ void qa_div(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                       const float* __restrict__ col, int n, int group, int last_q, double scale,
+                                       const u32* __restrict__ mode, const double* __restrict__ tau,
+                                       u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
+    extern __shared__ __align__(16) double qa_est[];
+    __shared__ float qbar[D];
+    __shared__ float prod[QA_THREADS / 32][D];
+    __shared__ double red[QA_THREADS / 32];
+    const int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (mode[h] == 0) {
+        if (tid == 0) src[h] = 0xffffffffu;  // not query-adaptive: the merge keeps the host's choice
+        return;
+    }
+    const int kb_n = (n + 63) / 64;
+    const int l0 = n - min(max(last_q, 1), n), lq = n - l0;
+    const bf16_t* qh = q + (u64)h * n * D;
+    const bf16_t* kh = k + (u64)(h / group) * n * D;
+    for (int c = tid; c < D; c += QA_THREADS) {
+        float a = 0.f;
+        for (int i = l0; i < n; ++i) a = __fadd_rn(a, __fdiv_rn(bf16_to_f32(qh[(u64)i * D + c]), (float)lq));
+        qbar[c] = a;
+    }
+    __syncthreads();
+    // one warp per key block: its mean (rows in order) times qbar, then the 8-lane dot in the CPU's order
+    for (int kb = warp; kb < kb_n; kb += QA_THREADS / 32) {
+        const int j0 = kb * 64, j1 = min(n, j0 + 64), len = j1 - j0;
+        for (int c = lane; c < D; c += 32) {
+            float a = 0.f;
+            for (int j = j0; j < j1; ++j) a = __fadd_rn(a, __fdiv_rn(bf16_to_f32(kh[(u64)j * D + c]), (float)len));
+            prod[warp][c] = __fmul_rn(qbar[c], a);
+        }
+        __syncwarp();
+        float lanes = 0.f;
+        if (lane < 8) {
+            for (int c = lane; c < D; c += 8) lanes = __fadd_rn(lanes, prod[warp][c]);
+        }
+        float dot = 0.f;
+#pragma unroll
+        for (int l = 0; l < 8; ++l) dot = __fadd_rn(dot, __shfl_sync(0xffffffff, lanes, l));
+        if (lane == 0) qa_est[kb] = (double)dot * scale;
+        __syncwarp();
+    }
+    __syncthreads();
+    double m = -__longlong_as_double(0x7ff0000000000000ll);
+    for (int kb = tid; kb < kb_n; kb += QA_THREADS) m = fmax(m, qa_est[kb]);
+    m = qa_block_max(m, red);
+    double z = 0.0;
+    for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
+        const double x = exp(qa_est[kb] - m);
+        qa_est[kb] = x;
+        z += x;
+    }
+    z = qa_block_sum(z, red);
+    // the true distribution: vertical scores summed per key block
+    const float* ch = col + (u64)h * n;
+    double t = 0.0;
+    for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
+        double a = 0.0;
+        for (int j = kb * 64; j < min(n, kb * 64 + 64); ++j) a += (double)ch[j];
+        t += a;
+    }
+    t = qa_block_sum(t, red);
+    double d = 0.0;
+    for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
+        double a = 0.0;
+        for (int j = kb * 64; j < min(n, kb * 64 + 64); ++j) a += (double)ch[j];
+        const double p = qa_est[kb] / z, r = a / t, mid = 0.5 * (p + r);
+        if (p > 0.0) d += 0.5 * (p * log(p / mid));
+        if (r > 0.0) d += 0.5 * (r * log(r / mid));
+    }
+    d = qa_block_sum(d, red);
+    if (tid == 0) src[h] = d < tau[h] ? src_query_aware : src_vertical_slash;
+}
+
+extern "C" __global__ void __launch_bounds__(QA_THREADS)
+    qa_div_d64(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const float* __restrict__ col, int n,
+               int group, int last_q, double scale, const u32* __restrict__ mode, const double* __restrict__ tau,
+               u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
+    qa_div<64>(q, k, col, n, group, last_q, scale, mode, tau, src_query_aware, src_vertical_slash, src);
+}
+
+extern "C" __global__ void __launch_bounds__(QA_THREADS)
+    qa_div_d128(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const float* __restrict__ col, int n,
+                int group, int last_q, double scale, const u32* __restrict__ mode, const double* __restrict__ tau,
+                u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
+    qa_div<128>(q, k, col, n, group, last_q, scale, mode, tau, src_query_aware, src_vertical_slash, src);
+}
+
+// grid (2, q_heads), 1024 threads: blockIdx.x 0 = columns over `col` (forced_cols first), 1 = diagonals
+// over `diag` (forced_diags first). Heads with mode[h] == 0 are left alone. Writes bv[h] = min(count, n)
+// or bs[h] = clamp(count, 1, n).
+extern "C" __global__ void __launch_bounds__(1024)
+    qa_budgets(const float* __restrict__ col, const float* __restrict__ diag, int n, const u32* __restrict__ mode,
+               const double* __restrict__ gamma, const u32* __restrict__ min_tokens, int forced_cols,
+               int forced_diags, u32* __restrict__ bv, u32* __restrict__ bs) {
+    __shared__ u32 hc[256];
+    __shared__ double hm[256];
+    __shared__ double red[32];
+    __shared__ u32 s_digit, s_all;
+    __shared__ u32 s_above;
+    __shared__ double s_acc;
+    const int h = blockIdx.y, kind = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (mode[h] == 0) return;
+    const float* sc = (kind == 0 ? col : diag) + (u64)h * n;
+    const int forced = min(kind == 0 ? forced_cols : forced_diags, n);
+    const u32 mn = min(min_tokens[h], (u32)n);
+    // totals: all scores, and the forced ones in index order
+    double tot = 0.0;
+    for (int j = tid; j < n; j += 1024) tot += (double)sc[j];
+#pragma unroll
+    for (int sh = 16; sh >= 1; sh >>= 1) tot += __shfl_xor_sync(0xffffffff, tot, sh);
+    __syncthreads();
+    if (lane == 0) red[warp] = tot;
+    __syncthreads();
+    tot = 0.0;
+    for (int w = 0; w < 32; ++w) tot += red[w];
+    u32 count;
+    if (!(tot > 0.0)) {
+        count = mn;  // no mass (or NaN): the floor, as the CPU
+    } else {
+        const double goal = fmin(fmax(gamma[h], 0.0), 1.0) * tot;
+        double fsum = 0.0;
+        u32 cnt_forced = 0;
+        bool done = false;
+        for (int j = 0; j < forced; ++j) {  // every thread, the same order
+            fsum += (double)sc[j];
+            ++cnt_forced;
+            if (cnt_forced >= mn && fsum >= goal) {
+                done = true;
+                break;
+            }
+        }
+        if (done) {
+            count = cnt_forced;
+        } else {
+            // radix walk over the rest's f32 bits (scores >= 0), summing mass, from the top
+            u32 prefix = 0, pmask = 0;
+            if (tid == 0) {
+                s_all = 0;
+                s_above = 0;
+                s_acc = 0.0;
+            }
+            for (int pass = 3; pass >= 0; --pass) {
+                const int shift = pass * 8;
+                for (int i = tid; i < 256; i += 1024) {
+                    hc[i] = 0;
+                    hm[i] = 0.0;
+                }
+                __syncthreads();
+                for (int j = forced + tid; j < n; j += 1024) {
+                    const u32 key = __float_as_uint(sc[j]);
+                    if ((key & pmask) == prefix) {
+                        const int dg = (key >> shift) & 255;
+                        atomicAdd(&hc[dg], 1u);
+                        atomicAdd(&hm[dg], (double)sc[j]);
+                    }
+                }
+                __syncthreads();
+                if (tid == 0) {
+                    u32 a = s_above;
+                    double acc = s_acc;
+                    int chosen = -1;
+                    for (int dg = 255; dg >= 0; --dg) {
+                        if (hc[dg] > 0 && fsum + (acc + hm[dg]) >= goal) {
+                            chosen = dg;
+                            break;
+                        }
+                        a += hc[dg];
+                        acc += hm[dg];
+                    }
+                    if (chosen < 0) {
+                        s_all = 1;
+                    } else {
+                        s_digit = (u32)chosen;
+                        s_above = a;
+                        s_acc = acc;
+                    }
+                }
+                __syncthreads();
+                if (s_all) break;
+                prefix |= s_digit << shift;
+                pmask |= 255u << shift;
+            }
+            if (s_all) {
+                count = (u32)n;
+            } else {
+                // ties at the threshold, taken in index order until the goal is reached
+                const double et = (double)__uint_as_float(prefix);
+                double sum = fsum + s_acc;
+                u32 t = 0;
+                const u32 ties = hc[prefix & 255];
+                while (t < ties) {
+                    sum += et;
+                    ++t;
+                    if (sum >= goal) break;
+                }
+                count = max((u32)forced + s_above + t, mn);
+            }
+        }
+    }
+    if (tid == 0) {
+        if (kind == 0) bv[h] = min(count, (u32)n);
+        else bs[h] = max(1u, min(count, (u32)n));
+    }
+}

@@ -1,0 +1,170 @@
+//! Query-adaptive (FlexPrefill) heads on the GPU, for [`super::PlanPrefill`]: the branch of each head
+//! (`qa_div_d*`: Jensen-Shannon divergence of the pooled estimate from the last queries' block
+//! distribution, against `tau`) and the vertical-slash branch's budgets (`qa_budgets`: coverage of
+//! `gamma` over the vertical and slash scores, at least `min_budget` blocks of tokens), from a
+//! [`VerticalSlashBuilder`] estimate. Both branches' indexes are then built (the block-sparse builder
+//! with [`super::BlockChoice::CoverageAtLeast`], the vertical-slash builder with these budgets) and
+//! the merge takes one per head from [`QueryAdaptive::src`], all without a read-back to the host.
+//! The selection is `runtime::pattern::query_adaptive`'s (see `kernels/query_adaptive.cu` for where
+//! f32 scores may make it differ).
+
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::{drv, KernelFile};
+use super::{check_qkv, DeviceBuffer, SparsePrefill, VerticalSlashBuilder, CUDA_BLOCK};
+use crate::error::{Error, Result};
+use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
+use crate::pattern::PatternContext;
+use crate::AttnShape;
+
+/// Shared memory `qa_div` may use for its estimate (`k_blocks` doubles).
+const DIV_SMEM: usize = 200 * 1024;
+
+/// Per-head decisions of a layer's query-adaptive heads.
+#[derive(Debug)]
+pub(crate) struct QueryAdaptive {
+    shape: AttnShape,
+    div: CudaFunction,
+    budgets: CudaFunction,
+    smem: u32,
+    mode: CudaSlice<u32>,
+    tau: CudaSlice<f64>,
+    gamma: CudaSlice<f64>,
+    min_tokens: CudaSlice<u32>,
+    /// Per head: the merge source of its index (0xffffffff for heads that are not query-adaptive).
+    pub(crate) src: CudaSlice<u32>,
+}
+
+impl QueryAdaptive {
+    pub(crate) fn new(sp: &SparsePrefill, shape: &AttnShape) -> Result<Self> {
+        let k_blocks = shape.seq_len.max(1).div_ceil(CUDA_BLOCK);
+        let smem = k_blocks * 8;
+        if smem > DIV_SMEM {
+            return Err(Error::CudaUnsupported(format!(
+                "{} tokens: the query-adaptive estimate of {k_blocks} key blocks does not fit in \
+                 shared memory (at most {} blocks)",
+                shape.seq_len,
+                DIV_SMEM / 8
+            )));
+        }
+        let dev = &sp.dev;
+        let s = &dev.stream;
+        let h = shape.q_heads;
+        let sfx = if shape.head_dim == 64 { "d64" } else { "d128" };
+        let z32 = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<u32>(len.max(1)));
+        let zf = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<f64>(len.max(1)));
+        Ok(Self {
+            shape: *shape,
+            div: dev.function(
+                KernelFile::QueryAdaptive,
+                &format!("qa_div_{sfx}"),
+                DIV_SMEM as u32,
+            )?,
+            budgets: dev.function(KernelFile::QueryAdaptive, "qa_budgets", 0)?,
+            smem: smem as u32,
+            mode: z32(h)?,
+            tau: zf(h)?,
+            gamma: zf(h)?,
+            min_tokens: z32(h)?,
+            src: z32(h)?,
+        })
+    }
+
+    /// Decides every head with a pattern in `heads` (the others are left to the host's choice):
+    /// `src[h]` = `src_query_aware` or `src_vertical_slash`, and for the vertical-slash branch the
+    /// budgets written into `vs`'s device budgets. `vs` must hold this layer's estimate and its
+    /// uploaded budgets (the ones written here overwrite those of the query-adaptive heads).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decide(
+        &mut self,
+        sp: &SparsePrefill,
+        ctx: &PatternContext,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        vs: &mut VerticalSlashBuilder,
+        heads: &[Option<&schemas::QueryAdaptive>],
+        (src_query_aware, src_vertical_slash): (u32, u32),
+    ) -> Result<()> {
+        let sh = self.shape;
+        check_qkv(&sh, q, k, k)?;
+        if vs.shape() != &sh || heads.len() != sh.q_heads {
+            return Err(Error::Shape(format!(
+                "query-adaptive decisions for {sh:?}: vertical scores for {:?}, {} heads",
+                vs.shape(),
+                heads.len()
+            )));
+        }
+        let mut mode = Vec::with_capacity(sh.q_heads);
+        let mut tau = Vec::with_capacity(sh.q_heads);
+        let mut gamma = Vec::with_capacity(sh.q_heads);
+        let mut min_tokens = Vec::with_capacity(sh.q_heads);
+        for p in heads {
+            match p {
+                Some(p) => {
+                    crate::pattern::query_adaptive::check(p)?;
+                    let min = ctx.resolve(&p.min_budget).saturating_mul(ctx.block_k);
+                    mode.push(1u32);
+                    tau.push(p.tau);
+                    gamma.push(p.gamma);
+                    min_tokens.push(u32::try_from(min).unwrap_or(u32::MAX));
+                }
+                None => {
+                    mode.push(0);
+                    tau.push(0.0);
+                    gamma.push(0.0);
+                    min_tokens.push(0);
+                }
+            }
+        }
+        let s = &sp.dev.stream;
+        drv("upload", s.memcpy_htod(&mode, &mut self.mode))?;
+        drv("upload", s.memcpy_htod(&tau, &mut self.tau))?;
+        drv("upload", s.memcpy_htod(&gamma, &mut self.gamma))?;
+        drv("upload", s.memcpy_htod(&min_tokens, &mut self.min_tokens))?;
+        let (n, group) = (sh.seq_len as i32, sh.group() as i32);
+        let last_q = i32::try_from(ctx.last_q).unwrap_or(i32::MAX);
+        let scale = 1.0 / (sh.head_dim as f64).sqrt();
+        let mut b = s.launch_builder(&self.div);
+        b.arg(&q.inner)
+            .arg(&k.inner)
+            .arg(vs.col_scores())
+            .arg(&n)
+            .arg(&group)
+            .arg(&last_q)
+            .arg(&scale)
+            .arg(&self.mode)
+            .arg(&self.tau)
+            .arg(&src_query_aware)
+            .arg(&src_vertical_slash)
+            .arg(&mut self.src);
+        let cfg = LaunchConfig {
+            grid_dim: (sh.q_heads as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: self.smem,
+        };
+        // SAFETY: matches `qa_div_d*`; q and k were checked against the shape, the vertical scores
+        // are [q_heads][n] for it, the per-head arrays q_heads long, smem holds k_blocks doubles.
+        drv("qa_div launch", unsafe { b.launch(cfg) })?;
+        let (fc, fd) = (FORCED_COLUMNS as i32, FORCED_DIAGONALS as i32);
+        let (col, diag, bv, bs) = vs.scores_and_budgets();
+        let mut b = s.launch_builder(&self.budgets);
+        b.arg(col)
+            .arg(diag)
+            .arg(&n)
+            .arg(&self.mode)
+            .arg(&self.gamma)
+            .arg(&self.min_tokens)
+            .arg(&fc)
+            .arg(&fd)
+            .arg(bv)
+            .arg(bs);
+        let cfg = LaunchConfig {
+            grid_dim: (2, sh.q_heads as u32, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `qa_budgets`; scores [q_heads][n], budgets and per-head arrays q_heads.
+        drv("qa_budgets launch", unsafe { b.launch(cfg) })?;
+        Ok(())
+    }
+}
