@@ -3,11 +3,11 @@
 // the block-sparse builder (coverage gamma with a floor of min_budget blocks) and the vertical-slash
 // builder; the merge picks one per head from `src` (written here, no read-back to the host).
 //
-// 1. qa_div_d*: per head with mode[h] != 0 (one CTA): the Jensen-Shannon divergence between the pooled
-//    estimate (mean of the last L query rows . mean of each key block / sqrt(d), f32 as the CPU's
-//    `divergence`: means by `a += x / len` in row order, the CPU's 8-lane dot, softmax in f64) and the
-//    true block distribution (the vertical scores of the vertical-slash estimate summed per key block);
-//    src[h] = js < tau[h] ? src_query_aware : src_vertical_slash.
+// 1. qa_pool_d* (a warp per (head, key block)) and qa_div (a CTA per head), for heads with mode[h] != 0:
+//    the Jensen-Shannon divergence between the pooled estimate (mean of the last L query rows . mean
+//    of each key block / sqrt(d), f32 as the CPU's `divergence`: means by `a += x / len` in row order,
+//    the CPU's 8-lane dot, softmax in f64) and the true block distribution (the vertical scores of the
+//    vertical-slash estimate summed per key block); src[h] = js < tau[h] ? query-aware : vertical-slash.
 // 2. qa_budgets: per (head, columns | diagonals): the fewest of the vertical-slash ranking (forced items
 //    first, then by descending score, ties to the lower index) whose scores reach gamma of their total,
 //    at least min_tokens (`Ranking::coverage_count`), clamped as `vertical_slash::clamp_budgets`,
@@ -45,62 +45,94 @@ __device__ __forceinline__ double qa_block_max(double x, double* red) {
     return m;
 }
 
-// grid q_heads, QA_THREADS threads, dynamic shared memory k_blocks doubles (the estimate).
+// x / len as the CPU computes it (f32, correctly rounded): a multiplication by the exact reciprocal
+// when len is a power of two (the same value: x * 2^-k is exact, or rounds the same way as the
+// quotient), a division otherwise.
+__device__ __forceinline__ float qa_div_len(float x, int len, float inv_pow2) {
+    return inv_pow2 != 0.f ? __fmul_rn(x, inv_pow2) : __fdiv_rn(x, (float)len);
+}
+
+__device__ __forceinline__ float qa_inv_pow2(int len) {
+    return (len & (len - 1)) == 0 ? 1.f / (float)len : 0.f;
+}
+
+// The pooled scores: grid (ceil(k_blocks / 8), q_heads), QA_THREADS threads, one warp per key block:
+// est[h][kb] = (double)(qbar . kbar) * scale with qbar the mean of the last L query rows and kbar the
+// key block's mean (f32, `a += x / len` in row order, the CPU's 8-lane dot). Heads with mode 0 exit.
 template <int D>
-__device__ __forceinline__ void qa_div(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                                       const float* __restrict__ col, int n, int group, int last_q, double scale,
-                                       const u32* __restrict__ mode, const double* __restrict__ tau,
-                                       u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
-    extern __shared__ __align__(16) double qa_est[];
+__device__ __forceinline__ void qa_pool(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n, int group,
+                                        int last_q, double scale, const u32* __restrict__ mode,
+                                        double* __restrict__ est) {
     __shared__ float qbar[D];
     __shared__ float prod[QA_THREADS / 32][D];
+    const int h = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (mode[h] == 0) return;
+    const int kb_n = (n + 63) / 64;
+    const int l0 = n - min(max(last_q, 1), n), lq = n - l0;
+    const float inv_lq = qa_inv_pow2(lq);
+    const bf16_t* qh = q + (u64)h * n * D;
+    const bf16_t* kh = k + (u64)(h / group) * n * D;
+    for (int c = tid; c < D; c += QA_THREADS) {
+        float a = 0.f;
+        for (int i = l0; i < n; ++i) a = __fadd_rn(a, qa_div_len(bf16_to_f32(qh[(u64)i * D + c]), lq, inv_lq));
+        qbar[c] = a;
+    }
+    __syncthreads();
+    const int kb = blockIdx.x * (QA_THREADS / 32) + warp;
+    if (kb >= kb_n) return;
+    const int j0 = kb * 64, j1 = min(n, j0 + 64), len = j1 - j0;
+    const float inv_len = qa_inv_pow2(len);
+    for (int c = lane; c < D; c += 32) {
+        float a = 0.f;
+        for (int j = j0; j < j1; ++j) a = __fadd_rn(a, qa_div_len(bf16_to_f32(kh[(u64)j * D + c]), len, inv_len));
+        prod[warp][c] = __fmul_rn(qbar[c], a);
+    }
+    __syncwarp();
+    float lanes = 0.f;
+    if (lane < 8) {
+        for (int c = lane; c < D; c += 8) lanes = __fadd_rn(lanes, prod[warp][c]);
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int l = 0; l < 8; ++l) dot = __fadd_rn(dot, __shfl_sync(0xffffffff, lanes, l));
+    if (lane == 0) est[(u64)h * kb_n + kb] = (double)dot * scale;
+}
+
+extern "C" __global__ void __launch_bounds__(QA_THREADS)
+    qa_pool_d64(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n, int group, int last_q,
+                double scale, const u32* __restrict__ mode, double* __restrict__ est) {
+    qa_pool<64>(q, k, n, group, last_q, scale, mode, est);
+}
+
+extern "C" __global__ void __launch_bounds__(QA_THREADS)
+    qa_pool_d128(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n, int group, int last_q,
+                 double scale, const u32* __restrict__ mode, double* __restrict__ est) {
+    qa_pool<128>(q, k, n, group, last_q, scale, mode, est);
+}
+
+// The divergence and the branch: grid q_heads, QA_THREADS threads. est[h][kb] (qa_pool's scores) is
+// turned into its softmax in place; the true distribution is the vertical scores summed per key block.
+extern "C" __global__ void __launch_bounds__(QA_THREADS)
+    qa_div(double* __restrict__ est, const float* __restrict__ col, int n, const u32* __restrict__ mode,
+           const double* __restrict__ tau, u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
     __shared__ double red[QA_THREADS / 32];
-    const int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int h = blockIdx.x, tid = threadIdx.x;
     if (mode[h] == 0) {
         if (tid == 0) src[h] = 0xffffffffu;  // not query-adaptive: the merge keeps the host's choice
         return;
     }
     const int kb_n = (n + 63) / 64;
-    const int l0 = n - min(max(last_q, 1), n), lq = n - l0;
-    const bf16_t* qh = q + (u64)h * n * D;
-    const bf16_t* kh = k + (u64)(h / group) * n * D;
-    for (int c = tid; c < D; c += QA_THREADS) {
-        float a = 0.f;
-        for (int i = l0; i < n; ++i) a = __fadd_rn(a, __fdiv_rn(bf16_to_f32(qh[(u64)i * D + c]), (float)lq));
-        qbar[c] = a;
-    }
-    __syncthreads();
-    // one warp per key block: its mean (rows in order) times qbar, then the 8-lane dot in the CPU's order
-    for (int kb = warp; kb < kb_n; kb += QA_THREADS / 32) {
-        const int j0 = kb * 64, j1 = min(n, j0 + 64), len = j1 - j0;
-        for (int c = lane; c < D; c += 32) {
-            float a = 0.f;
-            for (int j = j0; j < j1; ++j) a = __fadd_rn(a, __fdiv_rn(bf16_to_f32(kh[(u64)j * D + c]), (float)len));
-            prod[warp][c] = __fmul_rn(qbar[c], a);
-        }
-        __syncwarp();
-        float lanes = 0.f;
-        if (lane < 8) {
-            for (int c = lane; c < D; c += 8) lanes = __fadd_rn(lanes, prod[warp][c]);
-        }
-        float dot = 0.f;
-#pragma unroll
-        for (int l = 0; l < 8; ++l) dot = __fadd_rn(dot, __shfl_sync(0xffffffff, lanes, l));
-        if (lane == 0) qa_est[kb] = (double)dot * scale;
-        __syncwarp();
-    }
-    __syncthreads();
+    double* e = est + (u64)h * kb_n;
     double m = -__longlong_as_double(0x7ff0000000000000ll);
-    for (int kb = tid; kb < kb_n; kb += QA_THREADS) m = fmax(m, qa_est[kb]);
+    for (int kb = tid; kb < kb_n; kb += QA_THREADS) m = fmax(m, e[kb]);
     m = qa_block_max(m, red);
     double z = 0.0;
     for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
-        const double x = exp(qa_est[kb] - m);
-        qa_est[kb] = x;
+        const double x = exp(e[kb] - m);
+        e[kb] = x;
         z += x;
     }
     z = qa_block_sum(z, red);
-    // the true distribution: vertical scores summed per key block
     const float* ch = col + (u64)h * n;
     double t = 0.0;
     for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
@@ -113,7 +145,7 @@ __device__ __forceinline__ void qa_div(const bf16_t* __restrict__ q, const bf16_
     for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
         double a = 0.0;
         for (int j = kb * 64; j < min(n, kb * 64 + 64); ++j) a += (double)ch[j];
-        const double p = qa_est[kb] / z, r = a / t, mid = 0.5 * (p + r);
+        const double p = e[kb] / z, r = a / t, mid = 0.5 * (p + r);
         if (p > 0.0) d += 0.5 * (p * log(p / mid));
         if (r > 0.0) d += 0.5 * (r * log(r / mid));
     }
@@ -121,27 +153,17 @@ __device__ __forceinline__ void qa_div(const bf16_t* __restrict__ q, const bf16_
     if (tid == 0) src[h] = d < tau[h] ? src_query_aware : src_vertical_slash;
 }
 
-extern "C" __global__ void __launch_bounds__(QA_THREADS)
-    qa_div_d64(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const float* __restrict__ col, int n,
-               int group, int last_q, double scale, const u32* __restrict__ mode, const double* __restrict__ tau,
-               u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
-    qa_div<64>(q, k, col, n, group, last_q, scale, mode, tau, src_query_aware, src_vertical_slash, src);
-}
-
-extern "C" __global__ void __launch_bounds__(QA_THREADS)
-    qa_div_d128(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const float* __restrict__ col, int n,
-                int group, int last_q, double scale, const u32* __restrict__ mode, const double* __restrict__ tau,
-                u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
-    qa_div<128>(q, k, col, n, group, last_q, scale, mode, tau, src_query_aware, src_vertical_slash, src);
-}
-
 // grid (2, q_heads), 1024 threads: blockIdx.x 0 = columns over `col` (forced_cols first), 1 = diagonals
 // over `diag` (forced_diags first). Heads with mode[h] == 0 are left alone. Writes bv[h] = min(count, n)
-// or bs[h] = clamp(count, 1, n).
+// or bs[h] = clamp(count, 1, n). Dynamic shared memory: per-warp digit histograms (32 x 256 counts and
+// masses, 96 KB), so that the atomics of a pass never contend across warps.
 extern "C" __global__ void __launch_bounds__(1024)
     qa_budgets(const float* __restrict__ col, const float* __restrict__ diag, int n, const u32* __restrict__ mode,
                const double* __restrict__ gamma, const u32* __restrict__ min_tokens, int forced_cols,
                int forced_diags, u32* __restrict__ bv, u32* __restrict__ bs) {
+    extern __shared__ __align__(16) double qa_hist[];
+    double* wm = qa_hist + (threadIdx.x >> 5) * 256;                      // this warp's masses
+    u32* wc = (u32*)(qa_hist + 32 * 256) + (threadIdx.x >> 5) * 256;      // and counts
     __shared__ u32 hc[256];
     __shared__ double hm[256];
     __shared__ double red[32];
@@ -191,18 +213,29 @@ extern "C" __global__ void __launch_bounds__(1024)
             }
             for (int pass = 3; pass >= 0; --pass) {
                 const int shift = pass * 8;
-                for (int i = tid; i < 256; i += 1024) {
-                    hc[i] = 0;
-                    hm[i] = 0.0;
+                for (int i = lane; i < 256; i += 32) {
+                    wc[i] = 0;
+                    wm[i] = 0.0;
                 }
-                __syncthreads();
+                __syncwarp();
                 for (int j = forced + tid; j < n; j += 1024) {
                     const u32 key = __float_as_uint(sc[j]);
                     if ((key & pmask) == prefix) {
                         const int dg = (key >> shift) & 255;
-                        atomicAdd(&hc[dg], 1u);
-                        atomicAdd(&hm[dg], (double)sc[j]);
+                        atomicAdd(&wc[dg], 1u);
+                        atomicAdd(&wm[dg], (double)sc[j]);
                     }
+                }
+                __syncthreads();
+                if (tid < 256) {  // the warps' histograms, summed in warp order
+                    u32 c = 0;
+                    double w = 0.0;
+                    for (int v = 0; v < 32; ++v) {
+                        c += ((u32*)(qa_hist + 32 * 256))[v * 256 + tid];
+                        w += qa_hist[v * 256 + tid];
+                    }
+                    hc[tid] = c;
+                    hm[tid] = w;
                 }
                 __syncthreads();
                 if (tid == 0) {

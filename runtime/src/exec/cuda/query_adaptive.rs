@@ -1,5 +1,5 @@
 //! Query-adaptive (FlexPrefill) heads on the GPU, for [`super::PlanPrefill`]: the branch of each head
-//! (`qa_div_d*`: Jensen-Shannon divergence of the pooled estimate from the last queries' block
+//! (`qa_pool_d*` and `qa_div`: Jensen-Shannon divergence of the pooled estimate from the last queries' block
 //! distribution, against `tau`) and the vertical-slash branch's budgets (`qa_budgets`: coverage of
 //! `gamma` over the vertical and slash scores, at least `min_budget` blocks of tokens), from a
 //! [`VerticalSlashBuilder`] estimate. Both branches' indexes are then built (the block-sparse builder
@@ -11,22 +11,24 @@
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
-use super::{check_qkv, DeviceBuffer, SparsePrefill, VerticalSlashBuilder, CUDA_BLOCK};
+use super::{check_qkv, grid_u32, DeviceBuffer, SparsePrefill, VerticalSlashBuilder, CUDA_BLOCK};
 use crate::error::{Error, Result};
 use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
 use crate::pattern::PatternContext;
 use crate::AttnShape;
 
-/// Shared memory `qa_div` may use for its estimate (`k_blocks` doubles).
-const DIV_SMEM: usize = 200 * 1024;
+/// Dynamic shared memory of `qa_budgets`: 32 warps' histograms of 256 counts and 256 masses.
+const BUDGET_SMEM: u32 = 32 * 256 * (8 + 4);
 
 /// Per-head decisions of a layer's query-adaptive heads.
 #[derive(Debug)]
 pub(crate) struct QueryAdaptive {
     shape: AttnShape,
+    pool: CudaFunction,
     div: CudaFunction,
     budgets: CudaFunction,
-    smem: u32,
+    /// Pooled scores, then the estimate, `[q_heads][k_blocks]`.
+    est: CudaSlice<f64>,
     mode: CudaSlice<u32>,
     tau: CudaSlice<f64>,
     gamma: CudaSlice<f64>,
@@ -38,15 +40,6 @@ pub(crate) struct QueryAdaptive {
 impl QueryAdaptive {
     pub(crate) fn new(sp: &SparsePrefill, shape: &AttnShape) -> Result<Self> {
         let k_blocks = shape.seq_len.max(1).div_ceil(CUDA_BLOCK);
-        let smem = k_blocks * 8;
-        if smem > DIV_SMEM {
-            return Err(Error::CudaUnsupported(format!(
-                "{} tokens: the query-adaptive estimate of {k_blocks} key blocks does not fit in \
-                 shared memory (at most {} blocks)",
-                shape.seq_len,
-                DIV_SMEM / 8
-            )));
-        }
         let dev = &sp.dev;
         let s = &dev.stream;
         let h = shape.q_heads;
@@ -55,13 +48,10 @@ impl QueryAdaptive {
         let zf = |len: usize| drv("cuMemAlloc", s.alloc_zeros::<f64>(len.max(1)));
         Ok(Self {
             shape: *shape,
-            div: dev.function(
-                KernelFile::QueryAdaptive,
-                &format!("qa_div_{sfx}"),
-                DIV_SMEM as u32,
-            )?,
-            budgets: dev.function(KernelFile::QueryAdaptive, "qa_budgets", 0)?,
-            smem: smem as u32,
+            pool: dev.function(KernelFile::QueryAdaptive, &format!("qa_pool_{sfx}"), 0)?,
+            div: dev.function(KernelFile::QueryAdaptive, "qa_div", 0)?,
+            budgets: dev.function(KernelFile::QueryAdaptive, "qa_budgets", BUDGET_SMEM)?,
+            est: zf(h * k_blocks)?,
             mode: z32(h)?,
             tau: zf(h)?,
             gamma: zf(h)?,
@@ -124,14 +114,28 @@ impl QueryAdaptive {
         let (n, group) = (sh.seq_len as i32, sh.group() as i32);
         let last_q = i32::try_from(ctx.last_q).unwrap_or(i32::MAX);
         let scale = 1.0 / (sh.head_dim as f64).sqrt();
-        let mut b = s.launch_builder(&self.div);
+        let mut b = s.launch_builder(&self.pool);
         b.arg(&q.inner)
             .arg(&k.inner)
-            .arg(vs.col_scores())
             .arg(&n)
             .arg(&group)
             .arg(&last_q)
             .arg(&scale)
+            .arg(&self.mode)
+            .arg(&mut self.est);
+        let k_blocks = sh.seq_len.div_ceil(CUDA_BLOCK);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(k_blocks.div_ceil(8))?, sh.q_heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `qa_pool_d*`; q and k were checked against the shape, est holds
+        // q_heads * k_blocks doubles, mode q_heads entries.
+        drv("qa_pool launch", unsafe { b.launch(cfg) })?;
+        let mut b = s.launch_builder(&self.div);
+        b.arg(&mut self.est)
+            .arg(vs.col_scores())
+            .arg(&n)
             .arg(&self.mode)
             .arg(&self.tau)
             .arg(&src_query_aware)
@@ -140,10 +144,10 @@ impl QueryAdaptive {
         let cfg = LaunchConfig {
             grid_dim: (sh.q_heads as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: self.smem,
+            shared_mem_bytes: 0,
         };
-        // SAFETY: matches `qa_div_d*`; q and k were checked against the shape, the vertical scores
-        // are [q_heads][n] for it, the per-head arrays q_heads long, smem holds k_blocks doubles.
+        // SAFETY: matches `qa_div`; est as above, the vertical scores [q_heads][n] for this shape,
+        // the per-head arrays q_heads long.
         drv("qa_div launch", unsafe { b.launch(cfg) })?;
         let (fc, fd) = (FORCED_COLUMNS as i32, FORCED_DIAGONALS as i32);
         let (col, diag, bv, bs) = vs.scores_and_budgets();
@@ -161,9 +165,9 @@ impl QueryAdaptive {
         let cfg = LaunchConfig {
             grid_dim: (2, sh.q_heads as u32, 1),
             block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: BUDGET_SMEM,
         };
-        // SAFETY: matches `qa_budgets`; scores [q_heads][n], budgets and per-head arrays q_heads.
+        // SAFETY: matches `qa_budgets` (its histograms in BUDGET_SMEM); scores [q_heads][n], budgets and per-head arrays q_heads.
         drv("qa_budgets launch", unsafe { b.launch(cfg) })?;
         Ok(())
     }
