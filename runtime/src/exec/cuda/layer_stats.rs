@@ -3,7 +3,7 @@
 
 use crate::prefill::DenseReason;
 
-/// What one [`PlanPrefill::forward`] did.
+/// What one [`PlanPrefill::forward`](super::PlanPrefill::forward) did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerStats {
     /// Why every head ran dense, if they did.
