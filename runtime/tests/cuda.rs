@@ -379,6 +379,78 @@ fn block_sparse_builder_matches_cpu_selection() {
     }
 }
 
+/// Host only (runs without a GPU): the per-head choices of the GPU builders resolve a plan's patterns
+/// as the CPU patterns do, and refuse what the CPU refuses, naming the kind.
+#[test]
+fn builder_choices_resolve_plan_patterns() {
+    use runtime::exec::cuda::TokenChoice;
+    let ctx = PatternContext {
+        seq_len: 4096,
+        block_q: 64,
+        block_k: 64,
+        last_q: 64,
+    };
+    let frac = |f: f64| {
+        schemas::Budget::Fraction(schemas::FractionBudget {
+            fraction: f,
+            min: 1,
+            max: None,
+        })
+    };
+    let bs = |top_k, coverage| schemas::BlockSparse { top_k, coverage };
+    assert_eq!(
+        BlockChoice::from_pattern(&bs(Some(frac(0.25)), None), &ctx).unwrap(),
+        BlockChoice::TopK(1024)
+    );
+    assert_eq!(
+        BlockChoice::from_pattern(&bs(None, Some(0.9)), &ctx).unwrap(),
+        BlockChoice::Coverage(0.9)
+    );
+    for bad in [
+        bs(None, None),
+        bs(Some(schemas::Budget::Fixed(4)), Some(0.5)),
+        bs(None, Some(1.5)),
+        bs(None, Some(0.0)),
+    ] {
+        let e = BlockChoice::from_pattern(&bad, &ctx).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Pattern {
+                    kind: "block_sparse",
+                    ..
+                }
+            ),
+            "{bad:?}: {e}"
+        );
+    }
+    let ts = |block, keep, spread| schemas::TokenSelect {
+        block,
+        keep: schemas::Budget::Fixed(keep),
+        spread,
+        sink: schemas::Budget::Fixed(64),
+        local: frac(0.125),
+    };
+    let c = TokenChoice::from_pattern(&ts(64, 100, 0.5), &ctx).unwrap();
+    assert_eq!(
+        (c.block, c.keep, c.spread, c.sink, c.local),
+        (64, 64, 0.5, 64, 512)
+    );
+    for bad in [ts(0, 8, 0.0), ts(64, 8, -1.0), ts(64, 8, f64::NAN)] {
+        let e = TokenChoice::from_pattern(&bad, &ctx).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Pattern {
+                    kind: "token_select",
+                    ..
+                }
+            ),
+            "{bad:?}: {e}"
+        );
+    }
+}
+
 #[test]
 fn a_shape_index_matches_reference_on_cells() {
     let Some(sp) = device() else { return };
