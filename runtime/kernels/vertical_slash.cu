@@ -487,10 +487,11 @@ __device__ __forceinline__ IxSrc ix_pick(int s, IxSrc a, IxSrc b, IxSrc c, IxSrc
 #define IX_SRCS                                                                                               \
     IxSrc{bo0, bi0, co0, ci0}, IxSrc{bo1, bi1, co1, ci1}, IxSrc{bo2, bi2, co2, ci2}, IxSrc{bo3, bi3, co3, ci3}
 
-// src_over[h], unless 0xffffffff, replaces src_id[h] (a choice made on the device, e.g. a
-// query-adaptive head's branch).
-__device__ __forceinline__ int ix_source(const u32* src_id, const u32* src_over, int h) {
-    const u32 o = src_over[h];
+// src_over[src_head[h]], unless 0xffffffff, replaces src_id[h]: a choice made on the device for the
+// head whose lists h takes (e.g. a query-adaptive head's branch, which the heads sharing its index
+// follow).
+__device__ __forceinline__ int ix_source(const u32* src_id, const u32* src_over, const u32* src_head, int h) {
+    const u32 o = src_over[src_head[h]];
     return (int)(o != 0xffffffffu ? o : src_id[h]);
 }
 
@@ -501,7 +502,7 @@ extern "C" __global__ void ix_merge_count(IX_SRC_ARGS, const u32* __restrict__ s
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= q_heads * q_blocks) return;
     const int h = e / q_blocks, qb = e % q_blocks;
-    const IxSrc s = ix_pick(ix_source(src_id, src_over, h), IX_SRCS);
+    const IxSrc s = ix_pick(ix_source(src_id, src_over, src_head, h), IX_SRCS);
     const u32 f = src_head[h] * (u32)q_blocks + (u32)qb;
     cnt_blk[e] = s.blk_off[f + 1] - s.blk_off[f];
     cnt_col[e] = s.col_off[f + 1] - s.col_off[f];
@@ -515,7 +516,7 @@ extern "C" __global__ void ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ sr
     const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (e >= q_heads * q_blocks) return;
     const int h = e / q_blocks, qb = e % q_blocks;
-    const IxSrc s = ix_pick(ix_source(src_id, src_over, h), IX_SRCS);
+    const IxSrc s = ix_pick(ix_source(src_id, src_over, src_head, h), IX_SRCS);
     const u32 f = src_head[h] * (u32)q_blocks + (u32)qb;
     for (u32 i = s.blk_off[f] + lane, o = blk_off[e] + lane; i < s.blk_off[f + 1]; i += 32, o += 32)
         blk_idx[o] = s.blk_idx[i];

@@ -110,7 +110,8 @@ fn dense_keys_match_cpu_dense() {
 /// A plan with every pattern kind (fixtures/plans/valid/every-kind.yaml) run by `PlanPrefill`: each
 /// layer's merged index equals the CPU's `build_index` of every head on the same (bf16) inputs, and
 /// the output matches the CPU sparse executor over those indexes; with `share_kv_group_indexes`
-/// heads 0 and 1 of layer 1 (both vertical-slash) use head 0's index. The query-adaptive head runs
+/// heads 0 and 1 of layer 1 (both vertical-slash) use head 0's index and heads 2 and 3 (both
+/// query-adaptive) head 2's, branch included. The query-adaptive head runs
 /// with the fixture's tau and with tau 0 and 1, which force its vertical-slash and its query-aware
 /// branch (the divergence lies in [0, ln 2]).
 #[test]
@@ -142,6 +143,8 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             });
             plan.layers[1].heads[0].pattern = vs.clone();
             plan.layers[1].heads[1].pattern = vs;
+            // heads 2 and 3 (KV head 1) both query-adaptive: head 3 follows head 2's branch
+            plan.layers[1].heads[3].pattern = plan.layers[1].heads[2].pattern.clone();
         }
         let mut pp = PlanPrefill::new(&sp, &plan, &plan.model, PrefillOptions::default()).unwrap();
         let (n, hq, hkv, d) = (1100usize, 4usize, 2usize, 64usize);
@@ -167,7 +170,13 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
         let ctx = PatternContext::new(n, &plan.defaults);
         // layer 0 twice: the second call takes its static heads' index from the cache
         for layer in [0, 1, 0] {
-            let owner = |h: usize| if share && layer == 1 && h == 1 { 0 } else { h };
+            let owner = |h: usize| {
+                if share && layer == 1 && h % 2 == 1 {
+                    h - 1
+                } else {
+                    h
+                }
+            };
             let want: Vec<HeadIndex> = (0..hq)
                 .map(|h| {
                     let o = owner(h);
@@ -197,7 +206,7 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
                     |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
                 );
             assert!(worst < 2e-2, "{what}: max abs error {worst}");
-            assert_eq!(stats.shared, usize::from(share && layer == 1), "{what}");
+            assert_eq!(stats.shared, 2 * usize::from(share && layer == 1), "{what}");
             let sources = (
                 stats.gpu_vertical_slash,
                 stats.gpu_block_sparse,
@@ -208,7 +217,7 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             let expected = match (layer, share) {
                 (0, _) => (1, 0, 0, 0, 3), // dense, streaming, a_shape on the host; vertical-slash
                 (_, false) => (0, 1, 1, 1, 1), // block-sparse, token-select, query-adaptive; grid
-                (_, true) => (1, 0, 1, 1, 0), // heads 0 and 1 vertical-slash, one build
+                (_, true) => (1, 0, 0, 1, 0), // heads 0, 1 vertical-slash; 2, 3 query-adaptive
             };
             assert_eq!(sources, expected, "{what}");
         }
