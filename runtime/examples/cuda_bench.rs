@@ -14,6 +14,9 @@
 //!     local S) and compares the selected tokens with the CPU `pattern::token_select`.
 //! cuda_bench plan DIR --n N [--hq H --hkv K --d D --v V --s S --topk T --local L --reps R] [--share]
 //!                 [--qa]   (--qa: the A-shape heads become query-adaptive, gamma 0.9 tau 0.1)
+//! cuda_bench plan DIR --plan FILE --n N [--reps R]
+//!     every layer of a plan file (e.g. the main job's out/plan.yaml) through `PlanPrefill` on
+//!     structured inputs of its layer shape: per-layer and total index and attention times.
 //!     one layer of a mixed plan (vertical-slash, token-select, block-sparse, A-shape heads) through
 //!     `PlanPrefill`
 //!     on structured inputs: index and attention times, and where each head's index came from.
@@ -770,6 +773,9 @@ fn check(args: &[String]) -> Result<()> {
 /// `--local`); prints the index and attention times (medians) and the sources of the heads' indexes.
 fn plan_bench(args: &[String]) -> Result<()> {
     let o = Opts::parse(args)?;
+    if o.kv.contains_key("plan") {
+        return plan_file_bench(&o);
+    }
     let (n, hq, hkv, d) = (
         o.num("n", 32768)?,
         o.num("hq", bench::Q_HEADS)?,
@@ -885,6 +891,97 @@ fn plan_bench(args: &[String]) -> Result<()> {
         r.gpu_query_adaptive,
         r.host_static,
         r.shared
+    );
+    Ok(())
+}
+
+/// `cuda_bench plan DIR --plan FILE --n N [--reps R]`: every layer of a plan file (e.g. the main
+/// job's `out/plan.yaml`) through `PlanPrefill` on structured inputs of the plan's layer shape (the
+/// same inputs for every layer: a timing, not a model run); prints per-layer and total index and
+/// attention times, the dense time of one layer, and where the heads' indexes came from.
+fn plan_file_bench(o: &Opts) -> Result<()> {
+    let path = PathBuf::from(o.str("plan", ""));
+    let plan = match schemas::Plan::read(&path) {
+        Ok(plan) => plan,
+        Err(e) => {
+            // the plan's own error names the file and the field
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let n = o.num("n", 8192)?;
+    let reps = o.num("reps", 3)?.max(1);
+    let m = &plan.model;
+    let shape = AttnShape {
+        q_heads: m.query_heads as usize,
+        kv_heads: m.kv_heads as usize,
+        seq_len: n,
+        head_dim: m.head_dim as usize,
+    };
+    shape.check()?;
+    let sp = SparsePrefill::new(0)?;
+    let mut pp = runtime::exec::cuda::PlanPrefill::new(
+        &sp,
+        &plan,
+        &plan.model,
+        runtime::PrefillOptions::default(),
+    )?;
+    let (q, k, v) = structured(&shape, 7 + n as u64)?;
+    let (qd, kd, vd) = (
+        sp.upload_bf16(&q)?,
+        sp.upload_bf16(&k)?,
+        sp.upload_bf16(&v)?,
+    );
+    let mut out = sp.zeros::<u16>(q.len())?;
+    let (mut index_ms, mut attn_ms, mut entries) = (0.0f32, 0.0f32, 0usize);
+    let mut heads = [0usize; 5];
+    for layer in 0..m.layers as usize {
+        pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)?; // warm-up (and static caches)
+        let runs = (0..reps)
+            .map(|_| pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out))
+            .collect::<Result<Vec<_>>>()?;
+        let (ix, at) = (
+            bench::median(runs.iter().map(|r| r.index_ms).collect()),
+            bench::median(runs.iter().map(|r| r.attention_ms).collect()),
+        );
+        let r = &runs[0];
+        println!(
+            "layer {layer:>2}: index {ix:.3} ms, attention {at:.3} ms, entries {:?}, dense {:?}",
+            r.entries, r.dense
+        );
+        index_ms += ix;
+        attn_ms += at;
+        entries += r.entries.0 + r.entries.1;
+        for (slot, c) in heads.iter_mut().zip([
+            r.gpu_vertical_slash,
+            r.gpu_block_sparse,
+            r.gpu_token_select,
+            r.gpu_query_adaptive,
+            r.host_static,
+        ]) {
+            *slot += c;
+        }
+    }
+    let dense_ms = bench::median(
+        (0..reps)
+            .map(|_| sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)))
+            .collect::<Result<Vec<f32>>>()?,
+    );
+    println!(
+        "plan {} at n={n}: {} layers, index {index_ms:.3} ms + attention {attn_ms:.3} ms = {:.3} ms \
+         (index share {:.1}%); dense {:.3} ms ({dense_ms:.3} per layer); {entries} index entries; \
+         heads: GPU vertical-slash {}, block-sparse {}, token-select {}, query-adaptive {}, host \
+         static {}",
+        path.display(),
+        m.layers,
+        index_ms + attn_ms,
+        100.0 * index_ms / (index_ms + attn_ms).max(f32::MIN_POSITIVE),
+        dense_ms * m.layers as f32,
+        heads[0],
+        heads[1],
+        heads[2],
+        heads[3],
+        heads[4]
     );
     Ok(())
 }
