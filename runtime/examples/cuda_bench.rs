@@ -381,13 +381,7 @@ fn compare_blocks(
                 let e = h * flat.q_blocks + qb;
                 let got = &flat.blk_idx[flat.blk_off[e] as usize..flat.blk_off[e + 1] as usize];
                 let (order, est) = (r.order(qb), r.estimated_mass(qb));
-                let cc = match choices[h] {
-                    BlockChoice::TopK(k) => r.top_k_count(qb, k),
-                    BlockChoice::Coverage(c) => r.coverage_count(qb, c),
-                    BlockChoice::CoverageAtLeast(c, floor) => r
-                        .coverage_count(qb, c)
-                        .max(floor.min(order.len())),
-                };
+                let cc = r.count(qb, choices[h]);
                 let mut want = order[..cc].to_vec();
                 want.sort_unstable();
                 if want == got {
@@ -767,6 +761,44 @@ fn check(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// What `cuda_bench plan` times a plan with: the device, the plan runner, the benchmark's structured
+/// inputs of the layer shape (bf16 on the device) and an output buffer.
+struct PlanSetup {
+    sp: SparsePrefill,
+    pp: runtime::exec::cuda::PlanPrefill,
+    q: runtime::exec::cuda::DeviceBuffer<u16>,
+    k: runtime::exec::cuda::DeviceBuffer<u16>,
+    v: runtime::exec::cuda::DeviceBuffer<u16>,
+    out: runtime::exec::cuda::DeviceBuffer<u16>,
+}
+
+impl PlanSetup {
+    fn new(plan: &schemas::Plan, shape: &AttnShape) -> Result<Self> {
+        let sp = SparsePrefill::new(0)?;
+        let pp = runtime::exec::cuda::PlanPrefill::new(
+            &sp,
+            plan,
+            &plan.model,
+            runtime::PrefillOptions::default(),
+        )?;
+        let (q, k, v) = structured(shape, 7 + shape.seq_len as u64)?;
+        let (q, k, v) = (
+            sp.upload_bf16(&q)?,
+            sp.upload_bf16(&k)?,
+            sp.upload_bf16(&v)?,
+        );
+        let out = sp.zeros::<u16>(q.len())?;
+        Ok(Self {
+            sp,
+            pp,
+            q,
+            k,
+            v,
+            out,
+        })
+    }
+}
+
 /// `cuda_bench plan`: one layer of a mixed plan through `PlanPrefill` on the benchmark's structured
 /// inputs: heads cycle through vertical-slash (v, s), token-select (chunks of 64, keep 8, spread 1,
 /// sink 64, local `--local`), block-sparse (`top_k` = `--topk`) and A-shape (sink 64, local
@@ -847,20 +879,14 @@ fn plan_bench(args: &[String]) -> Result<()> {
             })
             .collect(),
     }];
-    let sp = SparsePrefill::new(0)?;
-    let mut pp = runtime::exec::cuda::PlanPrefill::new(
-        &sp,
-        &plan,
-        &plan.model,
-        runtime::PrefillOptions::default(),
-    )?;
-    let (q, k, vv) = structured(&shape, 7 + n as u64)?;
-    let (qd, kd, vd) = (
-        sp.upload_bf16(&q)?,
-        sp.upload_bf16(&k)?,
-        sp.upload_bf16(&vv)?,
-    );
-    let mut out = sp.zeros::<u16>(q.len())?;
+    let PlanSetup {
+        sp,
+        mut pp,
+        q: qd,
+        k: kd,
+        v: vd,
+        mut out,
+    } = PlanSetup::new(&plan, &shape)?;
     let mut runs = Vec::new();
     for _ in 0..reps + 2 {
         runs.push(pp.forward(&sp, 0, &shape, &qd, &kd, &vd, &mut out)?);
@@ -919,20 +945,14 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
         head_dim: m.head_dim as usize,
     };
     shape.check()?;
-    let sp = SparsePrefill::new(0)?;
-    let mut pp = runtime::exec::cuda::PlanPrefill::new(
-        &sp,
-        &plan,
-        &plan.model,
-        runtime::PrefillOptions::default(),
-    )?;
-    let (q, k, v) = structured(&shape, 7 + n as u64)?;
-    let (qd, kd, vd) = (
-        sp.upload_bf16(&q)?,
-        sp.upload_bf16(&k)?,
-        sp.upload_bf16(&v)?,
-    );
-    let mut out = sp.zeros::<u16>(q.len())?;
+    let PlanSetup {
+        sp,
+        mut pp,
+        q: qd,
+        k: kd,
+        v: vd,
+        mut out,
+    } = PlanSetup::new(&plan, &shape)?;
     let (mut index_ms, mut attn_ms, mut entries) = (0.0f32, 0.0f32, 0usize);
     let mut heads = [0usize; 5];
     for layer in 0..m.layers as usize {

@@ -177,6 +177,17 @@ impl BlockRanking {
         est.len()
     }
 
+    /// Blocks kept for `qb` by `choice`.
+    pub fn count(&self, qb: usize, choice: BlockChoice) -> usize {
+        match choice {
+            BlockChoice::TopK(k) => self.top_k_count(qb, k),
+            BlockChoice::Coverage(c) => self.coverage_count(qb, c),
+            BlockChoice::CoverageAtLeast(c, floor) => self
+                .coverage_count(qb, c)
+                .max(floor.min(self.order(qb).len())),
+        }
+    }
+
     /// The index keeping `count(qb)` leading blocks per query block.
     pub fn index_with(&self, ctx: &PatternContext, count: impl Fn(usize) -> usize) -> HeadIndex {
         let mut b = IndexBuilder::new(ctx);
@@ -189,23 +200,42 @@ impl BlockRanking {
     }
 }
 
+/// How many leading blocks of the ranking a head keeps per query block: a plan's `block_sparse`
+/// resolved at a length, or `query_adaptive`'s query-aware branch. The CUDA block-sparse builder takes
+/// the same choice per head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BlockChoice {
+    /// `top_k`: this many key blocks per query block in all (at least the forced ones).
+    TopK(usize),
+    /// `coverage`: the fewest leading blocks whose estimated mass reaches this, in `(0, 1]`.
+    Coverage(f64),
+    /// `coverage` with a floor: at least this many blocks in all (clamped to the causal ones), as
+    /// `query_adaptive`'s query-aware branch.
+    CoverageAtLeast(f64, usize),
+}
+
+impl BlockChoice {
+    /// The choice of a plan's `block_sparse` pattern at `ctx` (budgets resolved at its `seq_len`).
+    ///
+    /// Errors: [`Error::Pattern`] unless exactly one of `top_k` and `coverage` (in `(0, 1]`) is set.
+    pub fn from_pattern(p: &schemas::BlockSparse, ctx: &PatternContext) -> Result<Self> {
+        match (&p.top_k, p.coverage) {
+            (Some(k), None) => Ok(Self::TopK(ctx.resolve(k))),
+            (None, Some(c)) if c > 0.0 && c <= 1.0 => Ok(Self::Coverage(c)),
+            _ => Err(Error::Pattern {
+                kind: "block_sparse",
+                message: format!(
+                    "needs exactly one of top_k and coverage (in (0, 1]), got top_k {:?}, coverage {:?}",
+                    p.top_k, p.coverage
+                ),
+            }),
+        }
+    }
+}
+
 /// The block-sparse index of one head (exactly one of `top_k` and `coverage`).
 pub fn index(ctx: &PatternContext, qk: &HeadQk<'_>, p: &schemas::BlockSparse) -> Result<HeadIndex> {
+    let choice = BlockChoice::from_pattern(p, ctx)?;
     let ranking = BlockRanking::new(ctx, qk)?;
-    match (&p.top_k, p.coverage) {
-        (Some(k), None) => {
-            let k = ctx.resolve(k);
-            Ok(ranking.index_with(ctx, |qb| ranking.top_k_count(qb, k)))
-        }
-        (None, Some(c)) if c > 0.0 && c <= 1.0 => {
-            Ok(ranking.index_with(ctx, |qb| ranking.coverage_count(qb, c)))
-        }
-        _ => Err(Error::Pattern {
-            kind: "block_sparse",
-            message: format!(
-                "needs exactly one of top_k and coverage (in (0, 1]), got top_k {:?}, coverage {:?}",
-                p.top_k, p.coverage
-            ),
-        }),
-    }
+    Ok(ranking.index_with(ctx, |qb| ranking.count(qb, choice)))
 }

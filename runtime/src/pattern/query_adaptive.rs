@@ -11,7 +11,7 @@
 //!    Otherwise: vertical-slash with the fewest top columns whose vertical scores reach `gamma` of
 //!    their total, and likewise for diagonals; each at least `min_budget * block_k` tokens.
 
-use super::block_sparse::BlockRanking;
+use super::block_sparse::{BlockChoice, BlockRanking};
 use super::rank::dot;
 use super::vertical_slash::VsRanking;
 use super::{HeadIndex, HeadQk, PatternContext};
@@ -92,12 +92,8 @@ pub fn query_aware_index(
     blocks: &BlockRanking,
     p: &schemas::QueryAdaptive,
 ) -> HeadIndex {
-    let min_blocks = ctx.resolve(&p.min_budget);
-    blocks.index_with(ctx, |qb| {
-        blocks
-            .coverage_count(qb, p.gamma)
-            .max(min_blocks.min(blocks.order(qb).len()))
-    })
+    let choice = BlockChoice::CoverageAtLeast(p.gamma, ctx.resolve(&p.min_budget));
+    blocks.index_with(ctx, |qb| blocks.count(qb, choice))
 }
 
 /// The vertical-slash branch: the fewest top columns, and diagonals, whose scores reach `gamma` of

@@ -151,15 +151,48 @@ pub fn check(p: &schemas::TokenSelect) -> Result<()> {
     Ok(())
 }
 
+/// A plan's `token_select` resolved at a length: what [`index_from_scores`] keeps, and what the CUDA
+/// token-select builder takes per head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenChoice {
+    /// Chunk length (tokens, at least 1).
+    pub block: usize,
+    /// Tokens kept per chunk (the median with a spread), at most `block`.
+    pub keep: usize,
+    /// TCA's spread of per-chunk counts (0: `keep` in every chunk).
+    pub spread: f64,
+    /// Sink tokens and local window, as `a_shape`.
+    pub sink: usize,
+    pub local: usize,
+}
+
+impl TokenChoice {
+    /// The choice of `p` at `ctx`, which must be [`check`]ed.
+    pub fn resolve(p: &schemas::TokenSelect, ctx: &PatternContext) -> Self {
+        let block = (p.block as usize).max(1);
+        Self {
+            block,
+            keep: ctx.resolve(&p.keep).min(block),
+            spread: p.spread,
+            sink: ctx.resolve(&p.sink),
+            local: ctx.resolve(&p.local),
+        }
+    }
+
+    /// [`check`], then [`TokenChoice::resolve`].
+    pub fn from_pattern(p: &schemas::TokenSelect, ctx: &PatternContext) -> Result<Self> {
+        check(p)?;
+        Ok(Self::resolve(p, ctx))
+    }
+}
+
 /// The index from the vertical scores `col` (`[N]`, as [`estimate`] returns them); `p` checked.
 pub fn index_from_scores(ctx: &PatternContext, col: &[f64], p: &schemas::TokenSelect) -> HeadIndex {
-    let block = (p.block as usize).max(1);
-    let keep = ctx.resolve(&p.keep).min(block);
-    let (sink, local) = (ctx.resolve(&p.sink), ctx.resolve(&p.local));
-    let chosen = select(col, block, keep, p.spread);
+    let c = TokenChoice::resolve(p, ctx);
+    let chosen = select(col, c.block, c.keep, c.spread);
     let mut b = IndexBuilder::new(ctx);
     for qb in 0..ctx.q_blocks() {
-        let (s, l) = a_shape::key_blocks(ctx, qb, sink, local);
+        let (s, l) = a_shape::key_blocks(ctx, qb, c.sink, c.local);
         let last = ctx.q_rows(qb).end.saturating_sub(1);
         b.push(
             s.chain(l),

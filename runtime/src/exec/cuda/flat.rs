@@ -2,6 +2,8 @@
 //! read them (host side; compiled with and without the `cuda` feature).
 
 use crate::error::{Error, Result};
+pub use crate::pattern::block_sparse::BlockChoice;
+pub use crate::pattern::token_select::TokenChoice;
 use crate::pattern::HeadIndex;
 
 /// Query rows and key columns per kernel block: the CUDA kernels need `block_q == block_k == 64`.
@@ -185,75 +187,5 @@ mod tests {
         };
         let err = FlatIndex::from_heads(100, &[dense::index(&ctx)]);
         assert!(matches!(err, Err(Error::CudaUnsupported(_))));
-    }
-}
-
-/// What the GPU block-sparse builder keeps for one head: the selection of
-/// [`crate::pattern::block_sparse`] (forced blocks, then the rest by descending pooled estimate).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum BlockChoice {
-    /// `top_k`: this many key blocks per query block in all (at least the forced ones).
-    TopK(usize),
-    /// `coverage`: the fewest leading blocks whose estimated mass reaches this, in `(0, 1]`.
-    Coverage(f64),
-    /// `coverage` with a floor: at least this many blocks in all (clamped to the causal ones), as
-    /// `query_adaptive`'s query-aware branch (`query_adaptive::query_aware_index`).
-    CoverageAtLeast(f64, usize),
-}
-
-impl BlockChoice {
-    /// The choice of a plan's `block_sparse` pattern at `ctx` (budgets resolved at its `seq_len`).
-    ///
-    /// Errors: [`Error::Pattern`] unless exactly one of `top_k` and `coverage` (in `(0, 1]`) is set,
-    /// as on the CPU.
-    pub fn from_pattern(
-        p: &schemas::BlockSparse,
-        ctx: &crate::pattern::PatternContext,
-    ) -> Result<Self> {
-        match (&p.top_k, p.coverage) {
-            (Some(k), None) => Ok(Self::TopK(ctx.resolve(k))),
-            (None, Some(c)) if c > 0.0 && c <= 1.0 => Ok(Self::Coverage(c)),
-            _ => Err(Error::Pattern {
-                kind: "block_sparse",
-                message: format!(
-                    "needs exactly one of top_k and coverage (in (0, 1]), got top_k {:?}, coverage {:?}",
-                    p.top_k, p.coverage
-                ),
-            }),
-        }
-    }
-}
-
-/// What the GPU token-select builder keeps for one head: a plan's `token_select` resolved at a length
-/// (the selection of [`crate::pattern::token_select`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TokenChoice {
-    /// Chunk length (tokens, at least 1).
-    pub block: usize,
-    /// Tokens kept per chunk (the median with a spread), at most `block`.
-    pub keep: usize,
-    /// TCA's spread of per-chunk counts (0: `keep` in every chunk).
-    pub spread: f64,
-    /// Sink tokens and local window, as `a_shape`.
-    pub sink: usize,
-    pub local: usize,
-}
-
-impl TokenChoice {
-    /// The choice of a plan's `token_select` pattern at `ctx`. Errors as
-    /// [`crate::pattern::token_select::check`].
-    pub fn from_pattern(
-        p: &schemas::TokenSelect,
-        ctx: &crate::pattern::PatternContext,
-    ) -> Result<Self> {
-        crate::pattern::token_select::check(p)?;
-        let block = (p.block as usize).max(1);
-        Ok(Self {
-            block,
-            keep: ctx.resolve(&p.keep).min(block),
-            spread: p.spread,
-            sink: ctx.resolve(&p.sink),
-            local: ctx.resolve(&p.local),
-        })
     }
 }

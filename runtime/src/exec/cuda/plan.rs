@@ -143,7 +143,7 @@ impl PlanPrefill {
         out: &mut DeviceBuffer<u16>,
     ) -> Result<LayerStats> {
         self.checked.check_shape(layer, shape)?;
-        let plan = self.checked.plan().clone();
+        let plan = self.checked.plan();
         let n = shape.seq_len;
         let dense = if self.checked.fallback_reason().is_some() {
             Some(DenseReason::PlanMismatch)
@@ -417,20 +417,20 @@ fn merge(
     let mut cnt_blk = drv("alloc", s.alloc_zeros::<u32>(m.max(1)))?;
     let mut cnt_col = drv("alloc", s.alloc_zeros::<u32>(m.max(1)))?;
     let (hq, qbs) = (shape.q_heads as i32, q_blocks as i32);
-    let mut b = s.launch_builder(count);
-    for ix in &srcs {
-        b.arg(&ix.blk_off)
-            .arg(&ix.blk_idx)
-            .arg(&ix.col_off)
-            .arg(&ix.col_idx);
-    }
-    b.arg(&ids)
-        .arg(src_over)
-        .arg(&heads_d)
-        .arg(&hq)
-        .arg(&qbs)
-        .arg(&mut cnt_blk)
-        .arg(&mut cnt_col);
+    // the arguments both merge kernels start with (`IX_SRC_ARGS`, then the per-head sources)
+    let launch = |copying: bool| {
+        let mut b = s.launch_builder(if copying { copy } else { count });
+        for ix in &srcs {
+            b.arg(&ix.blk_off)
+                .arg(&ix.blk_idx)
+                .arg(&ix.col_off)
+                .arg(&ix.col_idx);
+        }
+        b.arg(&ids).arg(src_over).arg(&heads_d).arg(&hq).arg(&qbs);
+        b
+    };
+    let mut b = launch(false);
+    b.arg(&mut cnt_blk).arg(&mut cnt_col);
     let cfg = LaunchConfig {
         grid_dim: (grid_u32(m.div_ceil(256))?, 1, 1),
         block_dim: (256, 1, 1),
@@ -440,19 +440,8 @@ fn merge(
     // index of this length (offsets of q_heads * q_blocks + 1 entries); the counts hold m entries.
     drv("ix_merge_count launch", unsafe { b.launch(cfg) })?;
     let mut ix = index_from_counts(sp, scan, shape.q_heads, n, &cnt_blk, &cnt_col, out)?;
-    let mut b = s.launch_builder(copy);
-    for ix in &srcs {
-        b.arg(&ix.blk_off)
-            .arg(&ix.blk_idx)
-            .arg(&ix.col_off)
-            .arg(&ix.col_idx);
-    }
-    b.arg(&ids)
-        .arg(src_over)
-        .arg(&heads_d)
-        .arg(&hq)
-        .arg(&qbs)
-        .arg(&ix.blk_off)
+    let mut b = launch(true);
+    b.arg(&ix.blk_off)
         .arg(&ix.col_off)
         .arg(&mut ix.blk_idx)
         .arg(&mut ix.col_idx);
