@@ -210,12 +210,18 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
                 hm[i] = 0.0;
             }
             __syncwarp();
-            for (int kb = 1 + lane; kb < qb; kb += 32) {
-                const u64 key = (u64)__double_as_longlong(e[kb]);
-                if ((key & pmask) == prefix) {
-                    const int dg = (int)((key >> shift) & 255);
-                    atomicAdd(&hc[dg], 1u);
-                    if (by_cover) atomicAdd(&hm[dg], e[kb]);
+            for (int base = 1; base < qb; base += 128) {  // four estimates per lane in flight
+                double x[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int kb = base + 32 * u + lane;
+                    x[u] = kb < qb ? e[kb] : 0.0;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const u64 key = (u64)__double_as_longlong(x[u]);
+                    const bool on = base + 32 * u + lane < qb && (key & pmask) == prefix;
+                    hist_inc_mass(hc, hm, (u32)((key >> shift) & 255), x[u], on, by_cover);
                 }
             }
             __syncwarp();

@@ -111,3 +111,64 @@ __device__ __forceinline__ u32 block_scan_1024(u32 x, u32* total) {
     __syncthreads();
     return ws[warp] + inc - x;
 }
+
+// This warp's part [a, b) of n items when a 1024-thread block splits them into 32 contiguous runs of a
+// multiple of 32 items: a warp then walks its run 32 items at a time (coalesced) in the items' order.
+__device__ __forceinline__ void warp_run_1024(int n, int& a, int& b) {
+    const int run = ((n + 1023) / 1024) * 32;
+    a = min(n, (int)(threadIdx.x >> 5) * run);
+    b = min(n, a + run);
+}
+
+// The sum of v over the warps before this one in a 1024-thread block (v the same in every lane of a
+// warp); *total gets the sum over all warps. Every thread of the block must call it.
+__device__ __forceinline__ u32 warps_before_1024(u32 v, u32* total) {
+    return block_scan_1024((threadIdx.x & 31) == 31 ? v : 0u, total);
+}
+
+// hist[bin] += 1 for every lane with `on`, one shared atomic per distinct bin of the warp (scores fall in
+// few bins, where per-lane atomics serialize). Every lane of the warp must call it.
+__device__ __forceinline__ void hist_inc(u32* hist, u32 bin, bool on) {
+    const u32 act = __ballot_sync(0xffffffffu, on);
+    if (on) {
+        const u32 peers = __match_any_sync(act, bin);
+        if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[bin], (u32)__popc(peers));
+    }
+}
+
+// dst[0..count) = src[0..count) by one warp, four loads in flight per lane.
+__device__ __forceinline__ void warp_copy(u32* __restrict__ dst, const u32* __restrict__ src, u32 count) {
+    u32 i = threadIdx.x & 31;
+    for (; i + 96 < count; i += 128) {
+        const u32 x0 = src[i], x1 = src[i + 32], x2 = src[i + 64], x3 = src[i + 96];
+        dst[i] = x0;
+        dst[i + 32] = x1;
+        dst[i + 64] = x2;
+        dst[i + 96] = x3;
+    }
+    for (; i < count; i += 32) dst[i] = src[i];
+}
+
+// hc[bin] += 1 and, with `mass`, hm[bin] += x for every lane with `on`. When all such lanes of the warp
+// share one bin (the first radix passes, where scores share their exponent) a warp reduction and one
+// atomic pair replace 32 serialized ones; otherwise each lane adds its own. Every lane must call it.
+__device__ __forceinline__ void hist_inc_mass(u32* hc, double* hm, u32 bin, double x, bool on, bool mass) {
+    const u32 act = __ballot_sync(0xffffffffu, on);
+    if (act == 0) return;
+    const int first = __ffs(act) - 1;
+    const u32 b0 = __shfl_sync(0xffffffffu, bin, first);
+    if (__all_sync(0xffffffffu, !on || bin == b0)) {
+        double sum = on ? x : 0.0;
+        if (mass) {
+#pragma unroll
+            for (int sh = 16; sh >= 1; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
+        }
+        if ((int)(threadIdx.x & 31) == first) {
+            atomicAdd(&hc[b0], (u32)__popc(act));
+            if (mass) atomicAdd(&hm[b0], sum);
+        }
+    } else if (on) {
+        atomicAdd(&hc[bin], 1u);
+        if (mass) atomicAdd(&hm[bin], x);
+    }
+}

@@ -56,13 +56,34 @@ __device__ __forceinline__ float qa_inv_pow2(int len) {
     return (len & (len - 1)) == 0 ? 1.f / (float)len : 0.f;
 }
 
+// The mean of column c over rows [r0, r1) as the CPU's `a += x / len` in row order (f32); `inv_pow2`
+// from qa_inv_pow2(r1 - r0).
+template <int D>
+__device__ __forceinline__ float qa_mean_col(const bf16_t* __restrict__ base, int r0, int r1, int c, float inv_pow2) {
+    const int len = r1 - r0;
+    float a = 0.f;
+    for (int r = r0; r < r1; r += 8) {
+        float x[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) x[u] = r + u < r1 ? bf16_to_f32(base[(u64)(r + u) * D + c]) : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (r + u < r1) a = __fadd_rn(a, qa_div_len(x[u], len, inv_pow2));
+    }
+    return a;
+}
+
 // The pooled scores: grid (ceil(k_blocks / 8), q_heads), QA_THREADS threads, one warp per key block:
 // est[h][kb] = (double)(qbar . kbar) * scale with qbar the mean of the last L query rows and kbar the
-// key block's mean (f32, `a += x / len` in row order, the CPU's 8-lane dot). Heads with mode 0 exit.
+// key block's mean (f32, `a += x / len` in row order, the CPU's 8-lane dot); and bmass[h][kb], the
+// block's vertical scores (`col`, the vertical-slash estimate's) summed in f64, the true distribution
+// of qa_div. Heads with mode 0 exit. Rows are read 8 at a time, so that the in-order sums wait on one
+// load latency per 8 rows rather than per row.
 template <int D>
 __device__ __forceinline__ void qa_pool(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n, int group,
                                         int last_q, double scale, const u32* __restrict__ mode,
-                                        double* __restrict__ est) {
+                                        const float* __restrict__ col, double* __restrict__ est,
+                                        double* __restrict__ bmass) {
     __shared__ float qbar[D];
     __shared__ float prod[QA_THREADS / 32][D];
     const int h = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -72,20 +93,20 @@ __device__ __forceinline__ void qa_pool(const bf16_t* __restrict__ q, const bf16
     const float inv_lq = qa_inv_pow2(lq);
     const bf16_t* qh = q + (u64)h * n * D;
     const bf16_t* kh = k + (u64)(h / group) * n * D;
-    for (int c = tid; c < D; c += QA_THREADS) {
-        float a = 0.f;
-        for (int i = l0; i < n; ++i) a = __fadd_rn(a, qa_div_len(bf16_to_f32(qh[(u64)i * D + c]), lq, inv_lq));
-        qbar[c] = a;
-    }
+    for (int c = tid; c < D; c += QA_THREADS) qbar[c] = qa_mean_col<D>(qh, l0, n, c, inv_lq);
     __syncthreads();
     const int kb = blockIdx.x * (QA_THREADS / 32) + warp;
     if (kb >= kb_n) return;
     const int j0 = kb * 64, j1 = min(n, j0 + 64), len = j1 - j0;
     const float inv_len = qa_inv_pow2(len);
-    for (int c = lane; c < D; c += 32) {
-        float a = 0.f;
-        for (int j = j0; j < j1; ++j) a = __fadd_rn(a, qa_div_len(bf16_to_f32(kh[(u64)j * D + c]), len, inv_len));
-        prod[warp][c] = __fmul_rn(qbar[c], a);
+    for (int c = lane; c < D; c += 32) prod[warp][c] = __fmul_rn(qbar[c], qa_mean_col<D>(kh, j0, j1, c, inv_len));
+    {
+        const float* ch = col + (u64)h * n;
+        const int j = j0 + lane;
+        double a = (j < n ? (double)ch[j] : 0.0) + (j + 32 < n ? (double)ch[j + 32] : 0.0);
+#pragma unroll
+        for (int sh = 16; sh >= 1; sh >>= 1) a += __shfl_xor_sync(0xffffffff, a, sh);
+        if (lane == 0) bmass[(u64)h * kb_n + kb] = a;
     }
     __syncwarp();
     float lanes = 0.f;
@@ -100,20 +121,22 @@ __device__ __forceinline__ void qa_pool(const bf16_t* __restrict__ q, const bf16
 
 extern "C" __global__ void __launch_bounds__(QA_THREADS)
     qa_pool_d64(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n, int group, int last_q,
-                double scale, const u32* __restrict__ mode, double* __restrict__ est) {
-    qa_pool<64>(q, k, n, group, last_q, scale, mode, est);
+                double scale, const u32* __restrict__ mode, const float* __restrict__ col,
+                double* __restrict__ est, double* __restrict__ bmass) {
+    qa_pool<64>(q, k, n, group, last_q, scale, mode, col, est, bmass);
 }
 
 extern "C" __global__ void __launch_bounds__(QA_THREADS)
     qa_pool_d128(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n, int group, int last_q,
-                 double scale, const u32* __restrict__ mode, double* __restrict__ est) {
-    qa_pool<128>(q, k, n, group, last_q, scale, mode, est);
+                 double scale, const u32* __restrict__ mode, const float* __restrict__ col,
+                 double* __restrict__ est, double* __restrict__ bmass) {
+    qa_pool<128>(q, k, n, group, last_q, scale, mode, col, est, bmass);
 }
 
 // The divergence and the branch: grid q_heads, QA_THREADS threads. est[h][kb] (qa_pool's scores) is
-// turned into its softmax in place; the true distribution is the vertical scores summed per key block.
+// turned into its softmax in place; the true distribution is qa_pool's block masses `bmass`.
 extern "C" __global__ void __launch_bounds__(QA_THREADS)
-    qa_div(double* __restrict__ est, const float* __restrict__ col, int n, const u32* __restrict__ mode,
+    qa_div(double* __restrict__ est, const double* __restrict__ bmass, int n, const u32* __restrict__ mode,
            const double* __restrict__ tau, u32 src_query_aware, u32 src_vertical_slash, u32* __restrict__ src) {
     __shared__ double red[QA_THREADS / 32];
     const int h = blockIdx.x, tid = threadIdx.x;
@@ -133,19 +156,13 @@ extern "C" __global__ void __launch_bounds__(QA_THREADS)
         z += x;
     }
     z = qa_block_sum(z, red);
-    const float* ch = col + (u64)h * n;
+    const double* bm = bmass + (u64)h * kb_n;
     double t = 0.0;
-    for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
-        double a = 0.0;
-        for (int j = kb * 64; j < min(n, kb * 64 + 64); ++j) a += (double)ch[j];
-        t += a;
-    }
+    for (int kb = tid; kb < kb_n; kb += QA_THREADS) t += bm[kb];
     t = qa_block_sum(t, red);
     double d = 0.0;
     for (int kb = tid; kb < kb_n; kb += QA_THREADS) {
-        double a = 0.0;
-        for (int j = kb * 64; j < min(n, kb * 64 + 64); ++j) a += (double)ch[j];
-        const double p = e[kb] / z, r = a / t, mid = 0.5 * (p + r);
+        const double p = e[kb] / z, r = bm[kb] / t, mid = 0.5 * (p + r);
         if (p > 0.0) d += 0.5 * (p * log(p / mid));
         if (r > 0.0) d += 0.5 * (r * log(r / mid));
     }
@@ -218,12 +235,18 @@ extern "C" __global__ void __launch_bounds__(1024)
                     wm[i] = 0.0;
                 }
                 __syncwarp();
-                for (int j = forced + tid; j < n; j += 1024) {
-                    const u32 key = __float_as_uint(sc[j]);
-                    if ((key & pmask) == prefix) {
-                        const int dg = (key >> shift) & 255;
-                        atomicAdd(&wc[dg], 1u);
-                        atomicAdd(&wm[dg], (double)sc[j]);
+                for (int base = forced; base < n; base += 4096) {  // four scores per thread in flight
+                    float x[4];
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const int j = base + 1024 * u + tid;
+                        x[u] = j < n ? sc[j] : 0.f;
+                    }
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const u32 key = __float_as_uint(x[u]);
+                        const bool on = base + 1024 * u + tid < n && (key & pmask) == prefix;
+                        hist_inc_mass(wc, wm, (key >> shift) & 255, (double)x[u], on, true);
                     }
                 }
                 __syncthreads();

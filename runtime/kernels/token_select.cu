@@ -76,14 +76,25 @@ extern "C" __global__ void __launch_bounds__(1024)
     const u32* f = sel + (u64)h * n;
     u32* cu = cum + (u64)h * (n + 1);
     u32* li = list + (u64)h * n;
-    const int per = (n + 1023) / 1024;
-    const int a = min(n, (int)threadIdx.x * per), b = min(n, a + per);
+    // two coalesced passes over the warps' runs: counts, then prefix counts and the list
+    const int lane = threadIdx.x & 31;
+    const u32 lt = (1u << lane) - 1;
+    int a, b;
+    warp_run_1024(n, a, b);
     u32 cnt = 0;
-    for (int j = a; j < b; ++j) cnt += f[j];
-    u32 run = block_scan_1024(cnt, &s_total);
-    for (int j = a; j < b; ++j) {
-        cu[j] = run;
-        if (f[j]) li[run++] = (u32)j;
+    for (int base = a; base < b; base += 32) {
+        const int j = base + lane;
+        cnt += __popc(__ballot_sync(0xffffffffu, j < b && f[j] != 0));
+    }
+    u32 run = warps_before_1024(cnt, &s_total);
+    for (int base = a; base < b; base += 32) {
+        const int j = base + lane;
+        const bool on = j < b && f[j] != 0;
+        const u32 bal = __ballot_sync(0xffffffffu, on);
+        const u32 before = run + __popc(bal & lt);
+        if (j < b) cu[j] = before;
+        if (on) li[before] = (u32)j;
+        run += __popc(bal);
     }
     if (threadIdx.x == 0) cu[n] = s_total;
 }
@@ -147,6 +158,5 @@ extern "C" __global__ void ts_fill(const u32* __restrict__ cum, const u32* __res
     const u32* cu = cum + (u64)h * (n + 1);
     const u32 a = cu[s * 64], b = cu[l0 * 64];
     const u32* li = list + (u64)h * n;
-    u32* co = col_idx + col_off[e];
-    for (u32 i = a + lane; i < b; i += 32) co[i - a] = li[i];
+    warp_copy(col_idx + col_off[e], li + a, b - a);
 }

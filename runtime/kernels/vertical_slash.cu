@@ -2,7 +2,8 @@
 // `runtime::pattern::vertical_slash` (see its module docs); stages, in launch order:
 //
 // 1. vs_est<0>: scores of the last L queries against all keys (mma.sync), per (head, row tile of 64
-//    of the last L rows, chunk of EST_CHUNK keys): running max and sum of exp2 per row -> `part`.
+//    of the last L rows, chunk of est_tiles * 64 keys, est_tiles <= 8 chosen by the host so that small
+//    layers still fill the GPU): running max and sum of exp2 per row -> `part`.
 // 2. vs_est_reduce: per (head, row): combines the partials into (max, 1 / sum) -> `ml`.
 // 3. vs_est<1>: recomputes the scores, writes p = softmax into a shared 64x64 tile, sums it per key
 //    column (`col`) and per diagonal offset i - j (`diag`), then global f32 atomics (both zeroed before).
@@ -21,12 +22,10 @@
 // Scores: q . k in f32 from bf16 products (exact) with tensor-core accumulation order; softmax in f32.
 // The CPU reference uses f32 dots and f64 softmax, so selections can differ only at near-ties.
 
-#define EST_TILES 8  // key tiles of 64 per CTA in vs_est
-#define EST_CHUNK (EST_TILES * 64)
 
 template <int D, int PASS>
 __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n,
-                                       int q_heads, int group, int last_q, float scale_log2,
+                                       int q_heads, int group, int last_q, int est_tiles, float scale_log2,
                                        float2* __restrict__ part, const float2* __restrict__ ml,
                                        float* __restrict__ col, float* __restrict__ diag) {
     constexpr int CPR = D / 8, ROWS_PER_PASS = 128 / CPR, PASSES = 64 / ROWS_PER_PASS;
@@ -37,16 +36,16 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
     float* pt = (float*)(smem + 3 * TILE_BYTES);          // [64][PLD] probabilities (PASS 1)
 
     const int h = blockIdx.x % q_heads, chunk = blockIdx.x / q_heads, rt = blockIdx.y;
-    const int nchunks = (n + EST_CHUNK - 1) / EST_CHUNK;
+    const int chunk_keys = est_tiles * 64, nchunks = (n + chunk_keys - 1) / chunk_keys;
     const int rows_pad = gridDim.y * 64;
     const int i0 = n - last_q + rt * 64;  // first row of this row tile (absolute)
     const int i_last = min(i0 + 63, n - 1);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const bf16_t* qh = q + (u64)h * n * D;
     const bf16_t* kh = k + (u64)(h / group) * n * D;
-    const int j_first = chunk * EST_CHUNK;
+    const int j_first = chunk * chunk_keys;
     // key tiles of this chunk with a causal cell for some row of the tile
-    const int ntiles = max(0, min(EST_TILES, (min(i_last + 1, n) - j_first + 63) / 64));
+    const int ntiles = max(0, min(est_tiles, (min(i_last + 1, n) - j_first + 63) / 64));
 
     auto load_k = [&](int tt) {
         const int c = tid % CPR, j0 = j_first + tt * 64;
@@ -185,20 +184,20 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
 
 #define EST_ARGS                                                                                    \
     const bf16_t *__restrict__ q, const bf16_t *__restrict__ k, int n, int q_heads, int group,     \
-        int last_q, float scale_log2, float2 *__restrict__ part, const float2 *__restrict__ ml,    \
+        int last_q, int est_tiles, float scale_log2, float2 *__restrict__ part, const float2 *__restrict__ ml,    \
         float *__restrict__ col, float *__restrict__ diag
 
 extern "C" __global__ void __launch_bounds__(128) vs_est_max_d128(EST_ARGS) {
-    vs_est<128, 0>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+    vs_est<128, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d128(EST_ARGS) {
-    vs_est<128, 1>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+    vs_est<128, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_max_d64(EST_ARGS) {
-    vs_est<64, 0>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+    vs_est<64, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d64(EST_ARGS) {
-    vs_est<64, 1>(q, k, n, q_heads, group, last_q, scale_log2, part, ml, col, diag);
+    vs_est<64, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
 }
 
 // One warp per (head, padded row): combines the per-chunk (max, sum) into (max, 1 / sum).
@@ -254,14 +253,21 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Radix select, 8 bits at a time from the top: `prefix` ends as the k-th largest key, `rem` the
     // number of items equal to it that are selected (the lowest-indexed ones).
     u32 prefix = 0, pmask = 0, rem = kk;
-    const bool all = kk >= (u32)n, none = kk == 0;
-    if (!all && !none) {
+    const bool all = kk >= (u32)n, none = kk == 0, ranked = !all && !none;
+    if (ranked) {
         for (int shift = 24; shift >= 0; shift -= 8) {
             if (tid < 256) hist[tid] = 0;
             __syncthreads();
-            for (int i = tid; i < n; i += 1024) {
-                const u32 key = rank_key(s, i, forced);
-                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+            for (int base = 0; base < n; base += 4096) {  // four keys per thread in flight
+                u32 key[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int i = base + 1024 * u + tid;
+                    key[u] = i < n ? rank_key(s, i, forced) : 0u;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    hist_inc(hist, (key[u] >> shift) & 255, base + 1024 * u + tid < n && (key[u] & pmask) == prefix);
             }
             __syncthreads();
             if (tid == 0) {
@@ -281,38 +287,54 @@ extern "C" __global__ void __launch_bounds__(1024)
             __syncthreads();
         }
     }
-    const int per = (n + 1023) / 1024;
-    const int a = min(n, tid * per), b = min(n, a + per);
-    u32 eq = 0;
-    if (!all && !none)
-        for (int i = a; i < b; ++i) eq += rank_key(s, i, forced) == prefix;
-    const u32 eq_before = block_scan_1024(eq, &s_total);
-    u32 cnt = 0, e_run = eq_before;
-    for (int i = a; i < b; ++i) {
-        bool sel = all;
-        if (!all && !none) {
-            const u32 key = rank_key(s, i, forced);
-            sel = key > prefix || (key == prefix && e_run < rem);
-            e_run += key == prefix;
+    // Two coalesced passes over the warps' runs: the counts above and at the k-th key, then the writes.
+    const int lane = tid & 31;
+    const u32 lt = (1u << lane) - 1;
+    int a, b;
+    warp_run_1024(n, a, b);
+    u32 gt = 0, eq = 0;
+    if (ranked)
+        for (int base = a; base < b; base += 128) {
+            u32 key[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = base + 32 * u + lane;
+                key[u] = i < b ? rank_key(s, i, forced) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const bool in = base + 32 * u + lane < b;
+                gt += __popc(__ballot_sync(0xffffffffu, in && key[u] > prefix));
+                eq += __popc(__ballot_sync(0xffffffffu, in && key[u] == prefix));
+            }
         }
-        cnt += sel;
-    }
-    const u32 sel_before = block_scan_1024(cnt, &s_total);
-    u32 run = sel_before;
-    e_run = eq_before;
+    const u32 eq_before = warps_before_1024(eq, &s_total);
+    const u32 eq_taken = min(eq, rem > eq_before ? rem - eq_before : 0u);
+    const u32 mine = all ? (u32)(b - a) : (ranked ? gt + eq_taken : 0u);
+    u32 run = warps_before_1024(mine, &s_total), e_run = eq_before;
     if (tid == 0) cum[0] = 0;
-    for (int i = a; i < b; ++i) {
-        bool sel = all;
-        if (!all && !none) {
-            const u32 key = rank_key(s, i, forced);
-            sel = key > prefix || (key == prefix && e_run < rem);
-            e_run += key == prefix;
+    for (int base0 = a; base0 < b; base0 += 128) {
+        u32 keys[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base0 + 32 * u + lane;
+            keys[u] = ranked && i < b ? rank_key(s, i, forced) : 0u;
         }
-        if (sel) {
-            if (cols) col_list[(u64)h * n + run] = (u32)i;
-            ++run;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base0 + 32 * u + lane;
+            const bool in = i < b;
+            const u32 key = keys[u];
+            const bool at = ranked && in && key == prefix;
+            const u32 eb = __ballot_sync(0xffffffffu, at);
+            const bool sel = in && (all || (ranked && (key > prefix || (at && e_run + __popc(eb & lt) < rem))));
+            const u32 sb = __ballot_sync(0xffffffffu, sel);
+            const u32 before = run + __popc(sb & lt);
+            if (sel && cols) col_list[(u64)h * n + before] = (u32)i;
+            if (in) cum[i + 1] = before + sel;
+            run += __popc(sb);
+            e_run += __popc(eb);
         }
-        cum[i + 1] = run;
     }
 }
 
@@ -391,22 +413,38 @@ extern "C" __global__ void vs_count(const u32* __restrict__ col_cum, const u32* 
     }
 }
 
-// grid 2 (block counts, column counts), 1024 threads: off[0..=m] = exclusive scan of cnt[0..m].
+// grid 2 (block counts, column counts), 1024 threads: off[0..=m] = exclusive scan of cnt[0..m]; the two
+// totals also go to totals[0..2] (one read back for both).
 extern "C" __global__ void __launch_bounds__(1024) vs_scan(const u32* __restrict__ cnt_blk, const u32* __restrict__ cnt_col,
-                                                           int m, u32* __restrict__ blk_off, u32* __restrict__ col_off) {
+                                                           int m, u32* __restrict__ blk_off, u32* __restrict__ col_off,
+                                                           u32* __restrict__ totals) {
     __shared__ u32 s_total;
     const u32* cnt = blockIdx.x == 0 ? cnt_blk : cnt_col;
     u32* off = blockIdx.x == 0 ? blk_off : col_off;
-    const int per = (m + 1023) / 1024;
-    const int a = min(m, (int)threadIdx.x * per), b = min(m, a + per);
+    const int lane = threadIdx.x & 31;
+    int a, b;
+    warp_run_1024(m, a, b);
     u32 sum = 0;
-    for (int i = a; i < b; ++i) sum += cnt[i];
-    u32 run = block_scan_1024(sum, &s_total);
-    for (int i = a; i < b; ++i) {
-        off[i] = run;
-        run += cnt[i];
+    for (int i = a + lane; i < b; i += 32) sum += cnt[i];
+#pragma unroll
+    for (int sh = 16; sh >= 1; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
+    u32 run = warps_before_1024(sum, &s_total);
+    for (int base = a; base < b; base += 32) {
+        const int i = base + lane;
+        const u32 c = i < b ? cnt[i] : 0u;
+        u32 inc = c;
+#pragma unroll
+        for (int sh = 1; sh < 32; sh <<= 1) {
+            const u32 y = __shfl_up_sync(0xffffffffu, inc, sh);
+            if (lane >= sh) inc += y;
+        }
+        if (i < b) off[i] = run + inc - c;
+        run += __shfl_sync(0xffffffffu, inc, 31);
     }
-    if (threadIdx.x == 0) off[m] = s_total;
+    if (threadIdx.x == 0) {
+        off[m] = s_total;
+        totals[blockIdx.x] = s_total;
+    }
 }
 
 // One warp per (head, query block): writes the sorted key blocks and gathered columns.
@@ -449,19 +487,26 @@ extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* _
         if (sel) blk_idx[w + __popc(bal & lt)] = (u32)kb;
         w += __popc(bal);
     }
+    // candidates 128 at a time, four per lane, so that their loads are in flight together
     const int ncand = (int)ccum[last + 1];
     w = col_off[e];
-    for (int base = 0; base < ncand; base += 32) {
-        const int x = base + lane;
-        bool keep = false;
-        u32 j = 0;
-        if (x < ncand) {
-            j = list[x];
-            keep = !tile_selected(dcum, n, qb, (int)(j / 64));
+    for (int base = 0; base < ncand; base += 128) {
+        u32 j[4];
+        bool keep[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int x = base + 32 * u + lane;
+            j[u] = x < ncand ? list[x] : 0u;
         }
-        const u32 bal = __ballot_sync(0xffffffff, keep);
-        if (keep) col_idx[w + __popc(bal & lt)] = j;
-        w += __popc(bal);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            keep[u] = base + 32 * u + lane < ncand && !tile_selected(dcum, n, qb, (int)(j[u] / 64));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const u32 bal = __ballot_sync(0xffffffff, keep[u]);
+            if (keep[u]) col_idx[w + __popc(bal & lt)] = j[u];
+            w += __popc(bal);
+        }
     }
 }
 
@@ -518,8 +563,6 @@ extern "C" __global__ void ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ sr
     const int h = e / q_blocks, qb = e % q_blocks;
     const IxSrc s = ix_pick(ix_source(src_id, src_over, src_head, h), IX_SRCS);
     const u32 f = src_head[h] * (u32)q_blocks + (u32)qb;
-    for (u32 i = s.blk_off[f] + lane, o = blk_off[e] + lane; i < s.blk_off[f + 1]; i += 32, o += 32)
-        blk_idx[o] = s.blk_idx[i];
-    for (u32 i = s.col_off[f] + lane, o = col_off[e] + lane; i < s.col_off[f + 1]; i += 32, o += 32)
-        col_idx[o] = s.col_idx[i];
+    warp_copy(blk_idx + blk_off[e], s.blk_idx + s.blk_off[f], s.blk_off[f + 1] - s.blk_off[f]);
+    warp_copy(col_idx + col_off[e], s.col_idx + s.col_off[f], s.col_off[f + 1] - s.col_off[f]);
 }

@@ -99,6 +99,8 @@ pub struct DeviceIndex {
     /// Heads 2p and 2p+1 have identical lists ([`FlatIndex::pairs_share`]): with GQA groups of even
     /// size the head_dim-128 kernel then pairs them in one CTA, sharing every K/V tile.
     pub(crate) pairs_share: bool,
+    /// The two list totals as `vs_scan` writes them (indexes built on the device), read back at once.
+    pub(crate) totals: Option<CudaSlice<u32>>,
 }
 
 impl DeviceIndex {
@@ -312,6 +314,7 @@ impl SparsePrefill {
             n_blk: f.blk_idx.len(),
             n_col: f.col_idx.len(),
             pairs_share: f.pairs_share(),
+            totals: None,
         })
     }
 
@@ -475,7 +478,7 @@ impl SparsePrefill {
 
 /// The index a builder fills next: `out` when it was made for `q_heads` × `seq_len` (its buffers are
 /// reused), else a new one; its offsets are the exclusive scans (`vs_scan`) of the per-(head, query
-/// block) list sizes `cnt_blk` and `cnt_col`, the two totals are read back (8 bytes) and the lists sized
+/// block) list sizes `cnt_blk` and `cnt_col`, the two totals are read back (8 bytes, one copy) and the lists sized
 /// for them. The caller writes the lists. `pairs_share` is false (per-head selections).
 pub(crate) fn index_from_counts(
     sp: &SparsePrefill,
@@ -502,30 +505,36 @@ pub(crate) fn index_from_counts(
             n_blk: 0,
             n_col: 0,
             pairs_share: false,
+            totals: None,
         },
     };
     ix.pairs_share = false;
+    let mut totals = match ix.totals.take() {
+        Some(t) => t,
+        None => drv("alloc", s.alloc_zeros::<u32>(2))?,
+    };
     let m_i = i32::try_from(m).map_err(|_| Error::Shape(format!("{m} index entries")))?;
     let mut b = s.launch_builder(scan);
     b.arg(cnt_blk)
         .arg(cnt_col)
         .arg(&m_i)
         .arg(&mut ix.blk_off)
-        .arg(&mut ix.col_off);
+        .arg(&mut ix.col_off)
+        .arg(&mut totals);
     let one = LaunchConfig {
         grid_dim: (2, 1, 1),
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `vs_scan`; the counts hold m entries (callers size them q_heads * q_blocks),
-    // the offsets m + 1.
+    // the offsets m + 1, the totals 2.
     drv("vs_scan launch", unsafe { b.launch(one) })?;
-    let nb = drv("read total", s.clone_dtoh(&ix.blk_off.slice(m..m + 1)))?;
-    let nc = drv("read total", s.clone_dtoh(&ix.col_off.slice(m..m + 1)))?;
-    let (nb, nc) = (
-        nb.first().copied().unwrap_or(0) as usize,
-        nc.first().copied().unwrap_or(0) as usize,
-    );
+    let t = drv("read totals", s.clone_dtoh(&totals))?;
+    ix.totals = Some(totals);
+    let (nb, nc) = match t[..] {
+        [nb, nc] => (nb as usize, nc as usize),
+        _ => return Err(Error::Cuda(format!("{} list totals read back", t.len()))),
+    };
     if ix.blk_idx.len() < nb.max(1) {
         ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
     }

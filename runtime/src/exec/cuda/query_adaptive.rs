@@ -29,6 +29,8 @@ pub(crate) struct QueryAdaptive {
     budgets: CudaFunction,
     /// Pooled scores, then the estimate, `[q_heads][k_blocks]`.
     est: CudaSlice<f64>,
+    /// The vertical scores summed per key block, `[q_heads][k_blocks]` (the true distribution).
+    bmass: CudaSlice<f64>,
     mode: CudaSlice<u32>,
     tau: CudaSlice<f64>,
     gamma: CudaSlice<f64>,
@@ -52,6 +54,7 @@ impl QueryAdaptive {
             div: dev.function(KernelFile::QueryAdaptive, "qa_div", 0)?,
             budgets: dev.function(KernelFile::QueryAdaptive, "qa_budgets", BUDGET_SMEM)?,
             est: zf(h * k_blocks)?,
+            bmass: zf(h * k_blocks)?,
             mode: z32(h)?,
             tau: zf(h)?,
             gamma: zf(h)?,
@@ -122,7 +125,9 @@ impl QueryAdaptive {
             .arg(&last_q)
             .arg(&scale)
             .arg(&self.mode)
-            .arg(&mut self.est);
+            .arg(vs.col_scores())
+            .arg(&mut self.est)
+            .arg(&mut self.bmass);
         let k_blocks = sh.seq_len.div_ceil(CUDA_BLOCK);
         let cfg = LaunchConfig {
             grid_dim: (grid_u32(k_blocks.div_ceil(8))?, sh.q_heads as u32, 1),
@@ -130,11 +135,11 @@ impl QueryAdaptive {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `qa_pool_d*`; q and k were checked against the shape, est holds
-        // q_heads * k_blocks doubles, mode q_heads entries.
+        // and bmass q_heads * k_blocks doubles, mode q_heads entries, the vertical scores [q_heads][n].
         drv("qa_pool launch", unsafe { b.launch(cfg) })?;
         let mut b = s.launch_builder(&self.div);
         b.arg(&mut self.est)
-            .arg(vs.col_scores())
+            .arg(&self.bmass)
             .arg(&n)
             .arg(&self.mode)
             .arg(&self.tau)
@@ -146,7 +151,7 @@ impl QueryAdaptive {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `qa_div`; est as above, the vertical scores [q_heads][n] for this shape,
+        // SAFETY: matches `qa_div`; est and bmass as above,
         // the per-head arrays q_heads long.
         drv("qa_div launch", unsafe { b.launch(cfg) })?;
         let (fc, fd) = (FORCED_COLUMNS as i32, FORCED_DIAGONALS as i32);

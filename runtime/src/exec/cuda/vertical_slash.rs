@@ -17,8 +17,12 @@ use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
 use crate::pattern::PatternContext;
 use crate::AttnShape;
 
-/// Keys per CTA of the estimation kernels (`EST_CHUNK` in vertical_slash.cu).
-const EST_CHUNK: usize = 512;
+/// Key tiles of 64 per CTA of the estimation kernels (`est_tiles` in vertical_slash.cu): 8, or fewer
+/// for a small layer, so that its CTAs (heads × row tiles × chunks) number about 528, four per SM of
+/// the H200 (132 SMs). With few heads (SmolLM2's 9) at 8K, 8 tiles gave 144 CTAs.
+fn est_tiles(q_heads: usize, row_tiles: usize, n: usize) -> usize {
+    (n.div_ceil(64) * q_heads * row_tiles / 528).clamp(1, 8)
+}
 
 /// Dynamic shared memory of `vs_est_*`: a Q tile, 2 K tiles (64 rows each) and a 64 x 65 f32 P tile.
 fn est_smem(head_dim: usize) -> u32 {
@@ -31,6 +35,7 @@ pub struct VerticalSlashBuilder {
     shape: AttnShape,
     last_q: usize,
     row_tiles: usize,
+    est_tiles: usize,
     nchunks: usize,
     est_max: CudaFunction,
     est_sum: CudaFunction,
@@ -82,7 +87,8 @@ impl VerticalSlashBuilder {
         let h = shape.q_heads;
         let last_q = ctx.last_q.min(n);
         let row_tiles = last_q.div_ceil(64);
-        let nchunks = n.div_ceil(EST_CHUNK);
+        let est_tiles = est_tiles(h, row_tiles, n);
+        let nchunks = n.div_ceil(est_tiles * 64);
         let d = &sp.dev;
         let sfx = if shape.head_dim == 64 { "d64" } else { "d128" };
         let est_smem = est_smem(shape.head_dim);
@@ -95,6 +101,7 @@ impl VerticalSlashBuilder {
             shape: *shape,
             last_q,
             row_tiles,
+            est_tiles,
             nchunks,
             est_max: d.function(vs, &format!("vs_est_max_{sfx}"), est_smem)?,
             est_sum: d.function(vs, &format!("vs_est_sum_{sfx}"), est_smem)?,
@@ -137,7 +144,7 @@ impl VerticalSlashBuilder {
         drv("memset", s.memset_zeros(&mut self.col))?;
         drv("memset", s.memset_zeros(&mut self.diag))?;
         let (n, heads, group) = (sh.seq_len as i32, sh.q_heads as i32, sh.group() as i32);
-        let last_q = self.last_q as i32;
+        let (last_q, est_tiles) = (self.last_q as i32, self.est_tiles as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (sh.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (
@@ -161,6 +168,7 @@ impl VerticalSlashBuilder {
                 .arg(&heads)
                 .arg(&group)
                 .arg(&last_q)
+                .arg(&est_tiles)
                 .arg(&scale_log2)
                 .arg(&mut self.part)
                 .arg(&self.ml)
