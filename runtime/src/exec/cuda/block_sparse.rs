@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, grid_u32, index_from_counts, BlockChoice, DeviceBuffer, DeviceIndex, SparsePrefill,
-    CUDA_BLOCK,
+    check_qkv, grid_u32, read_totals, scan_counts, size_lists, BlockChoice, DeviceBuffer,
+    DeviceIndex, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::PatternContext;
@@ -53,6 +53,8 @@ pub struct BlockSparseBuilder {
     mode: CudaSlice<u32>,
     topk: CudaSlice<u32>,
     cover: CudaSlice<f64>,
+    /// The list totals of a build made by itself ([`Self::build_heads`]).
+    totals: CudaSlice<u32>,
 }
 
 impl BlockSparseBuilder {
@@ -101,6 +103,7 @@ impl BlockSparseBuilder {
             mode: z32(shape.q_heads)?,
             topk: z32(shape.q_heads)?,
             cover: zf(shape.q_heads)?,
+            totals: z32(2)?,
         })
     }
 
@@ -128,6 +131,22 @@ impl BlockSparseBuilder {
         k: &DeviceBuffer<u16>,
         choices: &[Option<BlockChoice>],
         out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        self.count_heads(sp, q, k, choices, out, None)?;
+        let t = read_totals(sp, &self.totals)?;
+        self.fill(sp, t[0], out)
+    }
+
+    /// [`Self::build_heads`] up to the list sizes, queued: the offsets of `out` and its totals in
+    /// pair `slot` of `totals` (the builder's own with `None`). [`Self::fill`] follows with them.
+    pub(crate) fn count_heads(
+        &mut self,
+        sp: &SparsePrefill,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        choices: &[Option<BlockChoice>],
+        out: &mut Option<DeviceIndex>,
+        totals: Option<(&mut CudaSlice<u32>, usize)>,
     ) -> Result<()> {
         let sh = self.shape;
         check_qkv(&sh, q, k, k)?;
@@ -182,7 +201,6 @@ impl BlockSparseBuilder {
             ));
         }
         let q_blocks = n.div_ceil(CUDA_BLOCK);
-        let m = sh.q_heads * q_blocks;
         let (n_i, heads, group) = (n as i32, sh.q_heads as i32, sh.group() as i32);
 
         let mut b = s.launch_builder(&self.pool);
@@ -250,7 +268,7 @@ impl BlockSparseBuilder {
             drv("bs_select launch", unsafe { b.launch(cfg) })?;
         }
 
-        let mut ix = index_from_counts(
+        let ix = scan_counts(
             sp,
             &self.scan,
             sh.q_heads,
@@ -258,7 +276,33 @@ impl BlockSparseBuilder {
             &self.cnt_blk,
             &self.cnt_col,
             out.take(),
+            totals.unwrap_or((&mut self.totals, 0)),
         )?;
+        *out = Some(ix);
+        Ok(())
+    }
+
+    /// The lists of the index of [`Self::count_heads`], sized for its `totals`.
+    pub(crate) fn fill(
+        &mut self,
+        sp: &SparsePrefill,
+        totals: (usize, usize),
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        let sh = self.shape;
+        let n = sh.seq_len;
+        let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
+        let (n_i, heads) = (n as i32, sh.q_heads as i32);
+        let mut ix = match out.take() {
+            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
+            _ => {
+                return Err(Error::Cuda(
+                    "block-sparse lists filled before their count".into(),
+                ))
+            }
+        };
+        size_lists(sp, &mut ix, totals)?;
+        let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.mask)
             .arg(&n_i)

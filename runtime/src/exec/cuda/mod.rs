@@ -99,8 +99,6 @@ pub struct DeviceIndex {
     /// Heads 2p and 2p+1 have identical lists ([`FlatIndex::pairs_share`]): with GQA groups of even
     /// size the head_dim-128 kernel then pairs them in one CTA, sharing every K/V tile.
     pub(crate) pairs_share: bool,
-    /// The two list totals as `vs_scan` writes them (indexes built on the device), read back at once.
-    pub(crate) totals: Option<CudaSlice<u32>>,
 }
 
 impl DeviceIndex {
@@ -314,7 +312,6 @@ impl SparsePrefill {
             n_blk: f.blk_idx.len(),
             n_col: f.col_idx.len(),
             pairs_share: f.pairs_share(),
-            totals: None,
         })
     }
 
@@ -476,11 +473,14 @@ impl SparsePrefill {
     }
 }
 
-/// The index a builder fills next: `out` when it was made for `q_heads` × `seq_len` (its buffers are
-/// reused), else a new one; its offsets are the exclusive scans (`vs_scan`) of the per-(head, query
-/// block) list sizes `cnt_blk` and `cnt_col`, the two totals are read back (8 bytes, one copy) and the lists sized
-/// for them. The caller writes the lists. `pairs_share` is false (per-head selections).
-pub(crate) fn index_from_counts(
+/// The index a builder fills next, in two steps so that a plan layer reads every builder's list sizes
+/// back in one copy. [`scan_counts`] takes `out` when it was made for `q_heads` × `seq_len` (its
+/// buffers are reused), else a new one, and queues the exclusive scans (`vs_scan`) of the
+/// per-(head, query block) list sizes `cnt_blk` and `cnt_col` into its offsets, and the two totals
+/// into pair `slot` of `totals`. Once the totals are on the host ([`read_totals`]), [`size_lists`] sizes the
+/// lists and the caller writes them. `pairs_share` is false (per-head selections).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scan_counts(
     sp: &SparsePrefill,
     scan: &CudaFunction,
     q_heads: usize,
@@ -488,10 +488,15 @@ pub(crate) fn index_from_counts(
     cnt_blk: &CudaSlice<u32>,
     cnt_col: &CudaSlice<u32>,
     out: Option<DeviceIndex>,
+    (totals, slot): (&mut CudaSlice<u32>, usize),
 ) -> Result<DeviceIndex> {
     let s = &sp.dev.stream;
     let q_blocks = seq_len.div_ceil(CUDA_BLOCK);
     let m = q_heads * q_blocks;
+    if totals.len() < 2 * slot + 2 {
+        return Err(Error::Cuda(format!("no room for list totals {slot}")));
+    }
+    let mut totals = totals.slice_mut(2 * slot..2 * slot + 2);
     let mut ix = match out {
         Some(ix) if ix.q_heads == q_heads && ix.seq_len == seq_len => ix,
         _ => DeviceIndex {
@@ -505,14 +510,9 @@ pub(crate) fn index_from_counts(
             n_blk: 0,
             n_col: 0,
             pairs_share: false,
-            totals: None,
         },
     };
     ix.pairs_share = false;
-    let mut totals = match ix.totals.take() {
-        Some(t) => t,
-        None => drv("alloc", s.alloc_zeros::<u32>(2))?,
-    };
     let m_i = i32::try_from(m).map_err(|_| Error::Shape(format!("{m} index entries")))?;
     let mut b = s.launch_builder(scan);
     b.arg(cnt_blk)
@@ -527,14 +527,30 @@ pub(crate) fn index_from_counts(
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `vs_scan`; the counts hold m entries (callers size them q_heads * q_blocks),
-    // the offsets m + 1, the totals 2.
+    // the offsets m + 1, the totals view 2.
     drv("vs_scan launch", unsafe { b.launch(one) })?;
-    let t = drv("read totals", s.clone_dtoh(&totals))?;
-    ix.totals = Some(totals);
-    let (nb, nc) = match t[..] {
-        [nb, nc] => (nb as usize, nc as usize),
-        _ => return Err(Error::Cuda(format!("{} list totals read back", t.len()))),
-    };
+    Ok(ix)
+}
+
+/// The list totals `(key blocks, columns)` of every [`scan_counts`] into `totals` (pairs), in one
+/// copy: the only wait for the device while a layer's index is built.
+pub(crate) fn read_totals(
+    sp: &SparsePrefill,
+    totals: &CudaSlice<u32>,
+) -> Result<Vec<(usize, usize)>> {
+    let t = drv("read totals", sp.dev.stream.clone_dtoh(totals))?;
+    Ok(t.chunks_exact(2)
+        .map(|p| (p[0] as usize, p[1] as usize))
+        .collect())
+}
+
+/// Sizes `ix`'s lists for `(key blocks, columns)` entries (reusing buffers that are large enough).
+pub(crate) fn size_lists(
+    sp: &SparsePrefill,
+    ix: &mut DeviceIndex,
+    (nb, nc): (usize, usize),
+) -> Result<()> {
+    let s = &sp.dev.stream;
     if ix.blk_idx.len() < nb.max(1) {
         ix.blk_idx = drv("alloc", s.alloc_zeros::<u32>(nb.max(1)))?;
     }
@@ -543,7 +559,7 @@ pub(crate) fn index_from_counts(
     }
     ix.n_blk = nb;
     ix.n_col = nc;
-    Ok(ix)
+    Ok(())
 }
 
 /// Checks head_dim, head counts and the lengths of Q, K and V.

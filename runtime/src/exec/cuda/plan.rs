@@ -17,7 +17,9 @@
 //! - merges the per-head lists into one index on the device (`ix_merge_count`, `vs_scan`,
 //!   `ix_merge_copy`, with the query-adaptive heads' sources as decided on the device; skipped when
 //!   one builder made every head's index) and runs one attention launch. Nothing goes back to the
-//!   host but the list sizes.
+//!   host but the list sizes, in one copy per layer: every builder queues its work up to its list
+//!   sizes (and the merge its sizes from the builders' offsets), the host reads all the totals at
+//!   once, sizes the lists, and queues the writes.
 //!
 //! With `defaults.share_kv_group_indexes` the heads of a KV group with the same pattern use the index
 //! built for the first of them, as on the CPU. The plan's blocks must be 64 × 64 (the kernels').
@@ -31,9 +33,9 @@ use super::device::{drv, KernelFile};
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
 use super::{
-    grid_u32, index_from_counts, BlockChoice, BlockSparseBuilder, DeviceBuffer, DeviceIndex,
-    FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder, VerticalSlashBuilder,
-    CUDA_BLOCK,
+    grid_u32, read_totals, scan_counts, size_lists, BlockChoice, BlockSparseBuilder, DeviceBuffer,
+    DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder,
+    VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::{static_index, HeadIndex, PatternContext};
@@ -45,6 +47,11 @@ const SRC_VS: u32 = 0;
 const SRC_BS: u32 = 1;
 const SRC_TS: u32 = 2;
 const SRC_HOST: u32 = 3;
+/// Pairs of `PlanPrefill::totals`: each builder's list totals and the merge's.
+const SLOT_VS: usize = 0;
+const SLOT_BS: usize = 1;
+const SLOT_TS: usize = 2;
+const SLOT_MERGE: usize = 3;
 
 /// A plan run on the GPU (see the module docs).
 #[derive(Debug)]
@@ -70,9 +77,9 @@ pub struct PlanPrefill {
     host_from_cache: Option<usize>,
     /// Which index the last sparse forward ran: a `SRC_*` source, or `MERGED`.
     last: Option<u32>,
-    merge_count: CudaFunction,
-    merge_copy: CudaFunction,
-    scan: CudaFunction,
+    merge: Merge,
+    /// The list totals of a layer's builds (pairs `SLOT_*`), read back in one copy.
+    totals: CudaSlice<u32>,
 }
 
 /// `PlanPrefill::last`: the merged index.
@@ -104,9 +111,13 @@ impl PlanPrefill {
             statics_shape: None,
             host_from_cache: None,
             last: None,
-            merge_count: f("ix_merge_count")?,
-            merge_copy: f("ix_merge_copy")?,
-            scan: f("vs_scan")?,
+            merge: Merge {
+                count: f("ix_merge_count")?,
+                copy: f("ix_merge_copy")?,
+                scan: f("vs_scan")?,
+                bufs: None,
+            },
+            totals: drv("alloc", sp.dev.stream.alloc_zeros::<u32>(8))?,
         })
     }
 
@@ -269,9 +280,10 @@ impl PlanPrefill {
             &mut self.merged,
         );
         let (cache, from_cache) = (&mut self.statics, &mut self.host_from_cache);
-        let (merge_count, scan, merge_copy) = (&self.merge_count, &self.scan, &self.merge_copy);
-        // CUDA events around all of it: the host's part (copies back, estimates) counts too
+        let (mg, totals) = (&mut self.merge, &mut self.totals);
+        // CUDA events around all of it: the host's part (the read-back, static indexes) counts too
         stats.index_ms = sp.time_ms(|| {
+            // 1. every builder up to its list sizes, queued
             if used(SRC_VS) || used(SRC_TS) {
                 // token-select and query-adaptive read the vertical scores of the same estimate
                 let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
@@ -282,7 +294,7 @@ impl PlanPrefill {
                         let d = builder(qa, shape, |s| QueryAdaptive::new(sp, s))?;
                         d.decide(sp, &ctx, q, k, b, &adaptive, (SRC_BS, SRC_VS))?;
                     }
-                    b.select_uploaded(sp, vs_ix)?;
+                    b.count_uploaded(sp, vs_ix, Some((&mut *totals, SLOT_VS)))?;
                 }
             }
             if used(SRC_TS) {
@@ -291,11 +303,11 @@ impl PlanPrefill {
                     .map(|(_, b)| b)
                     .ok_or_else(|| Error::Cuda("no vertical scores".into()))?;
                 let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
-                b.build_heads(sp, scores, &tokens, ts_ix)?;
+                b.count_heads(sp, scores, &tokens, ts_ix, Some((&mut *totals, SLOT_TS)))?;
             }
             if used(SRC_BS) {
                 let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
-                b.build_heads(sp, q, k, &choices, bs_ix)?;
+                b.count_heads(sp, q, k, &choices, bs_ix, Some((&mut *totals, SLOT_BS)))?;
             }
             *from_cache = None;
             if used(SRC_HOST) {
@@ -315,26 +327,51 @@ impl PlanPrefill {
                 }
                 *from_cache = Some(layer);
             }
+            let over = match (any_qa, qa.as_ref(), no_over.as_ref()) {
+                (true, Some((_, d)), _) => &d.src,
+                (_, _, Some((_, none))) => none,
+                _ => return Err(Error::Cuda("no source overrides".into())),
+            };
             if direct.is_none() {
+                // the merged list sizes need only the sources' offsets
                 let host_src = from_cache.and_then(|l| cache.get(&l));
                 let sources = [vs_ix.as_ref(), bs_ix.as_ref(), ts_ix.as_ref(), host_src];
-                let over = match (any_qa, qa.as_ref(), no_over.as_ref()) {
-                    (true, Some((_, d)), _) => &d.src,
-                    (_, _, Some((_, none))) => none,
-                    _ => return Err(Error::Cuda("no source overrides".into())),
-                };
                 let reuse = merged.take();
-                *merged = Some(merge(
-                    sp,
-                    merge_count,
-                    scan,
-                    merge_copy,
-                    shape,
-                    sources,
-                    &src_of,
-                    over,
-                    reuse,
-                )?);
+                let slot = (&mut *totals, SLOT_MERGE);
+                *merged = Some(mg.count(sp, shape, sources, &src_of, over, reuse, slot)?);
+            }
+            // 2. the one wait: every list size at once (none for static heads alone)
+            let counted = used(SRC_VS) || used(SRC_TS) || used(SRC_BS) || direct.is_none();
+            let t = if counted {
+                read_totals(sp, totals)?
+            } else {
+                Vec::new()
+            };
+            let t = |slot: usize| {
+                t.get(slot)
+                    .copied()
+                    .ok_or_else(|| Error::Cuda(format!("no list totals in slot {slot}")))
+            };
+            // 3. the lists
+            if used(SRC_VS) {
+                if let Some((_, b)) = vs.as_mut() {
+                    b.fill(sp, t(SLOT_VS)?, vs_ix)?;
+                }
+            }
+            if used(SRC_TS) {
+                if let Some((_, b)) = ts.as_mut() {
+                    b.fill(sp, t(SLOT_TS)?, ts_ix)?;
+                }
+            }
+            if used(SRC_BS) {
+                if let Some((_, b)) = bs.as_mut() {
+                    b.fill(sp, t(SLOT_BS)?, bs_ix)?;
+                }
+            }
+            if let (None, Some(ix)) = (direct, merged.as_mut()) {
+                let host_src = from_cache.and_then(|l| cache.get(&l));
+                let sources = [vs_ix.as_ref(), bs_ix.as_ref(), ts_ix.as_ref(), host_src];
+                mg.copy(sp, shape, sources, over, ix, t(SLOT_MERGE)?)?;
             }
             Ok(())
         })?;
@@ -372,89 +409,182 @@ fn builder<'a, B>(
     }
 }
 
-/// One index whose head `h` holds the lists of head `src_of[h].1` of source `src_of[h].0` (written
-/// into `out`'s buffers when they fit).
-#[allow(clippy::too_many_arguments)]
-fn merge(
-    sp: &SparsePrefill,
-    count: &CudaFunction,
-    scan: &CudaFunction,
-    copy: &CudaFunction,
-    shape: &AttnShape,
-    sources: [Option<&DeviceIndex>; 4],
-    src_of: &[(u32, u32)],
-    src_over: &CudaSlice<u32>,
-    out: Option<DeviceIndex>,
-) -> Result<DeviceIndex> {
-    let n = shape.seq_len;
-    let q_blocks = n.div_ceil(CUDA_BLOCK);
-    let m = shape.q_heads * q_blocks;
+/// Merging per-head lists from up to four sources into one index (`ix_merge_count`, `vs_scan`,
+/// `ix_merge_copy`): head `h` takes the lists of head `src_of[h].1` of source `src_of[h].0`, or of
+/// the source the device chose for that head (`src_over`, query-adaptive heads).
+#[derive(Debug)]
+struct Merge {
+    count: CudaFunction,
+    copy: CudaFunction,
+    scan: CudaFunction,
+    /// For `q_heads` heads and `m` entries: per-head source and head (uploaded per layer), and the
+    /// per-entry list sizes.
+    bufs: Option<MergeBufs>,
+}
+
+#[derive(Debug)]
+struct MergeBufs {
+    q_heads: usize,
+    m: usize,
+    ids: CudaSlice<u32>,
+    heads: CudaSlice<u32>,
+    cnt_blk: CudaSlice<u32>,
+    cnt_col: CudaSlice<u32>,
+}
+
+impl Merge {
+    /// The merged index's offsets and its list totals (into `totals`' pair `slot`), queued; the
+    /// sources need only their offsets so far. [`Merge::copy`] follows with the totals.
+    #[allow(clippy::too_many_arguments)]
+    fn count(
+        &mut self,
+        sp: &SparsePrefill,
+        shape: &AttnShape,
+        sources: [Option<&DeviceIndex>; 4],
+        src_of: &[(u32, u32)],
+        src_over: &CudaSlice<u32>,
+        out: Option<DeviceIndex>,
+        totals: (&mut CudaSlice<u32>, usize),
+    ) -> Result<DeviceIndex> {
+        let n = shape.seq_len;
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        let m = shape.q_heads * q_blocks;
+        for (h, &(s, sh)) in src_of.iter().enumerate() {
+            let ok = sources
+                .get(s as usize)
+                .copied()
+                .flatten()
+                .is_some_and(|ix| ix.seq_len == n && (sh as usize) < ix.q_heads);
+            if !ok {
+                return Err(Error::Cuda(format!(
+                    "head {h}: source {s} head {sh} has no index for {n} tokens"
+                )));
+            }
+        }
+        let s = &sp.dev.stream;
+        if self
+            .bufs
+            .as_ref()
+            .is_none_or(|b| b.q_heads != shape.q_heads || b.m != m)
+        {
+            let z = |len: usize| drv("alloc", s.alloc_zeros::<u32>(len.max(1)));
+            self.bufs = Some(MergeBufs {
+                q_heads: shape.q_heads,
+                m,
+                ids: z(shape.q_heads)?,
+                heads: z(shape.q_heads)?,
+                cnt_blk: z(m)?,
+                cnt_col: z(m)?,
+            });
+        }
+        let bufs = self
+            .bufs
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("merge buffers missing".into()))?;
+        let ids: Vec<u32> = src_of.iter().map(|x| x.0).collect();
+        let heads: Vec<u32> = src_of.iter().map(|x| x.1).collect();
+        drv("upload", s.memcpy_htod(&ids, &mut bufs.ids))?;
+        drv("upload", s.memcpy_htod(&heads, &mut bufs.heads))?;
+        let dims = (shape.q_heads as i32, q_blocks as i32);
+        let MergeBufs {
+            ids: ids_d,
+            heads: heads_d,
+            cnt_blk,
+            cnt_col,
+            ..
+        } = bufs;
+        let mut b = s.launch_builder(&self.count);
+        push_sources(&mut b, sources, (ids_d, heads_d), src_over, &dims)?;
+        b.arg(&mut *cnt_blk).arg(&mut *cnt_col);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(m.div_ceil(256))?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `ix_merge_count`; every source head named in src_of was checked to exist
+        // in an index of this length (offsets of q_heads * q_blocks + 1 entries); the counts hold m
+        // entries.
+        drv("ix_merge_count launch", unsafe { b.launch(cfg) })?;
+        let (cnt_blk, cnt_col) = (&*cnt_blk, &*cnt_col);
+        let mut ix = scan_counts(
+            sp,
+            &self.scan,
+            shape.q_heads,
+            n,
+            cnt_blk,
+            cnt_col,
+            out,
+            totals,
+        )?;
+        // heads 2p and 2p + 1 served by the same head's lists may share a CTA
+        ix.pairs_share = shape.q_heads % 2 == 0
+            && (0..shape.q_heads / 2).all(|p| src_of[2 * p] == src_of[2 * p + 1]);
+        Ok(ix)
+    }
+
+    /// The merged lists, copied from the (now filled) sources into `ix` sized for `totals`.
+    fn copy(
+        &mut self,
+        sp: &SparsePrefill,
+        shape: &AttnShape,
+        sources: [Option<&DeviceIndex>; 4],
+        src_over: &CudaSlice<u32>,
+        ix: &mut DeviceIndex,
+        totals: (usize, usize),
+    ) -> Result<()> {
+        let bufs = self
+            .bufs
+            .as_ref()
+            .ok_or_else(|| Error::Cuda("merge copy before its count".into()))?;
+        size_lists(sp, ix, totals)?;
+        let m = bufs.m;
+        let dims = (
+            shape.q_heads as i32,
+            shape.seq_len.div_ceil(CUDA_BLOCK) as i32,
+        );
+        let mut b = sp.dev.stream.launch_builder(&self.copy);
+        push_sources(&mut b, sources, (&bufs.ids, &bufs.heads), src_over, &dims)?;
+        b.arg(&ix.blk_off)
+            .arg(&ix.col_off)
+            .arg(&mut ix.blk_idx)
+            .arg(&mut ix.col_idx);
+        let warps = LaunchConfig {
+            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
+        // source list sizes copied; the sources are those `count` checked.
+        drv("ix_merge_copy launch", unsafe { b.launch(warps) })?;
+        Ok(())
+    }
+}
+
+/// The arguments both merge kernels start with (`IX_SRC_ARGS`, then the per-head sources); unused
+/// sources stand in with any present one (never read).
+fn push_sources<'a>(
+    b: &mut cudarc::driver::LaunchArgs<'a>,
+    sources: [Option<&'a DeviceIndex>; 4],
+    (ids, heads): (&'a CudaSlice<u32>, &'a CudaSlice<u32>),
+    src_over: &'a CudaSlice<u32>,
+    (q_heads, q_blocks): &'a (i32, i32),
+) -> Result<()> {
     let any = sources
         .iter()
         .flatten()
         .next()
         .copied()
         .ok_or_else(|| Error::Cuda("no index to merge".into()))?;
-    for (h, &(s, sh)) in src_of.iter().enumerate() {
-        let ok = sources
-            .get(s as usize)
-            .copied()
-            .flatten()
-            .is_some_and(|ix| ix.seq_len == n && (sh as usize) < ix.q_heads);
-        if !ok {
-            return Err(Error::Cuda(format!(
-                "head {h}: source {s} head {sh} has no index for {n} tokens"
-            )));
-        }
+    for ix in sources.map(|s| s.unwrap_or(any)) {
+        b.arg(&ix.blk_off)
+            .arg(&ix.blk_idx)
+            .arg(&ix.col_off)
+            .arg(&ix.col_idx);
     }
-    // unused sources stand in with any present one (never read)
-    let srcs: Vec<&DeviceIndex> = sources.iter().map(|s| s.unwrap_or(any)).collect();
-    let s = &sp.dev.stream;
-    let ids: Vec<u32> = src_of.iter().map(|x| x.0).collect();
-    let heads: Vec<u32> = src_of.iter().map(|x| x.1).collect();
-    let ids = drv("upload", s.clone_htod(&ids))?;
-    let heads_d = drv("upload", s.clone_htod(&heads))?;
-    let mut cnt_blk = drv("alloc", s.alloc_zeros::<u32>(m.max(1)))?;
-    let mut cnt_col = drv("alloc", s.alloc_zeros::<u32>(m.max(1)))?;
-    let (hq, qbs) = (shape.q_heads as i32, q_blocks as i32);
-    // the arguments both merge kernels start with (`IX_SRC_ARGS`, then the per-head sources)
-    let launch = |copying: bool| {
-        let mut b = s.launch_builder(if copying { copy } else { count });
-        for ix in &srcs {
-            b.arg(&ix.blk_off)
-                .arg(&ix.blk_idx)
-                .arg(&ix.col_off)
-                .arg(&ix.col_idx);
-        }
-        b.arg(&ids).arg(src_over).arg(&heads_d).arg(&hq).arg(&qbs);
-        b
-    };
-    let mut b = launch(false);
-    b.arg(&mut cnt_blk).arg(&mut cnt_col);
-    let cfg = LaunchConfig {
-        grid_dim: (grid_u32(m.div_ceil(256))?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: matches `ix_merge_count`; every source head named in src_of was checked to exist in an
-    // index of this length (offsets of q_heads * q_blocks + 1 entries); the counts hold m entries.
-    drv("ix_merge_count launch", unsafe { b.launch(cfg) })?;
-    let mut ix = index_from_counts(sp, scan, shape.q_heads, n, &cnt_blk, &cnt_col, out)?;
-    let mut b = launch(true);
-    b.arg(&ix.blk_off)
-        .arg(&ix.col_off)
-        .arg(&mut ix.blk_idx)
-        .arg(&mut ix.col_idx);
-    let warps = LaunchConfig {
-        grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
-    // source list sizes copied.
-    drv("ix_merge_copy launch", unsafe { b.launch(warps) })?;
-    // heads 2p and 2p + 1 served by the same head's lists may share a CTA
-    ix.pairs_share = shape.q_heads % 2 == 0
-        && (0..shape.q_heads / 2).all(|p| src_of[2 * p] == src_of[2 * p + 1]);
-    Ok(ix)
+    b.arg(ids)
+        .arg(src_over)
+        .arg(heads)
+        .arg(q_heads)
+        .arg(q_blocks);
+    Ok(())
 }

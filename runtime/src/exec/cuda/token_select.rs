@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    grid_u32, index_from_counts, DeviceIndex, SparsePrefill, TokenChoice, VerticalSlashBuilder,
-    CUDA_BLOCK,
+    grid_u32, read_totals, scan_counts, size_lists, DeviceIndex, SparsePrefill, TokenChoice,
+    VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::token_select::keeps_by_rank;
@@ -46,6 +46,8 @@ pub struct TokenSelectBuilder {
     cum: CudaSlice<u32>,
     cnt_blk: CudaSlice<u32>,
     cnt_col: CudaSlice<u32>,
+    /// The list totals of a build made by itself ([`Self::build_heads`]).
+    totals: CudaSlice<u32>,
 }
 
 impl TokenSelectBuilder {
@@ -81,6 +83,7 @@ impl TokenSelectBuilder {
             cum: z32(h * (n + 1))?,
             cnt_blk: z32(m)?,
             cnt_col: z32(m)?,
+            totals: z32(2)?,
         })
     }
 
@@ -98,6 +101,21 @@ impl TokenSelectBuilder {
         scores: &VerticalSlashBuilder,
         choices: &[Option<TokenChoice>],
         out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        self.count_heads(sp, scores, choices, out, None)?;
+        let t = read_totals(sp, &self.totals)?;
+        self.fill(sp, t[0], out)
+    }
+
+    /// [`Self::build_heads`] up to the list sizes, queued: the offsets of `out` and its totals in
+    /// pair `slot` of `totals` (the builder's own with `None`). [`Self::fill`] follows with them.
+    pub(crate) fn count_heads(
+        &mut self,
+        sp: &SparsePrefill,
+        scores: &VerticalSlashBuilder,
+        choices: &[Option<TokenChoice>],
+        out: &mut Option<DeviceIndex>,
+        totals: Option<(&mut CudaSlice<u32>, usize)>,
     ) -> Result<()> {
         let sh = self.shape;
         if scores.shape() != &sh {
@@ -231,7 +249,7 @@ impl TokenSelectBuilder {
         // SAFETY: matches `ts_count`; the counts hold m entries.
         drv("ts_count launch", unsafe { b.launch(threads) })?;
 
-        let mut ix = index_from_counts(
+        let ix = scan_counts(
             sp,
             &self.offsets_fn,
             sh.q_heads,
@@ -239,7 +257,33 @@ impl TokenSelectBuilder {
             &self.cnt_blk,
             &self.cnt_col,
             out.take(),
+            totals.unwrap_or((&mut self.totals, 0)),
         )?;
+        *out = Some(ix);
+        Ok(())
+    }
+
+    /// The lists of the index of [`Self::count_heads`], sized for its `totals`.
+    pub(crate) fn fill(
+        &mut self,
+        sp: &SparsePrefill,
+        totals: (usize, usize),
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        let sh = self.shape;
+        let n = sh.seq_len;
+        let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
+        let (n_i, heads) = (n as i32, sh.q_heads as i32);
+        let mut ix = match out.take() {
+            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
+            _ => {
+                return Err(Error::Cuda(
+                    "token-select lists filled before their count".into(),
+                ))
+            }
+        };
+        size_lists(sp, &mut ix, totals)?;
+        let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill_fn);
         b.arg(&self.cum)
             .arg(&self.list)

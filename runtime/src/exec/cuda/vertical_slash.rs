@@ -10,7 +10,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, grid_u32, index_from_counts, DeviceBuffer, DeviceIndex, SparsePrefill, CUDA_BLOCK,
+    check_qkv, grid_u32, read_totals, scan_counts, size_lists, DeviceBuffer, DeviceIndex,
+    SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
@@ -63,6 +64,8 @@ pub struct VerticalSlashBuilder {
     cnt_col: CudaSlice<u32>,
     budget_v: CudaSlice<u32>,
     budget_s: CudaSlice<u32>,
+    /// The list totals of a selection made by itself ([`Self::select_uploaded`]).
+    totals: CudaSlice<u32>,
 }
 
 impl VerticalSlashBuilder {
@@ -124,6 +127,7 @@ impl VerticalSlashBuilder {
             cnt_col: z32(h * q_blocks)?,
             budget_v: z32(h)?,
             budget_s: z32(h)?,
+            totals: z32(2)?,
         })
     }
 
@@ -250,11 +254,25 @@ impl VerticalSlashBuilder {
         )
     }
 
-    /// Stages 2 and 3 with the budgets already on the device (see [`Self::budgets_mut`]).
+    /// Stages 2 and 3 with the budgets already on the device (see [`Self::scores_and_budgets`]).
+    /// Waits for an 8-byte read-back.
     pub(crate) fn select_uploaded(
         &mut self,
         sp: &SparsePrefill,
         out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        self.count_uploaded(sp, out, None)?;
+        let t = read_totals(sp, &self.totals)?;
+        self.fill(sp, t[0], out)
+    }
+
+    /// Stage 2 and the list sizes of stage 3, queued: the offsets of `out` and its totals in pair
+    /// `slot` of `totals` (the builder's own with `None`). [`Self::fill`] follows with those totals.
+    pub(crate) fn count_uploaded(
+        &mut self,
+        sp: &SparsePrefill,
+        out: &mut Option<DeviceIndex>,
+        totals: Option<(&mut CudaSlice<u32>, usize)>,
     ) -> Result<()> {
         let sh = self.shape;
         let n = sh.seq_len;
@@ -312,7 +330,7 @@ impl VerticalSlashBuilder {
         // SAFETY: matches `vs_count`; the count arrays hold heads * q_blocks entries.
         drv("vs_count launch", unsafe { b.launch(warps) })?;
 
-        let mut ix = index_from_counts(
+        let ix = scan_counts(
             sp,
             &self.scan,
             sh.q_heads,
@@ -320,7 +338,41 @@ impl VerticalSlashBuilder {
             &self.cnt_blk,
             &self.cnt_col,
             out.take(),
+            totals.unwrap_or((&mut self.totals, 0)),
         )?;
+        *out = Some(ix);
+        Ok(())
+    }
+
+    /// Stage 3's lists into the index of [`Self::count_uploaded`], sized for its `totals`.
+    pub(crate) fn fill(
+        &mut self,
+        sp: &SparsePrefill,
+        totals: (usize, usize),
+        out: &mut Option<DeviceIndex>,
+    ) -> Result<()> {
+        let sh = self.shape;
+        let n = sh.seq_len;
+        let (n_i, heads) = (n as i32, sh.q_heads as i32);
+        let mut ix = match out.take() {
+            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
+            _ => {
+                return Err(Error::Cuda(
+                    "vertical-slash lists filled before their count".into(),
+                ))
+            }
+        };
+        size_lists(sp, &mut ix, totals)?;
+        let warps = LaunchConfig {
+            grid_dim: (
+                grid_u32((sh.q_heads * n.div_ceil(CUDA_BLOCK)).div_ceil(4))?,
+                1,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.col_cum)
             .arg(&self.diag_cum)
