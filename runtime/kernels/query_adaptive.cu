@@ -261,24 +261,52 @@ extern "C" __global__ void __launch_bounds__(1024)
                     hm[tid] = w;
                 }
                 __syncthreads();
-                if (tid == 0) {
-                    u32 a = s_above;
-                    double acc = s_acc;
-                    int chosen = -1;
-                    for (int dg = 255; dg >= 0; --dg) {
-                        if (hc[dg] > 0 && fsum + (acc + hm[dg]) >= goal) {
-                            chosen = dg;
-                            break;
-                        }
-                        a += hc[dg];
-                        acc += hm[dg];
+                if (warp == 0) {
+                    // where the walk down the bins (thread 0, below) can start: warp 0 sums the bins
+                    // 8 per lane from the top and finds the first lane whose running mass reaches the
+                    // goal; the walk then starts at that lane's bins, normally ending within them,
+                    // instead of visiting up to 256 bins alone (a serial walk cost ~5 µs per pass).
+                    u32 lc = 0;
+                    double lm = 0.0;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        lc += hc[255 - 8 * lane - j];
+                        lm += hm[255 - 8 * lane - j];
                     }
-                    if (chosen < 0) {
-                        s_all = 1;
-                    } else {
-                        s_digit = (u32)chosen;
-                        s_above = a;
-                        s_acc = acc;
+                    u32 ic = lc;
+                    double im = lm;
+#pragma unroll
+                    for (int sh = 1; sh < 32; sh <<= 1) {
+                        const u32 yc = __shfl_up_sync(0xffffffff, ic, sh);
+                        const double ym = __shfl_up_sync(0xffffffff, im, sh);
+                        if (lane >= sh) {
+                            ic += yc;
+                            im += ym;
+                        }
+                    }
+                    const u32 reach = __ballot_sync(0xffffffff, lc > 0 && fsum + (s_acc + im) >= goal);
+                    const int L = reach ? __ffs(reach) - 1 : 0;
+                    const u32 a_skip = __shfl_sync(0xffffffff, ic - lc, L);
+                    const double m_skip = __shfl_sync(0xffffffff, im - lm, L);
+                    if (lane == 0) {
+                        u32 a = s_above + a_skip;
+                        double acc = s_acc + m_skip;
+                        int chosen = -1;
+                        for (int dg = 255 - 8 * L; dg >= 0; --dg) {
+                            if (hc[dg] > 0 && fsum + (acc + hm[dg]) >= goal) {
+                                chosen = dg;
+                                break;
+                            }
+                            a += hc[dg];
+                            acc += hm[dg];
+                        }
+                        if (chosen < 0) {
+                            s_all = 1;
+                        } else {
+                            s_digit = (u32)chosen;
+                            s_above = a;
+                            s_acc = acc;
+                        }
                     }
                 }
                 __syncthreads();

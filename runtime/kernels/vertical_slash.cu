@@ -270,15 +270,32 @@ extern "C" __global__ void __launch_bounds__(1024)
                     hist_inc(hist, (key[u] >> shift) & 255, base + 1024 * u + tid < n && (key[u] & pmask) == prefix);
             }
             __syncthreads();
-            if (tid == 0) {
-                u32 acc = 0;
-                int d = 255;
-                for (; d > 0; --d) {
-                    if (acc + hist[d] >= rem) break;
-                    acc += hist[d];
+            if (tid < 32) {
+                // the digit holding the rem-th largest key, walking down from 255: warp 0, lane l
+                // holding bins 255 - 8l down to 248 - 8l (one thread walking all 256 bins cost ~4 µs
+                // per pass)
+                const int lane = tid;
+                u32 lc = 0;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) lc += hist[255 - 8 * lane - j];
+                u32 ic = lc;
+#pragma unroll
+                for (int sh = 1; sh < 32; sh <<= 1) {
+                    const u32 y = __shfl_up_sync(0xffffffffu, ic, sh);
+                    if (lane >= sh) ic += y;
                 }
-                s_digit = (u32)d;
-                s_rem = rem - acc;
+                const u32 reach = __ballot_sync(0xffffffffu, ic >= rem);
+                const int L = reach ? __ffs(reach) - 1 : 31;  // none: digit 0, as the serial walk
+                if (lane == L) {
+                    u32 acc = ic - lc;
+                    int d = 255 - 8 * lane;
+                    for (int j = 0; j < 8; ++j, --d) {
+                        if (d == 0 || acc + hist[d] >= rem) break;
+                        acc += hist[d];
+                    }
+                    s_digit = (u32)d;
+                    s_rem = rem - acc;
+                }
             }
             __syncthreads();
             prefix |= s_digit << shift;

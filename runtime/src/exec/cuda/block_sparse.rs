@@ -12,7 +12,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, grid_u32, read_totals, scan_counts, size_lists, BlockChoice, DeviceBuffer,
+    check_qkv, counted_index, grid_u32, read_pair, scan_counts, BlockChoice, DeviceBuffer,
     DeviceIndex, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
@@ -133,8 +133,8 @@ impl BlockSparseBuilder {
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         self.count_heads(sp, q, k, choices, out, None)?;
-        let t = read_totals(sp, &self.totals)?;
-        self.fill(sp, t[0], out)
+        let t = read_pair(sp, &self.totals)?;
+        self.fill(sp, t, out)
     }
 
     /// [`Self::build_heads`] up to the list sizes, queued: the offsets of `out` and its totals in
@@ -293,15 +293,7 @@ impl BlockSparseBuilder {
         let n = sh.seq_len;
         let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
-        let mut ix = match out.take() {
-            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
-            _ => {
-                return Err(Error::Cuda(
-                    "block-sparse lists filled before their count".into(),
-                ))
-            }
-        };
-        size_lists(sp, &mut ix, totals)?;
+        let mut ix = counted_index(sp, out, &sh, totals, "block-sparse")?;
         let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.mask)

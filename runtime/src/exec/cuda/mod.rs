@@ -477,8 +477,9 @@ impl SparsePrefill {
 /// back in one copy. [`scan_counts`] takes `out` when it was made for `q_heads` × `seq_len` (its
 /// buffers are reused), else a new one, and queues the exclusive scans (`vs_scan`) of the
 /// per-(head, query block) list sizes `cnt_blk` and `cnt_col` into its offsets, and the two totals
-/// into pair `slot` of `totals`. Once the totals are on the host ([`read_totals`]), [`size_lists`] sizes the
-/// lists and the caller writes them. `pairs_share` is false (per-head selections).
+/// into pair `slot` of `totals`. Once the totals are on the host ([`read_totals`]), [`size_lists`]
+/// (through [`counted_index`]) sizes the lists and the caller writes them. `pairs_share` is false
+/// (per-head selections).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scan_counts(
     sp: &SparsePrefill,
@@ -542,6 +543,35 @@ pub(crate) fn read_totals(
     Ok(t.chunks_exact(2)
         .map(|p| (p[0] as usize, p[1] as usize))
         .collect())
+}
+
+/// The index a builder's count phase left in `out` for `shape`, its lists sized for `totals` (for the
+/// builder's fill phase; `what` names the builder in the error when no count came first).
+pub(crate) fn counted_index(
+    sp: &SparsePrefill,
+    out: &mut Option<DeviceIndex>,
+    shape: &AttnShape,
+    totals: (usize, usize),
+    what: &str,
+) -> Result<DeviceIndex> {
+    let mut ix = match out.take() {
+        Some(ix) if ix.q_heads == shape.q_heads && ix.seq_len == shape.seq_len => ix,
+        _ => {
+            return Err(Error::Cuda(format!(
+                "{what} lists filled before their count"
+            )))
+        }
+    };
+    size_lists(sp, &mut ix, totals)?;
+    Ok(ix)
+}
+
+/// The first pair of [`read_totals`]: a builder's own list totals.
+pub(crate) fn read_pair(sp: &SparsePrefill, totals: &CudaSlice<u32>) -> Result<(usize, usize)> {
+    read_totals(sp, totals)?
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Cuda("no list totals read back".into()))
 }
 
 /// Sizes `ix`'s lists for `(key blocks, columns)` entries (reusing buffers that are large enough).

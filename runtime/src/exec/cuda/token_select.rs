@@ -12,7 +12,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    grid_u32, read_totals, scan_counts, size_lists, DeviceIndex, SparsePrefill, TokenChoice,
+    counted_index, grid_u32, read_pair, scan_counts, DeviceIndex, SparsePrefill, TokenChoice,
     VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
@@ -103,8 +103,8 @@ impl TokenSelectBuilder {
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         self.count_heads(sp, scores, choices, out, None)?;
-        let t = read_totals(sp, &self.totals)?;
-        self.fill(sp, t[0], out)
+        let t = read_pair(sp, &self.totals)?;
+        self.fill(sp, t, out)
     }
 
     /// [`Self::build_heads`] up to the list sizes, queued: the offsets of `out` and its totals in
@@ -274,15 +274,7 @@ impl TokenSelectBuilder {
         let n = sh.seq_len;
         let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
-        let mut ix = match out.take() {
-            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
-            _ => {
-                return Err(Error::Cuda(
-                    "token-select lists filled before their count".into(),
-                ))
-            }
-        };
-        size_lists(sp, &mut ix, totals)?;
+        let mut ix = counted_index(sp, out, &sh, totals, "token-select")?;
         let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill_fn);
         b.arg(&self.cum)

@@ -10,7 +10,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, grid_u32, read_totals, scan_counts, size_lists, DeviceBuffer, DeviceIndex,
+    check_qkv, counted_index, grid_u32, read_pair, scan_counts, DeviceBuffer, DeviceIndex,
     SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
@@ -262,8 +262,8 @@ impl VerticalSlashBuilder {
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         self.count_uploaded(sp, out, None)?;
-        let t = read_totals(sp, &self.totals)?;
-        self.fill(sp, t[0], out)
+        let t = read_pair(sp, &self.totals)?;
+        self.fill(sp, t, out)
     }
 
     /// Stage 2 and the list sizes of stage 3, queued: the offsets of `out` and its totals in pair
@@ -354,15 +354,7 @@ impl VerticalSlashBuilder {
         let sh = self.shape;
         let n = sh.seq_len;
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
-        let mut ix = match out.take() {
-            Some(ix) if ix.q_heads == sh.q_heads && ix.seq_len == n => ix,
-            _ => {
-                return Err(Error::Cuda(
-                    "vertical-slash lists filled before their count".into(),
-                ))
-            }
-        };
-        size_lists(sp, &mut ix, totals)?;
+        let mut ix = counted_index(sp, out, &sh, totals, "vertical-slash")?;
         let warps = LaunchConfig {
             grid_dim: (
                 grid_u32((sh.q_heads * n.div_ceil(CUDA_BLOCK)).div_ceil(4))?,
