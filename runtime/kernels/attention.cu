@@ -24,11 +24,60 @@
 // Headroom of the lazy running max of softmax_tile, log2 units (P stays below 2^8 = 256).
 #define RESCALE_LOG2 8.f
 
+// One in exp2_emu<D>() of a thread's 8 S column pairs takes its exponentials on the FMA pipe
+// (exp2_fma) instead of the MUFU unit (0: none). At head_dim 64 a tile's exponentials take MUFU about
+// as long as its two MMAs take the tensor cores, and one pair in four was measured 2-3% faster sparse
+// and 4-5% faster dense at 128K; at head_dim 128 it was slower (docs/perf.md). The host may override
+// both (`ATTNPLAN_EXP2_EMU`).
+#ifndef EXP2_EMU_D64
+#define EXP2_EMU_D64 4
+#endif
+#ifndef EXP2_EMU_D128
+#define EXP2_EMU_D128 0
+#endif
+template <int D>
+__device__ __forceinline__ constexpr int exp2_emu() {
+    return D == 64 ? EXP2_EMU_D64 : EXP2_EMU_D128;
+}
+
+// 2^x for x <= 2^22 with FMA-pipe instructions only, as FlashAttention-4 does to relieve MUFU: x is
+// split into j = round(x) (added to the exponent bits) and f = x - j in [-0.5, 0.5], and 2^f is a
+// degree-3 polynomial with p(0) = 1 (relative error <= 1.02e-4, far below bf16's 2^-9; exact at integer
+// x, e.g. the row maximum). x <= -127 (and -inf, a masked key) gives 0.
+__device__ __forceinline__ float exp2_fma(float x) {
+    x = fmaxf(x, -127.f);
+    const float t = x + 12582912.f;  // 1.5 * 2^23: round(x) in the low mantissa bits
+    const float j = t - 12582912.f;
+    const float f = x - j;
+    const float p = fmaf(fmaf(fmaf(0.05500842f, f, 0.24220998f), f, 0.69328287f), f, 1.f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
+// The exponential of column pair J of a tile: exp2_fma for one pair in EMU, else ex2.approx.
+template <int J, int EMU>
+__device__ __forceinline__ float tile_exp2(float x) {
+    if (EMU > 0 && J % (EMU > 0 ? EMU : 1) == (EMU > 0 ? EMU : 1) - 1) return exp2_fma(x);
+    return fast_exp2(x);
+}
+
+// P of column pair J of a tile (rows a and b) and the pair's row sums.
+template <int J, int EMU>
+__device__ __forceinline__ void exp_pair(float (*s)[4], float* ta, float* tb, float scale_log2, float use_a,
+                                         float use_b) {
+    s[J][0] = tile_exp2<J, EMU>(fmaf(s[J][0], scale_log2, -use_a));
+    s[J][1] = tile_exp2<J, EMU>(fmaf(s[J][1], scale_log2, -use_a));
+    s[J][2] = tile_exp2<J, EMU>(fmaf(s[J][2], scale_log2, -use_b));
+    s[J][3] = tile_exp2<J, EMU>(fmaf(s[J][3], scale_log2, -use_b));
+    ta[J] = s[J][0] + s[J][1];
+    tb[J] = s[J][2] + s[J][3];
+}
+
 // The online softmax of one 64-key S tile, shared by every attention kernel: the mma.sync and wgmma
 // accumulators have the same layout (this thread holds rows ra and rb = ra + 8, columns 8j + 2tq and
 // 8j + 2tq + 1). When `mask`, masks the keys past each row (positions `kp`, POS_NONE for missing rows);
 // updates the running max m and sum l (log2 units), writes P as bf16 A fragments to `p` and returns
 // the factors O must be scaled by.
+template <int EMU>
 __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool mask, int ra, int rb, int tq,
                                              float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
                                              u32 (*p)[4], float& al_a, float& al_b) {
@@ -74,15 +123,14 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
     al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
     m_a = mn_a;
     m_b = mn_b;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -use_a));
-        s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -use_a));
-        s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -use_b));
-        s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -use_b));
-        ta[j] = s[j][0] + s[j][1];
-        tb[j] = s[j][2] + s[j][3];
-    }
+    exp_pair<0, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<1, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<2, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<3, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<4, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<5, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<6, EMU>(s, ta, tb, scale_log2, use_a, use_b);
+    exp_pair<7, EMU>(s, ta, tb, scale_log2, use_a, use_b);
 #pragma unroll
     for (int w = 4; w >= 1; w >>= 1) {  // row sums as trees too
 #pragma unroll
@@ -257,7 +305,8 @@ __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf1
         }
         u32 pa[4][4];
         float al_a, al_b;
-        softmax_tile(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, pa, al_a, al_b);
+        softmax_tile<exp2_emu<D>()>(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+                                    pa, al_a, al_b);
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
             o[i][0] *= al_a;
@@ -446,7 +495,8 @@ __device__ __forceinline__ void attn_fwd_wg(const bf16_t* __restrict__ q, const 
         }
         u32 pa[4][4];
         float al_a, al_b;
-        softmax_tile(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, pa, al_a, al_b);
+        softmax_tile<exp2_emu<D>()>(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+                                    pa, al_a, al_b);
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
             o[i][0] *= al_a;
@@ -660,7 +710,8 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
         const int* kp = kpos + (t % NS) * BN;
-        softmax_tile(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
+        softmax_tile<exp2_emu<D>()>(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p,
+                                    al_a, al_b);
     };
 
     TilePos nxt;
@@ -1033,7 +1084,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        softmax_tile(s, kpos + st * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p, al_a, al_b);
+        softmax_tile<exp2_emu<D>()>(s, kpos + st * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+                                    p, al_a, al_b);
     };
 
     int cur = next_member();

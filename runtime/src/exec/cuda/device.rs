@@ -21,6 +21,11 @@ pub const ARCH_ENV: &str = "ATTNPLAN_NVRTC_ARCH";
 /// Nsight Compute's source view; the code is the same).
 pub const LINEINFO_ENV: &str = "ATTNPLAN_NVRTC_LINEINFO";
 
+/// Environment variable overriding `exp2_emu` of attention.cu for both head dims (one in N of the
+/// softmax's column pairs takes its exponentials on the FMA pipe, 0: none; unset: 4 at head_dim 64,
+/// 0 at 128), for comparing variants on the device.
+pub const EXP2_EMU_ENV: &str = "ATTNPLAN_EXP2_EMU";
+
 /// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFile {
@@ -79,6 +84,18 @@ pub fn compile(file: KernelFile, arch: &'static str) -> Result<Ptx> {
     let mut options = vec!["-std=c++17".to_owned()];
     if std::env::var(LINEINFO_ENV).is_ok_and(|v| v == "1") {
         options.push("-lineinfo".to_owned());
+    }
+    if let Ok(v) = std::env::var(EXP2_EMU_ENV) {
+        let n: u8 = v
+            .parse()
+            .map_err(|_| Error::CudaUnsupported(format!("{EXP2_EMU_ENV}={v}: expected 0 to 8")))?;
+        if n > 8 {
+            return Err(Error::CudaUnsupported(format!(
+                "{EXP2_EMU_ENV}={v}: expected 0 to 8"
+            )));
+        }
+        options.push(format!("-DEXP2_EMU_D64={n}"));
+        options.push(format!("-DEXP2_EMU_D128={n}"));
     }
     let opts = CompileOptions {
         arch: Some(arch),
