@@ -14,12 +14,13 @@
 //!     local S) and compares the selected tokens with the CPU `pattern::token_select`.
 //! cuda_bench plan DIR --n N [--hq H --hkv K --d D --v V --s S --topk T --local L --reps R] [--share]
 //!                 [--qa]   (--qa: the A-shape heads become query-adaptive, gamma 0.9 tau 0.1)
-//! cuda_bench plan DIR --plan FILE --n N [--reps R]
-//!     every layer of a plan file (e.g. the main job's out/plan.yaml) through `PlanPrefill` on
-//!     structured inputs of its layer shape: per-layer and total index and attention times.
 //!     one layer of a mixed plan (vertical-slash, token-select, block-sparse, A-shape heads) through
-//!     `PlanPrefill`
-//!     on structured inputs: index and attention times, and where each head's index came from.
+//!     `PlanPrefill` on structured inputs: index and attention times, and where each head's index
+//!     came from.
+//! cuda_bench plan DIR --plan FILE --n N [--reps R] [--dense-below T]
+//!     every layer of a plan file (e.g. the main job's out/plan.yaml) through `PlanPrefill` on
+//!     structured inputs of its layer shape: per-layer and total index and attention times; with
+//!     --dense-below, `PrefillOptions::dense_below` replaces the plan's threshold.
 //! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
 //!     head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes
@@ -773,14 +774,13 @@ struct PlanSetup {
 }
 
 impl PlanSetup {
-    fn new(plan: &schemas::Plan, shape: &AttnShape) -> Result<Self> {
+    fn new(
+        plan: &schemas::Plan,
+        shape: &AttnShape,
+        options: runtime::PrefillOptions,
+    ) -> Result<Self> {
         let sp = SparsePrefill::new(0)?;
-        let pp = runtime::exec::cuda::PlanPrefill::new(
-            &sp,
-            plan,
-            &plan.model,
-            runtime::PrefillOptions::default(),
-        )?;
+        let pp = runtime::exec::cuda::PlanPrefill::new(&sp, plan, &plan.model, options)?;
         let (q, k, v) = structured(shape, 7 + shape.seq_len as u64)?;
         let (q, k, v) = (
             sp.upload_bf16(&q)?,
@@ -886,7 +886,7 @@ fn plan_bench(args: &[String]) -> Result<()> {
         k: kd,
         v: vd,
         mut out,
-    } = PlanSetup::new(&plan, &shape)?;
+    } = PlanSetup::new(&plan, &shape, runtime::PrefillOptions::default())?;
     let mut runs = Vec::new();
     for _ in 0..reps + 2 {
         runs.push(pp.forward(&sp, 0, &shape, &qd, &kd, &vd, &mut out)?);
@@ -937,6 +937,13 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
     };
     let n = o.num("n", 8192)?;
     let reps = o.num("reps", 3)?.max(1);
+    let options = runtime::PrefillOptions {
+        dense_below: match o.kv.contains_key("dense-below") {
+            true => Some(o.num("dense-below", 0)? as u64),
+            false => None,
+        },
+        ..runtime::PrefillOptions::default()
+    };
     let m = &plan.model;
     let shape = AttnShape {
         q_heads: m.query_heads as usize,
@@ -952,7 +959,7 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
         k: kd,
         v: vd,
         mut out,
-    } = PlanSetup::new(&plan, &shape)?;
+    } = PlanSetup::new(&plan, &shape, options)?;
     let (mut index_ms, mut attn_ms, mut entries) = (0.0f32, 0.0f32, 0usize);
     let mut heads = [0usize; 5];
     for layer in 0..m.layers as usize {

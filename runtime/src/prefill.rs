@@ -10,7 +10,8 @@
 //! [`SparsePrefill::forward`] runs one layer (Q `[q_heads, seq_len, head_dim]`, K and V
 //! `[kv_heads, seq_len, head_dim]`, f32 after RoPE; output `[q_heads, seq_len, head_dim]`):
 //! - the input's head counts, head_dim and the layer index must match the model, or [`Error::Shape`];
-//! - `seq_len < defaults.dense_below`: dense attention for every head ([`DenseReason::ShortSequence`]);
+//! - `seq_len < defaults.dense_below` (or below [`PrefillOptions::dense_below`], an executor's own
+//!   threshold, when given): dense attention for every head ([`DenseReason::ShortSequence`]);
 //! - otherwise each head's index is built by [`crate::build_index`] (the function the calibrator
 //!   scores with) at `PatternContext::new(seq_len, &plan.defaults)`, in parallel over heads, and
 //!   [`crate::exec::sparse_attention`] computes exactly those cells. Heads whose pattern is `dense` run
@@ -37,11 +38,17 @@ use crate::exec::{dense_attention, sparse_attention};
 use crate::pattern::{build_index, causal_cells, HeadIndex, HeadQk, PatternContext};
 use crate::{AttentionInput, AttnShape};
 
-/// How [`SparsePrefill`] treats a plan that does not fit the model.
+/// How [`SparsePrefill`] treats a plan that does not fit the model, and the length below which it
+/// runs dense.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PrefillOptions {
     /// Run every head dense (with a warning) instead of refusing a plan made for another model.
     pub dense_fallback: bool,
+    /// Run dense below this many tokens instead of the plan's `defaults.dense_below`: an executor's
+    /// own threshold where its index building costs more, relative to its attention, than the
+    /// calibrator's rule assumes (e.g. a small model on the GPU: SmolLM2-135M's plan runs slower than
+    /// dense there at 8K and faster at 16K, docs/perf.md).
+    pub dense_below: Option<u64>,
 }
 
 /// Why a head ran dense attention.
@@ -143,6 +150,8 @@ pub struct SparsePrefill {
     model: ModelInfo,
     /// Why every head runs dense (plan for another model, `dense_fallback` on); `None` normally.
     fallback: Option<String>,
+    /// `PrefillOptions::dense_below`, else the plan's.
+    dense_below: u64,
     warnings: Vec<String>,
     totals: PrefillTotals,
 }
@@ -188,6 +197,7 @@ impl SparsePrefill {
             plan: plan.clone(),
             model: model.clone(),
             fallback,
+            dense_below: options.dense_below.unwrap_or(plan.defaults.dense_below),
             warnings,
             totals: PrefillTotals::default(),
         })
@@ -196,6 +206,12 @@ impl SparsePrefill {
     /// The plan being run.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The length below which every head runs dense: [`PrefillOptions::dense_below`] when given, else
+    /// the plan's `defaults.dense_below`.
+    pub fn dense_below(&self) -> u64 {
+        self.dense_below
     }
 
     /// Why every head runs dense, when the plan does not match the model and `dense_fallback` was set.
@@ -228,7 +244,7 @@ impl SparsePrefill {
         let dense_cells = per_head * shape.q_heads as u64;
         let all_dense = if self.fallback.is_some() {
             Some(DenseReason::PlanMismatch)
-        } else if (n as u64) < self.plan.defaults.dense_below {
+        } else if (n as u64) < self.dense_below {
             Some(DenseReason::ShortSequence)
         } else {
             None

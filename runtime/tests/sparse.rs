@@ -401,6 +401,7 @@ fn dense_fallback_runs_dense_and_counts() {
     other.layers = 3;
     let options = PrefillOptions {
         dense_fallback: true,
+        ..PrefillOptions::default()
     };
     let mut sp = SparsePrefill::new(&plan, &other, options).unwrap();
     let reason = sp.fallback_reason().unwrap().to_string();
@@ -464,6 +465,40 @@ fn below_dense_below_runs_dense() {
     assert_eq!(stats.index_time, std::time::Duration::ZERO);
     assert_eq!(stats.density(), 1.0);
     assert_eq!(sp.totals().dense_short, 4);
+}
+
+/// `PrefillOptions::dense_below` replaces the plan's threshold in both directions.
+#[test]
+fn options_dense_below_overrides_the_plan() {
+    let plan = every_kind_plan(); // dense_below 1024
+    let with = |dense_below| PrefillOptions {
+        dense_below: Some(dense_below),
+        ..PrefillOptions::default()
+    };
+    let inp = Inputs::new(4, 2, 1100, 64, 5);
+    let mut out = vec![f32::NAN; inp.q.len()];
+    let mut sp = SparsePrefill::new(&plan, &plan.model, with(2048)).unwrap();
+    assert_eq!(sp.dense_below(), 2048);
+    let stats = sp.forward(1, &inp.input(), &mut out).unwrap();
+    assert_eq!(stats.dense_count(DenseReason::ShortSequence), 4);
+    assert_close(
+        &out,
+        &dense_reference(&inp.input()).unwrap(),
+        TOL_F32,
+        "dense below 2048",
+    );
+
+    let short = Inputs::new(4, 2, 1023, 64, 6);
+    let mut out = vec![f32::NAN; short.q.len()];
+    let mut sp = SparsePrefill::new(&plan, &plan.model, with(512)).unwrap();
+    let stats = sp.forward(1, &short.input(), &mut out).unwrap();
+    assert_eq!(stats.dense_count(DenseReason::ShortSequence), 0);
+    assert!(
+        stats.density() < 1.0,
+        "sparse at 1023 >= 512: {}",
+        stats.density()
+    );
+    assert!(out.iter().all(|x| x.is_finite()));
 }
 
 /// With `share_kv_group_indexes`, heads of a KV group with the same pattern use the index built from

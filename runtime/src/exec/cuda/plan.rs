@@ -4,7 +4,8 @@
 //! [`PlanPrefill::new`] checks the plan against the model exactly as the CPU prefill does (it holds
 //! one for that). [`PlanPrefill::forward`] takes a layer's Q, K, V on the device (bf16,
 //! [`SparsePrefill::forward`]'s layout) and:
-//! - runs dense attention when the sequence is shorter than `defaults.dense_below`, or when the plan
+//! - runs dense attention when the sequence is shorter than `defaults.dense_below` (or the
+//!   [`PrefillOptions::dense_below`] it was given), or when the plan
 //!   did not match and `dense_fallback` was asked for;
 //! - otherwise builds every head's index from its pattern, all on the device: `vertical_slash` heads
 //!   with the GPU [`VerticalSlashBuilder`] (one build for all of them, per-head budgets),
@@ -158,7 +159,7 @@ impl PlanPrefill {
         let n = shape.seq_len;
         let dense = if self.checked.fallback_reason().is_some() {
             Some(DenseReason::PlanMismatch)
-        } else if (n as u64) < plan.defaults.dense_below {
+        } else if (n as u64) < self.checked.dense_below() {
             Some(DenseReason::ShortSequence)
         } else {
             None
