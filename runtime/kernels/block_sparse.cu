@@ -227,24 +227,9 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
             __syncwarp();
             // digits from the top: lane l holds bins 255 - 8l down to 248 - 8l; inclusive scans over
             // the lanes give what lies above each lane's bins
-            u32 lc = 0;
-            double lm = 0.0;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                lc += hc[255 - 8 * lane - j];
-                lm += hm[255 - 8 * lane - j];
-            }
-            u32 ic = lc;
-            double im = lm;
-#pragma unroll
-            for (int sh = 1; sh < 32; sh <<= 1) {
-                const u32 yc = __shfl_up_sync(0xffffffff, ic, sh);
-                const double ym = __shfl_up_sync(0xffffffff, im, sh);
-                if (lane >= sh) {
-                    ic += yc;
-                    im += ym;
-                }
-            }
+            u32 lc, ic;
+            double lm, im;
+            bins_from_top(hc, hm, lc, lm, ic, im);
             const bool reach = lc > 0 && (by_cover ? fm + (acc + im) >= c_cover : above + ic >= need);
             const u32 ballot = __ballot_sync(0xffffffff, reach);
             if (ballot == 0) {  // coverage not reached (rounding): every block, as on the CPU

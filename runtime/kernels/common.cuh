@@ -172,3 +172,30 @@ __device__ __forceinline__ void hist_inc_mass(u32* hc, double* hm, u32 bin, doub
         if (mass) atomicAdd(&hm[bin], x);
     }
 }
+
+// 256 digit bins seen from the top by one warp (a radix walk that looks for the digit where a running
+// count or mass reaches a goal): lane l sums bins 255 - 8l down to 248 - 8l into lc (counts) and lm
+// (masses, when hm is given) and gets the inclusive sums over lanes 0..=l, ic and im. Every lane of the
+// warp must call it.
+__device__ __forceinline__ void bins_from_top(const u32* hc, const double* hm, u32& lc, double& lm, u32& ic,
+                                              double& im) {
+    const int lane = threadIdx.x & 31;
+    lc = 0;
+    lm = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        lc += hc[255 - 8 * lane - j];
+        if (hm) lm += hm[255 - 8 * lane - j];
+    }
+    ic = lc;
+    im = lm;
+#pragma unroll
+    for (int sh = 1; sh < 32; sh <<= 1) {
+        const u32 yc = __shfl_up_sync(0xffffffffu, ic, sh);
+        const double ym = __shfl_up_sync(0xffffffffu, im, sh);
+        if (lane >= sh) {
+            ic += yc;
+            im += ym;
+        }
+    }
+}

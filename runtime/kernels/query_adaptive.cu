@@ -266,24 +266,9 @@ extern "C" __global__ void __launch_bounds__(1024)
                     // 8 per lane from the top and finds the first lane whose running mass reaches the
                     // goal; the walk then starts at that lane's bins, normally ending within them,
                     // instead of visiting up to 256 bins alone (a serial walk cost ~5 µs per pass).
-                    u32 lc = 0;
-                    double lm = 0.0;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        lc += hc[255 - 8 * lane - j];
-                        lm += hm[255 - 8 * lane - j];
-                    }
-                    u32 ic = lc;
-                    double im = lm;
-#pragma unroll
-                    for (int sh = 1; sh < 32; sh <<= 1) {
-                        const u32 yc = __shfl_up_sync(0xffffffff, ic, sh);
-                        const double ym = __shfl_up_sync(0xffffffff, im, sh);
-                        if (lane >= sh) {
-                            ic += yc;
-                            im += ym;
-                        }
-                    }
+                    u32 lc, ic;
+                    double lm, im;
+                    bins_from_top(hc, hm, lc, lm, ic, im);
                     const u32 reach = __ballot_sync(0xffffffff, lc > 0 && fsum + (s_acc + im) >= goal);
                     const int L = reach ? __ffs(reach) - 1 : 0;
                     const u32 a_skip = __shfl_sync(0xffffffff, ic - lc, L);

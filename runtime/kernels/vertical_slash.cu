@@ -275,15 +275,9 @@ extern "C" __global__ void __launch_bounds__(1024)
                 // holding bins 255 - 8l down to 248 - 8l (one thread walking all 256 bins cost ~4 µs
                 // per pass)
                 const int lane = tid;
-                u32 lc = 0;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) lc += hist[255 - 8 * lane - j];
-                u32 ic = lc;
-#pragma unroll
-                for (int sh = 1; sh < 32; sh <<= 1) {
-                    const u32 y = __shfl_up_sync(0xffffffffu, ic, sh);
-                    if (lane >= sh) ic += y;
-                }
+                u32 lc, ic;
+                double lm, im;
+                bins_from_top(hist, nullptr, lc, lm, ic, im);
                 const u32 reach = __ballot_sync(0xffffffffu, ic >= rem);
                 const int L = reach ? __ffs(reach) - 1 : 31;  // none: digit 0, as the serial walk
                 if (lane == L) {
