@@ -114,6 +114,64 @@ fn dense_keys_match_cpu_dense() {
 /// query-adaptive) head 2's, branch included. The query-adaptive head runs
 /// with the fixture's tau and with tau 0 and 1, which force its vertical-slash and its query-aware
 /// branch (the divergence lies in [0, ln 2]).
+/// Buffers another framework owns, passed by device address: the same output, bit for bit, as our
+/// own buffers, and dropping the wrappers frees nothing (the owners' buffers still read back).
+#[test]
+fn foreign_device_pointers_run_like_own_buffers() {
+    let Some(sp) = device() else { return };
+    let shape = AttnShape {
+        q_heads: 9,
+        kv_heads: 3,
+        seq_len: 333,
+        head_dim: 64,
+    };
+    let n = shape.seq_len;
+    let (q, k, v) = (
+        noise(9 * n * 64, 4),
+        noise(3 * n * 64, 5),
+        noise(3 * n * 64, 6),
+    );
+    let (qd, kd, vd) = (
+        sp.upload_bf16(&q).unwrap(),
+        sp.upload_bf16(&k).unwrap(),
+        sp.upload_bf16(&v).unwrap(),
+    );
+    let mut own = sp.zeros::<u16>(q.len()).unwrap();
+    sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut own)
+        .unwrap();
+    let want = sp.download(&own).unwrap();
+
+    // the "engine's" allocation of the output, poisoned, and every tensor passed by address
+    let mut theirs = sp.zeros::<u16>(q.len()).unwrap();
+    sp.fill(&mut theirs, 0xffff).unwrap();
+    sp.synchronize().unwrap();
+    {
+        // SAFETY: the addresses are live allocations of this device, of these lengths, used only
+        // on this executor's stream while the wrappers live.
+        let (fq, fk, fv, mut fo) = unsafe {
+            (
+                sp.wrap_device_ptr::<u16>(qd.device_ptr(), qd.len()),
+                sp.wrap_device_ptr::<u16>(kd.device_ptr(), kd.len()),
+                sp.wrap_device_ptr::<u16>(vd.device_ptr(), vd.len()),
+                sp.wrap_device_ptr::<u16>(theirs.device_ptr(), theirs.len()),
+            )
+        };
+        assert_eq!(fo.len(), q.len());
+        sp.forward(&shape, &fq, &fk, &fv, Keys::Dense, &mut fo)
+            .unwrap();
+        sp.synchronize().unwrap();
+    }
+    let got = sp.download(&theirs).unwrap();
+    assert_eq!(got, want, "output through device addresses differs");
+    // the wrapped inputs are still allocated and intact
+    assert_eq!(
+        sp.download(&qd).unwrap(),
+        q.iter()
+            .map(|&x| runtime::exec::cuda::bf16_bits(x))
+            .collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
     let Some(sp) = device() else { return };

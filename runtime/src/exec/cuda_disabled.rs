@@ -75,6 +75,28 @@ impl<T> DeviceBuffer<T> {
     pub fn is_empty(&self) -> bool {
         true
     }
+    pub fn device_ptr(&self) -> u64 {
+        0
+    }
+}
+
+/// Device memory owned elsewhere (none exist without the feature).
+#[derive(Debug)]
+pub struct ForeignBuffer<T> {
+    buf: DeviceBuffer<T>,
+}
+
+impl<T> std::ops::Deref for ForeignBuffer<T> {
+    type Target = DeviceBuffer<T>;
+    fn deref(&self) -> &DeviceBuffer<T> {
+        &self.buf
+    }
+}
+
+impl<T> std::ops::DerefMut for ForeignBuffer<T> {
+    fn deref_mut(&mut self) -> &mut DeviceBuffer<T> {
+        &mut self.buf
+    }
 }
 
 /// A layer's indexes on the device (none exist without the feature).
@@ -151,6 +173,16 @@ impl SparsePrefill {
     }
     pub fn time_ms(&self, _f: impl FnOnce() -> Result<()>) -> Result<f32> {
         Err(Error::CudaNotCompiled)
+    }
+    pub fn synchronize(&self) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+    /// # Safety
+    /// As with the `cuda` feature (no `SparsePrefill` exists without it).
+    pub unsafe fn wrap_device_ptr<T>(&self, _ptr: u64, _len: usize) -> ForeignBuffer<T> {
+        ForeignBuffer {
+            buf: DeviceBuffer { _t: PhantomData },
+        }
     }
 }
 

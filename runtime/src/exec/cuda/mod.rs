@@ -81,6 +81,45 @@ impl<T> DeviceBuffer<T> {
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
     }
+
+    /// The raw device address (`CUdeviceptr`), e.g. to hand an output to another framework. The
+    /// buffer's work is queued on its [`SparsePrefill`]'s stream: wait with
+    /// [`SparsePrefill::synchronize`] before another stream reads it.
+    pub fn device_ptr(&self) -> u64 {
+        // event tracking is off on this device, so the guard does nothing
+        let (ptr, _sync) = self.inner.device_ptr(self.inner.stream());
+        ptr
+    }
+}
+
+/// Device memory the engine owns (a candle CUDA tensor's storage, a PyTorch tensor's `data_ptr()`, a
+/// `cudaMalloc`), usable wherever a [`DeviceBuffer`] is read or written
+/// ([`SparsePrefill::wrap_device_ptr`]). Dropping it frees nothing.
+#[derive(Debug)]
+pub struct ForeignBuffer<T> {
+    buf: std::mem::ManuallyDrop<DeviceBuffer<T>>,
+}
+
+impl<T> std::ops::Deref for ForeignBuffer<T> {
+    type Target = DeviceBuffer<T>;
+    fn deref(&self) -> &DeviceBuffer<T> {
+        &self.buf
+    }
+}
+
+impl<T> std::ops::DerefMut for ForeignBuffer<T> {
+    fn deref_mut(&mut self) -> &mut DeviceBuffer<T> {
+        &mut self.buf
+    }
+}
+
+impl<T> Drop for ForeignBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: `buf` is not used after this; `leak` gives the allocation back to its owner
+        // without freeing it.
+        let buf = unsafe { std::mem::ManuallyDrop::take(&mut self.buf) };
+        let _ = buf.inner.leak();
+    }
 }
 
 /// A layer's per-head indexes on the device, in the [`FlatIndex`] layout.
@@ -255,6 +294,31 @@ impl SparsePrefill {
                 ))
             })
             .collect()
+    }
+
+    /// Waits for everything queued on this executor's stream (our kernels and copies).
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    /// `len` elements of `T` at device address `ptr`, owned by someone else (e.g. the engine's
+    /// framework), as a buffer [`SparsePrefill::forward`] and [`PlanPrefill::forward`] take; bf16
+    /// tensors are `T = u16`. This executor runs on its own (non-blocking) stream: the engine must have
+    /// finished writing the inputs before the call that reads them (e.g. synchronize its stream) and
+    /// must call [`SparsePrefill::synchronize`] before it reads an output.
+    ///
+    /// # Safety
+    /// `ptr` must be an allocation of this device's primary context (the one cudarc, candle, PyTorch
+    /// and the CUDA runtime use) holding at least `len` elements of `T`, and it must stay allocated,
+    /// and untouched by other streams while this executor's work on it is queued, for as long as the
+    /// returned buffer lives.
+    pub unsafe fn wrap_device_ptr<T>(&self, ptr: u64, len: usize) -> ForeignBuffer<T> {
+        ForeignBuffer {
+            // SAFETY: the caller vouches for the allocation; `ForeignBuffer` never frees it.
+            buf: std::mem::ManuallyDrop::new(DeviceBuffer {
+                inner: unsafe { self.dev.stream.upgrade_device_ptr::<T>(ptr, len) },
+            }),
+        }
     }
 
     /// Copies `host` to a new device buffer.
