@@ -129,7 +129,7 @@ pub struct BenchResult {
     pub density: f64,
     /// Estimation (column and diagonal scores from the last `last_q` rows).
     pub estimate_ms: f32,
-    /// Selection: top-k, list building and the 16-byte read-back of the list sizes.
+    /// Selection: top-k, list building and the 8-byte read-back of the list sizes.
     pub select_ms: f32,
     /// Sparse attention over the index.
     pub sparse_attn_ms: f32,

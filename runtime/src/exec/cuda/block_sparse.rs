@@ -109,7 +109,7 @@ impl BlockSparseBuilder {
 
     /// The index of every head from the live `q` and `k` (bf16, the layout of
     /// [`SparsePrefill::forward`]) with one [`BlockChoice`] per query head, written into `out`
-    /// (reused when large enough). Waits for a 4-byte read-back of the list size.
+    /// (reused when large enough). Waits for an 8-byte read-back of the list sizes.
     pub fn build(
         &mut self,
         sp: &SparsePrefill,

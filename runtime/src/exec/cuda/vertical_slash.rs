@@ -199,7 +199,7 @@ impl VerticalSlashBuilder {
     }
 
     /// Stages 2 and 3: selection at per-head budgets `(vertical, slash)` (tokens, clamped as on the
-    /// CPU) and the lists, written into `out` (reused when large enough). Waits for a 16-byte read-back.
+    /// CPU) and the lists, written into `out` (reused when large enough). Waits for an 8-byte read-back.
     pub fn select(
         &mut self,
         sp: &SparsePrefill,
