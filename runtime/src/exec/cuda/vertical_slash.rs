@@ -424,3 +424,20 @@ impl VerticalSlashBuilder {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::est_tiles;
+
+    #[test]
+    fn estimate_chunks_shrink_for_small_layers_only() {
+        // SmolLM2's 9 heads at 8K: 2 tiles (576 CTAs), not 8 (144)
+        assert_eq!(est_tiles(9, 1, 8192), 2);
+        // the benchmark's 32 heads from 32K on, and 9 heads from ~64K on: the full 8
+        assert_eq!(est_tiles(32, 1, 32768), 8);
+        assert_eq!(est_tiles(9, 1, 131072), 8);
+        // never below one tile, never above eight
+        assert_eq!(est_tiles(1, 1, 64), 1);
+        assert_eq!(est_tiles(64, 4, 1 << 20), 8);
+    }
+}
