@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, counted_index, grid_u32, read_pair, scan_counts, BlockChoice, DeviceBuffer,
-    DeviceIndex, SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, grid_u32, read_pair, scan_counts, warp_per_item, BlockChoice,
+    DeviceBuffer, DeviceIndex, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::PatternContext;
@@ -301,11 +301,7 @@ impl BlockSparseBuilder {
             .arg(&heads)
             .arg(&ix.blk_off)
             .arg(&mut ix.blk_idx);
-        let warps = LaunchConfig {
-            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let warps = warp_per_item(m)?;
         // SAFETY: matches `bs_fill`; blk_idx holds at least the scanned total, which is the number of
         // set bits in the mask rows (bs_rank's counts).
         drv("bs_fill launch", unsafe { b.launch(warps) })?;

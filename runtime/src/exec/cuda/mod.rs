@@ -691,6 +691,16 @@ pub(crate) fn check_qkv(
     Ok(())
 }
 
+/// The launch shape of the kernels that give one warp to each of `items` (a (head, query block) entry,
+/// a row): 128-thread CTAs of four warps, `item = blockIdx.x * 4 + threadIdx.x / 32`.
+pub(crate) fn warp_per_item(items: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_u32(items.div_ceil(4))?, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 pub(crate) fn grid_u32(x: usize) -> Result<u32> {
     u32::try_from(x)
         .ok()

@@ -34,8 +34,8 @@ use super::device::{drv, KernelFile};
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
 use super::{
-    grid_u32, read_totals, scan_counts, size_lists, BlockChoice, BlockSparseBuilder, DeviceBuffer,
-    DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder,
+    grid_u32, read_totals, scan_counts, size_lists, warp_per_item, BlockChoice, BlockSparseBuilder,
+    DeviceBuffer, DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder,
     VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
@@ -549,11 +549,7 @@ impl Merge {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        let warps = LaunchConfig {
-            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let warps = warp_per_item(m)?;
         // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
         // source list sizes copied; the sources are those `count` checked.
         drv("ix_merge_copy launch", unsafe { b.launch(warps) })?;

@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    counted_index, grid_u32, read_pair, scan_counts, DeviceIndex, SparsePrefill, TokenChoice,
-    VerticalSlashBuilder, CUDA_BLOCK,
+    counted_index, grid_u32, read_pair, scan_counts, warp_per_item, DeviceIndex, SparsePrefill,
+    TokenChoice, VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::token_select::keeps_by_rank;
@@ -288,11 +288,7 @@ impl TokenSelectBuilder {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        let warps = LaunchConfig {
-            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let warps = warp_per_item(m)?;
         // SAFETY: matches `ts_fill`; blk_idx / col_idx hold at least the scanned totals.
         drv("ts_fill launch", unsafe { b.launch(warps) })?;
         *out = Some(ix);

@@ -10,8 +10,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, counted_index, grid_u32, read_pair, scan_counts, DeviceBuffer, DeviceIndex,
-    SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, grid_u32, read_pair, scan_counts, warp_per_item, DeviceBuffer,
+    DeviceIndex, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
@@ -186,11 +186,7 @@ impl VerticalSlashBuilder {
                 let (rows_i, nch) = (rows as i32, self.nchunks as i32);
                 let mut b = s.launch_builder(&self.est_reduce);
                 b.arg(&self.part).arg(&mut self.ml).arg(&rows_i).arg(&nch);
-                let cfg = LaunchConfig {
-                    grid_dim: (grid_u32(rows.div_ceil(4))?, 1, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = warp_per_item(rows)?;
                 // SAFETY: matches `vs_est_reduce(part, ml, rows, nchunks)`; ml has 2 * rows floats.
                 drv("vs_est_reduce launch", unsafe { b.launch(cfg) })?;
             }
@@ -313,11 +309,7 @@ impl VerticalSlashBuilder {
 
         let q_blocks = n.div_ceil(CUDA_BLOCK);
         let m = sh.q_heads * q_blocks;
-        let warps = LaunchConfig {
-            grid_dim: (grid_u32(m.div_ceil(4))?, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let warps = warp_per_item(m)?;
         let mut b = s.launch_builder(&self.count);
         b.arg(&self.col_cum)
             .arg(&self.diag_cum)
@@ -355,15 +347,7 @@ impl VerticalSlashBuilder {
         let n = sh.seq_len;
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let mut ix = counted_index(sp, out, &sh, totals, "vertical-slash")?;
-        let warps = LaunchConfig {
-            grid_dim: (
-                grid_u32((sh.q_heads * n.div_ceil(CUDA_BLOCK)).div_ceil(4))?,
-                1,
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let warps = warp_per_item(sh.q_heads * n.div_ceil(CUDA_BLOCK))?;
         let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.col_cum)
