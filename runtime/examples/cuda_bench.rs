@@ -617,15 +617,10 @@ fn check(args: &[String]) -> Result<()> {
             let ix = sp.upload_index(n, &heads)?;
             sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
             if shared {
-                let ms = (0..5)
-                    .map(|_| {
-                        sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out))
-                    })
-                    .collect::<Result<Vec<f32>>>()?;
-                println!(
-                    "attention over shared indexes: {:.3} ms (median of 5)",
-                    bench::median(ms)
-                );
+                let ms = bench::median_ms(&sp, 5, || {
+                    sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)
+                })?;
+                println!("attention over shared indexes: {ms:.3} ms (median of 5)");
             }
             FlatIndex::from_heads(n, &heads)?
         }
@@ -662,18 +657,12 @@ fn check(args: &[String]) -> Result<()> {
             sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
             let mut again = None; // a second index, its buffers reused by every timed build
             b.build(&sp, &qd, &kd, &choices, &mut again)?;
-            let ms = (0..5)
-                .map(|_| sp.time_ms(|| b.build(&sp, &qd, &kd, &choices, &mut again)))
-                .collect::<Result<Vec<f32>>>()?;
-            let att = (0..5)
-                .map(|_| {
-                    sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out))
-                })
-                .collect::<Result<Vec<f32>>>()?;
+            let ms = bench::median_ms(&sp, 5, || b.build(&sp, &qd, &kd, &choices, &mut again))?;
+            let att = bench::median_ms(&sp, 5, || {
+                sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)
+            })?;
             println!(
-                "block-sparse index build: {:.3} ms, attention over it {:.3} ms (medians of 5)",
-                bench::median(ms),
-                bench::median(att)
+                "block-sparse index build: {ms:.3} ms, attention over it {att:.3} ms (medians of 5)"
             );
             let flat = sp.download_index(&ix)?;
             extra = compare_blocks(&shape, &ctx, &q, &k, &choices, &flat)?;
@@ -711,18 +700,11 @@ fn check(args: &[String]) -> Result<()> {
             let ix = ix.ok_or_else(|| Error::Cuda("no index built".into()))?;
             sp.forward(&shape, &qd, &kd, &vd, Keys::Index(&ix), &mut out)?;
             let mut again = None;
-            let ms = (0..5)
-                .map(|_| {
-                    sp.time_ms(|| {
-                        vsb.estimate(&sp, &qd, &kd)?;
-                        tsb.build_heads(&sp, &vsb, &choices, &mut again)
-                    })
-                })
-                .collect::<Result<Vec<f32>>>()?;
-            println!(
-                "token-select index build (estimate included): {:.3} ms (median of 5)",
-                bench::median(ms)
-            );
+            let ms = bench::median_ms(&sp, 5, || {
+                vsb.estimate(&sp, &qd, &kd)?;
+                tsb.build_heads(&sp, &vsb, &choices, &mut again)
+            })?;
+            println!("token-select index build (estimate included): {ms:.3} ms (median of 5)");
             let flat = sp.download_index(&ix)?;
             let sel = tsb.selected(&sp)?;
             extra = compare_tokens(&shape, &ctx, &q, &k, &pats, &sel, &flat)?;
@@ -898,11 +880,9 @@ fn plan_bench(args: &[String]) -> Result<()> {
     let timed = &runs[2..];
     let index_ms = bench::median(timed.iter().map(|r| r.index_ms).collect());
     let attn_ms = bench::median(timed.iter().map(|r| r.attention_ms).collect());
-    let dense_ms = bench::median(
-        (0..reps.min(3))
-            .map(|_| sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)))
-            .collect::<Result<Vec<f32>>>()?,
-    );
+    let dense_ms = bench::median_ms(&sp, reps.min(3), || {
+        sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
+    })?;
     let r = &runs[runs.len() - 1];
     println!(
         "plan n={n} {hq}x{hkv}x{d}: density {:.4}; index {index_ms:.3} ms, attention {attn_ms:.3} ms, \
@@ -989,11 +969,9 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
             *slot += c;
         }
     }
-    let dense_ms = bench::median(
-        (0..reps)
-            .map(|_| sp.time_ms(|| sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)))
-            .collect::<Result<Vec<f32>>>()?,
-    );
+    let dense_ms = bench::median_ms(&sp, reps, || {
+        sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
+    })?;
     println!(
         "plan {} at n={n}: {} layers, index {index_ms:.3} ms + attention {attn_ms:.3} ms = {:.3} ms \
          (index share {:.1}%); dense {:.3} ms ({dense_ms:.3} per layer); {entries} index entries; \

@@ -258,6 +258,18 @@ pub fn median(mut x: Vec<f32>) -> f32 {
     x.get(x.len() / 2).copied().unwrap_or(f32::NAN)
 }
 
+/// The median of `reps` CUDA-event timings of the work `f` queues.
+pub fn median_ms(
+    sp: &SparsePrefill,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f32> {
+    let times = (0..reps)
+        .map(|_| sp.time_ms(&mut f))
+        .collect::<Result<Vec<f32>>>()?;
+    Ok(median(times))
+}
+
 /// Times one length on `sp`: inputs generated and uploaded, two warm-ups of index building, sparse
 /// and dense attention, then `reps` timed rounds of estimate, select, sparse attention and end to end
 /// (each with CUDA events around it), then the dense runs. Returns the medians and the index of the
