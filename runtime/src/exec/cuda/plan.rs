@@ -63,9 +63,6 @@ pub struct PlanPrefill {
     bs: Option<(AttnShape, BlockSparseBuilder)>,
     ts: Option<(AttnShape, TokenSelectBuilder)>,
     qa: Option<(AttnShape, QueryAdaptive)>,
-    /// `0xffffffff` per head: no source decided on the device (the merge's `src_over` without
-    /// query-adaptive heads), for `q_heads` heads.
-    no_over: Option<(usize, CudaSlice<u32>)>,
     vs_ix: Option<DeviceIndex>,
     bs_ix: Option<DeviceIndex>,
     ts_ix: Option<DeviceIndex>,
@@ -103,7 +100,6 @@ impl PlanPrefill {
             bs: None,
             ts: None,
             qa: None,
-            no_over: None,
             vs_ix: None,
             bs_ix: None,
             ts_ix: None,
@@ -255,22 +251,11 @@ impl PlanPrefill {
             .count();
         // one source serving every head as itself needs no merge
         let direct = (sources_used == 1 && stats.shared == 0).then(|| src_of[0].0);
-        if self
-            .no_over
-            .as_ref()
-            .is_none_or(|(h, _)| *h != shape.q_heads)
-        {
-            let ones = vec![u32::MAX; shape.q_heads];
-            self.no_over = Some((
-                shape.q_heads,
-                drv("upload", sp.dev.stream.clone_htod(&ones))?,
-            ));
-        }
         if self.statics_shape != Some(*shape) {
             self.statics.clear();
             self.statics_shape = Some(*shape);
         }
-        let (qa, no_over) = (&mut self.qa, &self.no_over);
+        let qa = &mut self.qa;
         let (vs, bs, ts, vs_ix, bs_ix, ts_ix, merged) = (
             &mut self.vs,
             &mut self.bs,
@@ -328,10 +313,11 @@ impl PlanPrefill {
                 }
                 *from_cache = Some(layer);
             }
-            let over = match (any_qa, qa.as_ref(), no_over.as_ref()) {
-                (true, Some((_, d)), _) => &d.src,
-                (_, _, Some((_, none))) => none,
-                _ => return Err(Error::Cuda("no source overrides".into())),
+            // the branches the device chose for the query-adaptive heads, if any
+            let over = match (any_qa, qa.as_ref()) {
+                (true, Some((_, d))) => Some(&d.src),
+                (true, None) => return Err(Error::Cuda("no query-adaptive decisions".into())),
+                (false, _) => None,
             };
             if direct.is_none() {
                 // the merged list sizes need only the sources' offsets
@@ -354,20 +340,18 @@ impl PlanPrefill {
                     .ok_or_else(|| Error::Cuda(format!("no list totals in slot {slot}")))
             };
             // 3. the lists
+            // (the builders of step 1, for this shape)
             if used(SRC_VS) {
-                if let Some((_, b)) = vs.as_mut() {
-                    b.fill(sp, t(SLOT_VS)?, vs_ix)?;
-                }
+                let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
+                b.fill(sp, t(SLOT_VS)?, vs_ix)?;
             }
             if used(SRC_TS) {
-                if let Some((_, b)) = ts.as_mut() {
-                    b.fill(sp, t(SLOT_TS)?, ts_ix)?;
-                }
+                let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
+                b.fill(sp, t(SLOT_TS)?, ts_ix)?;
             }
             if used(SRC_BS) {
-                if let Some((_, b)) = bs.as_mut() {
-                    b.fill(sp, t(SLOT_BS)?, bs_ix)?;
-                }
+                let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
+                b.fill(sp, t(SLOT_BS)?, bs_ix)?;
             }
             if let (None, Some(ix)) = (direct, merged.as_mut()) {
                 let host_src = from_cache.and_then(|l| cache.get(&l));
@@ -412,14 +396,15 @@ fn builder<'a, B>(
 
 /// Merging per-head lists from up to four sources into one index (`ix_merge_count`, `vs_scan`,
 /// `ix_merge_copy`): head `h` takes the lists of head `src_of[h].1` of source `src_of[h].0`, or of
-/// the source the device chose for that head (`src_over`, query-adaptive heads).
+/// the source the device chose for that head (`src_over`, query-adaptive heads; without it, a
+/// buffer of `0xffffffff`, "no choice", stands in).
 #[derive(Debug)]
 struct Merge {
     count: CudaFunction,
     copy: CudaFunction,
     scan: CudaFunction,
-    /// For `q_heads` heads and `m` entries: per-head source and head (uploaded per layer), and the
-    /// per-entry list sizes.
+    /// For `q_heads` heads and `m` entries: per-head source and head (uploaded per layer), "no
+    /// device choice" per head, and the per-entry list sizes.
     bufs: Option<MergeBufs>,
 }
 
@@ -429,6 +414,7 @@ struct MergeBufs {
     m: usize,
     ids: CudaSlice<u32>,
     heads: CudaSlice<u32>,
+    no_over: CudaSlice<u32>,
     cnt_blk: CudaSlice<u32>,
     cnt_col: CudaSlice<u32>,
 }
@@ -443,7 +429,7 @@ impl Merge {
         shape: &AttnShape,
         sources: [Option<&DeviceIndex>; 4],
         src_of: &[(u32, u32)],
-        src_over: &CudaSlice<u32>,
+        src_over: Option<&CudaSlice<u32>>,
         out: Option<DeviceIndex>,
         totals: (&mut CudaSlice<u32>, usize),
     ) -> Result<DeviceIndex> {
@@ -474,6 +460,7 @@ impl Merge {
                 m,
                 ids: z(shape.q_heads)?,
                 heads: z(shape.q_heads)?,
+                no_over: drv("upload", s.clone_htod(&vec![u32::MAX; shape.q_heads]))?,
                 cnt_blk: z(m)?,
                 cnt_col: z(m)?,
             });
@@ -490,12 +477,14 @@ impl Merge {
         let MergeBufs {
             ids: ids_d,
             heads: heads_d,
+            no_over,
             cnt_blk,
             cnt_col,
             ..
         } = bufs;
         let mut b = s.launch_builder(&self.count);
-        push_sources(&mut b, sources, (ids_d, heads_d), src_over, &dims)?;
+        let over = src_over.unwrap_or(no_over);
+        push_sources(&mut b, sources, (ids_d, heads_d), over, &dims)?;
         b.arg(&mut *cnt_blk).arg(&mut *cnt_col);
         let cfg = LaunchConfig {
             grid_dim: (grid_u32(m.div_ceil(256))?, 1, 1),
@@ -529,7 +518,7 @@ impl Merge {
         sp: &SparsePrefill,
         shape: &AttnShape,
         sources: [Option<&DeviceIndex>; 4],
-        src_over: &CudaSlice<u32>,
+        src_over: Option<&CudaSlice<u32>>,
         ix: &mut DeviceIndex,
         totals: (usize, usize),
     ) -> Result<()> {
@@ -544,7 +533,8 @@ impl Merge {
             shape.seq_len.div_ceil(CUDA_BLOCK) as i32,
         );
         let mut b = sp.dev.stream.launch_builder(&self.copy);
-        push_sources(&mut b, sources, (&bufs.ids, &bufs.heads), src_over, &dims)?;
+        let over = src_over.unwrap_or(&bufs.no_over);
+        push_sources(&mut b, sources, (&bufs.ids, &bufs.heads), over, &dims)?;
         b.arg(&ix.blk_off)
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
