@@ -1,8 +1,9 @@
 //! CUDA executor (feature `cuda`): sparse causal flash attention over the [`HeadIndex`] form, and GPU
-//! index building for vertical-slash, block-sparse and token-select. Kernels are the `.cu` files of `runtime/kernels/`, embedded and
-//! compiled with NVRTC at first use (`compute_90`, override with [`device::ARCH_ENV`]), cached per
-//! device; libcuda and libnvrtc are opened at run time, so building needs no CUDA toolkit. Without the
-//! feature, `exec/cuda_disabled.rs` offers the same API, returning [`Error::CudaNotCompiled`].
+//! index building for vertical-slash, block-sparse and token-select. Kernels are the `.cu` files of
+//! `runtime/kernels/`, embedded and compiled with NVRTC at first use (`compute_90a`, override with
+//! [`device::ARCH_ENV`]), cached per device; libcuda and libnvrtc are opened at run time, so building
+//! needs no CUDA toolkit. Without the feature, `exec/cuda_disabled.rs` offers the same API, returning
+//! [`Error::CudaNotCompiled`].
 //!
 //! Main types:
 //! - [`SparsePrefill`]: a device with its compiled kernels; [`SparsePrefill::forward`] computes one
@@ -18,6 +19,7 @@
 //!   ([`BlockChoice`]) and list building on the GPU; same selection as
 //!   [`crate::pattern::block_sparse`].
 //! - [`DeviceBuffer`]: a typed device allocation; bf16 tensors are `DeviceBuffer<u16>` (raw bits).
+//!   [`ForeignBuffer`] ([`SparsePrefill::wrap_device_ptr`]): memory another framework owns, by address.
 //! - [`bench`](mod@bench): the benchmark of docs/perf.md ([`bench::measure`] gives a
 //!   [`bench::BenchResult`] per length), shared by `attnplan bench --device cuda` and `cuda_bench`.
 //!

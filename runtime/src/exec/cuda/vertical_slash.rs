@@ -3,8 +3,9 @@
 //! Stages (one launch each, all heads; see `kernels/vertical_slash.cu`): estimation (`vs_est_max`,
 //! `vs_est_reduce`, `vs_est_sum`: softmax of the last `last_q` queries, summed per column and per
 //! diagonal), selection (`vs_topk`: top-v columns and top-s diagonals with the CPU ranking's forced
-//! items and tie rule), lists (`vs_bdiag`, `vs_count`, `vs_scan`, `vs_fill`). The two totals are read back once
-//! (a 16-byte copy) to size the lists; the buffers are reused across calls.
+//! items and tie rule), lists (`vs_bdiag`, `vs_count`, `vs_scan`, `vs_fill`). The two list totals are
+//! read back in one 8-byte copy to size the lists (in a plan layer, with the other builders' totals);
+//! the buffers are reused across calls.
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
