@@ -44,6 +44,23 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A layer of `n` tokens and its pattern context with the CUDA kernels' 64 x 64 blocks, last_q 64.
+fn layer(hq: usize, hkv: usize, n: usize, d: usize) -> (AttnShape, PatternContext) {
+    let shape = AttnShape {
+        q_heads: hq,
+        kv_heads: hkv,
+        seq_len: n,
+        head_dim: d,
+    };
+    let ctx = PatternContext {
+        seq_len: n,
+        block_q: 64,
+        block_k: 64,
+        last_q: 64,
+    };
+    (shape, ctx)
+}
+
 #[test]
 fn bf16_rounding_is_nearest_even() {
     assert_eq!(bf16_bits(1.0), 0x3f80);
@@ -292,18 +309,7 @@ fn token_select_builder_matches_cpu_selection() {
     let Some(sp) = device() else { return };
     for (n, d) in [(1100usize, 64usize), (2050, 128)] {
         let (hq, hkv) = (4usize, 2usize);
-        let shape = AttnShape {
-            q_heads: hq,
-            kv_heads: hkv,
-            seq_len: n,
-            head_dim: d,
-        };
-        let ctx = PatternContext {
-            seq_len: n,
-            block_q: 64,
-            block_k: 64,
-            last_q: 64,
-        };
+        let (shape, ctx) = layer(hq, hkv, n, d);
         let pats = [
             schemas::TokenSelect {
                 block: 64,
@@ -371,18 +377,7 @@ fn block_sparse_builder_matches_cpu_selection() {
     ];
     for (n, d) in [(1100usize, 64usize), (1100, 128), (65, 64)] {
         let (hq, hkv) = (4usize, 2usize);
-        let shape = AttnShape {
-            q_heads: hq,
-            kv_heads: hkv,
-            seq_len: n,
-            head_dim: d,
-        };
-        let ctx = PatternContext {
-            seq_len: n,
-            block_q: 64,
-            block_k: 64,
-            last_q: 64,
-        };
+        let (shape, ctx) = layer(hq, hkv, n, d);
         let (q, k) = (noise(hq * n * d, 7), noise(hkv * n * d, 8));
         let mut b = BlockSparseBuilder::new(&sp, &shape, &ctx).unwrap();
         let (qd, kd) = (sp.upload_bf16(&q).unwrap(), sp.upload_bf16(&k).unwrap());
@@ -522,18 +517,7 @@ fn builder_choices_resolve_plan_patterns() {
 fn a_shape_index_matches_reference_on_cells() {
     let Some(sp) = device() else { return };
     let (n, hq, hkv, d) = (333usize, 2usize, 1usize, 128usize);
-    let shape = AttnShape {
-        q_heads: hq,
-        kv_heads: hkv,
-        seq_len: n,
-        head_dim: d,
-    };
-    let ctx = PatternContext {
-        seq_len: n,
-        block_q: 64,
-        block_k: 64,
-        last_q: 64,
-    };
+    let (shape, ctx) = layer(hq, hkv, n, d);
     let heads = vec![a_shape::index(&ctx, 64, 64), a_shape::index(&ctx, 1, 128)];
     let flat = FlatIndex::from_heads(n, &heads).unwrap();
     let (q, k, v) = (
