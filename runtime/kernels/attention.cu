@@ -901,7 +901,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         auto block_b = [&](int i) { return i < b_len ? (dense ? i : (int)blk_idx[b_off + i]) : NONE; };
         const int cta = (ca_len + BN - 1) / BN, ctb = (cb_len + BN - 1) / BN;
         int ia = 0, ib = 0, ja = 0, jb = 0;  // next block / column tile of each warpgroup
-        int va = block_a(0), vb = block_b(0);
+        // Every list entry is loaded one tile before it is needed, so that its latency overlaps the
+        // producer's other work instead of adding to each tile's (a column tile serves one warpgroup, so
+        // two of them must be issued per tile time; with the loads in line the producer fell behind).
+        // va/vb: the next block of each list, na/nb: the one after. c?0, c?1: the positions of the next
+        // column tile of each warpgroup, rows `lane` and `32 + lane`, shuffled to the rows a thread copies.
+        int va = block_a(0), vb = block_b(0), na = block_a(1), nb = block_b(1);
+        auto column = [&](int off, int len, int e) { return e < len ? (int)col_idx[off + e] : POS_NONE; };
+        int ca0 = column(ca_off, ca_len, lane), ca1 = column(ca_off, ca_len, 32 + lane);
+        int cb0 = column(cb_off, cb_len, lane), cb1 = column(cb_off, cb_len, 32 + lane);
         // tiles since each warpgroup's last own tile (negative before its first); DONE bits for the next tile
         int since0 = -(1 << 30), since1 = -(1 << 30), pend = 0;
         bool done0 = va == NONE && cta == 0, done1 = vb == NONE && ctb == 0;
@@ -935,17 +943,20 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             } else {
                 colw = ja < cta && (jb >= ctb || ja <= jb) ? 0 : 1;
             }
-            int tag, e0 = 0, len = 0;
-            const u32* list = col_idx;
+            int tag;
             if (kb >= 0) {
                 tag = (va == kb ? 1 : 0) | (vb == kb ? 2 : 0);
-                if (va == kb) va = block_a(++ia);
-                if (vb == kb) vb = block_b(++ib);
+                if (va == kb) {
+                    va = na;
+                    na = block_a(++ia + 1);
+                }
+                if (vb == kb) {
+                    vb = nb;
+                    nb = block_b(++ib + 1);
+                }
             } else {
                 tag = 1 << colw;
-                e0 = (colw == 0 ? ja++ : jb++) * BN;
-                len = colw == 0 ? ca_len : cb_len;
-                list = col_idx + (colw == 0 ? ca_off : cb_off);
+                if (colw == 0) ++ja; else ++jb;
             }
             since0 = tag & 1 ? 0 : since0 + 1;
             since1 = tag & 2 ? 0 : since1 + 1;
@@ -986,11 +997,19 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 }
             } else {
                 const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
+                // row lr + RS j sits in lane (lr + RS j) % 32 of the first register for j < 32 / RS
                 int pos[BN / RS];
 #pragma unroll
                 for (int j = 0; j < BN / RS; ++j) {
-                    const int r = lr + RS * j;
-                    pos[j] = e0 + r < len ? (int)list[e0 + r] : POS_NONE;
+                    const int src = colw == 0 ? (j < 32 / RS ? ca0 : ca1) : (j < 32 / RS ? cb0 : cb1);
+                    pos[j] = __shfl_sync(0xffffffff, src, (lr + RS * j) & 31);
+                }
+                if (colw == 0) {  // the warpgroup's next column tile
+                    ca0 = column(ca_off, ca_len, ja * BN + lane);
+                    ca1 = column(ca_off, ca_len, ja * BN + 32 + lane);
+                } else {
+                    cb0 = column(cb_off, cb_len, jb * BN + lane);
+                    cb1 = column(cb_off, cb_len, jb * BN + 32 + lane);
                 }
 #pragma unroll
                 for (int j = 0; j < BN / RS; ++j) {
