@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Where our max error on a `cuda_bench check` case comes from (on the GPU machine, repo root).
+
+Usage: scripts/gpu/lazy-max-diag.py CASE_DIR...   (each written by `cuda_bench check`; key-block
+indexes only, e.g. --index gpu-bs)
+
+Per case, the max abs errors against the f64 reference of: our output; a PyTorch replay of the
+attention kernels' numerics (the query block's key blocks in order as 64-key tiles, the lazy running
+max that moves only when a tile's max passes it by more than 8 in log2 units, P rounded to bf16 for
+P V, f32 row sums of the unrounded P, bf16 output); the replay with the rounded P summed; the replay
+with the max moved at every increase; PyTorch's bf16 SDPA. Then the worst element of ours: head,
+row, column, the row's cell count and its largest normalized P. Findings: docs/perf.md ("Block-sparse
+cases at head_dim 64").
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from check import head_masks, load_bf16, load_u32  # noqa: E402
+
+DEV = "cuda"
+HEADROOM = 8.0  # RESCALE_LOG2 of attention.cu
+
+
+def bf16(x):
+    return x.to(torch.bfloat16).float()
+
+
+def replay(q, k, v, blocks, n, scale_log2, variant):
+    """Our kernels' output (f32 before the final rounding) for one head; `blocks[qb]` are the
+    query block's key blocks in order."""
+    s_all = q.float() @ k.float().T
+    out = torch.empty(n, q.shape[1], device=DEV)
+    for qb, kbs in enumerate(blocks):
+        r0, r1 = qb * 64, min(n, qb * 64 + 64)
+        rows = torch.arange(r0, r1, device=DEV)
+        m = torch.full((r1 - r0,), float("-inf"), device=DEV)
+        l = torch.zeros(r1 - r0, device=DEV)
+        o = torch.zeros(r1 - r0, q.shape[1], device=DEV)
+        for kb in kbs:
+            c0, c1 = kb * 64, min(n, kb * 64 + 64)
+            s = s_all[r0:r1, c0:c1].clone()
+            s[torch.arange(c0, c1, device=DEV)[None, :] > rows[:, None]] = float("-inf")
+            cand = s.max(1).values * scale_log2
+            up = cand > (m if variant == "eager_max" else m + HEADROOM)
+            m_new = torch.where(up, cand, m)
+            use = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+            alpha = torch.where(up, torch.exp2(m - use), torch.ones_like(m))
+            m = m_new
+            p = torch.exp2(s * scale_log2 - use[:, None])
+            p16 = bf16(p)
+            l = l * alpha + (p16 if variant == "rounded_sums" else p).sum(1)
+            o = o * alpha[:, None] + p16 @ v[c0:c1].float()
+        out[r0:r1] = o / l[:, None]
+    return out
+
+
+def diagnose(case):
+    meta = json.loads((case / "meta.json").read_text())
+    n, hq, hkv, hd = meta["n"], meta["hq"], meta["hkv"], meta["d"]
+    group = hq // hkv
+    q = load_bf16(case / "q.bf16", (hq, n, hd)).to(DEV)
+    k = load_bf16(case / "k.bf16", (hkv, n, hd)).to(DEV)
+    v = load_bf16(case / "v.bf16", (hkv, n, hd)).to(DEV)
+    out = load_bf16(case / "out.bf16", (hq, n, hd)).to(DEV)
+    blk_off, blk_idx = load_u32(case / "blk_off.u32"), load_u32(case / "blk_idx.u32")
+    col_off, col_idx = load_u32(case / "col_off.u32"), load_u32(case / "col_idx.u32")
+    if col_idx.numel():
+        raise SystemExit(f"{case}: gathered columns are not replayed; use a key-block index")
+    qbs = (n + 63) // 64
+    j = torch.arange(n, device=DEV)
+    scale_log2 = math.log2(math.e) / math.sqrt(hd)
+    errors = {"ours": 0.0, "replay": 0.0, "rounded_sums": 0.0, "eager_max": 0.0, "sdpa": 0.0}
+    worst = (0.0, None)
+    for h in range(hq):
+        kv = h // group
+        bm, cm = head_masks(h, qbs, n, blk_off, blk_idx, col_off, col_idx, DEV)
+        cell = (bm[j // 64][:, j // 64] | cm[j // 64]) & (j[None, :] <= j[:, None])
+        s64 = (q[h].double() @ k[kv].double().T) / hd**0.5
+        p64 = torch.softmax(s64.masked_fill(~cell, float("-inf")), -1)
+        ref = p64 @ v[kv].double()
+        err = (out[h].double() - ref).abs()
+        errors["ours"] = max(errors["ours"], err.max().item())
+        if err.max().item() > worst[0]:
+            row, col = divmod(int(err.argmax()), hd)
+            worst = (err.max().item(), dict(head=h, row=row, col=col, cells=int(cell[row].sum()),
+                                            top_p=round(p64[row].max().item(), 3)))
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q[h][None, None], k[kv][None, None], v[kv][None, None], attn_mask=cell[None, None]
+        )[0, 0].double()
+        errors["sdpa"] = max(errors["sdpa"], (sdpa - ref).abs().max().item())
+        blocks = [blk_idx[int(blk_off[h * qbs + qb]):int(blk_off[h * qbs + qb + 1])].tolist()
+                  for qb in range(qbs)]
+        for variant in ("replay", "rounded_sums", "eager_max"):
+            o = replay(q[h], k[kv], v[kv], blocks, n, scale_log2, variant)
+            errors[variant] = max(errors[variant], (bf16(o).double() - ref).abs().max().item())
+    print(f"{case.name} n={n} d={hd}: " + ", ".join(f"{a} {b:.2e}" for a, b in errors.items()))
+    print(f"  worst element of ours: {worst[0]:.2e} {worst[1]}")
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        diagnose(Path(arg))
