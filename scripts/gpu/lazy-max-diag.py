@@ -7,8 +7,9 @@ indexes only, e.g. --index gpu-bs)
 Per case, the max abs errors against the f64 reference of: our output; a PyTorch replay of the
 attention kernels' numerics (the query block's key blocks in order as 64-key tiles, the lazy running
 max that moves only when a tile's max passes it by more than 8 in log2 units, P rounded to bf16 for
-P V, f32 row sums of the unrounded P, bf16 output); the replay with the rounded P summed; the replay
-with the max moved at every increase; PyTorch's bf16 SDPA. Then the worst element of ours: head,
+P V, f32 row sums of the unrounded P, bf16 output); the replay with the rounded P summed; with only
+each row's largest P of a tile rounded in the sum; with the max moved at every increase; PyTorch's
+bf16 SDPA. Then the worst element of ours: head,
 row, column, the row's cell count and its largest normalized P. Findings: docs/perf.md ("Block-sparse
 cases at head_dim 64").
 """
@@ -54,6 +55,9 @@ def replay(q, k, v, blocks, n, scale_log2, variant):
             p = torch.exp2(s * scale_log2 - use[:, None])
             p16 = bf16(p)
             l = l * alpha + (p16 if variant == "rounded_sums" else p).sum(1)
+            if variant == "max_corrected":  # the rounding of each row's largest P only
+                p_max = torch.exp2(cand - use)
+                l = l + torch.where(cand == float("-inf"), torch.zeros_like(l), bf16(p_max) - p_max)
             o = o * alpha[:, None] + p16 @ v[c0:c1].float()
         out[r0:r1] = o / l[:, None]
     return out
@@ -74,7 +78,8 @@ def diagnose(case):
     qbs = (n + 63) // 64
     j = torch.arange(n, device=DEV)
     scale_log2 = math.log2(math.e) / math.sqrt(hd)
-    errors = {"ours": 0.0, "replay": 0.0, "rounded_sums": 0.0, "eager_max": 0.0, "sdpa": 0.0}
+    errors = {"ours": 0.0, "replay": 0.0, "rounded_sums": 0.0, "max_corrected": 0.0, "eager_max": 0.0,
+              "sdpa": 0.0}
     worst = (0.0, None)
     for h in range(hq):
         kv = h // group
@@ -95,7 +100,7 @@ def diagnose(case):
         errors["sdpa"] = max(errors["sdpa"], (sdpa - ref).abs().max().item())
         blocks = [blk_idx[int(blk_off[h * qbs + qb]):int(blk_off[h * qbs + qb + 1])].tolist()
                   for qb in range(qbs)]
-        for variant in ("replay", "rounded_sums", "eager_max"):
+        for variant in ("replay", "rounded_sums", "max_corrected", "eager_max"):
             o = replay(q[h], k[kv], v[kv], blocks, n, scale_log2, variant)
             errors[variant] = max(errors[variant], (bf16(o).double() - ref).abs().max().item())
     print(f"{case.name} n={n} d={hd}: " + ", ".join(f"{a} {b:.2e}" for a, b in errors.items()))
