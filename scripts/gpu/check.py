@@ -44,16 +44,23 @@ def head_masks(h, qb_count, n, blk_off, blk_idx, col_off, col_idx, dev):
     return bm, cm
 
 
-def check_case(d: Path, dev):
+def load_case(d: Path, dev):
+    """A case written by `cuda_bench check`: meta, Q, K, V and our output (bf16 on `dev`), and the flat
+    index (blk_off, blk_idx, col_off, col_idx) on the host."""
     meta = json.loads((d / "meta.json").read_text())
     n, hq, hkv, hd = meta["n"], meta["hq"], meta["hkv"], meta["d"]
-    group = hq // hkv
     q = load_bf16(d / "q.bf16", (hq, n, hd)).to(dev)
     k = load_bf16(d / "k.bf16", (hkv, n, hd)).to(dev)
     v = load_bf16(d / "v.bf16", (hkv, n, hd)).to(dev)
     out = load_bf16(d / "out.bf16", (hq, n, hd)).to(dev)
-    blk_off, blk_idx = load_u32(d / "blk_off.u32"), load_u32(d / "blk_idx.u32")
-    col_off, col_idx = load_u32(d / "col_off.u32"), load_u32(d / "col_idx.u32")
+    index = tuple(load_u32(d / f"{name}.u32") for name in ("blk_off", "blk_idx", "col_off", "col_idx"))
+    return meta, q, k, v, out, index
+
+
+def check_case(d: Path, dev):
+    meta, q, k, v, out, (blk_off, blk_idx, col_off, col_idx) = load_case(d, dev)
+    n, hq, hkv, hd = meta["n"], meta["hq"], meta["hkv"], meta["d"]
+    group = hq // hkv
     qb_count = (n + 63) // 64
     if n <= 4097:
         rows = torch.arange(n, device=dev)

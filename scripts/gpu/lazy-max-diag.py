@@ -13,7 +13,6 @@ bf16 SDPA. Then the worst element of ours: head,
 row, column, the row's cell count and its largest normalized P. Findings: docs/perf.md ("Block-sparse
 cases at head_dim 64").
 """
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from check import head_masks, load_bf16, load_u32  # noqa: E402
+from check import head_masks, load_case  # noqa: E402
 
 DEV = "cuda"
 HEADROOM = 8.0  # RESCALE_LOG2 of attention.cu
@@ -64,15 +63,9 @@ def replay(q, k, v, blocks, n, scale_log2, variant):
 
 
 def diagnose(case):
-    meta = json.loads((case / "meta.json").read_text())
+    meta, q, k, v, out, (blk_off, blk_idx, col_off, col_idx) = load_case(case, DEV)
     n, hq, hkv, hd = meta["n"], meta["hq"], meta["hkv"], meta["d"]
     group = hq // hkv
-    q = load_bf16(case / "q.bf16", (hq, n, hd)).to(DEV)
-    k = load_bf16(case / "k.bf16", (hkv, n, hd)).to(DEV)
-    v = load_bf16(case / "v.bf16", (hkv, n, hd)).to(DEV)
-    out = load_bf16(case / "out.bf16", (hq, n, hd)).to(DEV)
-    blk_off, blk_idx = load_u32(case / "blk_off.u32"), load_u32(case / "blk_idx.u32")
-    col_off, col_idx = load_u32(case / "col_off.u32"), load_u32(case / "col_idx.u32")
     if col_idx.numel():
         raise SystemExit(f"{case}: gathered columns are not replayed; use a key-block index")
     qbs = (n + 63) // 64
