@@ -57,6 +57,21 @@ def load_case(d: Path, dev):
     return meta, q, k, v, out, index
 
 
+def head_reference(q, k, v, bm, cm, rows):
+    """For one head (q [n, d]; k, v its KV head's) at `rows`: the boolean cells (the index's key blocks
+    and columns, causal), the f64 softmax P over them, the f64 reference output and PyTorch's bf16 SDPA
+    with the same mask (as f64)."""
+    n, hd = k.shape
+    j = torch.arange(n, device=k.device)
+    qb = rows // 64
+    cell = (bm[qb][:, j // 64] | cm[qb]) & (j[None, :] <= rows[:, None])
+    s = (q[rows].double() @ k.double().T) / hd**0.5
+    p = torch.softmax(s.masked_fill(~cell, float("-inf")), dim=-1)
+    ref = p @ v.double()
+    sd = F.scaled_dot_product_attention(q[rows][None, None], k[None, None], v[None, None], attn_mask=cell[None, None])
+    return cell, p, ref, sd[0, 0].double()
+
+
 def check_case(d: Path, dev):
     meta, q, k, v, out, (blk_off, blk_idx, col_off, col_idx) = load_case(d, dev)
     n, hq, hkv, hd = meta["n"], meta["hq"], meta["hkv"], meta["d"]
@@ -68,23 +83,13 @@ def check_case(d: Path, dev):
         g = torch.Generator().manual_seed(n)
         mid = torch.randperm(n - 256, generator=g)[:768] + 128
         rows = torch.cat([torch.arange(128), mid, torch.arange(n - 128, n)]).to(dev)
-    j = torch.arange(n, device=dev)
     ours_err = sdpa_err = 0.0
     ours_rel = 0.0
     for h in range(hq):
         kv = h // group
         bm, cm = head_masks(h, qb_count, n, blk_off, blk_idx, col_off, col_idx, dev)
-        qb = rows // 64
-        cell = bm[qb][:, j // 64] | cm[qb]
-        cell &= j[None, :] <= rows[:, None]
-        q64, k64, v64 = q[h, rows].double(), k[kv].double(), v[kv].double()
-        s = (q64 @ k64.T) / hd**0.5
-        s = s.masked_fill(~cell, float("-inf"))
-        ref = torch.softmax(s, dim=-1) @ v64
+        _, _, ref, sd = head_reference(q[h], k[kv], v[kv], bm, cm, rows)
         ours = out[h, rows].double()
-        sd = F.scaled_dot_product_attention(
-            q[h, rows][None, None], k[kv][None, None], v[kv][None, None], attn_mask=cell[None, None]
-        )[0, 0].double()
         e_ours = (ours - ref).abs().max().item()
         e_sdpa = (sd - ref).abs().max().item()
         ours_err = max(ours_err, e_ours if e_ours == e_ours else float("inf"))

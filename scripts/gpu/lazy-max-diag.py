@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from check import head_masks, load_case  # noqa: E402
+from check import head_masks, head_reference, load_case  # noqa: E402
 
 DEV = "cuda"
 HEADROOM = 8.0  # RESCALE_LOG2 of attention.cu
@@ -56,7 +56,7 @@ def replay(q, k, v, blocks, n, scale_log2, variant):
             l = l * alpha + (p16 if variant == "rounded_sums" else p).sum(1)
             if variant == "max_corrected":  # the rounding of each row's largest P only
                 p_max = torch.exp2(cand - use)
-                l = l + torch.where(cand == float("-inf"), torch.zeros_like(l), bf16(p_max) - p_max)
+                l = l + (bf16(p_max) - p_max)  # 0 for a row with no key yet (p_max = 2^-inf)
             o = o * alpha[:, None] + p16 @ v[c0:c1].float()
         out[r0:r1] = o / l[:, None]
     return out
@@ -69,7 +69,7 @@ def diagnose(case):
     if col_idx.numel():
         raise SystemExit(f"{case}: gathered columns are not replayed; use a key-block index")
     qbs = (n + 63) // 64
-    j = torch.arange(n, device=DEV)
+    rows = torch.arange(n, device=DEV)
     scale_log2 = math.log2(math.e) / math.sqrt(hd)
     errors = {"ours": 0.0, "replay": 0.0, "rounded_sums": 0.0, "max_corrected": 0.0, "eager_max": 0.0,
               "sdpa": 0.0}
@@ -77,19 +77,13 @@ def diagnose(case):
     for h in range(hq):
         kv = h // group
         bm, cm = head_masks(h, qbs, n, blk_off, blk_idx, col_off, col_idx, DEV)
-        cell = (bm[j // 64][:, j // 64] | cm[j // 64]) & (j[None, :] <= j[:, None])
-        s64 = (q[h].double() @ k[kv].double().T) / hd**0.5
-        p64 = torch.softmax(s64.masked_fill(~cell, float("-inf")), -1)
-        ref = p64 @ v[kv].double()
+        cell, p64, ref, sdpa = head_reference(q[h], k[kv], v[kv], bm, cm, rows)
         err = (out[h].double() - ref).abs()
         errors["ours"] = max(errors["ours"], err.max().item())
         if err.max().item() > worst[0]:
             row, col = divmod(int(err.argmax()), hd)
             worst = (err.max().item(), dict(head=h, row=row, col=col, cells=int(cell[row].sum()),
                                             top_p=round(p64[row].max().item(), 3)))
-        sdpa = torch.nn.functional.scaled_dot_product_attention(
-            q[h][None, None], k[kv][None, None], v[kv][None, None], attn_mask=cell[None, None]
-        )[0, 0].double()
         errors["sdpa"] = max(errors["sdpa"], (sdpa - ref).abs().max().item())
         blocks = [blk_idx[int(blk_off[h * qbs + qb]):int(blk_off[h * qbs + qb + 1])].tolist()
                   for qb in range(qbs)]
