@@ -40,6 +40,36 @@ __device__ __forceinline__ constexpr int exp2_emu() {
     return D == 64 ? EXP2_EMU_D64 : EXP2_EMU_D128;
 }
 
+// How softmax_tile keeps the row sums of P: SUMS_F32 adds the f32 values; SUMS_ROUNDED adds them as
+// rounded to bf16 (the values P.V multiplies); SUMS_MMA leaves them to the caller, whose P.V wgmma
+// multiplies the same bf16 P by a tile of ones (attn_fwd_ws). Under the lazy max P reaches
+// 2^RESCALE_LOG2, and a dominant key's bf16 rounding (relative 2^-9) then differs between numerator
+// and denominator by up to 0.4% with f32 sums: at head_dim 64 that put block-sparse errors at 1.2-2.0x
+// SDPA's (docs/perf.md). Either of the other two makes the normalisation consistent with what O
+// accumulated. ROUNDED_SUMS_D64 / _D128 pick 0 (f32), 1 (rounded) or 2 (MMA where the kernel can,
+// else rounded); the host may override both (`ATTNPLAN_ROUNDED_SUMS`).
+#define SUMS_F32 0
+#define SUMS_ROUNDED 1
+#define SUMS_MMA 2
+#ifndef ROUNDED_SUMS_D64
+#define ROUNDED_SUMS_D64 2
+#endif
+#ifndef ROUNDED_SUMS_D128
+#define ROUNDED_SUMS_D128 0
+#endif
+// The sums mode of a kernel at head_dim D; `mma`: whether the kernel sums P by MMA when asked to.
+template <int D>
+__device__ __forceinline__ constexpr int sums_mode(bool mma) {
+    return (D == 64 ? ROUNDED_SUMS_D64 : ROUNDED_SUMS_D128) == SUMS_MMA
+               ? (mma ? SUMS_MMA : SUMS_ROUNDED)
+               : (D == 64 ? ROUNDED_SUMS_D64 : ROUNDED_SUMS_D128);
+}
+
+// The two bf16 halves of a packed pair as f32, summed (pack_bf16 puts `lo` in the low half).
+__device__ __forceinline__ float bf16x2_sum(u32 v) {
+    return __uint_as_float(v << 16) + __uint_as_float(v & 0xffff0000u);
+}
+
 // 2^x for x <= 2^22 with FMA-pipe instructions only, as FlashAttention-4 does to relieve MUFU: x is
 // split into j = round(x) (added to the exponent bits) and f = x - j in [-0.5, 0.5], and 2^f is a
 // degree-3 polynomial with p(0) = 1 (relative error <= 1.02e-4, far below bf16's 2^-9; exact at integer
@@ -77,7 +107,7 @@ __device__ __forceinline__ void exp_pair(float (*s)[4], float* ta, float* tb, fl
 // 8j + 2tq + 1). When `mask`, masks the keys past each row (positions `kp`, POS_NONE for missing rows);
 // updates the running max m and sum l (log2 units), writes P as bf16 A fragments to `p` and returns
 // the factors O must be scaled by.
-template <int EMU>
+template <int EMU, int SUMS>
 __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool mask, int ra, int rb, int tq,
                                              float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
                                              u32 (*p)[4], float& al_a, float& al_b) {
@@ -132,6 +162,20 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
     exp_pair<6, EMU>(s, ta, tb, scale_log2, use_a, use_b);
     exp_pair<7, EMU>(s, ta, tb, scale_log2, use_a, use_b);
 #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        if (SUMS == SUMS_ROUNDED) {  // the f32 pair sums of exp_pair are then dead code
+            ta[2 * kk] = bf16x2_sum(p[kk][0]);
+            tb[2 * kk] = bf16x2_sum(p[kk][1]);
+            ta[2 * kk + 1] = bf16x2_sum(p[kk][2]);
+            tb[2 * kk + 1] = bf16x2_sum(p[kk][3]);
+        }
+    }
+    if (SUMS == SUMS_MMA) return;  // the caller's P.V MMA sums P (l unused)
+#pragma unroll
     for (int w = 4; w >= 1; w >>= 1) {  // row sums as trees too
 #pragma unroll
         for (int j = 0; j < w; ++j) {
@@ -142,13 +186,6 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
     const float sum_a = ta[0], sum_b = tb[0];
     l_a = l_a * al_a + sum_a;
     l_b = l_b * al_b + sum_b;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-        p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-        p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
 }
 
 // Normalizes this thread's O rows (ra, rb) by their softmax sums and stores them as bf16.
@@ -305,7 +342,7 @@ __device__ __forceinline__ void attn_fwd(const bf16_t* __restrict__ q, const bf1
         }
         u32 pa[4][4];
         float al_a, al_b;
-        softmax_tile<exp2_emu<D>()>(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        softmax_tile<exp2_emu<D>(), sums_mode<D>(false)>(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     pa, al_a, al_b);
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
@@ -495,7 +532,7 @@ __device__ __forceinline__ void attn_fwd_wg(const bf16_t* __restrict__ q, const 
         }
         u32 pa[4][4];
         float al_a, al_b;
-        softmax_tile<exp2_emu<D>()>(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        softmax_tile<exp2_emu<D>(), sums_mode<D>(false)>(s, kpos + st * BN, need_mask, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     pa, al_a, al_b);
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
@@ -549,13 +586,20 @@ __device__ __forceinline__ void wg_issue_s(float (*s)[4], const u32 (*qf)[4], u6
 // O += P V of one 64-key tile for a warpgroup: P fragments `p` in registers, the V tile through
 // `v_desc` = gmma_desc(tile, 64 * 128, 1024) (128B-swizzled, MN-major: D / 64 column blocks of 64 x 128
 // bytes, 8-key groups 1024 bytes apart); one commit group.
-template <int D>
-__device__ __forceinline__ void wg_issue_pv(float* o, const u32 (*p)[4], u64 v_desc) {
+// With SUM, also l += P 1 into the 4 accumulators `l` (the row sums of the same bf16 P), the ones
+// through `ones_desc` = gmma_desc(ones, 16, 1024): an 8 x 64 K-major tile of bf16 1.0 (1 KB).
+template <int D, bool SUM = false>
+__device__ __forceinline__ void wg_issue_pv(float* o, const u32 (*p)[4], u64 v_desc, float* l = nullptr,
+                                            u64 ones_desc = 0) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
         if constexpr (D == 128) wgmma_m64n128k16<1>(o, p[kk], v_desc + (u64)((kk * 2048) >> 4));
         else wgmma_m64n64k16<1>(o, p[kk], v_desc + (u64)((kk * 2048) >> 4));
+    }
+    if constexpr (SUM) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n8k16<0>(l, p[kk], ones_desc + (u64)((kk * 32) >> 4));
     }
     wgmma_commit();
 }
@@ -710,7 +754,9 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
         const int* kp = kpos + (t % NS) * BN;
-        softmax_tile<exp2_emu<D>()>(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p,
+        // f32 sums: with rounded ones ptxas serializes this kernel's wgmmas (C7513); it is a fallback
+        // (head_dim 128 only, where the f32 sums were measured as accurate as SDPA)
+        softmax_tile<exp2_emu<D>(), SUMS_F32>(s, kp, kp[BN - 1] > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, p,
                                     al_a, al_b);
     };
 
@@ -832,7 +878,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     const u32 sK = base;
     const u32 sV = sK + NS * TILE_BYTES;
     const u32 sQ = sK + (NS - 1) * TILE_BYTES;  // warpgroup w's Q tile: sQ + w * (sV - sK)
-    int* kpos = (int*)(gbase + 2 * NS * TILE_BYTES);
+    // with MMA sums, a 1 KB tile of ones after the stages (wg_issue_pv's `ones_desc`)
+    constexpr bool MMA_SUMS = sums_mode<D>(true) == SUMS_MMA;
+    const u32 sOnes = sK + 2 * NS * TILE_BYTES;
+    int* kpos = (int*)(gbase + 2 * NS * TILE_BYTES + (MMA_SUMS ? 1024 : 0));
     int* ktag = kpos + NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
     const u32 full = smem_u32(ktag + 2 * NS);  // NS mbarriers (8-byte aligned), then NS `empty` ones
     const u32 empty = full + 8 * NS;
@@ -1052,6 +1101,14 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             cp_async16(sq + swz128(r, c), qh + (ok ? (u64)pos * D + c * 8 : 0), ok ? 16 : 0);
         }
         cp_async_commit();
+        if (MMA_SUMS) {
+            // both warpgroups write the ones tile whole (the same bytes), so that each needs only its
+            // own barrier; the fence makes the writes visible to wgmma (the async proxy)
+            const u32 one2 = 0x3f803f80u;  // two bf16 1.0
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(sOnes + (u32)(tid & 63) * 16), "r"(one2)
+                         : "memory");
+            fence_proxy_async();
+        }
         cp_async_wait<0>();
         named_bar_sync(1 + wg, 128);
 #pragma unroll
@@ -1090,8 +1147,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     auto release = [&](int st) { mbar_arrive(empty + 8 * st); };
     const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
     auto issue_s = [&](float (*s)[4], int st) { wg_issue_s<D>(s, qf, k_desc0 + (u64)(st * (TILE_BYTES >> 4))); };
+    const u64 ones_desc = gmma_desc(sOnes, 16, 1024);
+    float lsum[4] = {0.f, 0.f, 0.f, 0.f};  // MMA_SUMS: rows ra (0, 1) and rb (2, 3), each the whole row's sum
     auto issue_pv = [&](float* o, u32 (*p)[4], int st) {
-        wg_issue_pv<D>(o, p, v_desc0 + (u64)(st * (TILE_BYTES >> 4)));
+        wg_issue_pv<D, MMA_SUMS>(o, p, v_desc0 + (u64)(st * (TILE_BYTES >> 4)), lsum, ones_desc);
     };
 
     float o[D / 8][4];
@@ -1103,7 +1162,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        softmax_tile<exp2_emu<D>()>(s, kpos + st * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        softmax_tile<exp2_emu<D>(), sums_mode<D>(true)>(s, kpos + st * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     p, al_a, al_b);
     };
 
@@ -1141,6 +1200,12 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 o[i][2] *= al_b;
                 o[i][3] *= al_b;
             }
+            if (MMA_SUMS) {
+                lsum[0] *= al_a;
+                lsum[1] *= al_a;
+                lsum[2] *= al_b;
+                lsum[3] *= al_b;
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -1167,6 +1232,12 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         }
     }
 
+    if (MMA_SUMS) {
+        // whole-row sums: a quarter in each thread of the quad, which store_rows adds up (exact: the
+        // four quarters are equal and a division by 4 is exact)
+        l_a = 0.25f * lsum[0];
+        l_b = 0.25f * lsum[2];
+    }
     store_rows<D>(o, l_a, l_b, out + (u64)hw * n * D, ra, rb, n, tq);
     }
 }

@@ -83,6 +83,17 @@ __device__ __forceinline__ void wgmma_m64n64k16(float* d, const u32* a, u64 desc
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACC), "n"(TNSP_B));
 }
 
+// d[0..4) += A (registers, 4 x b32) * B (shared, descriptor), N = 8; tnspB: B is MN-major.
+template <int TNSP_B>
+__device__ __forceinline__ void wgmma_m64n8k16(float* d, const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1, %10;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1), "n"(TNSP_B));
+}
+
 // d[0..64) += A (registers, 4 x b32) * B (shared, descriptor); tnspB: B is MN-major.
 template <int TNSP_B>
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, const u32* a, u64 desc) {

@@ -26,6 +26,12 @@ pub const LINEINFO_ENV: &str = "ATTNPLAN_NVRTC_LINEINFO";
 /// 0 at 128), for comparing variants on the device.
 pub const EXP2_EMU_ENV: &str = "ATTNPLAN_EXP2_EMU";
 
+/// Environment variable overriding how attention.cu's softmax keeps its row sums, for both head dims
+/// (`0`: the f32 P; `1`: P as rounded to bf16, the values P·V multiplies; `2`: summed by the P·V MMA
+/// against a tile of ones in the warp-specialized kernels, else as `1`; unset: 2 at head_dim 64, 0 at
+/// 128), for comparing variants on the device.
+pub const ROUNDED_SUMS_ENV: &str = "ATTNPLAN_ROUNDED_SUMS";
+
 /// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFile {
@@ -96,6 +102,18 @@ pub fn compile(file: KernelFile, arch: &'static str) -> Result<Ptx> {
         }
         options.push(format!("-DEXP2_EMU_D64={n}"));
         options.push(format!("-DEXP2_EMU_D128={n}"));
+    }
+    if let Ok(v) = std::env::var(ROUNDED_SUMS_ENV) {
+        let on = match v.as_str() {
+            "0" | "1" | "2" => v.as_str(),
+            _ => {
+                return Err(Error::CudaUnsupported(format!(
+                    "{ROUNDED_SUMS_ENV}={v}: expected 0, 1 or 2"
+                )))
+            }
+        };
+        options.push(format!("-DROUNDED_SUMS_D64={on}"));
+        options.push(format!("-DROUNDED_SUMS_D128={on}"));
     }
     let opts = CompileOptions {
         arch: Some(arch),

@@ -247,8 +247,9 @@ impl SparsePrefill {
             let other = want_mma || wg1 || wg3 || (wg64 && d == 64);
             if !other {
                 // warp-specialized: 384 threads, two query blocks per CTA; 6 K/V stages (the Q tiles
-                // pass through the last), positions, tags, 2 x 6 + 1 mbarriers, alignment
-                let smem = (12 * 64 * d * 2 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
+                // pass through the last), a 1 KB tile of ones (the row sums by MMA), positions, tags,
+                // 2 x 6 + 1 mbarriers, alignment
+                let smem = (12 * 64 * d * 2 + 1024 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
                 if let Ok(k) = kernel(ws, smem, 384, 2) {
                     return Ok(k);
                 }
