@@ -865,12 +865,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
                                             const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
                                             int n, int q_heads, int group, float scale_log2, int dense,
-                                            const TmaDesc& tmk, const TmaDesc& tmv, int pair_heads) {
+                                            const TmaDesc& tmk, const TmaDesc& tmv, int pair_heads,
+                                            const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
+                                            int use_union) {
     constexpr int BM = 64, BN = 64, NS = 6;
     constexpr int TILE_BYTES = BM * D * 2;
     constexpr int NONE = 0x7fffffff;
     constexpr int END = 4;   // tag of the marker after the last tile
     constexpr int DONE = 8;  // DONE << w: warpgroup w has no tile from this one on
+    constexpr int UNI = 32;  // a column tile of the pair's union list: each warpgroup masks the other's columns
 
     extern __shared__ __align__(1024) unsigned char smem[];
     const u32 base = (smem_u32(smem) + 1023u) & ~1023u;
@@ -882,7 +885,9 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     constexpr bool MMA_SUMS = sums_mode<D>(true) == SUMS_MMA;
     const u32 sOnes = sK + 2 * NS * TILE_BYTES;
     int* kpos = (int*)(gbase + 2 * NS * TILE_BYTES + (MMA_SUMS ? 1024 : 0));
-    int* ktag = kpos + NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
+    // kpos: per stage, the key positions of the tile as each warpgroup sees them (2 x BN: they differ
+    // only in a union column tile, where the other block's columns are POS_NONE)
+    int* ktag = kpos + 2 * NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
     const u32 full = smem_u32(ktag + 2 * NS);  // NS mbarriers (8-byte aligned), then NS `empty` ones
     const u32 empty = full + 8 * NS;
     const u32 qfree = empty + 8 * NS;  // both Q tiles are in registers
@@ -942,6 +947,14 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 cb_len = col_off[e1 + 1] - cb_off;
             }
         }
+        // With use_union, the two blocks' columns come as one list (ix_pair_union: the union, each entry
+        // tagged with its blocks in bits 30 and 31), loaded once for both warpgroups.
+        const bool uni = use_union && !dense && !pair_heads, shared_cols = uni && has1;
+        if (uni) {
+            ca_len = (int)ucol_len[h * ((q_blocks + 1) / 2) + qb0 / 2];
+            cb_len = 0;
+        }
+        const u32* cidx = uni ? ucol_idx : col_idx;
         // Each producer thread runs the merge by itself (same result in all of them) and publishes its
         // own copies; no barrier couples them. (Reading the lists through shared memory instead of
         // straight from global memory made no difference: 74.2 vs 73.4 ms at 128K.)
@@ -956,12 +969,12 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         // va/vb: the next block of each list, na/nb: the one after. c?0, c?1: the positions of the next
         // column tile of each warpgroup, rows `lane` and `32 + lane`, shuffled to the rows a thread copies.
         int va = block_a(0), vb = block_b(0), na = block_a(1), nb = block_b(1);
-        auto column = [&](int off, int len, int e) { return e < len ? (int)col_idx[off + e] : POS_NONE; };
+        auto column = [&](int off, int len, int e) { return e < len ? (int)cidx[off + e] : POS_NONE; };
         int ca0 = column(ca_off, ca_len, lane), ca1 = column(ca_off, ca_len, 32 + lane);
         int cb0 = column(cb_off, cb_len, lane), cb1 = column(cb_off, cb_len, 32 + lane);
         // tiles since each warpgroup's last own tile (negative before its first); DONE bits for the next tile
         int since0 = -(1 << 30), since1 = -(1 << 30), pend = 0;
-        bool done0 = va == NONE && cta == 0, done1 = vb == NONE && ctb == 0;
+        bool done0 = va == NONE && cta == 0, done1 = vb == NONE && (shared_cols ? cta == 0 : ctb == 0);
 
         // thread: rows lr + RS j (j < BN / RS) and 16-byte chunk lc of each tile (RS = 8 for D = 128, 16 for
         // D = 64); with the row's low bits fixed, the 128B swizzle is a per-thread constant
@@ -992,6 +1005,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             } else {
                 colw = ja < cta && (jb >= ctb || ja <= jb) ? 0 : 1;
             }
+            if (uni) colw = colw < 0 ? colw : 0;  // one column sequence, for both
             int tag;
             if (kb >= 0) {
                 tag = (va == kb ? 1 : 0) | (vb == kb ? 2 : 0);
@@ -1004,7 +1018,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                     nb = block_b(++ib + 1);
                 }
             } else {
-                tag = 1 << colw;
+                tag = shared_cols ? 3 | UNI : 1 << colw;
                 if (colw == 0) ++ja; else ++jb;
             }
             since0 = tag & 1 ? 0 : since0 + 1;
@@ -1015,14 +1029,14 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 done0 = true;
                 pend |= DONE;
             }
-            if (!done1 && vb == NONE && jb >= ctb) {
+            if (!done1 && vb == NONE && (shared_cols ? ja >= cta : jb >= ctb)) {
                 done1 = true;
                 pend |= DONE << 1;
             }
             const int s = t % NS, u = t / NS;
             if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
             if (t == NS - 1) mbar_wait(qfree, 0);  // the last stage still holds the Q tiles
-            int* kp = kpos + s * BN;
+            int* kp = kpos + 2 * s * BN;  // warpgroup 0's positions, then 1's
             if (pt == 0) ktag[s] = tag;
             const u32 fb = full + 8 * s;
             if (kb >= 0) {
@@ -1030,7 +1044,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 #pragma unroll
                     for (int j = 0; j < BN / RS; ++j) {
                         const int r = kb * BN + lr + RS * j;
-                        kp[lr + RS * j] = r < n ? r : POS_NONE;
+                        kp[lr + RS * j] = kp[BN + lr + RS * j] = r < n ? r : POS_NONE;
                     }
                 }
                 if (pt == 0) {  // after its own tag and position writes: its arrival releases them
@@ -1060,6 +1074,18 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                     cb0 = column(cb_off, cb_len, jb * BN + lane);
                     cb1 = column(cb_off, cb_len, jb * BN + 32 + lane);
                 }
+                // a union entry: the token in the low 30 bits, its blocks in bits 30 and 31 (moved to
+                // bits 2j and 2j + 1 of `blocks`)
+                u32 blocks = 0xffffffffu;
+                if (uni) {
+#pragma unroll
+                    for (int j = 0; j < BN / RS; ++j) {
+                        if (pos[j] != POS_NONE) {
+                            blocks ^= (~(u32)pos[j] >> 30) << (2 * j);
+                            pos[j] &= 0x3fffffff;
+                        }
+                    }
+                }
 #pragma unroll
                 for (int j = 0; j < BN / RS; ++j) {
                     const bool ok = pos[j] != POS_NONE;
@@ -1069,7 +1095,10 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 }
                 if (lc == 0) {
 #pragma unroll
-                    for (int j = 0; j < BN / RS; ++j) kp[lr + RS * j] = pos[j];
+                    for (int j = 0; j < BN / RS; ++j) {
+                        kp[lr + RS * j] = blocks >> (2 * j) & 1u ? pos[j] : POS_NONE;
+                        kp[BN + lr + RS * j] = blocks >> (2 * j + 1) & 1u ? pos[j] : POS_NONE;
+                    }
                 }
                 cp_async_mbar_arrive(fb);
                 mbar_arrive(fb);
@@ -1137,7 +1166,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             advance();
             mbar_wait(full + 8 * ts, tph);
             const int tag = ktag[ts];
-            klast = kpos[ts * BN + BN - 1];
+            // a union tile has holes (the other block's columns): always masked
+            klast = tag & UNI ? POS_NONE : kpos[(2 * ts + wg) * BN + BN - 1];
             if (tag & (END | (DONE << wg))) return -1;
             if ((tag >> wg) & 1) return ts;
             mbar_arrive(empty + 8 * ts);
@@ -1162,7 +1192,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        softmax_tile<exp2_emu<D>(), sums_mode<D>(true)>(s, kpos + st * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        softmax_tile<exp2_emu<D>(), sums_mode<D>(true)>(s, kpos + (2 * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     p, al_a, al_b);
     };
 
@@ -1245,15 +1275,17 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 // K and V as TMA tensor maps too (3-D: head_dim, n, kv_heads; 64 x 64 boxes, 128B swizzle, zero fill).
 extern "C" __global__ void __launch_bounds__(384, 1)
     attn_fwd_ws_d128(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
-                     int pair_heads) {
+                     int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
+                     int use_union) {
     attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                     tmv, pair_heads);
+                     tmv, pair_heads, ucol_idx, ucol_len, use_union);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1)
     attn_fwd_ws_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
-                    int pair_heads) {
+                    int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
+                    int use_union) {
     attn_fwd_ws<64>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                    tmv, pair_heads);
+                    tmv, pair_heads, ucol_idx, ucol_len, use_union);
 }
 #endif

@@ -36,6 +36,8 @@ mod query_adaptive;
 mod token_select;
 mod vertical_slash;
 
+use std::sync::Mutex;
+
 use cudarc::driver::{
     CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
@@ -168,6 +170,11 @@ pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 /// Read by [`SparsePrefill::new`].
 pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 
+/// Environment variable that, set to `0`, keeps the warp-specialized kernels from loading the column
+/// tiles of a query-block pair as one union list (`ix_pair_union`; each block's own list is then
+/// loaded separately). Read by [`SparsePrefill::new`].
+pub const UNION_ENV: &str = "ATTNPLAN_UNION_COLS";
+
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
 /// (callers add 1024 bytes so the wgmma kernels can align their tiles to 1024).
 fn attn_smem(head_dim: usize) -> u32 {
@@ -208,7 +215,18 @@ pub struct SparsePrefill {
     dummy: CudaSlice<u32>,
     /// Whether indexes shared by head pairs may pair the heads in one CTA ([`PAIR_ENV`], read once).
     pair_heads: bool,
+    /// `ix_pair_union`, when the warp-specialized kernels load a pair's columns as one list
+    /// ([`UNION_ENV`], read once).
+    pair_union: Option<CudaFunction>,
+    /// The union lists and their lengths, kept between calls and grown as needed (a fresh
+    /// stream-ordered allocation per call cost more than the union saved: the pool returns freed
+    /// memory at every synchronization).
+    union_bufs: Mutex<UnionBufs>,
 }
+
+/// [`SparsePrefill::pair_union`]'s output buffers (entries, lengths per pair).
+#[derive(Debug, Default)]
+struct UnionBufs(Option<(CudaSlice<u32>, CudaSlice<u32>)>);
 
 impl SparsePrefill {
     /// Opens device `ordinal` and compiles the kernels (NVRTC, cached per device).
@@ -247,9 +265,9 @@ impl SparsePrefill {
             let other = want_mma || wg1 || wg3 || (wg64 && d == 64);
             if !other {
                 // warp-specialized: 384 threads, two query blocks per CTA; 6 K/V stages (the Q tiles
-                // pass through the last), a 1 KB tile of ones (the row sums by MMA), positions, tags,
-                // 2 x 6 + 1 mbarriers, alignment
-                let smem = (12 * 64 * d * 2 + 1024 + 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
+                // pass through the last), a 1 KB tile of ones (the row sums by MMA), positions (per
+                // stage one list per warpgroup), tags, 2 x 6 + 1 mbarriers, alignment
+                let smem = (12 * 64 * d * 2 + 1024 + 2 * 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
                 if let Ok(k) = kernel(ws, smem, 384, 2) {
                     return Ok(k);
                 }
@@ -271,11 +289,18 @@ impl SparsePrefill {
         let attn = [pick(64)?, pick(128)?];
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         let pair_heads = std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
+        let pair_union = if std::env::var(UNION_ENV).map_or(true, |v| v != "0") {
+            Some(dev.function(KernelFile::VerticalSlash, "ix_pair_union", 0)?)
+        } else {
+            None
+        };
         Ok(Self {
             dev,
             attn,
             dummy,
             pair_heads,
+            pair_union,
+            union_bufs: Mutex::new(UnionBufs::default()),
         })
     }
 
@@ -465,6 +490,22 @@ impl SparsePrefill {
         } else {
             None
         };
+        // the warp-specialized kernels load a query-block pair's columns once, as their union
+        let mut bufs = self
+            .union_bufs
+            .lock()
+            .map_err(|_| Error::Cuda("union buffer lock poisoned".into()))?;
+        let union = match index {
+            Some(ix) if kernel.tma && !pair_heads && ix.n_col > 0 => {
+                self.pair_union(ix, &mut bufs)?
+            }
+            _ => false,
+        };
+        let use_union = i32::from(union);
+        let (uci, ucl) = match (&bufs.0, union) {
+            (Some((i, l)), true) => (i, l),
+            _ => (&self.dummy, &self.dummy),
+        };
         let mut b = self.dev.stream.launch_builder(&kernel.f);
         b.arg(&q.inner)
             .arg(&k.inner)
@@ -480,13 +521,91 @@ impl SparsePrefill {
             .arg(&scale_log2)
             .arg(&dense);
         if let Some((mk, mv)) = &maps {
-            b.arg(mk).arg(mv).arg(&pair_i);
+            b.arg(mk)
+                .arg(mv)
+                .arg(&pair_i)
+                .arg(uci)
+                .arg(ucl)
+                .arg(&use_union);
         }
-        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps only
-        // for the kernel that takes them, built for these K and V buffers); Q/K/V/out lengths were
+        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps, the
+        // pairing flag and the union lists only for the kernels that take them; the maps built for
+        // these K and V buffers, the union for this index); Q/K/V/out lengths were
         // checked against the shape, and the index's offsets were built for this shape (q_heads,
         // seq_len) by `FlatIndex` or `VerticalSlashBuilder`, which only write in-range entries.
         drv("attn_fwd launch", unsafe { b.launch(cfg) }).map(|_| ())
+    }
+
+    /// [`SparsePrefill::pair_union`] brought to the host (entries, lengths), for tests.
+    #[doc(hidden)]
+    pub fn download_pair_union(&self, ix: &DeviceIndex) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+        let mut bufs = self
+            .union_bufs
+            .lock()
+            .map_err(|_| Error::Cuda("union buffer lock poisoned".into()))?;
+        if !self.pair_union(ix, &mut bufs)? {
+            return Ok(None);
+        }
+        let Some((i, l)) = &bufs.0 else {
+            return Ok(None);
+        };
+        let s = &self.dev.stream;
+        Ok(Some((
+            drv("download", s.clone_dtoh(i))?,
+            drv("download", s.clone_dtoh(l))?,
+        )))
+    }
+
+    /// The union of the column lists of query blocks 2p and 2p+1 of every head (`ix_pair_union`):
+    /// entries tagged with their blocks, at the first block's offsets, and one length per pair, into
+    /// `bufs` (grown when too small). False when [`UNION_ENV`] turned it off or tokens do not fit the
+    /// tags' 30 bits. Queued on the stream: the launch that reads the buffers must be queued before
+    /// the next call writes them, which holding the lock of `bufs` across both ensures.
+    fn pair_union(&self, ix: &DeviceIndex, bufs: &mut UnionBufs) -> Result<bool> {
+        let Some(f) = &self.pair_union else {
+            return Ok(false);
+        };
+        if ix.seq_len >= (1 << 30) - 1 {
+            return Ok(false);
+        }
+        let s = &self.dev.stream;
+        let q_pairs = ix.q_blocks.div_ceil(2);
+        let pairs = ix.q_heads * q_pairs;
+        let (need_idx, need_len) = (ix.n_col.max(1), pairs.max(1));
+        let fits = bufs
+            .0
+            .as_ref()
+            .is_some_and(|(i, l)| i.len() >= need_idx && l.len() >= need_len);
+        if !fits {
+            let grow = |have: usize, need: usize| need.max(have + have / 2);
+            let (hi, hl) = bufs.0.as_ref().map_or((0, 0), |(i, l)| (i.len(), l.len()));
+            bufs.0 = None; // freed first, so that the pool can reuse the memory
+            bufs.0 = Some((
+                drv("alloc", s.alloc_zeros::<u32>(grow(hi, need_idx)))?,
+                drv("alloc", s.alloc_zeros::<u32>(grow(hl, need_len)))?,
+            ));
+        }
+        let Some((ucol_idx, ucol_len)) = bufs.0.as_mut() else {
+            return Ok(false);
+        };
+        let (heads_i, blocks_i) = (ix.q_heads as i32, ix.q_blocks as i32);
+        let mut b = s.launch_builder(f);
+        b.arg(&ix.col_off)
+            .arg(&ix.col_idx)
+            .arg(&heads_i)
+            .arg(&blocks_i)
+            .arg(ucol_idx)
+            .arg(ucol_len);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(pairs)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `ix_pair_union`; col_off holds q_heads * q_blocks + 1 offsets into col_idx
+        // (the index's invariant), the union of a pair fits the space of its two lists (n_col entries
+        // in all, no more than ucol_idx holds), and ucol_len holds at least one entry per pair.
+        drv("ix_pair_union launch", unsafe { b.launch(cfg) })?;
+        Ok(true)
     }
 
     /// The TMA tensor map of K or V (`[kv_heads, n, head_dim]` bf16) as the wgmma kernels read it:
