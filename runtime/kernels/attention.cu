@@ -1166,8 +1166,9 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             advance();
             mbar_wait(full + 8 * ts, tph);
             const int tag = ktag[ts];
-            // a union tile has holes (the other block's columns): always masked
-            klast = tag & UNI ? POS_NONE : kpos[(2 * ts + wg) * BN + BN - 1];
+            // a union tile has holes (the other block's columns): always masked. The position is read
+            // whatever the tag (a load predicated on the tag waited for it: dense attention lost 4%)
+            klast = max(kpos[(2 * ts + wg) * BN + BN - 1], tag & UNI ? POS_NONE : -1);
             if (tag & (END | (DONE << wg))) return -1;
             if ((tag >> wg) & 1) return ts;
             mbar_arrive(empty + 8 * ts);
