@@ -841,7 +841,11 @@ extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS
 //
 // Tile sequence (the producer's): the union of the two blocks' key-block lists, merged in order, each
 // tile tagged with the warpgroups whose list holds it (dense: the key blocks 0..=2p+1, the last for
-// warpgroup 1 only); then the column tiles of the two blocks, alternating; then an END marker. A
+// warpgroup 1 only); then the column tiles: with use_union (set by the host unless turned off or the
+// heads are paired), the tiles of the pair's union list (ix_pair_union), each for both warpgroups and
+// tagged UNI, every warpgroup seeing the other block's columns as POS_NONE in its own position list
+// (so a UNI tile is always masked); otherwise the two blocks' own column tiles, alternating; then an
+// END marker. A
 // warpgroup holds its current tile (its P V runs after the next tile's S) while it waits for its next
 // one, so it may wait at most NS - 1 tiles ahead, or the producer, needing that stage, would never
 // deliver. The producer therefore lets at most NS - 2 tiles in a row pass a warpgroup that still has
