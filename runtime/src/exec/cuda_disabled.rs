@@ -160,6 +160,10 @@ impl SparsePrefill {
     pub fn download_index(&self, _d: &DeviceIndex) -> Result<FlatIndex> {
         Err(Error::CudaNotCompiled)
     }
+    #[doc(hidden)]
+    pub fn download_pair_union(&self, _d: &DeviceIndex) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+        Err(Error::CudaNotCompiled)
+    }
     pub fn forward(
         &self,
         _shape: &AttnShape,
