@@ -58,6 +58,101 @@ impl FlatIndex {
         Ok(f)
     }
 
+    /// Checks what the CUDA kernels assume of the lists (they would otherwise read out of bounds or
+    /// count a cell twice): `q_blocks` = ceil(`seq_len` / 64); both offset arrays
+    /// `q_heads * q_blocks + 1` long, from 0, never decreasing, ending at their list's length; in each query block's
+    /// lists, key blocks strictly ascending and below `q_blocks`, columns strictly ascending, below
+    /// `seq_len` and outside the listed key blocks. [`Error::SparseIndex`] names the head, the field
+    /// and the entry.
+    pub fn check(&self) -> Result<()> {
+        let bad = |head: usize, message: String| Error::SparseIndex { head, message };
+        if self.q_blocks != self.seq_len.div_ceil(CUDA_BLOCK) {
+            return Err(bad(
+                0,
+                format!(
+                    "q_blocks is {}, seq_len {} needs {}",
+                    self.q_blocks,
+                    self.seq_len,
+                    self.seq_len.div_ceil(CUDA_BLOCK)
+                ),
+            ));
+        }
+        let entries = self.q_heads * self.q_blocks;
+        for (name, off, data) in [
+            ("blk_off", &self.blk_off, &self.blk_idx),
+            ("col_off", &self.col_off, &self.col_idx),
+        ] {
+            if off.len() != entries + 1 {
+                return Err(bad(
+                    0,
+                    format!(
+                        "{name} has {} offsets, q_heads * q_blocks + 1 = {}",
+                        off.len(),
+                        entries + 1
+                    ),
+                ));
+            }
+            if off[0] != 0 || off[entries] as usize != data.len() {
+                return Err(bad(
+                    0,
+                    format!(
+                        "{name} runs from {} to {}, its list holds {} entries",
+                        off[0],
+                        off[entries],
+                        data.len()
+                    ),
+                ));
+            }
+            if let Some(e) = (0..entries).find(|&e| off[e + 1] < off[e]) {
+                return Err(bad(
+                    e / self.q_blocks.max(1),
+                    format!(
+                        "{name}[{}] = {} < {name}[{e}] = {}",
+                        e + 1,
+                        off[e + 1],
+                        off[e]
+                    ),
+                ));
+            }
+        }
+        for h in 0..self.q_heads {
+            for qb in 0..self.q_blocks {
+                let e = h * self.q_blocks + qb;
+                let blocks = self.key_blocks(h, qb);
+                let at = |off: &[u32], i: usize| off[e] as usize + i;
+                for (i, &kb) in blocks.iter().enumerate() {
+                    if kb as usize >= self.q_blocks || (i > 0 && kb <= blocks[i - 1]) {
+                        return Err(bad(
+                            h,
+                            format!(
+                                "blk_idx[{}] (query block {qb}) = {kb}: key blocks must ascend \
+                                 strictly and stay below q_blocks {}",
+                                at(&self.blk_off, i),
+                                self.q_blocks
+                            ),
+                        ));
+                    }
+                }
+                let cols = self.columns(h, qb);
+                for (i, &t) in cols.iter().enumerate() {
+                    let in_block = blocks.binary_search(&(t / CUDA_BLOCK as u32)).is_ok();
+                    if t as usize >= self.seq_len || (i > 0 && t <= cols[i - 1]) || in_block {
+                        return Err(bad(
+                            h,
+                            format!(
+                                "col_idx[{}] (query block {qb}) = {t}: columns must ascend \
+                                 strictly, stay below seq_len {} and outside the listed key blocks",
+                                at(&self.col_off, i),
+                                self.seq_len
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether heads `2p` and `2p + 1` have identical lists for every `p` (an even number of heads
     /// whose KV groups share one index per pair, e.g. a plan with `share_kv_group_indexes`).
     pub fn pairs_share(&self) -> bool {
@@ -135,7 +230,7 @@ fn offset(len: usize) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pattern::{dense, PatternContext};
+    use crate::pattern::{a_shape, dense, PatternContext};
 
     #[test]
     fn flatten_keeps_lists_and_cells() {
@@ -157,6 +252,103 @@ mod tests {
         }
         assert!((f.density() - 1.0).abs() < 1e-12);
         assert!(f.pairs_share());
+    }
+
+    #[test]
+    fn check_accepts_flattened_indexes_and_names_broken_entries() {
+        let ctx = PatternContext {
+            seq_len: 200,
+            block_q: 64,
+            block_k: 64,
+            last_q: 64,
+        };
+        // key blocks 0 and qb, columns 70 and 71 where they fall outside them
+        let mut good = FlatIndex {
+            q_heads: 2,
+            seq_len: 200,
+            q_blocks: 4,
+            blk_off: vec![0],
+            col_off: vec![0],
+            ..FlatIndex::default()
+        };
+        for _ in 0..2 {
+            for qb in 0..4u32 {
+                good.blk_idx.push(0);
+                if qb > 0 {
+                    good.blk_idx.push(qb);
+                }
+                if qb > 1 {
+                    good.col_idx.extend([70, 71]);
+                }
+                good.blk_off.push(good.blk_idx.len() as u32);
+                good.col_off.push(good.col_idx.len() as u32);
+            }
+        }
+        assert!(good.check().is_ok());
+        let d = dense::index(&ctx);
+        let shapes = [
+            a_shape::index(&ctx, 64, 64),
+            a_shape::index(&ctx, 1, 128),
+            a_shape::index(&ctx, 3, 100),
+        ];
+        // vertical-slash indexes on pseudo-random Q and K (columns next to slash tiles)
+        let (n, dim) = (200usize, 16usize);
+        let mut x = 0x2545_f491_u32;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as f32 / u32::MAX as f32 - 0.5
+        };
+        let (q, k): (Vec<f32>, Vec<f32>) = (0..n * dim).map(|_| (rnd(), rnd())).unzip();
+        let qk = crate::pattern::HeadQk::new(&q, &k, dim, n).unwrap();
+        let vs: Vec<_> = [(8, 8), (40, 20), (120, 64)]
+            .iter()
+            .map(|&(v, sl)| crate::pattern::vertical_slash::index(&ctx, &qk, v, sl).unwrap())
+            .collect();
+        assert!(vs
+            .iter()
+            .any(|ix| (0..4).any(|qb| !ix.columns(qb).is_empty())));
+        for heads in [&[d.clone(), d][..], &shapes[..], &vs[..]] {
+            assert!(FlatIndex::from_heads(200, heads)
+                .unwrap_or_default()
+                .check()
+                .is_ok());
+        }
+
+        let message = |f: &FlatIndex| match f.check() {
+            Err(Error::SparseIndex { head, message }) => format!("head {head}: {message}"),
+            other => panic!("expected a sparse-index error, got {other:?}"),
+        };
+        // head 1, query block 2 (key blocks 0 and 2): columns 70, 71 sit at col_idx 4 and 5
+        let mut f = good.clone();
+        f.col_idx[5] = 70;
+        assert_eq!(
+            message(&f),
+            "head 1: col_idx[5] (query block 2) = 70: columns must ascend strictly, stay below \
+             seq_len 200 and outside the listed key blocks"
+        );
+        let mut f = good.clone();
+        f.col_idx[5] = 200;
+        assert!(message(&f).contains("col_idx[5] (query block 2) = 200"));
+        let mut f = good.clone();
+        f.col_idx[4] = 130; // inside key block 2
+        assert!(message(&f).contains("col_idx[4] (query block 2) = 130"));
+        let mut f = good.clone();
+        f.blk_idx[1] = 4;
+        assert!(message(&f).starts_with("head 0: blk_idx[1] (query block 1) = 4"));
+        let mut f = good.clone();
+        f.col_off[3] = 9;
+        assert!(message(&f).contains("col_off[4] = 4 < col_off[3] = 9"));
+        let mut f = good.clone();
+        f.blk_off.pop();
+        assert!(message(&f).contains("blk_off has 8 offsets, q_heads * q_blocks + 1 = 9"));
+        let mut f = good.clone();
+        f.col_idx.push(199);
+        assert!(message(&f).contains("col_off runs from 0 to 8, its list holds 9 entries"));
+        let mut f = good;
+        f.q_blocks = 5;
+        assert!(message(&f).contains("q_blocks is 5, seq_len 200 needs 4"));
     }
 
     #[test]

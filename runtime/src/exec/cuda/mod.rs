@@ -389,8 +389,9 @@ impl SparsePrefill {
         self.upload_flat(&FlatIndex::from_heads(seq_len, heads)?)
     }
 
-    /// Uploads a flattened index.
+    /// Uploads a flattened index after [`FlatIndex::check`] (the kernels trust the lists).
     pub fn upload_flat(&self, f: &FlatIndex) -> Result<DeviceIndex> {
+        f.check()?;
         let nonempty = |v: &Vec<u32>| if v.is_empty() { vec![0] } else { v.clone() };
         let s = &self.dev.stream;
         Ok(DeviceIndex {
