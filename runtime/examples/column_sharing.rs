@@ -8,7 +8,8 @@
 //! the benchmark's structured inputs and, for each pair of query blocks (2p, 2p + 1) that one
 //! warp-specialized CTA computes, compares the column tiles loaded today (each block's own list, 64
 //! columns a tile) with tiles of the pair's union list (each loaded once for both blocks, each block
-//! masking the other's columns): loads, and the tiles each warpgroup then computes.
+//! masking the other's columns): loads, and the tiles each warpgroup then computes. The study behind
+//! the union lists the kernels now use (`ix_pair_union`, commit c7fd1b8; docs/perf.md).
 
 use rayon::prelude::*;
 use runtime::exec::cuda::bench::structured;
