@@ -9,6 +9,10 @@ rules as the kernel) on random lists and runs producer and consumers under rando
 checking that (1) nothing deadlocks, (2) each warpgroup computes exactly its own blocks and column
 tiles, once each, and (3) no warpgroup is passed by more than NS - 2 tiles in a row before its last.
 
+With --union (the kernel's default since c7fd1b8 when the pair has columns) the two blocks' columns
+come as one list of union tiles, each tagged for both warpgroups (for warpgroup 0 only when block
+2p+1 does not exist): the check then also covers the done and force rules of that mode.
+
 It checks the protocol as designed, not the CUDA code itself; keep the two in step. The default is
 the kernel's protocol since c4db20c: a tile is announced by its own copies (TMA transaction bytes or
 cp.async.mbarrier.arrive), at any later time and in any order, never by the producer; the producer
@@ -16,25 +20,29 @@ waits for the consumers' Q loads before its first write to the last stage (where
 passed). --protocol delayed runs edfc24c's (up to two issued tiles unannounced, all announced before
 the producer blocks) and --protocol old the first version (one issued tile unannounced, no
 announcement before blocking), which this check shows can deadlock.
-usage: scripts/gpu/ws-schedule.py [--trials N] [--ns NS] [--protocol async|delayed|old]
+usage: scripts/gpu/ws-schedule.py [--trials N] [--ns NS] [--protocol async|delayed|old] [--union]
 """
 import argparse
 import random
 import sys
 
 NONE = 1 << 60
-END, DONE = 4, 8
+END, DONE, UNI = 4, 8, 32
 
 
-def schedule(a, b, ca, cb, ns):
-    """The producer's tile sequence: [(item, tag)], item = ('b', block) or ('c0'/'c1', tile)."""
+def schedule(a, b, ca, cb, ns, uni=False, has1=True):
+    """The producer's tile sequence: [(item, tag)], item = ('b', block) or ('c0'/'c1', tile). With
+    `uni`, `ca` counts the pair's union tiles ('c0', shared by both warpgroups when `has1`) and `cb`
+    must be 0."""
+    shared_cols = uni and has1
     ia = ib = ja = jb = 0
     block_a = lambda i: a[i] if i < len(a) else NONE
     block_b = lambda i: b[i] if i < len(b) else NONE
     va, vb = block_a(0), block_b(0)
     since0 = since1 = -(1 << 30)
     pend = 0
-    done0, done1 = va == NONE and ca == 0, vb == NONE and cb == 0
+    done0 = va == NONE and ca == 0
+    done1 = vb == NONE and (ca == 0 if shared_cols else cb == 0)
     out = []
     while not (done0 and done1):
         force = 0 if since0 >= ns - 2 and not done0 else (1 if since1 >= ns - 2 and not done1 else -1)
@@ -47,6 +55,8 @@ def schedule(a, b, ca, cb, ns):
             kb = min(va, vb)
         else:
             colw = 0 if ja < ca and (jb >= cb or ja <= jb) else 1
+        if uni and colw >= 0:
+            colw = 0  # one column sequence, for both
         if kb >= 0:
             tag = (1 if va == kb else 0) | (2 if vb == kb else 0)
             if va == kb:
@@ -57,7 +67,7 @@ def schedule(a, b, ca, cb, ns):
                 vb = block_b(ib)
             item = ('b', kb)
         else:
-            tag = 1 << colw
+            tag = 3 | UNI if shared_cols else 1 << colw
             if colw == 0:
                 item, ja = ('c0', ja), ja + 1
             else:
@@ -68,7 +78,7 @@ def schedule(a, b, ca, cb, ns):
         pend = 0
         if not done0 and va == NONE and ja >= ca:
             done0, pend = True, pend | DONE
-        if not done1 and vb == NONE and jb >= cb:
+        if not done1 and vb == NONE and (ja >= ca if shared_cols else jb >= cb):
             done1, pend = True, pend | DONE << 1
         out.append((item, tag))
     out.append((('end', 0), END))
@@ -179,6 +189,7 @@ def main():
     ap.add_argument('--ns', type=int, default=6)
     ap.add_argument('--seed', type=int, default=1)
     ap.add_argument('--protocol', choices=['async', 'delayed', 'old'], default='async')
+    ap.add_argument('--union', action='store_true', help="one union column list for both warpgroups")
     o = ap.parse_args()
     rng = random.Random(o.seed)
     for trial in range(o.trials):
@@ -187,14 +198,23 @@ def main():
         b = sorted(rng.sample(range(nb + 1), rng.randint(0, nb + 1))) if rng.random() < 0.9 else []
         ca = rng.randint(0, 8)
         cb = rng.randint(0, 8) if b or rng.random() < 0.5 else 0
-        tiles = schedule(a, b, ca, cb, o.ns)
+        has1 = True
+        if o.union:
+            has1 = bool(b) or rng.random() < 0.5  # a pair's second block may not exist
+            if not has1:
+                b = []
+            cb = 0
+        tiles = schedule(a, b, ca, cb, o.ns, o.union, has1)
         try:
             got = run(tiles, o.ns, rng, o.protocol)
         except RuntimeError as e:
             print(f"trial {trial}: {e}")
             return 1
         for w, (blocks, cols) in enumerate([(a, ca), (b, cb)]):
-            want = [('b', x) for x in blocks] + [(f'c{w}', j) for j in range(cols)]
+            if o.union:  # both compute every union tile ('c0'); warpgroup 1 only if block 2p+1 exists
+                want = [('b', x) for x in blocks] + [('c0', j) for j in range(ca) if w == 0 or has1]
+            else:
+                want = [('b', x) for x in blocks] + [(f'c{w}', j) for j in range(cols)]
             if sorted(got[w]) != sorted(want) or len(got[w]) != len(set(got[w])):
                 print(f"trial {trial}: warpgroup {w} computed {got[w]}, wants {want}")
                 return 1
@@ -207,8 +227,8 @@ def main():
             if any(y - x > o.ns - 1 for x, y in zip(own, own[1:])):
                 print(f"trial {trial}: warpgroup {w} passed by more than {o.ns - 2} tiles: {own}")
                 return 1
-    print(f"{o.trials} random schedules (NS = {o.ns}, protocol {o.protocol}): no deadlock, every warpgroup "
-          f"computed exactly its tiles")
+    print(f"{o.trials} random schedules (NS = {o.ns}, protocol {o.protocol}{', union columns' if o.union else ''}): "
+          f"no deadlock, every warpgroup computed exactly its tiles")
     return 0
 
 
