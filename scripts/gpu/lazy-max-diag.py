@@ -11,7 +11,9 @@ P V, f32 row sums of the unrounded P, bf16 output); the replay with the rounded 
 each row's largest P of a tile rounded in the sum; with the max moved at every increase; PyTorch's
 bf16 SDPA. Then the worst element of ours: head,
 row, column, the row's cell count and its largest normalized P. Findings: docs/perf.md ("Block-sparse
-cases at head_dim 64").
+cases at head_dim 64"). Since 909a4eb the head_dim-64 kernel sums the rounded P (by MMA), so "ours"
+there matches the rounded-sum replay; run the binary with ATTNPLAN_ROUNDED_SUMS=0 to see the old
+numerics.
 """
 import math
 import sys
