@@ -492,21 +492,15 @@ impl SparsePrefill {
             None
         };
         // the warp-specialized kernels load a query-block pair's columns once, as their union
-        let mut bufs = self
-            .union_bufs
-            .lock()
-            .map_err(|_| Error::Cuda("union buffer lock poisoned".into()))?;
+        let mut bufs = self.lock_union_bufs()?;
         let union = match index {
             Some(ix) if kernel.tma && !pair_heads && ix.n_col > 0 => {
                 self.pair_union(ix, &mut bufs)?
             }
-            _ => false,
+            _ => None,
         };
-        let use_union = i32::from(union);
-        let (uci, ucl) = match (&bufs.0, union) {
-            (Some((i, l)), true) => (i, l),
-            _ => (&self.dummy, &self.dummy),
-        };
+        let use_union = i32::from(union.is_some());
+        let (uci, ucl) = union.unwrap_or((&self.dummy, &self.dummy));
         let mut b = self.dev.stream.launch_builder(&kernel.f);
         b.arg(&q.inner)
             .arg(&k.inner)
@@ -540,14 +534,8 @@ impl SparsePrefill {
     /// [`SparsePrefill::pair_union`] brought to the host (entries, lengths), for tests.
     #[doc(hidden)]
     pub fn download_pair_union(&self, ix: &DeviceIndex) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
-        let mut bufs = self
-            .union_bufs
-            .lock()
-            .map_err(|_| Error::Cuda("union buffer lock poisoned".into()))?;
-        if !self.pair_union(ix, &mut bufs)? {
-            return Ok(None);
-        }
-        let Some((i, l)) = &bufs.0 else {
+        let mut bufs = self.lock_union_bufs()?;
+        let Some((i, l)) = self.pair_union(ix, &mut bufs)? else {
             return Ok(None);
         };
         let s = &self.dev.stream;
@@ -559,15 +547,20 @@ impl SparsePrefill {
 
     /// The union of the column lists of query blocks 2p and 2p+1 of every head (`ix_pair_union`):
     /// entries tagged with their blocks, at the first block's offsets, and one length per pair, into
-    /// `bufs` (grown when too small). False when [`UNION_ENV`] turned it off or tokens do not fit the
-    /// tags' 30 bits. Queued on the stream: the launch that reads the buffers must be queued before
-    /// the next call writes them, which holding the lock of `bufs` across both ensures.
-    fn pair_union(&self, ix: &DeviceIndex, bufs: &mut UnionBufs) -> Result<bool> {
+    /// `bufs` (grown when too small), which it returns. `None` when [`UNION_ENV`] turned it off or
+    /// tokens do not fit the tags' 30 bits. Queued on the stream: the launch that reads the buffers
+    /// must be queued before the next call writes them, which holding the lock of `bufs` across both
+    /// ensures.
+    fn pair_union<'b>(
+        &self,
+        ix: &DeviceIndex,
+        bufs: &'b mut UnionBufs,
+    ) -> Result<Option<(&'b CudaSlice<u32>, &'b CudaSlice<u32>)>> {
         let Some(f) = &self.pair_union else {
-            return Ok(false);
+            return Ok(None);
         };
         if ix.seq_len >= (1 << 30) - 1 {
-            return Ok(false);
+            return Ok(None);
         }
         let s = &self.dev.stream;
         let q_pairs = ix.q_blocks.div_ceil(2);
@@ -587,7 +580,7 @@ impl SparsePrefill {
             ));
         }
         let Some((ucol_idx, ucol_len)) = bufs.0.as_mut() else {
-            return Ok(false);
+            return Ok(None);
         };
         let (heads_i, blocks_i) = (ix.q_heads as i32, ix.q_blocks as i32);
         let mut b = s.launch_builder(f);
@@ -595,8 +588,8 @@ impl SparsePrefill {
             .arg(&ix.col_idx)
             .arg(&heads_i)
             .arg(&blocks_i)
-            .arg(ucol_idx)
-            .arg(ucol_len);
+            .arg(&mut *ucol_idx)
+            .arg(&mut *ucol_len);
         let cfg = LaunchConfig {
             grid_dim: (grid_u32(pairs)?, 1, 1),
             block_dim: (256, 1, 1),
@@ -606,7 +599,15 @@ impl SparsePrefill {
         // (the index's invariant), the union of a pair fits the space of its two lists (n_col entries
         // in all, no more than ucol_idx holds), and ucol_len holds at least one entry per pair.
         drv("ix_pair_union launch", unsafe { b.launch(cfg) })?;
-        Ok(true)
+        Ok(Some((ucol_idx, ucol_len)))
+    }
+
+    /// The union buffers of [`SparsePrefill::pair_union`], locked until the launch that reads them
+    /// is queued.
+    fn lock_union_bufs(&self) -> Result<std::sync::MutexGuard<'_, UnionBufs>> {
+        self.union_bufs
+            .lock()
+            .map_err(|_| Error::Cuda("union buffer lock poisoned".into()))
     }
 
     /// The TMA tensor map of K or V (`[kv_heads, n, head_dim]` bf16) as the wgmma kernels read it:
