@@ -728,20 +728,8 @@ pub fn dense_attention(input: &AttentionInput<'_>, out: &mut [f32]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::noise;
     use crate::AttnShape;
-
-    /// Deterministic pseudo-random values in [-1, 1) (xorshift), no extra dependency.
-    fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
-            .collect()
-    }
 
     /// Causal attention in f64, straight from the definition.
     fn reference(inp: &AttentionInput<'_>) -> Vec<f64> {

@@ -231,6 +231,7 @@ fn offset(len: usize) -> Result<u32> {
 mod tests {
     use super::*;
     use crate::pattern::{a_shape, dense, PatternContext};
+    use crate::test_util::noise;
 
     #[test]
     fn flatten_keeps_lists_and_cells() {
@@ -293,14 +294,7 @@ mod tests {
         ];
         // vertical-slash indexes on pseudo-random Q and K (columns next to slash tiles)
         let (n, dim) = (200usize, 16usize);
-        let mut x = 0x2545_f491_u32;
-        let mut rnd = || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as f32 / u32::MAX as f32 - 0.5
-        };
-        let (q, k): (Vec<f32>, Vec<f32>) = (0..n * dim).map(|_| (rnd(), rnd())).unzip();
+        let (q, k) = (noise(n * dim, 1, 0.5), noise(n * dim, 2, 0.5));
         let qk = crate::pattern::HeadQk::new(&q, &k, dim, n).unwrap();
         let vs: Vec<_> = [(8, 8), (40, 20), (120, 64)]
             .iter()
