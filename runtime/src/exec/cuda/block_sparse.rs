@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, counted_index, grid_u32, read_pair, scan_counts, warp_per_item, BlockChoice,
-    DeviceBuffer, DeviceIndex, SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, grid_u32, warp_per_item, BlockChoice, DeviceBuffer, DeviceIndex,
+    ListCounts, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::PatternContext;
@@ -38,7 +38,6 @@ pub struct BlockSparseBuilder {
     pool: CudaFunction,
     score: CudaFunction,
     select: CudaFunction,
-    scan: CudaFunction,
     fill: CudaFunction,
     /// Pooled Q `[q_heads][q_blocks][d]` and K `[kv_heads][q_blocks][d]`, f64.
     qbar: CudaSlice<f64>,
@@ -47,14 +46,11 @@ pub struct BlockSparseBuilder {
     est: CudaSlice<f64>,
     /// Selected key blocks as bits, `[q_heads * q_blocks][ceil(q_blocks / 32)]`.
     mask: CudaSlice<u32>,
-    cnt_blk: CudaSlice<u32>,
-    /// Zeros: no gathered columns.
-    cnt_col: CudaSlice<u32>,
+    /// Key-block counts (`bs_select`); the column counts stay zero: no gathered columns.
+    counts: ListCounts,
     mode: CudaSlice<u32>,
     topk: CudaSlice<u32>,
     cover: CudaSlice<f64>,
-    /// The list totals of a build made by itself ([`Self::build_heads`]).
-    totals: CudaSlice<u32>,
 }
 
 impl BlockSparseBuilder {
@@ -92,18 +88,15 @@ impl BlockSparseBuilder {
             pool: dev.function(bs, &format!("bs_pool_{sfx}"), 0)?,
             score: dev.function(bs, &format!("bs_score_{sfx}"), 0)?,
             select: dev.function(bs, "bs_select", 0)?,
-            scan: dev.function(KernelFile::VerticalSlash, "vs_scan", 0)?,
             fill: dev.function(bs, "bs_fill", 0)?,
             qbar: zf(m * d)?,
             kbar: zf(shape.kv_heads * q_blocks * d)?,
             est: zf(shape.q_heads * chunk * q_blocks)?,
             mask: z32(m * q_blocks.div_ceil(32))?,
-            cnt_blk: z32(m)?,
-            cnt_col: z32(m)?,
+            counts: ListCounts::new(dev, m)?,
             mode: z32(shape.q_heads)?,
             topk: z32(shape.q_heads)?,
             cover: zf(shape.q_heads)?,
-            totals: z32(2)?,
         })
     }
 
@@ -133,7 +126,7 @@ impl BlockSparseBuilder {
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         self.count_heads(sp, q, k, choices, out, None)?;
-        let t = read_pair(sp, &self.totals)?;
+        let t = self.counts.own_totals(sp)?;
         self.fill(sp, t, out)
     }
 
@@ -256,7 +249,7 @@ impl BlockSparseBuilder {
                 .arg(&self.topk)
                 .arg(&self.cover)
                 .arg(&mut self.mask)
-                .arg(&mut self.cnt_blk);
+                .arg(&mut self.counts.blk);
             let warps_per_cta = THREADS as usize / 32;
             let cfg = LaunchConfig {
                 grid_dim: (grid_u32((sh.q_heads * rows).div_ceil(warps_per_cta))?, 1, 1),
@@ -264,22 +257,11 @@ impl BlockSparseBuilder {
                 shared_mem_bytes: 0,
             };
             // SAFETY: matches `bs_select`; est as above, mask holds m * ceil(q_blocks / 32) words,
-            // cnt_blk m entries, the per-head arrays q_heads.
+            // the key-block counts m entries, the per-head arrays q_heads.
             drv("bs_select launch", unsafe { b.launch(cfg) })?;
         }
 
-        let ix = scan_counts(
-            sp,
-            &self.scan,
-            sh.q_heads,
-            n,
-            &self.cnt_blk,
-            &self.cnt_col,
-            out.take(),
-            totals.unwrap_or((&mut self.totals, 0)),
-        )?;
-        *out = Some(ix);
-        Ok(())
+        self.counts.scan(sp, &sh, out, totals)
     }
 
     /// The lists of the index of [`Self::count_heads`], sized for its `totals`.

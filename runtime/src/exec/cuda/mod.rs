@@ -661,6 +661,62 @@ impl SparsePrefill {
     }
 }
 
+/// A GPU builder's count phase: the per-(head, query block) list sizes its count kernel writes,
+/// `vs_scan` to turn them into offsets, and the totals of a build the builder runs by itself.
+#[derive(Debug)]
+pub(crate) struct ListCounts {
+    scan: CudaFunction,
+    /// List sizes, `q_heads * q_blocks` each (the key-block and the column lists).
+    pub(crate) blk: CudaSlice<u32>,
+    pub(crate) col: CudaSlice<u32>,
+    /// The list totals of a build the builder runs by itself (a plan layer passes its own).
+    totals: CudaSlice<u32>,
+}
+
+impl ListCounts {
+    /// Zeroed counts for `m` (head, query block) entries.
+    pub(crate) fn new(dev: &Device, m: usize) -> Result<Self> {
+        let z32 = |len: usize| drv("cuMemAlloc", dev.stream.alloc_zeros::<u32>(len.max(1)));
+        Ok(Self {
+            scan: dev.function(KernelFile::VerticalSlash, "vs_scan", 0)?,
+            blk: z32(m)?,
+            col: z32(m)?,
+            totals: z32(2)?,
+        })
+    }
+
+    /// [`scan_counts`] of these counts into `out` (taken, and put back as the counted index), the
+    /// totals into pair `slot` of `totals`, or into the builder's own with `None`.
+    pub(crate) fn scan(
+        &mut self,
+        sp: &SparsePrefill,
+        shape: &AttnShape,
+        out: &mut Option<DeviceIndex>,
+        totals: Option<(&mut CudaSlice<u32>, usize)>,
+    ) -> Result<()> {
+        let ix = scan_counts(
+            sp,
+            &self.scan,
+            shape.q_heads,
+            shape.seq_len,
+            &self.blk,
+            &self.col,
+            out.take(),
+            totals.unwrap_or((&mut self.totals, 0)),
+        )?;
+        *out = Some(ix);
+        Ok(())
+    }
+
+    /// The totals of a [`ListCounts::scan`] made with `None` (waits for them).
+    pub(crate) fn own_totals(&self, sp: &SparsePrefill) -> Result<(usize, usize)> {
+        read_totals(sp, &self.totals)?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Cuda("no list totals read back".into()))
+    }
+}
+
 /// The index a builder fills next, in two steps so that a plan layer reads every builder's list sizes
 /// back in one copy. [`scan_counts`] takes `out` when it was made for `q_heads` × `seq_len` (its
 /// buffers are reused), else a new one, and queues the exclusive scans (`vs_scan`) of the
@@ -752,14 +808,6 @@ pub(crate) fn counted_index(
     };
     size_lists(sp, &mut ix, totals)?;
     Ok(ix)
-}
-
-/// The first pair of [`read_totals`]: a builder's own list totals.
-pub(crate) fn read_pair(sp: &SparsePrefill, totals: &CudaSlice<u32>) -> Result<(usize, usize)> {
-    read_totals(sp, totals)?
-        .first()
-        .copied()
-        .ok_or_else(|| Error::Cuda("no list totals read back".into()))
 }
 
 /// Sizes `ix`'s lists for `(key blocks, columns)` entries (reusing buffers that are large enough).

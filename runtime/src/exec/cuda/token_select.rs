@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    counted_index, grid_u32, read_pair, scan_counts, warp_per_item, DeviceIndex, SparsePrefill,
-    TokenChoice, VerticalSlashBuilder, CUDA_BLOCK,
+    counted_index, grid_u32, warp_per_item, DeviceIndex, ListCounts, SparsePrefill, TokenChoice,
+    VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::token_select::keeps_by_rank;
@@ -27,7 +27,6 @@ pub struct TokenSelectBuilder {
     select_fn: CudaFunction,
     scan_fn: CudaFunction,
     count_fn: CudaFunction,
-    offsets_fn: CudaFunction,
     fill_fn: CudaFunction,
     /// Per head: chunk length (0: no index), keep, spread on, sink, local, offset into `by_rank`.
     block: CudaSlice<u32>,
@@ -44,10 +43,7 @@ pub struct TokenSelectBuilder {
     sel: CudaSlice<u32>,
     list: CudaSlice<u32>,
     cum: CudaSlice<u32>,
-    cnt_blk: CudaSlice<u32>,
-    cnt_col: CudaSlice<u32>,
-    /// The list totals of a build made by itself ([`Self::build_heads`]).
-    totals: CudaSlice<u32>,
+    counts: ListCounts,
 }
 
 impl TokenSelectBuilder {
@@ -67,7 +63,6 @@ impl TokenSelectBuilder {
             select_fn: f("ts_select")?,
             scan_fn: f("ts_scan")?,
             count_fn: f("ts_count")?,
-            offsets_fn: dev.function(KernelFile::VerticalSlash, "vs_scan", 0)?,
             fill_fn: f("ts_fill")?,
             block: z32(h)?,
             keep: z32(h)?,
@@ -81,9 +76,7 @@ impl TokenSelectBuilder {
             sel: z32(h * n)?,
             list: z32(h * n)?,
             cum: z32(h * (n + 1))?,
-            cnt_blk: z32(m)?,
-            cnt_col: z32(m)?,
-            totals: z32(2)?,
+            counts: ListCounts::new(dev, m)?,
         })
     }
 
@@ -103,7 +96,7 @@ impl TokenSelectBuilder {
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         self.count_heads(sp, scores, choices, out, None)?;
-        let t = read_pair(sp, &self.totals)?;
+        let t = self.counts.own_totals(sp)?;
         self.fill(sp, t, out)
     }
 
@@ -239,8 +232,8 @@ impl TokenSelectBuilder {
             .arg(&self.block)
             .arg(&self.sink)
             .arg(&self.local)
-            .arg(&mut self.cnt_blk)
-            .arg(&mut self.cnt_col);
+            .arg(&mut self.counts.blk)
+            .arg(&mut self.counts.col);
         let threads = LaunchConfig {
             grid_dim: (grid_u32(m.div_ceil(256))?, 1, 1),
             block_dim: (256, 1, 1),
@@ -249,18 +242,7 @@ impl TokenSelectBuilder {
         // SAFETY: matches `ts_count`; the counts hold m entries.
         drv("ts_count launch", unsafe { b.launch(threads) })?;
 
-        let ix = scan_counts(
-            sp,
-            &self.offsets_fn,
-            sh.q_heads,
-            n,
-            &self.cnt_blk,
-            &self.cnt_col,
-            out.take(),
-            totals.unwrap_or((&mut self.totals, 0)),
-        )?;
-        *out = Some(ix);
-        Ok(())
+        self.counts.scan(sp, &sh, out, totals)
     }
 
     /// The lists of the index of [`Self::count_heads`], sized for its `totals`.

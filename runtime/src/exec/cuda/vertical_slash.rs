@@ -11,8 +11,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, counted_index, grid_u32, read_pair, scan_counts, warp_per_item, DeviceBuffer,
-    DeviceIndex, SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, grid_u32, warp_per_item, DeviceBuffer, DeviceIndex, ListCounts,
+    SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
@@ -45,7 +45,6 @@ pub struct VerticalSlashBuilder {
     topk: CudaFunction,
     bdiag: CudaFunction,
     count: CudaFunction,
-    scan: CudaFunction,
     fill: CudaFunction,
     /// `[q_heads][row_tiles * 64][nchunks]` (max, sum) pairs.
     part: CudaSlice<f32>,
@@ -61,12 +60,9 @@ pub struct VerticalSlashBuilder {
     /// Selected block diagonals `[q_heads][q_blocks]` (ascending) and their counts `[q_heads]`.
     bd_list: CudaSlice<u32>,
     bd_cnt: CudaSlice<u32>,
-    cnt_blk: CudaSlice<u32>,
-    cnt_col: CudaSlice<u32>,
+    counts: ListCounts,
     budget_v: CudaSlice<u32>,
     budget_s: CudaSlice<u32>,
-    /// The list totals of a selection made by itself ([`Self::select_uploaded`]).
-    totals: CudaSlice<u32>,
 }
 
 impl VerticalSlashBuilder {
@@ -113,7 +109,6 @@ impl VerticalSlashBuilder {
             topk: d.function(vs, "vs_topk", 0)?,
             bdiag: d.function(vs, "vs_bdiag", 0)?,
             count: d.function(vs, "vs_count", 0)?,
-            scan: d.function(vs, "vs_scan", 0)?,
             fill: d.function(vs, "vs_fill", 0)?,
             part: zf(h * row_tiles * 64 * nchunks * 2)?,
             ml: zf(h * row_tiles * 64 * 2)?,
@@ -124,11 +119,9 @@ impl VerticalSlashBuilder {
             col_list: z32(h * n)?,
             bd_list: z32(h * q_blocks)?,
             bd_cnt: z32(h)?,
-            cnt_blk: z32(h * q_blocks)?,
-            cnt_col: z32(h * q_blocks)?,
+            counts: ListCounts::new(d, h * q_blocks)?,
             budget_v: z32(h)?,
             budget_s: z32(h)?,
-            totals: z32(2)?,
         })
     }
 
@@ -259,7 +252,7 @@ impl VerticalSlashBuilder {
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
         self.count_uploaded(sp, out, None)?;
-        let t = read_pair(sp, &self.totals)?;
+        let t = self.counts.own_totals(sp)?;
         self.fill(sp, t, out)
     }
 
@@ -318,23 +311,12 @@ impl VerticalSlashBuilder {
             .arg(&self.bd_cnt)
             .arg(&n_i)
             .arg(&heads)
-            .arg(&mut self.cnt_blk)
-            .arg(&mut self.cnt_col);
+            .arg(&mut self.counts.blk)
+            .arg(&mut self.counts.col);
         // SAFETY: matches `vs_count`; the count arrays hold heads * q_blocks entries.
         drv("vs_count launch", unsafe { b.launch(warps) })?;
 
-        let ix = scan_counts(
-            sp,
-            &self.scan,
-            sh.q_heads,
-            n,
-            &self.cnt_blk,
-            &self.cnt_col,
-            out.take(),
-            totals.unwrap_or((&mut self.totals, 0)),
-        )?;
-        *out = Some(ix);
-        Ok(())
+        self.counts.scan(sp, &sh, out, totals)
     }
 
     /// Stage 3's lists into the index of [`Self::count_uploaded`], sized for its `totals`.
