@@ -8,12 +8,14 @@
 //! `bs_fill` (sorted lists). The block total is read back once (4 bytes) to size the list; buffers are
 //! reused across calls.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
-use super::device::{drv, KernelFile};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::device::{drv, follow, KernelFile};
 use super::{
-    check_qkv, counted_index, grid_u32, warp_per_item, BlockChoice, DeviceBuffer, DeviceIndex,
-    ListCounts, SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, counting_index, grid_u32, warp_per_item, BlockChoice, DeviceBuffer,
+    DeviceIndex, ListCounts, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::PatternContext;
@@ -125,16 +127,20 @@ impl BlockSparseBuilder {
         choices: &[Option<BlockChoice>],
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
-        self.count_heads(sp, q, k, choices, out, None)?;
+        let s = sp.dev.stream.clone();
+        self.count_heads(sp, &s, q, k, choices, out, None)?;
         let t = self.counts.own_totals(sp)?;
-        self.fill(sp, t, out)
+        self.fill(sp, &s, t, out)
     }
 
-    /// [`Self::build_heads`] up to the list sizes, queued: the offsets of `out` and its totals in
-    /// pair `slot` of `totals` (the builder's own with `None`). [`Self::fill`] follows with them.
+    /// [`Self::build_heads`] up to the list sizes, queued on stream `s` (after the main stream's
+    /// work so far): the offsets of `out` and its totals in pair `slot` of `totals` (the builder's
+    /// own with `None`). [`Self::fill`] follows with them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn count_heads(
         &mut self,
         sp: &SparsePrefill,
+        s: &Arc<CudaStream>,
         q: &DeviceBuffer<u16>,
         k: &DeviceBuffer<u16>,
         choices: &[Option<BlockChoice>],
@@ -183,16 +189,17 @@ impl BlockSparseBuilder {
                 }
             }
         }
-        let s = &sp.dev.stream;
-        drv("upload", s.memcpy_htod(&mode, &mut self.mode))?;
-        drv("upload", s.memcpy_htod(&topk, &mut self.topk))?;
-        drv("upload", s.memcpy_htod(&cover, &mut self.cover))?;
         let n = sh.seq_len;
         if n == 0 {
             return Err(Error::Shape(
                 "block-sparse index of an empty sequence".into(),
             ));
         }
+        let mut ix = counting_index(sp, sh.q_heads, n, out.take())?;
+        follow(s, &sp.dev.stream)?;
+        drv("upload", s.memcpy_htod(&mode, &mut self.mode))?;
+        drv("upload", s.memcpy_htod(&topk, &mut self.topk))?;
+        drv("upload", s.memcpy_htod(&cover, &mut self.cover))?;
         let q_blocks = n.div_ceil(CUDA_BLOCK);
         let (n_i, heads, group) = (n as i32, sh.q_heads as i32, sh.group() as i32);
 
@@ -261,13 +268,17 @@ impl BlockSparseBuilder {
             drv("bs_select launch", unsafe { b.launch(cfg) })?;
         }
 
-        self.counts.scan(sp, &sh, out, totals)
+        self.counts.scan(s, &mut ix, totals)?;
+        *out = Some(ix);
+        Ok(())
     }
 
-    /// The lists of the index of [`Self::count_heads`], sized for its `totals`.
+    /// The lists of the index of [`Self::count_heads`], sized for its `totals`, queued on stream `s`
+    /// (after the main stream's work so far).
     pub(crate) fn fill(
         &mut self,
         sp: &SparsePrefill,
+        s: &Arc<CudaStream>,
         totals: (usize, usize),
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
@@ -276,7 +287,7 @@ impl BlockSparseBuilder {
         let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let mut ix = counted_index(sp, out, &sh, totals, "block-sparse")?;
-        let s = &sp.dev.stream;
+        follow(s, &sp.dev.stream)?;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.mask)
             .arg(&n_i)

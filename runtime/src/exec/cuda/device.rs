@@ -32,6 +32,11 @@ pub const EXP2_EMU_ENV: &str = "ATTNPLAN_EXP2_EMU";
 /// 128), for comparing variants on the device.
 pub const ROUNDED_SUMS_ENV: &str = "ATTNPLAN_ROUNDED_SUMS";
 
+/// Environment variable that, set to `0`, queues every index builder of a plan layer on the main
+/// stream instead of giving the block-sparse and token-select builders their own
+/// ([`Device::aux`]), for comparing the two on the device.
+pub const INDEX_STREAMS_ENV: &str = "ATTNPLAN_INDEX_STREAMS";
+
 /// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelFile {
@@ -141,11 +146,19 @@ pub(crate) fn drv<T>(
     r.map_err(|e| Error::Cuda(format!("{what}: {e:?}")))
 }
 
-/// A CUDA device with one stream and a module cache.
+/// A CUDA device with its streams and a module cache.
+///
+/// Everything is queued on `stream` except a plan layer's independent index builders, which run on
+/// the `aux` streams: a builder queues its work on an aux stream only after making it wait for
+/// `stream` ([`follow`]), and the layer makes `stream` wait for the aux streams before it reads or
+/// merges their lists. Buffers are allocated and freed on `stream` only, before such a fork.
 #[derive(Debug)]
 pub struct Device {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
+    /// Two streams for the block-sparse and token-select builders of a plan layer (both `stream`
+    /// itself with [`INDEX_STREAMS_ENV`]`=0`).
+    pub(crate) aux: [Arc<CudaStream>; 2],
     modules: Mutex<HashMap<KernelFile, Arc<CudaModule>>>,
     arch: &'static str,
 }
@@ -178,10 +191,19 @@ impl Device {
             )));
         }
         let ctx = drv("cuCtx", CudaContext::new(ordinal))?;
-        // One stream, in order: per-buffer event tracking only adds launch overhead.
-        // SAFETY: every buffer of this device is used on `stream` only.
+        // Per-buffer event tracking only adds launch overhead: the order between streams is kept
+        // by hand (see the type's docs).
+        // SAFETY: buffers are allocated and freed on `stream`; work on the aux streams is queued
+        // after a `follow` of `stream` and joined back into it before its results are read.
         unsafe { ctx.disable_event_tracking() };
         let stream = drv("cuStreamCreate", ctx.new_stream())?;
+        let aux = match std::env::var(INDEX_STREAMS_ENV).as_deref() {
+            Ok("0") => [stream.clone(), stream.clone()],
+            _ => [
+                drv("cuStreamCreate", ctx.new_stream())?,
+                drv("cuStreamCreate", ctx.new_stream())?,
+            ],
+        };
         let arch = match std::env::var(ARCH_ENV).as_deref() {
             Ok("sm_90a") => "sm_90a",
             Ok("sm_90") => "sm_90",
@@ -191,6 +213,7 @@ impl Device {
         Ok(Self {
             ctx,
             stream,
+            aux,
             modules: Mutex::new(HashMap::new()),
             arch,
         })
@@ -237,4 +260,14 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         drv("cuStreamSynchronize", self.stream.synchronize())
     }
+}
+
+/// Makes `s` wait for the work queued on `other` so far (nothing when they are the same stream).
+pub(crate) fn follow(s: &CudaStream, other: &CudaStream) -> Result<()> {
+    if s.cu_stream() == other.cu_stream() {
+        return Ok(());
+    }
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+    let event = drv("cuEventRecord", other.record_event(flags))?;
+    drv("cuStreamWaitEvent", s.wait(&event))
 }

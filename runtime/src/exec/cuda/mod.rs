@@ -39,7 +39,8 @@ mod vertical_slash;
 use std::sync::Mutex;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 
 pub use block_sparse::BlockSparseBuilder;
@@ -685,27 +686,16 @@ impl ListCounts {
         })
     }
 
-    /// [`scan_counts`] of these counts into `out` (taken, and put back as the counted index), the
-    /// totals into pair `slot` of `totals`, or into the builder's own with `None`.
+    /// [`scan_counts`] of these counts into `ix` (from [`counting_index`]) on stream `s`, the totals
+    /// into pair `slot` of `totals`, or into the builder's own with `None`.
     pub(crate) fn scan(
         &mut self,
-        sp: &SparsePrefill,
-        shape: &AttnShape,
-        out: &mut Option<DeviceIndex>,
+        s: &CudaStream,
+        ix: &mut DeviceIndex,
         totals: Option<(&mut CudaSlice<u32>, usize)>,
     ) -> Result<()> {
-        let ix = scan_counts(
-            sp,
-            &self.scan,
-            shape.q_heads,
-            shape.seq_len,
-            &self.blk,
-            &self.col,
-            out.take(),
-            totals.unwrap_or((&mut self.totals, 0)),
-        )?;
-        *out = Some(ix);
-        Ok(())
+        let totals = totals.unwrap_or((&mut self.totals, 0));
+        scan_counts(s, &self.scan, &self.blk, &self.col, ix, totals)
     }
 
     /// The totals of a [`ListCounts::scan`] made with `None` (waits for them).
@@ -718,46 +708,63 @@ impl ListCounts {
 }
 
 /// The index a builder fills next, in two steps so that a plan layer reads every builder's list sizes
-/// back in one copy. [`scan_counts`] takes `out` when it was made for `q_heads` × `seq_len` (its
-/// buffers are reused), else a new one, and queues the exclusive scans (`vs_scan`) of the
-/// per-(head, query block) list sizes `cnt_blk` and `cnt_col` into its offsets, and the two totals
-/// into pair `slot` of `totals`. Once the totals are on the host ([`read_totals`]), [`size_lists`]
-/// (through [`counted_index`]) sizes the lists and the caller writes them. `pairs_share` is false
-/// (per-head selections).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn scan_counts(
+/// back in one copy. [`counting_index`] takes `out` when it was made for `q_heads` × `seq_len` (its
+/// buffers are reused), else allocates a new one (on the main stream, before the builder forks to
+/// its own), with `pairs_share` false (per-head selections).
+pub(crate) fn counting_index(
     sp: &SparsePrefill,
-    scan: &CudaFunction,
     q_heads: usize,
     seq_len: usize,
+    out: Option<DeviceIndex>,
+) -> Result<DeviceIndex> {
+    let mut ix = match out {
+        Some(ix) if ix.q_heads == q_heads && ix.seq_len == seq_len => ix,
+        _ => {
+            let s = &sp.dev.stream;
+            let q_blocks = seq_len.div_ceil(CUDA_BLOCK);
+            let m = q_heads * q_blocks;
+            DeviceIndex {
+                q_heads,
+                seq_len,
+                q_blocks,
+                blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+                blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+                col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
+                col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
+                n_blk: 0,
+                n_col: 0,
+                pairs_share: false,
+            }
+        }
+    };
+    ix.pairs_share = false;
+    Ok(ix)
+}
+
+/// Queues on stream `s` the exclusive scans (`vs_scan`) of the per-(head, query block) list sizes
+/// `cnt_blk` and `cnt_col` into `ix`'s offsets, and the two totals into pair `slot` of `totals`.
+/// Once the totals are on the host ([`read_totals`]), [`size_lists`] (through [`counted_index`])
+/// sizes the lists and the caller writes them.
+pub(crate) fn scan_counts(
+    s: &CudaStream,
+    scan: &CudaFunction,
     cnt_blk: &CudaSlice<u32>,
     cnt_col: &CudaSlice<u32>,
-    out: Option<DeviceIndex>,
+    ix: &mut DeviceIndex,
     (totals, slot): (&mut CudaSlice<u32>, usize),
-) -> Result<DeviceIndex> {
-    let s = &sp.dev.stream;
-    let q_blocks = seq_len.div_ceil(CUDA_BLOCK);
-    let m = q_heads * q_blocks;
+) -> Result<()> {
+    let m = ix.q_heads * ix.q_blocks;
     if totals.len() < 2 * slot + 2 {
         return Err(Error::Cuda(format!("no room for list totals {slot}")));
     }
+    if cnt_blk.len() < m || cnt_col.len() < m {
+        return Err(Error::Cuda(format!(
+            "list sizes for {} / {} entries, index of {m}",
+            cnt_blk.len(),
+            cnt_col.len()
+        )));
+    }
     let mut totals = totals.slice_mut(2 * slot..2 * slot + 2);
-    let mut ix = match out {
-        Some(ix) if ix.q_heads == q_heads && ix.seq_len == seq_len => ix,
-        _ => DeviceIndex {
-            q_heads,
-            seq_len,
-            q_blocks,
-            blk_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
-            blk_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
-            col_off: drv("alloc", s.alloc_zeros::<u32>(m + 1))?,
-            col_idx: drv("alloc", s.alloc_zeros::<u32>(1))?,
-            n_blk: 0,
-            n_col: 0,
-            pairs_share: false,
-        },
-    };
-    ix.pairs_share = false;
     let m_i = i32::try_from(m).map_err(|_| Error::Shape(format!("{m} index entries")))?;
     let mut b = s.launch_builder(scan);
     b.arg(cnt_blk)
@@ -771,10 +778,10 @@ pub(crate) fn scan_counts(
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: matches `vs_scan`; the counts hold m entries (callers size them q_heads * q_blocks),
-    // the offsets m + 1, the totals view 2.
+    // SAFETY: matches `vs_scan`; the counts hold at least m entries (checked), the offsets m + 1
+    // (counting_index), the totals view 2.
     drv("vs_scan launch", unsafe { b.launch(one) })?;
-    Ok(ix)
+    Ok(())
 }
 
 /// The list totals `(key blocks, columns)` of every [`scan_counts`] into `totals` (pairs), in one

@@ -30,13 +30,13 @@ use std::collections::HashMap;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use schemas::{ModelInfo, Pattern, Plan};
 
-use super::device::{drv, KernelFile};
+use super::device::{drv, follow, KernelFile};
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
 use super::{
-    grid_u32, read_totals, scan_counts, size_lists, warp_per_item, BlockChoice, BlockSparseBuilder,
-    DeviceBuffer, DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice, TokenSelectBuilder,
-    VerticalSlashBuilder, CUDA_BLOCK,
+    counting_index, grid_u32, read_totals, scan_counts, size_lists, warp_per_item, BlockChoice,
+    BlockSparseBuilder, DeviceBuffer, DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice,
+    TokenSelectBuilder, VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::{static_index, HeadIndex, PatternContext};
@@ -269,12 +269,32 @@ impl PlanPrefill {
         let (mg, totals) = (&mut self.merge, &mut self.totals);
         // CUDA events around all of it: the host's part (the read-back, static indexes) counts too
         stats.index_ms = sp.time_ms(|| {
-            // 1. every builder up to its list sizes, queued
-            if used(SRC_VS) || used(SRC_TS) {
-                // token-select and query-adaptive read the vertical scores of the same estimate
-                let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
-                b.estimate(sp, q, k)?;
+            let [bs_stream, ts_stream] = &sp.dev.aux;
+            // 1. every builder up to its list sizes, queued. The block-sparse builder reads only Q
+            // and K and runs on its own stream; token-select reads the estimate's vertical scores
+            // and runs on a second one once the estimate is queued; the query-adaptive decisions
+            // and the vertical-slash selection follow the estimate on the main stream.
+            joined(sp, || {
+                if used(SRC_BS) {
+                    let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
+                    let slot = Some((&mut *totals, SLOT_BS));
+                    b.count_heads(sp, bs_stream, q, k, &choices, bs_ix, slot)?;
+                }
+                if used(SRC_VS) || used(SRC_TS) {
+                    let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
+                    b.estimate(sp, q, k)?;
+                }
+                if used(SRC_TS) {
+                    let scores = vs
+                        .as_ref()
+                        .map(|(_, b)| b)
+                        .ok_or_else(|| Error::Cuda("no vertical scores".into()))?;
+                    let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
+                    let slot = Some((&mut *totals, SLOT_TS));
+                    b.count_heads(sp, ts_stream, scores, &tokens, ts_ix, slot)?;
+                }
                 if used(SRC_VS) {
+                    let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
                     b.upload_budgets(sp, &budgets)?;
                     if any_qa {
                         let d = builder(qa, shape, |s| QueryAdaptive::new(sp, s))?;
@@ -282,19 +302,8 @@ impl PlanPrefill {
                     }
                     b.count_uploaded(sp, vs_ix, Some((&mut *totals, SLOT_VS)))?;
                 }
-            }
-            if used(SRC_TS) {
-                let scores = vs
-                    .as_ref()
-                    .map(|(_, b)| b)
-                    .ok_or_else(|| Error::Cuda("no vertical scores".into()))?;
-                let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
-                b.count_heads(sp, scores, &tokens, ts_ix, Some((&mut *totals, SLOT_TS)))?;
-            }
-            if used(SRC_BS) {
-                let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
-                b.count_heads(sp, q, k, &choices, bs_ix, Some((&mut *totals, SLOT_BS)))?;
-            }
+                Ok(())
+            })?;
             *from_cache = None;
             if used(SRC_HOST) {
                 // static heads only: their index is the same at every call of this shape
@@ -339,20 +348,22 @@ impl PlanPrefill {
                     .copied()
                     .ok_or_else(|| Error::Cuda(format!("no list totals in slot {slot}")))
             };
-            // 3. the lists
-            // (the builders of step 1, for this shape)
-            if used(SRC_VS) {
-                let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
-                b.fill(sp, t(SLOT_VS)?, vs_ix)?;
-            }
-            if used(SRC_TS) {
-                let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
-                b.fill(sp, t(SLOT_TS)?, ts_ix)?;
-            }
-            if used(SRC_BS) {
-                let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
-                b.fill(sp, t(SLOT_BS)?, bs_ix)?;
-            }
+            // 3. the lists, each builder's on the stream it counted on
+            joined(sp, || {
+                if used(SRC_BS) {
+                    let b = builder(bs, shape, |s| BlockSparseBuilder::new(sp, s, &ctx))?;
+                    b.fill(sp, bs_stream, t(SLOT_BS)?, bs_ix)?;
+                }
+                if used(SRC_TS) {
+                    let b = builder(ts, shape, |s| TokenSelectBuilder::new(sp, s))?;
+                    b.fill(sp, ts_stream, t(SLOT_TS)?, ts_ix)?;
+                }
+                if used(SRC_VS) {
+                    let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
+                    b.fill(sp, t(SLOT_VS)?, vs_ix)?;
+                }
+                Ok(())
+            })?;
             if let (None, Some(ix)) = (direct, merged.as_mut()) {
                 let host_src = from_cache.and_then(|l| cache.get(&l));
                 let sources = [vs_ix.as_ref(), bs_ix.as_ref(), ts_ix.as_ref(), host_src];
@@ -377,6 +388,17 @@ fn head_error(layer: usize, head: usize, pattern: &Pattern, e: Error) -> Error {
         kind: pattern.kind(),
         message: e.to_string(),
     }
+}
+
+/// Runs `queue` (work queued on the main stream and on the aux streams), then makes the main stream
+/// wait for the aux streams, also when `queue` failed part way (nothing on an aux stream may outlive
+/// the buffers the main stream frees).
+fn joined(sp: &SparsePrefill, queue: impl FnOnce() -> Result<()>) -> Result<()> {
+    let r = queue();
+    for aux in &sp.dev.aux {
+        follow(&sp.dev.stream, aux)?;
+    }
+    r
 }
 
 /// The builder in `slot`, made anew by `make` when the layer shape changed.
@@ -495,17 +517,8 @@ impl Merge {
         // in an index of this length (offsets of q_heads * q_blocks + 1 entries); the counts hold m
         // entries.
         drv("ix_merge_count launch", unsafe { b.launch(cfg) })?;
-        let (cnt_blk, cnt_col) = (&*cnt_blk, &*cnt_col);
-        let mut ix = scan_counts(
-            sp,
-            &self.scan,
-            shape.q_heads,
-            n,
-            cnt_blk,
-            cnt_col,
-            out,
-            totals,
-        )?;
+        let mut ix = counting_index(sp, shape.q_heads, n, out)?;
+        scan_counts(s, &self.scan, cnt_blk, cnt_col, &mut ix, totals)?;
         // heads 2p and 2p + 1 served by the same head's lists may share a CTA
         ix.pairs_share = shape.q_heads % 2 == 0
             && (0..shape.q_heads / 2).all(|p| src_of[2 * p] == src_of[2 * p + 1]);

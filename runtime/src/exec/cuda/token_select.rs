@@ -8,12 +8,14 @@
 //! and `ts_fill` (A-shape blocks plus the selected tokens outside them). The two totals are read back
 //! once (8 bytes) to size the lists.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
-use super::device::{drv, KernelFile};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::device::{drv, follow, KernelFile};
 use super::{
-    counted_index, grid_u32, warp_per_item, DeviceIndex, ListCounts, SparsePrefill, TokenChoice,
-    VerticalSlashBuilder, CUDA_BLOCK,
+    counted_index, counting_index, grid_u32, warp_per_item, DeviceIndex, ListCounts, SparsePrefill,
+    TokenChoice, VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::token_select::keeps_by_rank;
@@ -95,16 +97,19 @@ impl TokenSelectBuilder {
         choices: &[Option<TokenChoice>],
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
-        self.count_heads(sp, scores, choices, out, None)?;
+        let s = sp.dev.stream.clone();
+        self.count_heads(sp, &s, scores, choices, out, None)?;
         let t = self.counts.own_totals(sp)?;
-        self.fill(sp, t, out)
+        self.fill(sp, &s, t, out)
     }
 
-    /// [`Self::build_heads`] up to the list sizes, queued: the offsets of `out` and its totals in
-    /// pair `slot` of `totals` (the builder's own with `None`). [`Self::fill`] follows with them.
+    /// [`Self::build_heads`] up to the list sizes, queued on stream `s` (after the main stream's
+    /// work so far, the estimate of `scores` included): the offsets of `out` and its totals in pair
+    /// `slot` of `totals` (the builder's own with `None`). [`Self::fill`] follows with them.
     pub(crate) fn count_heads(
         &mut self,
         sp: &SparsePrefill,
+        s: &Arc<CudaStream>,
         scores: &VerticalSlashBuilder,
         choices: &[Option<TokenChoice>],
         out: &mut Option<DeviceIndex>,
@@ -163,7 +168,13 @@ impl TokenSelectBuilder {
             per[3].push(u(sink));
             per[4].push(u(local));
         }
-        let s = &sp.dev.stream;
+        if by_rank.is_empty() {
+            by_rank.push(0);
+        }
+        // allocations on the main stream, before this builder's stream follows it
+        self.by_rank = drv("upload", sp.dev.stream.clone_htod(&by_rank))?;
+        let mut ix = counting_index(sp, sh.q_heads, n, out.take())?;
+        follow(s, &sp.dev.stream)?;
         for (v, buf) in per.iter().zip([
             &mut self.block,
             &mut self.keep,
@@ -174,10 +185,6 @@ impl TokenSelectBuilder {
         ]) {
             drv("upload", s.memcpy_htod(v, buf))?;
         }
-        if by_rank.is_empty() {
-            by_rank.push(0);
-        }
-        self.by_rank = drv("upload", s.clone_htod(&by_rank))?;
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let col = scores.col_scores();
 
@@ -242,13 +249,17 @@ impl TokenSelectBuilder {
         // SAFETY: matches `ts_count`; the counts hold m entries.
         drv("ts_count launch", unsafe { b.launch(threads) })?;
 
-        self.counts.scan(sp, &sh, out, totals)
+        self.counts.scan(s, &mut ix, totals)?;
+        *out = Some(ix);
+        Ok(())
     }
 
-    /// The lists of the index of [`Self::count_heads`], sized for its `totals`.
+    /// The lists of the index of [`Self::count_heads`], sized for its `totals`, queued on stream `s`
+    /// (after the main stream's work so far).
     pub(crate) fn fill(
         &mut self,
         sp: &SparsePrefill,
+        s: &Arc<CudaStream>,
         totals: (usize, usize),
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
@@ -257,7 +268,7 @@ impl TokenSelectBuilder {
         let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let mut ix = counted_index(sp, out, &sh, totals, "token-select")?;
-        let s = &sp.dev.stream;
+        follow(s, &sp.dev.stream)?;
         let mut b = s.launch_builder(&self.fill_fn);
         b.arg(&self.cum)
             .arg(&self.list)

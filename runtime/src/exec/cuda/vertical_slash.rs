@@ -11,8 +11,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, counted_index, grid_u32, warp_per_item, DeviceBuffer, DeviceIndex, ListCounts,
-    SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, counting_index, grid_u32, warp_per_item, DeviceBuffer, DeviceIndex,
+    ListCounts, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
@@ -266,6 +266,7 @@ impl VerticalSlashBuilder {
     ) -> Result<()> {
         let sh = self.shape;
         let n = sh.seq_len;
+        let mut ix = counting_index(sp, sh.q_heads, n, out.take())?;
         let s = &sp.dev.stream;
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let (fc, fd) = (FORCED_COLUMNS as i32, FORCED_DIAGONALS as i32);
@@ -316,7 +317,9 @@ impl VerticalSlashBuilder {
         // SAFETY: matches `vs_count`; the count arrays hold heads * q_blocks entries.
         drv("vs_count launch", unsafe { b.launch(warps) })?;
 
-        self.counts.scan(sp, &sh, out, totals)
+        self.counts.scan(s, &mut ix, totals)?;
+        *out = Some(ix);
+        Ok(())
     }
 
     /// Stage 3's lists into the index of [`Self::count_uploaded`], sized for its `totals`.
