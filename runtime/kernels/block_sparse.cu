@@ -181,7 +181,10 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
     const int forced = qb == 0 ? 1 : 2;
     const int rest = causal - forced;
     const double fm = qb == 0 ? e[0] : (0.0 + e[0]) + e[qb];
-    u64 prefix = 0;
+    // The selection: the rest blocks whose key, masked by pmask, lies above prefix, and the first
+    // `take` (in index order) of those equal to it. The radix passes stop early once the chosen bin is
+    // taken whole (its blocks then differ only in bits below pmask).
+    u64 prefix = 0, pmask = 0;
     u32 take = 0;
     bool all = false, none = false;
     // a coverage selection with fewer blocks than its floor is redone as top_k at the floor
@@ -198,10 +201,10 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
     }
     if (rest <= 0) none = true;
     prefix = 0;
+    pmask = 0;
     take = 0;
     u32 above = 0;  // rest blocks with a key above the current prefix range
     if (!none && !all) {
-        u64 pmask = 0;
         double acc = 0.0;  // and their mass
         for (int pass = 7; pass >= 0; --pass) {
             const int shift = pass * 8;
@@ -241,6 +244,7 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
             u32 a = above + ic - lc;
             double ac = acc + (im - lm);
             u32 t = 0;
+            bool whole = false;  // the chosen bin is taken whole: no further pass is needed
             if (lane == L) {
                 for (int j = 0; j < 8; ++j) {
                     const int dg = 255 - 8 * lane - j;
@@ -252,7 +256,11 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
                     a += hc[dg];
                     ac += hm[dg];
                 }
-                if (pass == 0) {
+                // top_k: the bin completes `need`; coverage: a single block reaches it
+                whole = by_cover ? hc[chosen] == 1 : a + hc[chosen] == need;
+                if (whole) {
+                    t = hc[chosen];
+                } else if (pass == 0) {
                     // ties (estimate == the threshold) are taken in index order
                     if (by_cover) {
                         const double et = __longlong_as_double((long long)(prefix | (u64)chosen));
@@ -271,9 +279,11 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
             above = __shfl_sync(0xffffffff, a, L);
             acc = __shfl_sync(0xffffffff, ac, L);
             take = __shfl_sync(0xffffffff, t, L);
+            whole = __shfl_sync(0xffffffff, whole, L);
             prefix |= (u64)chosen << shift;
             pmask |= (u64)255 << shift;
             __syncwarp();
+            if (whole) break;
         }
     }
     if (!by_cover) break;
@@ -287,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
     const int a0 = min(causal, lane * per), a1 = min(causal, a0 + per);
     u32 ties = 0;
     if (!none && !all) {
-        for (int kb = max(a0, 1); kb < min(a1, qb); ++kb) ties += (u64)__double_as_longlong(e[kb]) == prefix;
+        for (int kb = max(a0, 1); kb < min(a1, qb); ++kb) ties += ((u64)__double_as_longlong(e[kb]) & pmask) == prefix;
     }
     u32 tie_rank = ties;
 #pragma unroll
@@ -306,7 +316,7 @@ extern "C" __global__ void __launch_bounds__(BS_THREADS)
             } else if (none) {
                 sel = false;
             } else {
-                const u64 key = (u64)__double_as_longlong(e[kb]);
+                const u64 key = (u64)__double_as_longlong(e[kb]) & pmask;
                 sel = key > prefix;
                 if (key == prefix) sel = tie_rank++ < take;
             }

@@ -242,7 +242,7 @@ extern "C" __global__ void __launch_bounds__(1024)
             const u32* __restrict__ budget_s, int n, int forced_cols, int forced_diags, u32* __restrict__ col_cum,
             u32* __restrict__ diag_cum, u32* __restrict__ col_list) {
     __shared__ u32 hist[256];
-    __shared__ u32 s_digit, s_rem, s_total;
+    __shared__ u32 s_digit, s_rem, s_total, s_whole;
     const int h = blockIdx.y, tid = threadIdx.x;
     const bool cols = blockIdx.x == 0;
     const float* s = (cols ? col : diag) + (u64)h * n;
@@ -250,8 +250,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     const u32 kk = cols ? budget_v[h] : budget_s[h];
     u32* cum = (cols ? col_cum : diag_cum) + (u64)h * (n + 1);
 
-    // Radix select, 8 bits at a time from the top: `prefix` ends as the k-th largest key, `rem` the
-    // number of items equal to it that are selected (the lowest-indexed ones).
+    // Radix select, 8 bits at a time from the top: `prefix` ends as the k-th largest key masked by
+    // `pmask`, `rem` the number of items equal to it (under the mask) that are selected (the
+    // lowest-indexed ones). The passes stop early when the chosen digit's items are all selected.
     u32 prefix = 0, pmask = 0, rem = kk;
     const bool all = kk >= (u32)n, none = kk == 0, ranked = !all && !none;
     if (ranked) {
@@ -289,13 +290,16 @@ extern "C" __global__ void __launch_bounds__(1024)
                     }
                     s_digit = (u32)d;
                     s_rem = rem - acc;
+                    s_whole = acc + hist[d] == rem;
                 }
             }
             __syncthreads();
             prefix |= s_digit << shift;
             pmask |= 255u << shift;
             rem = s_rem;
+            const bool whole = s_whole;
             __syncthreads();
+            if (whole) break;
         }
     }
     // Two coalesced passes over the warps' runs: the counts above and at the k-th key, then the writes.
@@ -310,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int i = base + 32 * u + lane;
-                key[u] = i < b ? rank_key(s, i, forced) : 0u;
+                key[u] = i < b ? rank_key(s, i, forced) & pmask : 0u;
             }
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
@@ -329,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
             const int i = base0 + 32 * u + lane;
-            keys[u] = ranked && i < b ? rank_key(s, i, forced) : 0u;
+            keys[u] = ranked && i < b ? rank_key(s, i, forced) & pmask : 0u;
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
