@@ -19,7 +19,9 @@
 //!     came from.
 //! cuda_bench plan DIR --plan FILE --n N [--reps R] [--dense-below T]
 //!     every layer of a plan file (e.g. the main job's out/plan.yaml) through `PlanPrefill` on
-//!     structured inputs of its layer shape: per-layer and total index and attention times; with
+//!     structured inputs of its layer shape: per-layer and total index and attention times (timed
+//!     forwards), then whole passes as an engine runs them (every layer queued back to back,
+//!     untimed, one synchronize; host wall time) against passes of dense layers; with
 //!     --dense-below, `PrefillOptions::dense_below` replaces the plan's threshold.
 //! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
@@ -762,7 +764,8 @@ impl PlanSetup {
         options: runtime::PrefillOptions,
     ) -> Result<Self> {
         let sp = SparsePrefill::new(0)?;
-        let pp = runtime::exec::cuda::PlanPrefill::new(&sp, plan, &plan.model, options)?;
+        let mut pp = runtime::exec::cuda::PlanPrefill::new(&sp, plan, &plan.model, options)?;
+        pp.set_timing(true);
         let (q, k, v) = structured(shape, 7 + shape.seq_len as u64)?;
         let (q, k, v) = (
             sp.upload_bf16(&q)?,
@@ -878,8 +881,13 @@ fn plan_bench(args: &[String]) -> Result<()> {
             .ok_or_else(|| Error::Cuda("no index".into()))?,
     )?;
     let timed = &runs[2..];
-    let index_ms = bench::median(timed.iter().map(|r| r.index_ms).collect());
-    let attn_ms = bench::median(timed.iter().map(|r| r.attention_ms).collect());
+    let index_ms = bench::median(timed.iter().map(|r| r.index_ms.unwrap_or(0.0)).collect());
+    let attn_ms = bench::median(
+        timed
+            .iter()
+            .map(|r| r.attention_ms.unwrap_or(0.0))
+            .collect(),
+    );
     let dense_ms = bench::median_ms(&sp, reps.min(3), || {
         sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
     })?;
@@ -948,8 +956,8 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
             .map(|_| pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out))
             .collect::<Result<Vec<_>>>()?;
         let (ix, at) = (
-            bench::median(runs.iter().map(|r| r.index_ms).collect()),
-            bench::median(runs.iter().map(|r| r.attention_ms).collect()),
+            bench::median(runs.iter().map(|r| r.index_ms.unwrap_or(0.0)).collect()),
+            bench::median(runs.iter().map(|r| r.attention_ms.unwrap_or(0.0)).collect()),
         );
         let r = &runs[0];
         println!(
@@ -972,6 +980,34 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
     let dense_ms = bench::median_ms(&sp, reps, || {
         sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
     })?;
+    // Whole passes as an engine runs them: every layer queued back to back, untimed (no wait but
+    // the list sizes'), one synchronize at the end; host wall time, medians of `reps` after one.
+    let layers = m.layers as usize;
+    pp.set_timing(false);
+    let mut plan_pass = Vec::new();
+    let mut dense_pass = Vec::new();
+    for rep in 0..=reps {
+        let t = std::time::Instant::now();
+        for layer in 0..layers {
+            pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)?;
+        }
+        sp.synchronize()?;
+        let plan_ms = t.elapsed().as_secs_f32() * 1e3;
+        let t = std::time::Instant::now();
+        for _ in 0..layers {
+            sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)?;
+        }
+        sp.synchronize()?;
+        if rep > 0 {
+            plan_pass.push(plan_ms);
+            dense_pass.push(t.elapsed().as_secs_f32() * 1e3);
+        }
+    }
+    println!(
+        "pass at n={n} ({layers} layers back to back, untimed, one synchronize; wall ms, median of {reps}): plan {:.3}, dense {:.3}",
+        bench::median(plan_pass),
+        bench::median(dense_pass)
+    );
     println!(
         "plan {} at n={n}: {} layers, index {index_ms:.3} ms + attention {attn_ms:.3} ms = {:.3} ms \
          (index share {:.1}%); dense {:.3} ms ({dense_ms:.3} per layer); {entries} index entries; \

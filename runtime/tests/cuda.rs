@@ -261,9 +261,13 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
                 .collect();
             let mut out = sp.zeros::<u16>(q.len()).unwrap();
             sp.fill(&mut out, 0xffff).unwrap();
+            // timed on layer 1 only: untimed forwards return with the attention still queued
+            pp.set_timing(layer == 1);
             let stats = pp
                 .forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)
                 .unwrap();
+            assert_eq!(stats.index_ms.is_some(), layer == 1, "{stats:?}");
+            assert_eq!(stats.attention_ms.is_some(), layer == 1, "{stats:?}");
             let got = sp.download_index(pp.last_index().unwrap()).unwrap();
             let what = format!("share {share} tau {tau:?} layer {layer}: {stats:?}");
             assert_eq!(got, FlatIndex::from_heads(n, &want).unwrap(), "{what}");

@@ -211,6 +211,7 @@ impl PlanPrefill {
     pub fn last_index(&self) -> Option<&DeviceIndex> {
         None
     }
+    pub fn set_timing(&mut self, _on: bool) {}
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,

@@ -196,7 +196,7 @@ impl BlockSparseBuilder {
             ));
         }
         let mut ix = counting_index(sp, sh.q_heads, n, out.take())?;
-        follow(s, &sp.dev.stream)?;
+        follow(&sp.dev, s, &sp.dev.stream)?;
         drv("upload", s.memcpy_htod(&mode, &mut self.mode))?;
         drv("upload", s.memcpy_htod(&topk, &mut self.topk))?;
         drv("upload", s.memcpy_htod(&cover, &mut self.cover))?;
@@ -287,7 +287,7 @@ impl BlockSparseBuilder {
         let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let mut ix = counted_index(sp, out, &sh, totals, "block-sparse")?;
-        follow(s, &sp.dev.stream)?;
+        follow(&sp.dev, s, &sp.dev.stream)?;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.mask)
             .arg(&n_i)

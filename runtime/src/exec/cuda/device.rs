@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use crate::error::{Error, Result};
@@ -159,6 +159,9 @@ pub struct Device {
     /// Two streams for the block-sparse and token-select builders of a plan layer (both `stream`
     /// itself with [`INDEX_STREAMS_ENV`]`=0`).
     pub(crate) aux: [Arc<CudaStream>; 2],
+    /// One event per stream (`stream`, then `aux`), re-recorded by each [`Device::follow`] of it: a
+    /// wait takes the event's state when it is queued, so one event serves every fork and join.
+    marks: Mutex<[CudaEvent; 3]>,
     modules: Mutex<HashMap<KernelFile, Arc<CudaModule>>>,
     arch: &'static str,
 }
@@ -204,6 +207,11 @@ impl Device {
                 drv("cuStreamCreate", ctx.new_stream())?,
             ],
         };
+        let mark = || {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+            drv("cuEventCreate", ctx.new_event(flags))
+        };
+        let marks = Mutex::new([mark()?, mark()?, mark()?]);
         let arch = match std::env::var(ARCH_ENV).as_deref() {
             Ok("sm_90a") => "sm_90a",
             Ok("sm_90") => "sm_90",
@@ -214,6 +222,7 @@ impl Device {
             ctx,
             stream,
             aux,
+            marks,
             modules: Mutex::new(HashMap::new()),
             arch,
         })
@@ -262,12 +271,20 @@ impl Device {
     }
 }
 
-/// Makes `s` wait for the work queued on `other` so far (nothing when they are the same stream).
-pub(crate) fn follow(s: &CudaStream, other: &CudaStream) -> Result<()> {
+/// Makes `s` wait for the work queued on `other` so far (nothing when they are the same stream);
+/// `other` is the device's main stream or one of its aux streams.
+pub(crate) fn follow(dev: &Device, s: &CudaStream, other: &CudaStream) -> Result<()> {
     if s.cu_stream() == other.cu_stream() {
         return Ok(());
     }
-    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
-    let event = drv("cuEventRecord", other.record_event(flags))?;
-    drv("cuStreamWaitEvent", s.wait(&event))
+    let which = std::iter::once(&dev.stream)
+        .chain(&dev.aux)
+        .position(|x| x.cu_stream() == other.cu_stream())
+        .ok_or_else(|| Error::Cuda("follow: not one of the device's streams".into()))?;
+    let marks = dev
+        .marks
+        .lock()
+        .map_err(|_| Error::Cuda("stream events lock poisoned".into()))?;
+    drv("cuEventRecord", marks[which].record(other))?;
+    drv("cuStreamWaitEvent", s.wait(&marks[which]))
 }

@@ -23,8 +23,10 @@ pub struct LayerStats {
     pub shared: usize,
     /// Key-block and gathered-column entries of the layer's index (0 when dense).
     pub entries: (usize, usize),
-    /// Device milliseconds spent building (and merging) the index, CUDA events.
-    pub index_ms: f32,
-    /// Device milliseconds of the attention launch.
-    pub attention_ms: f32,
+    /// Device milliseconds spent building (and merging) the index, CUDA events; `None` unless
+    /// timing was asked for (`PlanPrefill::set_timing`), since it waits for the device.
+    pub index_ms: Option<f32>,
+    /// Device milliseconds of the attention launch; `None` unless timing was asked for (it waits
+    /// for the attention to finish).
+    pub attention_ms: Option<f32>,
 }

@@ -22,6 +22,10 @@
 //!   sizes (and the merge its sizes from the builders' offsets), the host reads all the totals at
 //!   once, sizes the lists, and queues the writes.
 //!
+//! Untimed (the default), `forward` waits for the device only for those list sizes and returns once
+//! the attention is queued; [`PlanPrefill::set_timing`] adds CUDA-event timings of the index and of
+//! the attention to [`LayerStats`], at the cost of waiting for each.
+//!
 //! With `defaults.share_kv_group_indexes` the heads of a KV group with the same pattern use the index
 //! built for the first of them, as on the CPU. The plan's blocks must be 64 × 64 (the kernels').
 
@@ -78,6 +82,8 @@ pub struct PlanPrefill {
     merge: Merge,
     /// The list totals of a layer's builds (pairs `SLOT_*`), read back in one copy.
     totals: CudaSlice<u32>,
+    /// Whether `forward` times the index and the attention (CUDA events, waiting for each).
+    timing: bool,
 }
 
 /// `PlanPrefill::last`: the merged index.
@@ -115,7 +121,16 @@ impl PlanPrefill {
                 bufs: None,
             },
             totals: drv("alloc", sp.dev.stream.alloc_zeros::<u32>(8))?,
+            timing: false,
         })
+    }
+
+    /// Whether [`PlanPrefill::forward`] times its index building and its attention launch
+    /// ([`LayerStats::index_ms`], [`LayerStats::attention_ms`]). Off by default: timing waits for the
+    /// device after each part, where an untimed `forward` waits only for the list sizes (8 bytes per
+    /// builder, once per layer) and returns as soon as the attention is queued.
+    pub fn set_timing(&mut self, on: bool) {
+        self.timing = on;
     }
 
     /// The plan being run.
@@ -163,7 +178,9 @@ impl PlanPrefill {
         self.last = None;
         self.host_from_cache = None;
         if dense.is_some() {
-            let attention_ms = sp.time_ms(|| sp.forward(shape, q, k, v, Keys::Dense, out))?;
+            let attention_ms = timed(sp, self.timing, || {
+                sp.forward(shape, q, k, v, Keys::Dense, out)
+            })?;
             return Ok(LayerStats {
                 dense,
                 attention_ms,
@@ -267,8 +284,9 @@ impl PlanPrefill {
         );
         let (cache, from_cache) = (&mut self.statics, &mut self.host_from_cache);
         let (mg, totals) = (&mut self.merge, &mut self.totals);
-        // CUDA events around all of it: the host's part (the read-back, static indexes) counts too
-        stats.index_ms = sp.time_ms(|| {
+        // timed by CUDA events around all of it: the host's part (the read-back, static indexes)
+        // counts too
+        stats.index_ms = timed(sp, self.timing, || {
             let [bs_stream, ts_stream] = &sp.dev.aux;
             // 1. every builder up to its list sizes, queued. The block-sparse builder reads only Q
             // and K and runs on its own stream; token-select reads the estimate's vertical scores
@@ -376,7 +394,9 @@ impl PlanPrefill {
             .last_index()
             .ok_or_else(|| Error::Cuda("no index was built for the layer".into()))?;
         stats.entries = (ix.n_blk, ix.n_col);
-        stats.attention_ms = sp.time_ms(|| sp.forward(shape, q, k, v, Keys::Index(ix), out))?;
+        stats.attention_ms = timed(sp, self.timing, || {
+            sp.forward(shape, q, k, v, Keys::Index(ix), out)
+        })?;
         Ok(stats)
     }
 }
@@ -390,13 +410,22 @@ fn head_error(layer: usize, head: usize, pattern: &Pattern, e: Error) -> Error {
     }
 }
 
+/// Runs `queue`, timed by [`SparsePrefill::time_ms`] (which waits for the device) when `on`.
+fn timed(sp: &SparsePrefill, on: bool, queue: impl FnOnce() -> Result<()>) -> Result<Option<f32>> {
+    if on {
+        return sp.time_ms(queue).map(Some);
+    }
+    queue()?;
+    Ok(None)
+}
+
 /// Runs `queue` (work queued on the main stream and on the aux streams), then makes the main stream
 /// wait for the aux streams, also when `queue` failed part way (nothing on an aux stream may outlive
 /// the buffers the main stream frees).
 fn joined(sp: &SparsePrefill, queue: impl FnOnce() -> Result<()>) -> Result<()> {
     let r = queue();
     for aux in &sp.dev.aux {
-        follow(&sp.dev.stream, aux)?;
+        follow(&sp.dev, &sp.dev.stream, aux)?;
     }
     r
 }

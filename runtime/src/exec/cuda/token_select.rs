@@ -174,7 +174,7 @@ impl TokenSelectBuilder {
         // allocations on the main stream, before this builder's stream follows it
         self.by_rank = drv("upload", sp.dev.stream.clone_htod(&by_rank))?;
         let mut ix = counting_index(sp, sh.q_heads, n, out.take())?;
-        follow(s, &sp.dev.stream)?;
+        follow(&sp.dev, s, &sp.dev.stream)?;
         for (v, buf) in per.iter().zip([
             &mut self.block,
             &mut self.keep,
@@ -268,7 +268,7 @@ impl TokenSelectBuilder {
         let m = sh.q_heads * n.div_ceil(CUDA_BLOCK);
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let mut ix = counted_index(sp, out, &sh, totals, "token-select")?;
-        follow(s, &sp.dev.stream)?;
+        follow(&sp.dev, s, &sp.dev.stream)?;
         let mut b = s.launch_builder(&self.fill_fn);
         b.arg(&self.cum)
             .arg(&self.list)
