@@ -34,7 +34,7 @@ pub const ROUNDED_SUMS_ENV: &str = "ATTNPLAN_ROUNDED_SUMS";
 
 /// Environment variable that, set to `0`, queues every index builder of a plan layer on the main
 /// stream instead of giving the block-sparse and token-select builders their own
-/// ([`Device::aux`]), for comparing the two on the device.
+/// (the device's aux streams), for comparing the two on the device.
 pub const INDEX_STREAMS_ENV: &str = "ATTNPLAN_INDEX_STREAMS";
 
 /// The `.cu` files of `runtime/kernels/`, embedded at build time, compiled at first use.
@@ -150,7 +150,7 @@ pub(crate) fn drv<T>(
 ///
 /// Everything is queued on `stream` except a plan layer's independent index builders, which run on
 /// the `aux` streams: a builder queues its work on an aux stream only after making it wait for
-/// `stream` ([`follow`]), and the layer makes `stream` wait for the aux streams before it reads or
+/// `stream` (`follow`), and the layer makes `stream` wait for the aux streams before it reads or
 /// merges their lists. Buffers are allocated and freed on `stream` only, before such a fork.
 #[derive(Debug)]
 pub struct Device {
@@ -159,7 +159,7 @@ pub struct Device {
     /// Two streams for the block-sparse and token-select builders of a plan layer (both `stream`
     /// itself with [`INDEX_STREAMS_ENV`]`=0`).
     pub(crate) aux: [Arc<CudaStream>; 2],
-    /// One event per stream (`stream`, then `aux`), re-recorded by each [`Device::follow`] of it: a
+    /// One event per stream (`stream`, then `aux`), re-recorded by each `follow` of it: a
     /// wait takes the event's state when it is queued, so one event serves every fork and join.
     marks: Mutex<[CudaEvent; 3]>,
     modules: Mutex<HashMap<KernelFile, Arc<CudaModule>>>,
