@@ -22,7 +22,9 @@
 //!     structured inputs of its layer shape: per-layer and total index and attention times (timed
 //!     forwards), then whole passes as an engine runs them (every layer queued back to back,
 //!     untimed, one synchronize; host wall time) against passes of dense layers; with
-//!     --dense-below, `PrefillOptions::dense_below` replaces the plan's threshold.
+//!     --dense-below, `PrefillOptions::dense_below` replaces the executor's threshold (by default
+//!     the larger of the plan's and `gpu_dense_below`; `--dense-below 0` times the plan's patterns
+//!     at any length).
 //! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
 //!     head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes

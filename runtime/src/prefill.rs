@@ -47,7 +47,8 @@ pub struct PrefillOptions {
     /// Run dense below this many tokens instead of the plan's `defaults.dense_below`: an executor's
     /// own threshold where its index building costs more, relative to its attention, than the
     /// calibrator's rule assumes (e.g. a small model on the GPU: SmolLM2-135M's plan runs slower than
-    /// dense there at 8K and faster at 16K, docs/perf.md).
+    /// dense there at 8K and faster at 16K, docs/perf.md). Without it the CUDA executor takes the
+    /// larger of the plan's and its own (`exec::cuda::gpu_dense_below`).
     pub dense_below: Option<u64>,
 }
 

@@ -221,7 +221,12 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             // heads 2 and 3 (KV head 1) both query-adaptive: head 3 follows head 2's branch
             plan.layers[1].heads[3].pattern = plan.layers[1].heads[2].pattern.clone();
         }
-        let mut pp = PlanPrefill::new(&sp, &plan, &plan.model, PrefillOptions::default()).unwrap();
+        // the plan's own threshold: the executor's (gpu_dense_below) would run 1100 tokens dense
+        let options = PrefillOptions {
+            dense_below: Some(plan.defaults.dense_below),
+            ..PrefillOptions::default()
+        };
+        let mut pp = PlanPrefill::new(&sp, &plan, &plan.model, options).unwrap();
         let (n, hq, hkv, d) = (1100usize, 4usize, 2usize, 64usize);
         let shape = AttnShape {
             q_heads: hq,
@@ -300,6 +305,18 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             };
             assert_eq!(sources, expected, "{what}");
         }
+        // without a threshold of its own the executor runs such a short layer dense
+        let mut dflt =
+            PlanPrefill::new(&sp, &plan, &plan.model, PrefillOptions::default()).unwrap();
+        let floor = runtime::exec::cuda::gpu_dense_below(&plan.model);
+        assert_eq!(dflt.dense_below(), plan.defaults.dense_below.max(floor));
+        assert!(n < floor as usize, "{n} tokens, GPU threshold {floor}");
+        let mut out = sp.zeros::<u16>(q.len()).unwrap();
+        let stats = dflt
+            .forward(&sp, 1, &shape, &qd, &kd, &vd, &mut out)
+            .unwrap();
+        assert_eq!(stats.dense, Some(runtime::DenseReason::ShortSequence));
+        assert!(dflt.last_index().is_none());
     }
 }
 

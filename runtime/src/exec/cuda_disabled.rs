@@ -7,12 +7,15 @@
 pub mod bench;
 #[path = "cuda/flat.rs"]
 mod flat;
+#[path = "cuda/gpu_threshold.rs"]
+mod gpu_threshold;
 #[path = "cuda/layer_stats.rs"]
 mod layer_stats;
 
 use std::marker::PhantomData;
 
 pub use flat::{BlockChoice, FlatIndex, TokenChoice, CUDA_BLOCK};
+pub use gpu_threshold::{gpu_dense_below, GPU_SPARSE_MIN_DENSE_MS};
 pub use layer_stats::LayerStats;
 
 use crate::error::{Error, Result};
@@ -212,6 +215,9 @@ impl PlanPrefill {
         None
     }
     pub fn set_timing(&mut self, _on: bool) {}
+    pub fn dense_below(&self) -> u64 {
+        self.plan.defaults.dense_below
+    }
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,

@@ -30,6 +30,7 @@ pub mod bench;
 mod block_sparse;
 pub mod device;
 mod flat;
+mod gpu_threshold;
 mod layer_stats;
 mod plan;
 mod query_adaptive;
@@ -46,6 +47,7 @@ use cudarc::driver::{
 pub use block_sparse::BlockSparseBuilder;
 pub use device::{Device, KernelFile};
 pub use flat::{BlockChoice, FlatIndex, TokenChoice, CUDA_BLOCK};
+pub use gpu_threshold::{gpu_dense_below, GPU_SPARSE_MIN_DENSE_MS};
 pub use plan::{LayerStats, PlanPrefill};
 pub use token_select::TokenSelectBuilder;
 pub use vertical_slash::VerticalSlashBuilder;

@@ -4,9 +4,10 @@
 //! [`PlanPrefill::new`] checks the plan against the model exactly as the CPU prefill does (it holds
 //! one for that). [`PlanPrefill::forward`] takes a layer's Q, K, V on the device (bf16,
 //! [`SparsePrefill::forward`]'s layout) and:
-//! - runs dense attention when the sequence is shorter than `defaults.dense_below` (or the
-//!   [`PrefillOptions::dense_below`] it was given), or when the plan
-//!   did not match and `dense_fallback` was asked for;
+//! - runs dense attention when the sequence is shorter than its threshold ([`PlanPrefill::dense_below`]:
+//!   the [`PrefillOptions::dense_below`] it was given, else the larger of the plan's
+//!   `defaults.dense_below` and [`gpu_dense_below`]), or when the plan did not match and
+//!   `dense_fallback` was asked for;
 //! - otherwise builds every head's index from its pattern, all on the device: `vertical_slash` heads
 //!   with the GPU [`VerticalSlashBuilder`] (one build for all of them, per-head budgets),
 //!   `block_sparse` heads with the GPU [`BlockSparseBuilder`] (per-head `top_k` or `coverage`),
@@ -35,6 +36,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use schemas::{ModelInfo, Pattern, Plan};
 
 use super::device::{drv, follow, KernelFile};
+use super::gpu_threshold::gpu_dense_below;
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
 use super::{
@@ -98,6 +100,15 @@ impl PlanPrefill {
         model: &ModelInfo,
         options: PrefillOptions,
     ) -> Result<Self> {
+        // the executor's own threshold unless the caller gave one
+        let options = PrefillOptions {
+            dense_below: Some(
+                options
+                    .dense_below
+                    .unwrap_or_else(|| plan.defaults.dense_below.max(gpu_dense_below(model))),
+            ),
+            ..options
+        };
         let checked = crate::SparsePrefill::new(plan, model, options)?;
         let f = |name| sp.dev.function(KernelFile::VerticalSlash, name, 0);
         Ok(Self {
@@ -136,6 +147,12 @@ impl PlanPrefill {
     /// The plan being run.
     pub fn plan(&self) -> &Plan {
         self.checked.plan()
+    }
+
+    /// The length below which every layer runs dense: [`PrefillOptions::dense_below`] when given,
+    /// else the larger of the plan's `defaults.dense_below` and [`gpu_dense_below`] of the model.
+    pub fn dense_below(&self) -> u64 {
+        self.checked.dense_below()
     }
 
     /// The index of the last [`PlanPrefill::forward`] that ran sparse (`None` before, or after a

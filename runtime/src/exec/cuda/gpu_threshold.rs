@@ -1,0 +1,74 @@
+//! The CUDA executor's own dense threshold (host only; compiled with and without the `cuda`
+//! feature): where a layer is too small for its index building on the GPU to pay.
+
+use schemas::ModelInfo;
+
+use super::CUDA_BLOCK;
+
+/// The GPU's fixed cost of a sparse layer is repaid only above this predicted dense attention time
+/// per layer, in milliseconds. Building a layer's index costs about 0.15 ms on the H200 whatever the
+/// length (host launches and small per-head kernels: SmolLM2-135M's plan, docs/perf.md "Untimed
+/// forwards and whole passes"), so a layer whose dense attention takes about twice that gains
+/// nothing: that plan ran at 0.86× dense at 8K (0.23 ms of dense attention per layer) and 1.69× at
+/// 16K (0.86 ms).
+pub const GPU_SPARSE_MIN_DENSE_MS: f64 = 0.3;
+
+/// Dense causal attention rate of our kernels on the H200 in TFLOP/s (2·n²·d·H per layer),
+/// head_dim 64 and 128 (docs/perf.md: 330 and 555 at 8K).
+fn dense_tflops(head_dim: u32) -> f64 {
+    if head_dim <= 64 {
+        330.0
+    } else {
+        555.0
+    }
+}
+
+/// The CUDA executor's own dense threshold for `model`: the shortest length (a multiple of 64) at
+/// which a layer's dense attention is predicted to take [`GPU_SPARSE_MIN_DENSE_MS`]. Below it, a
+/// [`PlanPrefill`](super::PlanPrefill) made without `PrefillOptions::dense_below` runs dense even
+/// where the plan's threshold (the calibrator's, which counts no fixed cost per layer) would not.
+/// SmolLM2-135M (9 heads of 64): 9,280 tokens; 32 heads of 128: 4,544.
+pub fn gpu_dense_below(model: &ModelInfo) -> u64 {
+    let (heads, d) = (
+        model.query_heads.max(1) as f64,
+        model.head_dim.max(1) as f64,
+    );
+    let flops = GPU_SPARSE_MIN_DENSE_MS * 1e-3 * dense_tflops(model.head_dim) * 1e12;
+    let n = (flops / (2.0 * d * heads)).sqrt().ceil() as u64;
+    n.div_ceil(CUDA_BLOCK as u64) * CUDA_BLOCK as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(query_heads: u32, head_dim: u32) -> ModelInfo {
+        ModelInfo {
+            name: None,
+            architecture: "llama".into(),
+            layers: 1,
+            query_heads,
+            kv_heads: 1,
+            head_dim,
+            rope_theta: 1e4,
+            max_context: 1 << 20,
+            fingerprint: String::new(),
+        }
+    }
+
+    #[test]
+    fn gpu_dense_below_sits_where_dense_attention_takes_the_fixed_cost_twice() {
+        for (heads, d, want) in [(9, 64, 9280), (32, 128, 4544)] {
+            let n = gpu_dense_below(&model(heads, d));
+            assert_eq!(n, want, "{heads} heads of {d}");
+            // the predicted dense time crosses GPU_SPARSE_MIN_DENSE_MS within the last block
+            let ms =
+                |n: u64| 2.0 * (n * n) as f64 * d as f64 * heads as f64 / (dense_tflops(d) * 1e9);
+            assert!(ms(n) >= GPU_SPARSE_MIN_DENSE_MS, "{}", ms(n));
+            assert!(ms(n - 64) < GPU_SPARSE_MIN_DENSE_MS, "{}", ms(n - 64));
+        }
+        // SmolLM2-135M's 8K layers run dense on the GPU, its 16K layers follow the plan
+        let smol = gpu_dense_below(&model(9, 64));
+        assert!(8192 < smol && smol < 16384);
+    }
+}
