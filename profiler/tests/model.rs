@@ -9,6 +9,7 @@ use profiler::model::{
     default_model_path, DenseAttention, Model, ModelConfig, ModelSpec, RopeStyle,
 };
 use profiler::Error;
+use runtime::test_util::noise;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -231,19 +232,6 @@ fn corrupt_gguf_is_a_clear_error() -> TestResult {
 }
 
 // --- tiny Hugging Face models ---------------------------------------------------------------------
-
-/// Deterministic values in [-amp, amp) (xorshift).
-fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
 
 struct Tiny {
     arch: &'static str,

@@ -109,15 +109,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f64 {
 
 /// Deterministic noise in [-1, 1) (xorshift64).
 fn noise(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    runtime::test_util::noise(len, seed, 1.0)
 }
 
 /// Q, K, V as described in the module docs. Scores below are in logits (`q · k / sqrt(64)`).

@@ -13,8 +13,8 @@ pub mod exec;
 pub mod pattern;
 pub mod prefill;
 mod shape;
-#[cfg(test)]
-mod test_util;
+#[doc(hidden)]
+pub mod test_util;
 
 pub use error::{Error, Result};
 pub use pattern::{build_index, HeadIndex, HeadQk, PatternContext};

@@ -1,7 +1,7 @@
-//! Helpers shared by the crate's unit tests.
+//! Helpers shared by the workspace's tests, examples and benchmarks (not part of the API).
 
-/// Deterministic pseudo-random values in [-amp, amp) (xorshift), no extra dependency.
-pub(crate) fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+/// Deterministic pseudo-random values in [-amp, amp) (xorshift64), no extra dependency.
+pub fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

@@ -32,15 +32,9 @@ fn device() -> Option<SparsePrefill> {
 
 /// Values in [-1, 1) rounded to bf16 (xorshift64).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let x = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-            bf16_to_f32(bf16_bits(2.0 * x))
-        })
+    runtime::test_util::noise(n, seed, 2.0)
+        .into_iter()
+        .map(|x| bf16_to_f32(bf16_bits(x)))
         .collect()
 }
 

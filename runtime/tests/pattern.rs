@@ -18,15 +18,7 @@ use schemas::{
 
 /// Deterministic values in [-1, 1) (xorshift64).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    runtime::test_util::noise(n, seed, 1.0)
 }
 
 /// Q and K `[heads, n, d]` with a sink at token 0, a local band and heavy columns every 37 tokens.

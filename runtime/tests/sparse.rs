@@ -12,6 +12,7 @@ use std::path::Path;
 use runtime::exec::reference::{dense_reference, reference_attention};
 use runtime::exec::{dense_attention, sparse_attention, CellLists};
 use runtime::pattern::{a_shape, build_index, HeadIndex, HeadQk, PatternContext};
+use runtime::test_util::noise;
 use runtime::{
     AttentionInput, AttnShape, DenseReason, Error, PrefillOptions, PrefillStats, SparsePrefill,
 };
@@ -21,19 +22,6 @@ use schemas::{ModelInfo, Plan};
 /// (amplitude 1.5 at head_dim 64), f32 accumulation over up to a few thousand keys, exp2 error 2e-7.
 /// The dense executor's tests use the same bound.
 const TOL_F32: f64 = 2e-5;
-
-/// Deterministic values in [-amp, amp) (xorshift64).
-fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * amp
-        })
-        .collect()
-}
 
 /// A small deterministic generator for index choices.
 struct Rng(u64);

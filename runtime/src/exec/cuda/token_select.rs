@@ -97,10 +97,9 @@ impl TokenSelectBuilder {
         choices: &[Option<TokenChoice>],
         out: &mut Option<DeviceIndex>,
     ) -> Result<()> {
-        let s = sp.dev.stream.clone();
-        self.count_heads(sp, &s, scores, choices, out, None)?;
+        self.count_heads(sp, &sp.dev.stream, scores, choices, out, None)?;
         let t = self.counts.own_totals(sp)?;
-        self.fill(sp, &s, t, out)
+        self.fill(sp, &sp.dev.stream, t, out)
     }
 
     /// [`Self::build_heads`] up to the list sizes, queued on stream `s` (after the main stream's
