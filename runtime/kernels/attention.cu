@@ -829,41 +829,46 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
 extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS) {
     attn_fwd_wg3<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
 }
-// Warp-specialized variant (head_dim 128): one CTA of 384 threads takes two neighbouring query blocks,
-// 2p and 2p+1, of one head. Warpgroup 2 is the producer: it walks the CTA's tile sequence and copies each
-// K/V tile once into a ring of NS stages (cp.async; after its copies land it fences them for the
-// tensor cores and arrives on the stage's `full` mbarrier). Warpgroup w (warps 4w..4w+3) computes
-// block 2p+w with the pipeline of attn_fwd_wg3 over its own tiles only, and arrives on the stage's
-// `empty` mbarrier when it is done with a tile (at once for a tile that is not its own). Loading K/V
-// once for 128 query rows halves the L2-to-shared traffic per cell, which limited the one-warpgroup
-// kernels (403 TFLOP/s with their loads, 620 with the loads left out; H200, 2026-11-29), and the
-// consumers issue no loads and meet no CTA-wide barrier.
+// Warp-specialized variant: one CTA takes NC neighbouring query blocks, NC p .. NC p + NC - 1, of one
+// head (NC = 2: 384 threads, head_dim 128 and, with ATTNPLAN_ATTN=ws2, 64; NC = 3: 512 threads,
+// head_dim 64, as FlashAttention-3 takes 192 query rows there). Warpgroup NC is the producer: it walks
+// the CTA's tile sequence and loads each K/V tile once into a ring of NS stages (below). Warpgroup w
+// (warps 4w..4w+3) computes block NC p + w with the pipeline of attn_fwd_wg3 over its own tiles only,
+// and arrives on the stage's `empty` mbarrier when it is done with a tile (at once for a tile that is
+// not its own). Loading K/V once for 128 query rows halves the L2-to-shared traffic per cell, which
+// limited the one-warpgroup kernels (403 TFLOP/s with their loads, 620 with the loads left out; H200,
+// 2026-11-29), and the consumers issue no loads and meet no CTA-wide barrier.
 //
-// Tile sequence (the producer's): the union of the two blocks' key-block lists, merged in order, each
-// tile tagged with the warpgroups whose list holds it (dense: the key blocks 0..=2p+1, the last for
-// warpgroup 1 only); then the column tiles: with use_union (set by the host unless turned off or the
-// heads are paired), the tiles of the pair's union list (ix_pair_union), each for both warpgroups and
-// tagged UNI, every warpgroup seeing the other block's columns as POS_NONE in its own position list
-// (so a UNI tile is always masked); otherwise the two blocks' own column tiles, alternating; then an
-// END marker. A
-// warpgroup holds its current tile (its P V runs after the next tile's S) while it waits for its next
-// one, so it may wait at most NS - 1 tiles ahead, or the producer, needing that stage, would never
-// deliver. The producer therefore lets at most NS - 2 tiles in a row pass a warpgroup that still has
-// tiles: at that point it takes that warpgroup's next tile out of order (a block then shared by both
-// lists may be loaded twice, once per warpgroup). A warpgroup's last tile is followed by a tile
-// tagged DONE for it; after finishing, it releases the remaining tiles without computing them. Each
-// warpgroup computes exactly the cells of its own index.
+// Tile sequence (the producer's): the union of the blocks' key-block lists, merged in order, each
+// tile tagged with the warpgroups whose list holds it (dense: the key blocks 0..=last of each block,
+// the last ones for the later warpgroups only); then the column tiles: with use_union (set by the
+// host unless turned off or the heads are paired), the tiles of the group's union list
+// (ix_group_union), each for every warpgroup whose block exists and tagged UNI, every warpgroup seeing
+// the other blocks' columns as POS_NONE in its own position list (so a UNI tile is always masked);
+// otherwise the blocks' own column tiles, the warpgroup with the fewest taken first; then an END
+// marker. A warpgroup holds its current tile (its P V runs after the next tile's S) while it waits
+// for its next one, so it may wait at most NS - 1 tiles ahead, or the producer, needing that stage,
+// would never deliver. The producer therefore takes a warpgroup's next tile out of order (a block then
+// shared by several lists may be loaded twice) once FORCE = NS - NC tiles in a row have passed it,
+// the one passed by the most first: with two warpgroups only one can be owed a tile at a time; with
+// three, two can, and the second waits one tile more, NS - 2 at most (scripts/gpu/ws-schedule.py
+// checks both). A warpgroup's last tile is followed by a tile tagged DONE for it; after finishing, it
+// releases the remaining tiles without computing them. Each warpgroup computes exactly the cells of
+// its own index.
 //
-// Registers: the launch bound caps the CTA at 168 per thread; the producer gives back to 40 and the
-// consumers take 232 (setmaxnreg), as FlashAttention-3 does.
-// Shared memory: NS = 6 K and V stages, NS x 64 positions, NS tags (8-byte slots), 2 NS + 1 mbarriers
-// and 1024 alignment bytes = 199,320 bytes (one CTA per SM, 12 warps). The two Q tiles pass through the
-// last stage (warpgroup 0's in its K slot, 1's in its V slot) before the pipeline reaches it: the
-// producer waits on the `qfree` mbarrier (count 256) before its first write there, and each consumer
-// thread arrives on it once its Q fragments are in registers. That sixth stage (the fifth had cost the
-// Q tiles' 32 KB) lets one more tile be in flight: the consumers had waited for tiles (27 polls of the
-// `full` barrier per tile at 128K, H200, 2026-11-29).
-template <int D>
+// Registers: NC = 2: the launch bound caps the CTA at 168 per thread; the producer gives back to 40
+// and the consumers take 232 (setmaxnreg), as FlashAttention-3 does. NC = 3: 128 at entry, producer
+// 56, consumers 152 (65,536 in all).
+// Shared memory, NC = 2: NS = 6 K and V stages, a 1 KB tile of ones, 2 NS x 64 positions, NS tags
+// (8-byte slots), 2 NS + 1 mbarriers and 1024 alignment bytes = 201,880 bytes at head_dim 128 (one
+// CTA per SM, 12 warps). The two Q tiles pass through the last stage (warpgroup 0's in its K slot,
+// 1's in its V slot) before the pipeline reaches it: the producer waits on the `qfree` mbarrier
+// (count 256) before its first write there, and each consumer thread arrives on it once its Q
+// fragments are in registers. That sixth stage (the fifth had cost the Q tiles' 32 KB) lets one more
+// tile be in flight: the consumers had waited for tiles (27 polls of the `full` barrier per tile at
+// 128K, H200, 2026-11-29). NC = 3 (head_dim 64): NS = 8 stages of 16 KB, then the three Q tiles
+// (24 KB), the ones tile and 3 NS x 64 positions: 164,040 bytes.
+template <int D, int NC>
 __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
@@ -872,113 +877,142 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             const TmaDesc& tmk, const TmaDesc& tmv, int pair_heads,
                                             const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
                                             int use_union) {
-    constexpr int BM = 64, BN = 64, NS = 6;
+    static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
+    // With two consumers their Q tiles pass through the last of 6 stages; with three (head_dim 64) Q
+    // has its own tiles after 8 stages.
+    constexpr bool Q_IN_STAGE = NC == 2;
+    constexpr int BM = 64, BN = 64, NS = NC == 2 ? 6 : 8;
     constexpr int TILE_BYTES = BM * D * 2;
     constexpr int NONE = 0x7fffffff;
-    constexpr int END = 4;   // tag of the marker after the last tile
-    constexpr int DONE = 8;  // DONE << w: warpgroup w has no tile from this one on
-    constexpr int UNI = 32;  // a column tile of the pair's union list: each warpgroup masks the other's columns
+    constexpr int DONE = 8;   // DONE << w: warpgroup w has no tile from this one on (bits 3..5)
+    constexpr int END = 64;   // tag of the marker after the last tile
+    constexpr int UNI = 128;  // a column tile of the pair's union list: each warpgroup masks the other's columns
+    // A warpgroup passed by FORCE tiles in a row gets the next one. It may wait at most NS - 1 tiles
+    // ahead (below), and when several are owed a tile at once the others wait one tile each.
+    constexpr int FORCE = NS - NC;
 
     extern __shared__ __align__(1024) unsigned char smem[];
     const u32 base = (smem_u32(smem) + 1023u) & ~1023u;
     unsigned char* gbase = smem + (base - smem_u32(smem));
     const u32 sK = base;
     const u32 sV = sK + NS * TILE_BYTES;
-    const u32 sQ = sK + (NS - 1) * TILE_BYTES;  // warpgroup w's Q tile: sQ + w * (sV - sK)
-    // with MMA sums, a 1 KB tile of ones after the stages (wg_issue_pv's `ones_desc`)
+    // warpgroup w's Q tile: sQ + w * q_step (in the last stage's K and V slots, or after the stages)
+    const u32 sQ = Q_IN_STAGE ? sK + (NS - 1) * TILE_BYTES : sK + 2 * NS * TILE_BYTES;
+    const u32 q_step = Q_IN_STAGE ? sV - sK : TILE_BYTES;
+    // with MMA sums, a 1 KB tile of ones after the stages and Q (wg_issue_pv's `ones_desc`)
     constexpr bool MMA_SUMS = sums_mode<D>(true) == SUMS_MMA;
-    const u32 sOnes = sK + 2 * NS * TILE_BYTES;
-    int* kpos = (int*)(gbase + 2 * NS * TILE_BYTES + (MMA_SUMS ? 1024 : 0));
-    // kpos: per stage, the key positions of the tile as each warpgroup sees them (2 x BN: they differ
+    constexpr u32 ONES_AT = (2 * NS + (Q_IN_STAGE ? 0 : NC)) * TILE_BYTES;
+    const u32 sOnes = sK + ONES_AT;
+    int* kpos = (int*)(gbase + ONES_AT + (MMA_SUMS ? 1024 : 0));
+    // kpos: per stage, the key positions of the tile as each warpgroup sees them (NC x BN: they differ
     // only in a union column tile, where the other block's columns are POS_NONE)
-    int* ktag = kpos + 2 * NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
+    int* ktag = kpos + NC * NS * BN;  // bit w: warpgroup w computes the tile; END: no more tiles
     const u32 full = smem_u32(ktag + 2 * NS);  // NS mbarriers (8-byte aligned), then NS `empty` ones
     const u32 empty = full + 8 * NS;
-    const u32 qfree = empty + 8 * NS;  // both Q tiles are in registers
+    const u32 qfree = empty + 8 * NS;  // every Q tile is in registers
 
-    // Warpgroup 0 computes query block qb0 of head h, warpgroup 1 query block qb1 of head h1:
-    // normally neighbouring query blocks of one head; with pair_heads (two heads of one KV group with
-    // identical indexes, group even) the same query block of heads 2p and 2p+1, whose tiles are then
-    // all shared.
+    // Warpgroup w computes query block qb0 + w of head h: neighbouring query blocks of one head. With
+    // pair_heads (two consumers only: two heads of one KV group with identical indexes, group even)
+    // warpgroup 0 computes query block qb0 of head h and warpgroup 1 the same block of head h1 = h + 1,
+    // whose tiles are then all shared.
+    const bool paired = NC == 2 && pair_heads;
     const int q_blocks = (n + BM - 1) / BM;
     const int id = blockIdx.x;
-    int h, h1, qb0, qb1;
-    if (pair_heads) {  // head-major, heaviest query block first (indexed runs only)
+    int h, h1, qb0;
+    if (paired) {  // head-major, heaviest query block first (indexed runs only)
         h = 2 * (id / q_blocks);
         h1 = h + 1;
-        qb0 = qb1 = q_blocks - 1 - id % q_blocks;
+        qb0 = q_blocks - 1 - id % q_blocks;
     } else {
-        const int q_pairs = (q_blocks + 1) / 2;
-        const int pr = dense ? q_pairs - 1 - id / q_heads : q_pairs - 1 - id % q_pairs;
-        h = h1 = dense ? id % q_heads : id / q_pairs;
-        qb0 = 2 * pr;
-        qb1 = qb0 + 1;
+        const int q_groups = (q_blocks + NC - 1) / NC;
+        const int pr = dense ? q_groups - 1 - id / q_heads : q_groups - 1 - id % q_groups;
+        h = h1 = dense ? id % q_heads : id / q_groups;
+        qb0 = NC * pr;
     }
+    auto qb_of = [&](int w) { return paired ? qb0 : qb0 + w; };
     const int kvh = h / group;
     // the warp index through a shuffle, so that ptxas knows it is warp-uniform
     const int tid = threadIdx.x, warp = __shfl_sync(0xffffffff, tid >> 5, 0), lane = tid & 31;
-    const bool has1 = qb1 < q_blocks;
 
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
             mbar_init(full + 8 * s, 128);  // the producer's threads
-            mbar_init(empty + 8 * s, 256);  // the consumers' threads
+            mbar_init(empty + 8 * s, 128 * NC);  // the consumers' threads
         }
-        mbar_init(qfree, 256);
+        mbar_init(qfree, 128 * NC);
     }
     __syncthreads();
 
-    if (warp >= 8) {
+    if (warp >= 4 * NC) {
         // ---- producer ----
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if constexpr (NC == 2) {
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        } else {
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+        }
         const bf16_t* kh = k + (u64)kvh * n * D;
         const bf16_t* vh = v + (u64)kvh * n * D;
-        int a_off = 0, a_len = 0, b_off = 0, b_len = 0, ca_off = 0, ca_len = 0, cb_off = 0, cb_len = 0;
-        if (dense) {  // the key blocks 0..=last of each query block
-            a_len = (min(qb0 * BM + BM, n) - 1) / BN + 1;
-            b_len = has1 ? (min(qb1 * BM + BM, n) - 1) / BN + 1 : 0;
-        } else {
-            const int e = h * q_blocks + qb0, e1 = h1 * q_blocks + qb1;
-            a_off = blk_off[e];
-            a_len = blk_off[e + 1] - a_off;
-            ca_off = col_off[e];
-            ca_len = col_off[e + 1] - ca_off;
-            if (has1) {
-                b_off = blk_off[e1];
-                b_len = blk_off[e1 + 1] - b_off;
-                cb_off = col_off[e1];
-                cb_len = col_off[e1 + 1] - cb_off;
+        // each warpgroup's key-block list (off, len) and column list (coff, clen)
+        int off[NC], len[NC], coff[NC], clen[NC];
+#pragma unroll
+        for (int w = 0; w < NC; ++w) {
+            off[w] = len[w] = coff[w] = clen[w] = 0;
+            const int qb = qb_of(w);
+            if (qb >= q_blocks) continue;
+            if (dense) {  // the key blocks 0..=last of each query block
+                len[w] = (min(qb * BM + BM, n) - 1) / BN + 1;
+            } else {
+                const int e = (w ? h1 : h) * q_blocks + qb;
+                off[w] = blk_off[e];
+                len[w] = blk_off[e + 1] - off[w];
+                coff[w] = col_off[e];
+                clen[w] = col_off[e + 1] - coff[w];
             }
         }
-        // With use_union, the two blocks' columns come as one list (ix_pair_union: the union, each entry
-        // tagged with its blocks in bits 30 and 31), loaded once for both warpgroups.
-        const bool uni = use_union && !dense && !pair_heads, shared_cols = uni && has1;
+        // With use_union, the blocks' columns come as one list (ix_group_union: the union, each entry
+        // tagged with its blocks in the top NC bits), loaded once for all warpgroups (those whose block
+        // exists: bits of `live`).
+        const int live = (1 << min(NC, q_blocks - qb0)) - 1;
+        const bool uni = use_union && !dense && !paired, shared_cols = uni && live > 1;
         if (uni) {
-            ca_len = (int)ucol_len[h * ((q_blocks + 1) / 2) + qb0 / 2];
-            cb_len = 0;
+            clen[0] = (int)ucol_len[h * ((q_blocks + NC - 1) / NC) + qb0 / NC];
+#pragma unroll
+            for (int w = 1; w < NC; ++w) clen[w] = 0;
         }
         const u32* cidx = uni ? ucol_idx : col_idx;
         // Each producer thread runs the merge by itself (same result in all of them) and publishes its
         // own copies; no barrier couples them. (Reading the lists through shared memory instead of
         // straight from global memory made no difference: 74.2 vs 73.4 ms at 128K.)
-        const int pt = tid - 256;
-        auto block_a = [&](int i) { return i < a_len ? (dense ? i : (int)blk_idx[a_off + i]) : NONE; };
-        auto block_b = [&](int i) { return i < b_len ? (dense ? i : (int)blk_idx[b_off + i]) : NONE; };
-        const int cta = (ca_len + BN - 1) / BN, ctb = (cb_len + BN - 1) / BN;
-        int ia = 0, ib = 0, ja = 0, jb = 0;  // next block / column tile of each warpgroup
+        const int pt = tid - 128 * NC;
+        auto block = [&](int w, int i) { return i < len[w] ? (dense ? i : (int)blk_idx[off[w] + i]) : NONE; };
+        auto column = [&](int off, int len, int e) { return e < len ? (int)cidx[off + e] : POS_NONE; };
         // Every list entry is loaded one tile before it is needed, so that its latency overlaps the
         // producer's other work instead of adding to each tile's (a column tile serves one warpgroup, so
         // two of them must be issued per tile time; with the loads in line the producer fell behind).
-        // va/vb: the next block of each list, na/nb: the one after. c?0, c?1: the positions of the next
-        // column tile of each warpgroup, rows `lane` and `32 + lane`, shuffled to the rows a thread copies.
-        int va = block_a(0), vb = block_b(0), na = block_a(1), nb = block_b(1);
-        auto column = [&](int off, int len, int e) { return e < len ? (int)cidx[off + e] : POS_NONE; };
-        int ca0 = column(ca_off, ca_len, lane), ca1 = column(ca_off, ca_len, 32 + lane);
-        int cb0 = column(cb_off, cb_len, lane), cb1 = column(cb_off, cb_len, 32 + lane);
-        // tiles since each warpgroup's last own tile (negative before its first); DONE bits for the next tile
-        int since0 = -(1 << 30), since1 = -(1 << 30), pend = 0;
-        bool done0 = va == NONE && cta == 0, done1 = vb == NONE && (shared_cols ? cta == 0 : ctb == 0);
+        // Per warpgroup: vb the next block of its list, nb the one after, ib the index of vb; jc the
+        // column tiles taken, ct their number; c0, c1 the positions of its next column tile, rows `lane`
+        // and `32 + lane`, shuffled to the rows a thread copies; since the tiles since its last own tile
+        // (negative before its first); done whether it has no tile left.
+        int vb[NC], nb[NC], ib[NC], jc[NC], ct[NC], c0[NC], c1[NC], since[NC];
+        int done = 0;  // bit w: warpgroup w has no tile left
+        // whether warpgroup w still has column tiles (with a shared union list, warpgroup 0's)
+        auto cols_left = [&](int w) {
+            return shared_cols && w > 0 ? (live >> w & 1) && jc[0] < ct[0] : jc[w] < ct[w];
+        };
+#pragma unroll
+        for (int w = 0; w < NC; ++w) {
+            vb[w] = block(w, 0);
+            nb[w] = block(w, 1);
+            ib[w] = jc[w] = 0;
+            ct[w] = (clen[w] + BN - 1) / BN;
+            c0[w] = column(coff[w], clen[w], lane);
+            c1[w] = column(coff[w], clen[w], 32 + lane);
+            since[w] = -(1 << 30);
+        }
+#pragma unroll
+        for (int w = 0; w < NC; ++w) done |= (vb[w] == NONE && !cols_left(w)) << w;
+        int pend = 0;  // DONE bits for the next tile
 
         // thread: rows lr + RS j (j < BN / RS) and 16-byte chunk lc of each tile (RS = 8 for D = 128, 16 for
         // D = 64); with the row's low bits fixed, the 128B swizzle is a per-thread constant
@@ -996,51 +1030,70 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         // cost it a few instructions instead of 16 cp.async per thread.
         int t = 0;
         for (;; ++t) {
-            if (done0 && done1) break;
-            // a warpgroup passed by NS - 2 tiles in a row gets the next one
-            const int force = since0 >= NS - 2 && !done0 ? 0 : (since1 >= NS - 2 && !done1 ? 1 : -1);
+            if (done == (1 << NC) - 1) break;
+            // the warpgroup passed by the most tiles, once that reaches FORCE, gets the next one
+            int force = -1, most = FORCE - 1;
+#pragma unroll
+            for (int w = 0; w < NC; ++w) {
+                if (!(done >> w & 1) && since[w] > most) {
+                    force = w;
+                    most = since[w];
+                }
+            }
             int kb = -1, colw = -1;
-            if (force == 0) {
-                if (va != NONE) kb = va; else colw = 0;
-            } else if (force == 1) {
-                if (vb != NONE) kb = vb; else colw = 1;
-            } else if (va != NONE || vb != NONE) {
-                kb = min(va, vb);
+            if (force >= 0) {
+                int vf = vb[0];
+#pragma unroll
+                for (int w = 1; w < NC; ++w) vf = force == w ? vb[w] : vf;
+                if (vf != NONE) kb = vf; else colw = force;
             } else {
-                colw = ja < cta && (jb >= ctb || ja <= jb) ? 0 : 1;
+                int first = vb[0];
+#pragma unroll
+                for (int w = 1; w < NC; ++w) first = min(first, vb[w]);
+                if (first != NONE) {
+                    kb = first;
+                } else {  // the warpgroup with the fewest column tiles taken, among those with some left
+                    int fewest = 1 << 30;
+#pragma unroll
+                    for (int w = 0; w < NC; ++w) {
+                        if (jc[w] < ct[w] && jc[w] < fewest) {
+                            colw = w;
+                            fewest = jc[w];
+                        }
+                    }
+                }
             }
             if (uni) colw = colw < 0 ? colw : 0;  // one column sequence, for both
-            int tag;
+            int tag = 0;
             if (kb >= 0) {
-                tag = (va == kb ? 1 : 0) | (vb == kb ? 2 : 0);
-                if (va == kb) {
-                    va = na;
-                    na = block_a(++ia + 1);
-                }
-                if (vb == kb) {
-                    vb = nb;
-                    nb = block_b(++ib + 1);
+#pragma unroll
+                for (int w = 0; w < NC; ++w) {
+                    if (vb[w] == kb) {
+                        tag |= 1 << w;
+                        vb[w] = nb[w];
+                        nb[w] = block(w, ++ib[w] + 1);
+                    }
                 }
             } else {
-                tag = shared_cols ? 3 | UNI : 1 << colw;
-                if (colw == 0) ++ja; else ++jb;
+                tag = shared_cols ? live | UNI : 1 << colw;
+#pragma unroll
+                for (int w = 0; w < NC; ++w) jc[w] += colw == w;
             }
-            since0 = tag & 1 ? 0 : since0 + 1;
-            since1 = tag & 2 ? 0 : since1 + 1;
+#pragma unroll
+            for (int w = 0; w < NC; ++w) since[w] = (tag >> w) & 1 ? 0 : since[w] + 1;
             tag |= pend;
             pend = 0;
-            if (!done0 && va == NONE && ja >= cta) {
-                done0 = true;
-                pend |= DONE;
-            }
-            if (!done1 && vb == NONE && (shared_cols ? ja >= cta : jb >= ctb)) {
-                done1 = true;
-                pend |= DONE << 1;
+#pragma unroll
+            for (int w = 0; w < NC; ++w) {
+                if (!(done >> w & 1) && vb[w] == NONE && !cols_left(w)) {
+                    done |= 1 << w;
+                    pend |= DONE << w;
+                }
             }
             const int s = t % NS, u = t / NS;
             if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
-            if (t == NS - 1) mbar_wait(qfree, 0);  // the last stage still holds the Q tiles
-            int* kp = kpos + 2 * s * BN;  // warpgroup 0's positions, then 1's
+            if (Q_IN_STAGE && t == NS - 1) mbar_wait(qfree, 0);  // the last stage still holds the Q tiles
+            int* kp = kpos + NC * s * BN;  // warpgroup 0's positions, then 1's (then 2's)
             if (pt == 0) ktag[s] = tag;
             const u32 fb = full + 8 * s;
             if (kb >= 0) {
@@ -1048,7 +1101,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 #pragma unroll
                     for (int j = 0; j < BN / RS; ++j) {
                         const int r = kb * BN + lr + RS * j;
-                        kp[lr + RS * j] = kp[BN + lr + RS * j] = r < n ? r : POS_NONE;
+#pragma unroll
+                        for (int w = 0; w < NC; ++w) kp[w * BN + lr + RS * j] = r < n ? r : POS_NONE;
                     }
                 }
                 if (pt == 0) {  // after its own tag and position writes: its arrival releases them
@@ -1065,28 +1119,33 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             } else {
                 const u32 dk = sK + s * TILE_BYTES + sw, dv = sV + s * TILE_BYTES + sw;
                 // row lr + RS j sits in lane (lr + RS j) % 32 of the first register for j < 32 / RS
+                int s0 = c0[0], s1 = c1[0];
+#pragma unroll
+                for (int w = 1; w < NC; ++w) {
+                    s0 = colw == w ? c0[w] : s0;
+                    s1 = colw == w ? c1[w] : s1;
+                }
                 int pos[BN / RS];
 #pragma unroll
-                for (int j = 0; j < BN / RS; ++j) {
-                    const int src = colw == 0 ? (j < 32 / RS ? ca0 : ca1) : (j < 32 / RS ? cb0 : cb1);
-                    pos[j] = __shfl_sync(0xffffffff, src, (lr + RS * j) & 31);
+                for (int j = 0; j < BN / RS; ++j)
+                    pos[j] = __shfl_sync(0xffffffff, j < 32 / RS ? s0 : s1, (lr + RS * j) & 31);
+#pragma unroll
+                for (int w = 0; w < NC; ++w) {
+                    if (colw == w) {  // the warpgroup's next column tile
+                        c0[w] = column(coff[w], clen[w], jc[w] * BN + lane);
+                        c1[w] = column(coff[w], clen[w], jc[w] * BN + 32 + lane);
+                    }
                 }
-                if (colw == 0) {  // the warpgroup's next column tile
-                    ca0 = column(ca_off, ca_len, ja * BN + lane);
-                    ca1 = column(ca_off, ca_len, ja * BN + 32 + lane);
-                } else {
-                    cb0 = column(cb_off, cb_len, jb * BN + lane);
-                    cb1 = column(cb_off, cb_len, jb * BN + 32 + lane);
-                }
-                // a union entry: the token in the low 30 bits, its blocks in bits 30 and 31 (moved to
-                // bits 2j and 2j + 1 of `blocks`)
+                // a union entry: the token in the low 32 - NC bits, its blocks in the top NC (moved to
+                // bits NC j .. NC j + NC - 1 of `blocks`)
+                constexpr int TB = 32 - NC;
                 u32 blocks = 0xffffffffu;
                 if (uni) {
 #pragma unroll
                     for (int j = 0; j < BN / RS; ++j) {
                         if (pos[j] != POS_NONE) {
-                            blocks ^= (~(u32)pos[j] >> 30) << (2 * j);
-                            pos[j] &= 0x3fffffff;
+                            blocks ^= (~(u32)pos[j] >> TB) << (NC * j);
+                            pos[j] &= (1u << TB) - 1;
                         }
                     }
                 }
@@ -1100,8 +1159,9 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                 if (lc == 0) {
 #pragma unroll
                     for (int j = 0; j < BN / RS; ++j) {
-                        kp[lr + RS * j] = blocks >> (2 * j) & 1u ? pos[j] : POS_NONE;
-                        kp[BN + lr + RS * j] = blocks >> (2 * j + 1) & 1u ? pos[j] : POS_NONE;
+#pragma unroll
+                        for (int w = 0; w < NC; ++w)
+                            kp[w * BN + lr + RS * j] = blocks >> (NC * j + w) & 1u ? pos[j] : POS_NONE;
                     }
                 }
                 cp_async_mbar_arrive(fb);
@@ -1115,17 +1175,21 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         cp_async_wait<0>();  // no copy outlives its thread
     } else {
     // ---- consumers ----
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    if constexpr (NC == 2) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 152;");
+    }
     const int wg = warp >> 2, wl = warp & 3;
-    const int hw = wg ? h1 : h;                  // this warpgroup's head
-    const int row0 = (wg ? qb1 : qb0) * BM;  // and first row
+    const int hw = wg ? h1 : h;       // this warpgroup's head
+    const int row0 = qb_of(wg) * BM;  // and first row
     const int g = lane >> 2, tq = lane & 3;
     const int ra = row0 + wl * 16 + g, rb = ra + 8;
     const bf16_t* qh = q + (u64)hw * n * D;
     u32 qf[D / 16][4];
     {
         const int ct = tid & 127, c = ct % (D / 8);
-        const u32 sq = sQ + wg * (sV - sK);
+        const u32 sq = sQ + wg * q_step;
 #pragma unroll
         for (int p = 0; p < BM * (D / 8) / 128; ++p) {
             const int r = ct / (D / 8) + p * (128 / (D / 8));
@@ -1150,7 +1214,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             const int c2 = kk * 2 + (lane >> 4);
             ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sq + swz128(r, c2));
         }
-        mbar_arrive(qfree);  // the producer may now fill the last stage
+        mbar_arrive(qfree);  // the producer may now fill the last stage (two consumers)
     }
 
     // Tiles are followed by their stage (ts) and the parity of its phase (tph), kept incrementally
@@ -1172,7 +1236,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             const int tag = ktag[ts];
             // a union tile has holes (the other block's columns): always masked. The position is read
             // whatever the tag (a load predicated on the tag waited for it: dense attention lost 4%)
-            klast = max(kpos[(2 * ts + wg) * BN + BN - 1], tag & UNI ? POS_NONE : -1);
+            klast = max(kpos[(NC * ts + wg) * BN + BN - 1], tag & UNI ? POS_NONE : -1);
             if (tag & (END | (DONE << wg))) return -1;
             if ((tag >> wg) & 1) return ts;
             mbar_arrive(empty + 8 * ts);
@@ -1197,7 +1261,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        softmax_tile<exp2_emu<D>(), sums_mode<D>(true)>(s, kpos + (2 * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        softmax_tile<exp2_emu<D>(), sums_mode<D>(true)>(s, kpos + (NC * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     p, al_a, al_b);
     };
 
@@ -1282,7 +1346,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     attn_fwd_ws_d128(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
                      int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
                      int use_union) {
-    attn_fwd_ws<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
+    attn_fwd_ws<128, 2>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
                      tmv, pair_heads, ucol_idx, ucol_len, use_union);
 }
 
@@ -1290,7 +1354,17 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     attn_fwd_ws_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
                     int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
                     int use_union) {
-    attn_fwd_ws<64>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                    tmv, pair_heads, ucol_idx, ucol_len, use_union);
+    attn_fwd_ws<64, 2>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
+                       tmv, pair_heads, ucol_idx, ucol_len, use_union);
+}
+
+// Three consumer warpgroups (query blocks 3p..3p+2 of one head), 8 stages, Q in its own tiles; no head
+// pairing (the host passes pair_heads = 0); union column lists of three blocks.
+extern "C" __global__ void __launch_bounds__(512, 1)
+    attn_fwd_ws3_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
+                     int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
+                     int use_union) {
+    attn_fwd_ws<64, 3>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
+                       tmv, pair_heads, ucol_idx, ucol_len, use_union);
 }
 #endif

@@ -582,14 +582,22 @@ extern "C" __global__ void ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ sr
     warp_copy(col_idx + col_off[e], s.col_idx + s.col_off[f], s.col_off[f + 1] - s.col_off[f]);
 }
 
-// The column lists of query blocks 2p and 2p+1 of each head as one list, for the warp-specialized
-// attention kernel (one CTA computes the two blocks and then loads each column tile once instead of
-// once per block). Entries of the union, ascending, carry their blocks in bits 30 (block 2p) and 31
-// (block 2p+1); tokens are below 2^30 - 1 (checked by the host). The union of pair p of head h goes to
-// ucol_idx from col_off[h * q_blocks + 2p] on (the two lists' own space, so no sizes are read back),
-// its length to ucol_len[h * q_pairs + p]. Lists must be ascending without repeats (HeadIndex's).
+// The column lists of a group of G neighbouring query blocks (G - 1 passes of this kernel) as one
+// list, for the warp-specialized attention kernels (one CTA computes the G blocks and then loads each
+// column tile once instead of once per block). Entries of the union, ascending, carry their blocks in
+// the top G bits (block Gp + i in bit 32 - G + i) over the token (below 2^(32 - G) - 1, checked by the
+// host). The union of group p of head h goes from offset col_off[h * q_blocks + Gp] on (the lists' own
+// space, so no sizes are read back); its length to out_len[h * q_groups + p]. Lists must be ascending
+// without repeats (HeadIndex's).
 //
-// One CTA per pair, the merge in tiles of UN_TILE merged positions (both copies of a shared entry
+// One pass merges two lists: list a is either the column list of block Gp + a_block (its entries
+// tagged a_tag) or, with a_pass, the output of an earlier pass (a_src from the group's offset on,
+// a_len[w] entries, already tagged), and list b the column list of block Gp + b_block (tagged b_tag); a block
+// past the last has an empty list. Tokens compare under `mask` (the low 32 - G bits). G = 2: one pass
+// (blocks 0 and 1, tags bits 30 and 31); G = 3: blocks 0 and 1 into a scratch list (bits 29 and 30),
+// then that list and block 2 (bit 31).
+//
+// One CTA per group, the merge in tiles of UN_TILE merged positions (both copies of a shared entry
 // counted): the next UN_TILE entries of each list are staged in shared memory (coalesced), each thread
 // finds the start of its UN_PER positions by a binary search on its diagonal (the merge path; ties take
 // block 2p's copy first), counts the entries it emits (a shared entry once, with block 2p's copy,
@@ -600,33 +608,51 @@ extern "C" __global__ void ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ sr
 #define UN_PER 8
 #define UN_TILE (UN_THREADS * UN_PER)
 
-// The number of a's entries among the first d merged positions of a[0..la) and b[0..lb) (shared).
-__device__ __forceinline__ int un_split(const u32* a, int la, const u32* b, int lb, int d) {
+// The number of a's entries among the first d merged positions of a[0..la) and b[0..lb) (shared),
+// tokens compared under `mask`.
+__device__ __forceinline__ int un_split(const u32* a, int la, const u32* b, int lb, int d, u32 mask) {
     int lo = max(0, d - lb), hi = min(d, la);
     while (lo < hi) {
         const int mid = (lo + hi) >> 1;
-        if (a[mid] <= b[d - 1 - mid]) lo = mid + 1; else hi = mid;
+        if ((a[mid] & mask) <= (b[d - 1 - mid] & mask)) lo = mid + 1; else hi = mid;
     }
     return lo;
 }
 
 extern "C" __global__ void __launch_bounds__(UN_THREADS)
-    ix_pair_union(const u32* __restrict__ col_off, const u32* __restrict__ col_idx, int q_heads, int q_blocks,
-                  u32* __restrict__ ucol_idx, u32* __restrict__ ucol_len) {
+    ix_group_union(const u32* __restrict__ col_off, const u32* __restrict__ col_idx, int q_heads, int q_blocks,
+                   int group, const u32* __restrict__ a_src, const u32* __restrict__ a_len, int a_pass, int a_block,
+                   int b_block, u32 mask, u32 a_tag, u32 b_tag, u32* __restrict__ out_idx,
+                   u32* __restrict__ out_len) {
     __shared__ u32 sa[UN_TILE], sb[UN_TILE + 1], so[UN_TILE];
     __shared__ int warp_sum[UN_THREADS / 32];
     __shared__ int next_i;
     const u32 END_TOKEN = 0xffffffffu;
-    const int q_pairs = (q_blocks + 1) / 2;
+    const int q_groups = (q_blocks + group - 1) / group;
     const int w = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (w >= q_heads * q_pairs) return;  // w is the same in the whole CTA
-    const int h = w / q_pairs, p = w % q_pairs;
-    const int e = h * q_blocks + 2 * p;
-    const u32 a0 = col_off[e], a1 = col_off[e + 1];
-    const u32 b1 = 2 * p + 1 < q_blocks ? col_off[e + 2] : a1;
-    const int la = (int)(a1 - a0), lb = (int)(b1 - a1), total = la + lb;
-    const u32 *ga = col_idx + a0, *gb = col_idx + a1;
-    u32* out = ucol_idx + a0;
+    if (w >= q_heads * q_groups) return;  // w is the same in the whole CTA
+    const int h = w / q_groups, p = w % q_groups;
+    const int e = h * q_blocks + group * p;  // the group's first block
+    // block e + i's column list (empty past the last block)
+    auto list = [&](int i, u32& start) -> int {
+        if (group * p + i >= q_blocks) {
+            start = 0;
+            return 0;
+        }
+        start = col_off[e + i];
+        return (int)(col_off[e + i + 1] - start);
+    };
+    u32 a0, b0;
+    int la = list(a_block, a0);
+    const u32* ga = col_idx + a0;
+    if (a_pass) {  // an earlier pass's union
+        a0 = col_off[e];
+        la = (int)a_len[w];
+        ga = a_src + a0;
+    }
+    const int lb = list(b_block, b0), total = la + lb;
+    const u32* gb = col_idx + b0;
+    u32* out = out_idx + col_off[e];
     int i0 = 0, j0 = 0, written = 0;
     for (int d0 = 0; d0 < total; d0 += UN_TILE) {
         const int n_tile = min(UN_TILE, total - d0);
@@ -635,25 +661,25 @@ extern "C" __global__ void __launch_bounds__(UN_THREADS)
         // tile's first b entry was already written
         for (int k = tid; k < UN_TILE; k += UN_THREADS) sa[k] = i0 + k < la ? ga[i0 + k] : END_TOKEN;
         for (int k = tid; k <= UN_TILE; k += UN_THREADS) sb[k] = j0 + k < lb ? gb[j0 + k] : END_TOKEN;
-        const u32 a_before = i0 > 0 ? ga[i0 - 1] : END_TOKEN;
+        const u32 a_before = (i0 > 0 ? ga[i0 - 1] : END_TOKEN) & mask;
         __syncthreads();
         const int ta = min(UN_TILE, la - i0), tb = min(UN_TILE, lb - j0);  // staged real entries
         const int d = min(tid * UN_PER, n_tile), d_end = min(d + UN_PER, n_tile);
-        const int i_first = un_split(sa, ta, sb, tb, d);
+        const int i_first = un_split(sa, ta, sb, tb, d, mask);
         // the thread's positions d..d_end of the merge: run twice, to count and then to write at `dst`
         auto merge = [&](u32* dst) {
             int i = i_first, j = d - i_first, cnt = 0;
-            u32 last_a = i > 0 ? sa[i - 1] : a_before;
+            u32 last_a = i > 0 ? sa[i - 1] & mask : a_before;
             for (int t = d; t < d_end; ++t) {
-                const u32 x = sa[i], y = sb[j];
+                const u32 xt = sa[i], x = xt & mask, y = sb[j] & mask;
                 if (x <= y) {
-                    if (dst) dst[cnt] = x | (1u << 30) | (x == y ? 1u << 31 : 0u);
+                    if (dst) dst[cnt] = xt | a_tag | (x == y ? b_tag : 0u);
                     ++cnt;
                     last_a = x;
                     ++i;
                 } else {
                     if (y != last_a) {
-                        if (dst) dst[cnt] = y | (1u << 31);
+                        if (dst) dst[cnt] = y | b_tag;
                         ++cnt;
                     }
                     ++j;
@@ -689,5 +715,5 @@ extern "C" __global__ void __launch_bounds__(UN_THREADS)
         j0 += n_tile - di;
         __syncthreads();  // before the next tile overwrites the staged lists and next_i
     }
-    if (tid == 0) ucol_len[w] = (u32)written;
+    if (tid == 0) out_len[w] = (u32)written;
 }

@@ -704,14 +704,14 @@ fn bench_measures_one_short_length() {
     println!("{}", r.summary());
 }
 
-/// The union of the column lists of each query-block pair, with each entry's blocks in bits 30 and
-/// 31, as the warp-specialized kernels read it: against a host merge, on lists that overlap in part,
-/// are empty, shorter and longer than a warp, and on an odd number of query blocks (the last pair
-/// has one block).
+/// The union of the column lists of each group of two or three query blocks, with each entry's
+/// blocks in the top two or three bits, as the warp-specialized kernels read it: against a host
+/// merge, on lists that overlap in part, are empty, shorter and longer than a warp and than the
+/// kernel's 2,048-entry merge tile, and on a number of query blocks that leaves the last group short.
 #[test]
-fn pair_union_matches_host_merge() {
+fn group_union_matches_host_merge() {
     let Some(sp) = device() else { return };
-    let (q_heads, n): (usize, usize) = (3, 64 * 9 - 5);
+    let (q_heads, n): (usize, usize) = (3, 64 * 41 - 5);
     let q_blocks = n.div_ceil(64);
     let mut f = FlatIndex {
         q_heads,
@@ -725,7 +725,7 @@ fn pair_union_matches_host_merge() {
     let mut lists = Vec::new();
     for e in 0..q_heads * q_blocks {
         // list e keeps token t with a probability that depends on e (0 to ~0.9), from a window
-        // shared with its neighbour so that the pair's lists overlap
+        // shared with its neighbours so that a group's lists overlap
         let p = (e % 7) as f32 / 7.0;
         let lo = (e / 2) % 3 * 40;
         let list: Vec<u32> = (lo..n)
@@ -737,36 +737,50 @@ fn pair_union_matches_host_merge() {
         lists.push(list);
     }
     let ix = sp.upload_flat(&f).unwrap();
-    let (got, len) = sp.download_pair_union(&ix).unwrap().expect("union enabled");
-    let q_pairs = q_blocks.div_ceil(2);
-    let mut longest = 0;
-    for h in 0..q_heads {
-        for p in 0..q_pairs {
-            let e = h * q_blocks + 2 * p;
-            let a = &lists[e];
-            let empty = Vec::new();
-            let b = if 2 * p + 1 < q_blocks {
-                &lists[e + 1]
-            } else {
-                &empty
-            };
-            let mut want: Vec<u32> = a.iter().chain(b.iter()).copied().collect();
-            want.sort_unstable();
-            want.dedup();
-            let want: Vec<u32> = want
-                .into_iter()
-                .map(|t| {
-                    let in_a = a.binary_search(&t).is_ok() as u32;
-                    let in_b = b.binary_search(&t).is_ok() as u32;
-                    t | in_a << 30 | in_b << 31
-                })
-                .collect();
-            let start = f.col_off[e] as usize;
-            let l = len[h * q_pairs + p] as usize;
-            assert_eq!(l, want.len(), "head {h} pair {p}: union length");
-            assert_eq!(&got[start..start + l], &want[..], "head {h} pair {p}");
-            longest = longest.max(l);
+    for group in [2usize, 3] {
+        let (got, len) = sp
+            .download_group_union(&ix, group)
+            .unwrap()
+            .expect("union enabled");
+        let q_groups = q_blocks.div_ceil(group);
+        let token_bits = 32 - group;
+        let mut longest = 0;
+        for h in 0..q_heads {
+            for p in 0..q_groups {
+                let e = h * q_blocks + group * p;
+                let members: Vec<&[u32]> = (0..group)
+                    .filter(|i| group * p + i < q_blocks)
+                    .map(|i| lists[e + i].as_slice())
+                    .collect();
+                let mut want: Vec<u32> = members.iter().flat_map(|l| l.iter()).copied().collect();
+                want.sort_unstable();
+                want.dedup();
+                let want: Vec<u32> = want
+                    .into_iter()
+                    .map(|t| {
+                        members.iter().enumerate().fold(t, |x, (i, l)| {
+                            x | (l.binary_search(&t).is_ok() as u32) << (token_bits + i)
+                        })
+                    })
+                    .collect();
+                let start = f.col_off[e] as usize;
+                let l = len[h * q_groups + p] as usize;
+                assert_eq!(
+                    l,
+                    want.len(),
+                    "group of {group}, head {h}, group {p}: union length"
+                );
+                assert_eq!(
+                    &got[start..start + l],
+                    &want[..],
+                    "group of {group}, head {h}, group {p}"
+                );
+                longest = longest.max(l);
+            }
         }
+        assert!(
+            longest > 2048,
+            "the unions should exceed a merge tile: {longest}"
+        );
     }
-    assert!(longest > 64, "the lists should exceed a warp's 32 entries");
 }

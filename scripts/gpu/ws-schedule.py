@@ -2,16 +2,17 @@
 """Model check of the warp-specialized attention kernel's tile schedule (attn_fwd_ws in
 runtime/kernels/attention.cu), on the CPU, in a few seconds.
 
-The producer warpgroup loads the union of two query blocks' key-block lists, then their column
+The producer warpgroup loads the union of two (or three) query blocks' key-block lists, then their column
 tiles, into a ring of NS stages; each consumer warpgroup computes only its own tiles and holds its
 current tile while it waits for its next one. This script replays the producer's generator (same
 rules as the kernel) on random lists and runs producer and consumers under random interleavings,
 checking that (1) nothing deadlocks, (2) each warpgroup computes exactly its own blocks and column
 tiles, once each, and (3) no warpgroup is passed by more than NS - 2 tiles in a row before its last.
 
-With --union (the kernel's default since c7fd1b8 when the pair has columns) the two blocks' columns
-come as one list of union tiles, each tagged for both warpgroups (for warpgroup 0 only when block
-2p+1 does not exist): the check then also covers the done and force rules of that mode.
+With --union (the kernels' default since c7fd1b8 when the blocks have columns) the blocks' columns
+come as one list of union tiles, each tagged for every warpgroup whose block exists (the last group
+of a head may be short; one block alone gets untagged tiles): the check then also covers the done
+and force rules of that mode.
 
 It checks the protocol as designed, not the CUDA code itself; keep the two in step. The default is
 the kernel's protocol since c4db20c: a tile is announced by its own copies (TMA transaction bytes or
@@ -20,83 +21,98 @@ waits for the consumers' Q loads before its first write to the last stage (where
 passed). --protocol delayed runs edfc24c's (up to two issued tiles unannounced, all announced before
 the producer blocks) and --protocol old the first version (one issued tile unannounced, no
 announcement before blocking), which this check shows can deadlock.
-usage: scripts/gpu/ws-schedule.py [--trials N] [--ns NS] [--protocol async|delayed|old] [--union]
+With --consumers 3 (attn_fwd_ws3_d64: query blocks 3p..3p+2, 8 stages, Q outside the stages) the same
+rules run for three warpgroups; a warpgroup passed by NS - 3 tiles is forced, the one passed by the
+most first, so that two owed a tile at once both get one within NS - 2.
+usage: scripts/gpu/ws-schedule.py [--trials N] [--consumers 2|3] [--ns NS] [--protocol async|delayed|old] [--union]
 """
 import argparse
 import random
 import sys
 
 NONE = 1 << 60
-END, DONE, UNI = 4, 8, 32
+DONE, END, UNI = 8, 64, 128
 
 
-def schedule(a, b, ca, cb, ns, uni=False, has1=True):
-    """The producer's tile sequence: [(item, tag)], item = ('b', block) or ('c0'/'c1', tile). With
-    `uni`, `ca` counts the pair's union tiles ('c0', shared by both warpgroups when `has1`) and `cb`
-    must be 0."""
-    shared_cols = uni and has1
-    ia = ib = ja = jb = 0
-    block_a = lambda i: a[i] if i < len(a) else NONE
-    block_b = lambda i: b[i] if i < len(b) else NONE
-    va, vb = block_a(0), block_b(0)
-    since0 = since1 = -(1 << 30)
+def schedule(lists, cols, ns, uni=False, blocks=None):
+    """The producer's tile sequence: [(item, tag)], item = ('b', block) or ('c<w>', tile), for
+    len(lists) consumer warpgroups (2 or 3), warpgroup w computing the key blocks lists[w] and
+    cols[w] column tiles. With `uni`, cols[0] counts the group's union tiles ('c0', shared by the
+    warpgroups whose query block exists: the first `blocks`) and the other cols must be 0."""
+    nc = len(lists)
+    force_at = ns - nc
+    live = (1 << (nc if blocks is None else blocks)) - 1
+    shared_cols = uni and live > 1
+    block = lambda w, i: lists[w][i] if i < len(lists[w]) else NONE
+    ib, jc = [0] * nc, [0] * nc
+    vb = [block(w, 0) for w in range(nc)]
+    since = [-(1 << 30)] * nc
     pend = 0
-    done0 = va == NONE and ca == 0
-    done1 = vb == NONE and (ca == 0 if shared_cols else cb == 0)
+
+    def cols_left(w):
+        return (live >> w & 1) and jc[0] < cols[0] if shared_cols and w > 0 else jc[w] < cols[w]
+
+    done = [vb[w] == NONE and not cols_left(w) for w in range(nc)]
     out = []
-    while not (done0 and done1):
-        force = 0 if since0 >= ns - 2 and not done0 else (1 if since1 >= ns - 2 and not done1 else -1)
+    while not all(done):
+        force, most = -1, force_at - 1
+        for w in range(nc):
+            if not done[w] and since[w] > most:
+                force, most = w, since[w]
         kb = colw = -1
-        if force == 0:
-            kb, colw = (va, -1) if va != NONE else (-1, 0)
-        elif force == 1:
-            kb, colw = (vb, -1) if vb != NONE else (-1, 1)
-        elif va != NONE or vb != NONE:
-            kb = min(va, vb)
+        if force >= 0:
+            if vb[force] != NONE:
+                kb = vb[force]
+            else:
+                colw = force
+        elif min(vb) != NONE:
+            kb = min(vb)
         else:
-            colw = 0 if ja < ca and (jb >= cb or ja <= jb) else 1
+            fewest = 1 << 30
+            for w in range(nc):
+                if jc[w] < cols[w] and jc[w] < fewest:
+                    colw, fewest = w, jc[w]
         if uni and colw >= 0:
             colw = 0  # one column sequence, for both
+        tag = 0
         if kb >= 0:
-            tag = (1 if va == kb else 0) | (2 if vb == kb else 0)
-            if va == kb:
-                ia += 1
-                va = block_a(ia)
-            if vb == kb:
-                ib += 1
-                vb = block_b(ib)
+            for w in range(nc):
+                if vb[w] == kb:
+                    tag |= 1 << w
+                    ib[w] += 1
+                    vb[w] = block(w, ib[w])
             item = ('b', kb)
         else:
-            tag = 3 | UNI if shared_cols else 1 << colw
-            if colw == 0:
-                item, ja = ('c0', ja), ja + 1
-            else:
-                item, jb = ('c1', jb), jb + 1
-        since0 = 0 if tag & 1 else since0 + 1
-        since1 = 0 if tag & 2 else since1 + 1
+            tag = live | UNI if shared_cols else 1 << colw
+            item = (f'c{colw}', jc[colw])
+            jc[colw] += 1
+        for w in range(nc):
+            since[w] = 0 if (tag >> w) & 1 else since[w] + 1
         tag |= pend
         pend = 0
-        if not done0 and va == NONE and ja >= ca:
-            done0, pend = True, pend | DONE
-        if not done1 and vb == NONE and (ja >= ca if shared_cols else jb >= cb):
-            done1, pend = True, pend | DONE << 1
+        for w in range(nc):
+            if not done[w] and vb[w] == NONE and not cols_left(w):
+                done[w], pend = True, pend | DONE << w
         out.append((item, tag))
     out.append((('end', 0), END))
     return out
 
 
-def run(tiles, ns, rng, protocol):
+def run(tiles, ns, rng, protocol, nc=2):
     """Random interleaving of producer, copies and consumers; returns what each warpgroup computed."""
     n_tiles = len(tiles)
-    released = [set(), set()]
+    released = [set() for _ in range(nc)]
     issued = 0  # tiles whose copies were issued
     published = 0  # delayed/old protocols: tiles [0, published) announced on `full`
     landed = set()  # async protocol: tiles whose copies have landed (announced)
-    q_loaded = [False, False]  # async protocol: each consumer's Q tile is in registers
-    wgs = [{'t': -1, 'cur': None, 'state': 'run', 'got': []} for _ in range(2)]
+    # async protocol: each consumer's Q tile is in registers (with two consumers the Q tiles pass
+    # through the last stage; with three they have their own)
+    q_loaded = [False] * nc
+    q_in_stage = nc == 2
+    wgs = [{'t': -1, 'cur': None, 'state': 'run', 'got': []} for _ in range(nc)]
 
     def stage_free(t):
-        return t < ns or ((t - ns) in released[0] and (t - ns) in released[1])
+        return t < ns or all((t - ns) in released[w] for w in range(nc))
 
     def announced(t):
         return t in landed if protocol == 'async' else t < published
@@ -105,7 +121,7 @@ def run(tiles, ns, rng, protocol):
         nonlocal issued, published
         t = issued
         if protocol == 'async':
-            if t >= n_tiles or not stage_free(t) or (t == ns - 1 and not all(q_loaded)):
+            if t >= n_tiles or not stage_free(t) or (q_in_stage and t == ns - 1 and not all(q_loaded)):
                 return False
             issued += 1
             return True
@@ -172,7 +188,7 @@ def run(tiles, ns, rng, protocol):
         return True
 
     while True:
-        actors = ['p', 'c', 0, 1]
+        actors = ['p', 'c'] + list(range(nc))
         rng.shuffle(actors)
         step = {'p': producer, 'c': copies}
         if not any(step[a]() if a in step else consumer(a) for a in actors):
@@ -186,35 +202,41 @@ def run(tiles, ns, rng, protocol):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--trials', type=int, default=20000)
-    ap.add_argument('--ns', type=int, default=6)
+    ap.add_argument('--consumers', type=int, choices=[2, 3], default=2,
+                    help="consumer warpgroups: 2 (attn_fwd_ws_d*), 3 (attn_fwd_ws3_d64)")
+    ap.add_argument('--ns', type=int, help="stages (default: the kernel's, 6 with two consumers, 8 with three)")
     ap.add_argument('--seed', type=int, default=1)
     ap.add_argument('--protocol', choices=['async', 'delayed', 'old'], default='async')
     ap.add_argument('--union', action='store_true', help="one union column list for both warpgroups")
     o = ap.parse_args()
+    nc = o.consumers
+    ns = o.ns or (6 if nc == 2 else 8)
     rng = random.Random(o.seed)
     for trial in range(o.trials):
         nb = rng.randint(1, 40)
-        a = sorted(rng.sample(range(nb), rng.randint(0, nb)))
-        b = sorted(rng.sample(range(nb + 1), rng.randint(0, nb + 1))) if rng.random() < 0.9 else []
-        ca = rng.randint(0, 8)
-        cb = rng.randint(0, 8) if b or rng.random() < 0.5 else 0
-        has1 = True
+        lists = [sorted(rng.sample(range(nb), rng.randint(0, nb)))]
+        for w in range(1, nc):
+            lists.append(sorted(rng.sample(range(nb + w), rng.randint(0, nb + w))) if rng.random() < 0.9 else [])
+        cols = [rng.randint(0, 8)] + [rng.randint(0, 8) if lists[w] or rng.random() < 0.5 else 0 for w in range(1, nc)]
+        blocks = nc
         if o.union:
-            has1 = bool(b) or rng.random() < 0.5  # a pair's second block may not exist
-            if not has1:
-                b = []
-            cb = 0
-        tiles = schedule(a, b, ca, cb, o.ns, o.union, has1)
+            if rng.random() < 0.3:  # the last group of a head may have fewer blocks
+                blocks = rng.randint(1, nc - 1)
+                for w in range(blocks, nc):
+                    lists[w] = []
+            for w in range(1, nc):
+                cols[w] = 0
+        tiles = schedule(lists, cols, ns, o.union, blocks)
         try:
-            got = run(tiles, o.ns, rng, o.protocol)
+            got = run(tiles, ns, rng, o.protocol, nc)
         except RuntimeError as e:
             print(f"trial {trial}: {e}")
             return 1
-        for w, (blocks, cols) in enumerate([(a, ca), (b, cb)]):
-            if o.union:  # both compute every union tile ('c0'); warpgroup 1 only if block 2p+1 exists
-                want = [('b', x) for x in blocks] + [('c0', j) for j in range(ca) if w == 0 or has1]
+        for w in range(nc):
+            if o.union:  # all compute every union tile ('c0') if their block exists
+                want = [('b', x) for x in lists[w]] + [('c0', j) for j in range(cols[0]) if w < blocks]
             else:
-                want = [('b', x) for x in blocks] + [(f'c{w}', j) for j in range(cols)]
+                want = [('b', x) for x in lists[w]] + [(f'c{w}', j) for j in range(cols[w])]
             if sorted(got[w]) != sorted(want) or len(got[w]) != len(set(got[w])):
                 print(f"trial {trial}: warpgroup {w} computed {got[w]}, wants {want}")
                 return 1
@@ -224,11 +246,11 @@ def main():
                     own.append(i)
                 if tag & (END | DONE << w):
                     break
-            if any(y - x > o.ns - 1 for x, y in zip(own, own[1:])):
-                print(f"trial {trial}: warpgroup {w} passed by more than {o.ns - 2} tiles: {own}")
+            if any(y - x > ns - 1 for x, y in zip(own, own[1:])):
+                print(f"trial {trial}: warpgroup {w} passed by more than {ns - 2} tiles: {own}")
                 return 1
-    print(f"{o.trials} random schedules (NS = {o.ns}, protocol {o.protocol}{', union columns' if o.union else ''}): "
-          f"no deadlock, every warpgroup computed exactly its tiles")
+    print(f"{o.trials} random schedules ({nc} consumers, NS = {ns}, protocol {o.protocol}"
+          f"{', union columns' if o.union else ''}): no deadlock, every warpgroup computed exactly its tiles")
     return 0
 
 

@@ -164,7 +164,11 @@ impl SparsePrefill {
         Err(Error::CudaNotCompiled)
     }
     #[doc(hidden)]
-    pub fn download_pair_union(&self, _d: &DeviceIndex) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+    pub fn download_group_union(
+        &self,
+        _d: &DeviceIndex,
+        _group: usize,
+    ) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
         Err(Error::CudaNotCompiled)
     }
     pub fn forward(

@@ -162,7 +162,8 @@ pub enum Keys<'a> {
 }
 
 /// Environment variable choosing the attention kernel where the build has wgmma (sm_90a, the default):
-/// unset = `attn_fwd_ws_d128` / `attn_fwd_ws_d64` (warp-specialized, two query blocks per CTA); `wg3` =
+/// unset = `attn_fwd_ws_d128` (warp-specialized, two query blocks per CTA) / `attn_fwd_ws3_d64` (three
+/// query blocks per CTA); `ws2` = `attn_fwd_ws_d64` (two) at head_dim 64; `wg3` =
 /// the pipelined one-warpgroup `attn_fwd_wg3_d128` (head_dim 64 then runs on mma.sync); `wg1` = the
 /// unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = the unpipelined wgmma
 /// head_dim-64 kernel `attn_fwd_wg_d64` (wrong on the H200, 2026-11-28).
@@ -174,7 +175,7 @@ pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 
 /// Environment variable that, set to `0`, keeps the warp-specialized kernels from loading the column
-/// tiles of a query-block pair as one union list (`ix_pair_union`; each block's own list is then
+/// tiles of a CTA's query blocks as one union list (`ix_group_union`; each block's own list is then
 /// loaded separately). Read by [`SparsePrefill::new`].
 pub const UNION_ENV: &str = "ATTNPLAN_UNION_COLS";
 
@@ -218,18 +219,22 @@ pub struct SparsePrefill {
     dummy: CudaSlice<u32>,
     /// Whether indexes shared by head pairs may pair the heads in one CTA ([`PAIR_ENV`], read once).
     pair_heads: bool,
-    /// `ix_pair_union`, when the warp-specialized kernels load a pair's columns as one list
-    /// ([`UNION_ENV`], read once).
-    pair_union: Option<CudaFunction>,
+    /// `ix_group_union`, when the warp-specialized kernels load their query blocks' columns as one
+    /// list ([`UNION_ENV`], read once).
+    group_union: Option<CudaFunction>,
     /// The union lists and their lengths, kept between calls and grown as needed (a fresh
     /// stream-ordered allocation per call cost more than the union saved: the pool returns freed
     /// memory at every synchronization).
     union_bufs: Mutex<UnionBufs>,
 }
 
-/// [`SparsePrefill::pair_union`]'s output buffers (entries, lengths per pair).
+/// [`SparsePrefill::group_union`]'s buffers: the union lists (entries, lengths per group), and for
+/// groups of three the first pass's lists.
 #[derive(Debug, Default)]
-struct UnionBufs(Option<(CudaSlice<u32>, CudaSlice<u32>)>);
+struct UnionBufs {
+    out: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
+    pass: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
+}
 
 impl SparsePrefill {
     /// Opens device `ordinal` and compiles the kernels (NVRTC, cached per device).
@@ -253,7 +258,7 @@ impl SparsePrefill {
                     smem,
                     threads,
                     blocks_per_cta,
-                    tma: name.starts_with("attn_fwd_ws_"),
+                    tma: name.starts_with("attn_fwd_ws"),
                 })
         };
         let pick = |d: usize| -> Result<AttnKernel> {
@@ -266,12 +271,27 @@ impl SparsePrefill {
             };
             let (wg1, wg3, wg64) = (choice == "wg1", choice == "wg3", choice == "wg64");
             let other = want_mma || wg1 || wg3 || (wg64 && d == 64);
+            // warp-specialized with `consumers` query blocks per CTA: a producer warpgroup and one
+            // consumer warpgroup per block; `stages` K/V stages (with two consumers the Q tiles pass
+            // through the last, with three they have their own), a 1 KB tile of ones (the row sums by
+            // MMA), positions (per stage one list per consumer), tags, 2 x stages + 1 mbarriers,
+            // alignment
+            let ws_smem = |consumers: usize, stages: usize| {
+                let q_tiles = if consumers == 2 { 0 } else { consumers };
+                (((2 * stages + q_tiles) * 64 * d * 2)
+                    + 1024
+                    + consumers * stages * 64 * 4
+                    + stages * 8
+                    + (2 * stages + 1) * 8
+                    + 1024) as u32
+            };
+            if !other && d == 64 && choice != "ws2" {
+                if let Ok(k) = kernel("attn_fwd_ws3_d64", ws_smem(3, 8), 512, 3) {
+                    return Ok(k);
+                }
+            }
             if !other {
-                // warp-specialized: 384 threads, two query blocks per CTA; 6 K/V stages (the Q tiles
-                // pass through the last), a 1 KB tile of ones (the row sums by MMA), positions (per
-                // stage one list per warpgroup), tags, 2 x 6 + 1 mbarriers, alignment
-                let smem = (12 * 64 * d * 2 + 1024 + 2 * 6 * 64 * 4 + 6 * 8 + 13 * 8 + 1024) as u32;
-                if let Ok(k) = kernel(ws, smem, 384, 2) {
+                if let Ok(k) = kernel(ws, ws_smem(2, 6), 384, 2) {
                     return Ok(k);
                 }
             }
@@ -292,8 +312,8 @@ impl SparsePrefill {
         let attn = [pick(64)?, pick(128)?];
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         let pair_heads = std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
-        let pair_union = if std::env::var(UNION_ENV).map_or(true, |v| v != "0") {
-            Some(dev.function(KernelFile::VerticalSlash, "ix_pair_union", 0)?)
+        let group_union = if std::env::var(UNION_ENV).map_or(true, |v| v != "0") {
+            Some(dev.function(KernelFile::VerticalSlash, "ix_group_union", 0)?)
         } else {
             None
         };
@@ -302,7 +322,7 @@ impl SparsePrefill {
             attn,
             dummy,
             pair_heads,
-            pair_union,
+            group_union,
             union_bufs: Mutex::new(UnionBufs::default()),
         })
     }
@@ -467,9 +487,10 @@ impl SparsePrefill {
             }
         };
         let kernel = &self.attn[usize::from(shape.head_dim != 64)];
-        // heads of one KV group with identical indexes share their K/V tiles (ws kernel only)
+        // heads of one KV group with identical indexes share their K/V tiles (two-consumer ws kernels)
         let pair_heads = self.pair_heads
             && kernel.tma
+            && kernel.blocks_per_cta == 2
             && index.is_some_and(|ix| ix.pairs_share)
             && shape.group() % 2 == 0;
         let grid = if pair_heads {
@@ -494,11 +515,11 @@ impl SparsePrefill {
         } else {
             None
         };
-        // the warp-specialized kernels load a query-block pair's columns once, as their union
+        // the warp-specialized kernels load their query blocks' columns once, as their union
         let mut bufs = self.lock_union_bufs()?;
         let union = match index {
             Some(ix) if kernel.tma && !pair_heads && ix.n_col > 0 => {
-                self.pair_union(ix, &mut bufs)?
+                self.group_union(ix, kernel.blocks_per_cta, &mut bufs)?
             }
             _ => None,
         };
@@ -534,11 +555,21 @@ impl SparsePrefill {
         drv("attn_fwd launch", unsafe { b.launch(cfg) }).map(|_| ())
     }
 
-    /// [`SparsePrefill::pair_union`] brought to the host (entries, lengths), for tests.
+    /// [`SparsePrefill::group_union`] of groups of `group` (2 or 3) query blocks brought to the host
+    /// (entries, lengths), for tests.
     #[doc(hidden)]
-    pub fn download_pair_union(&self, ix: &DeviceIndex) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+    pub fn download_group_union(
+        &self,
+        ix: &DeviceIndex,
+        group: usize,
+    ) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+        if !(2..=3).contains(&group) {
+            return Err(Error::Shape(format!(
+                "union of {group} query blocks: 2 or 3"
+            )));
+        }
         let mut bufs = self.lock_union_bufs()?;
-        let Some((i, l)) = self.pair_union(ix, &mut bufs)? else {
+        let Some((i, l)) = self.group_union(ix, group, &mut bufs)? else {
             return Ok(None);
         };
         let s = &self.dev.stream;
@@ -548,64 +579,113 @@ impl SparsePrefill {
         )))
     }
 
-    /// The union of the column lists of query blocks 2p and 2p+1 of every head (`ix_pair_union`):
-    /// entries tagged with their blocks, at the first block's offsets, and one length per pair, into
-    /// `bufs` (grown when too small), which it returns. `None` when [`UNION_ENV`] turned it off or
-    /// tokens do not fit the tags' 30 bits. Queued on the stream: the launch that reads the buffers
-    /// must be queued before the next call writes them, which holding the lock of `bufs` across both
-    /// ensures.
-    fn pair_union<'b>(
+    /// The union of the column lists of query blocks `group * p .. group * p + group` (2 or 3) of
+    /// every head (`ix_group_union`, `group - 1` passes): entries tagged with their blocks in the top
+    /// `group` bits, at the first block's offsets, and one length per group, into `bufs` (grown when
+    /// too small), which it returns. `None` when [`UNION_ENV`] turned it off or tokens do not fit
+    /// the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must be
+    /// queued before the next call writes them, which holding the lock of `bufs` across both ensures.
+    fn group_union<'b>(
         &self,
         ix: &DeviceIndex,
+        group: usize,
         bufs: &'b mut UnionBufs,
     ) -> Result<Option<(&'b CudaSlice<u32>, &'b CudaSlice<u32>)>> {
-        let Some(f) = &self.pair_union else {
+        let Some(f) = &self.group_union else {
             return Ok(None);
         };
-        if ix.seq_len >= (1 << 30) - 1 {
+        let token_bits = 32 - group;
+        if ix.seq_len >= (1 << token_bits) - 1 {
             return Ok(None);
         }
         let s = &self.dev.stream;
-        let q_pairs = ix.q_blocks.div_ceil(2);
-        let pairs = ix.q_heads * q_pairs;
-        let (need_idx, need_len) = (ix.n_col.max(1), pairs.max(1));
-        let fits = bufs
-            .0
-            .as_ref()
-            .is_some_and(|(i, l)| i.len() >= need_idx && l.len() >= need_len);
-        if !fits {
-            let grow = |have: usize, need: usize| need.max(have + have / 2);
-            let (hi, hl) = bufs.0.as_ref().map_or((0, 0), |(i, l)| (i.len(), l.len()));
-            bufs.0 = None; // freed first, so that the pool can reuse the memory
-            bufs.0 = Some((
-                drv("alloc", s.alloc_zeros::<u32>(grow(hi, need_idx)))?,
-                drv("alloc", s.alloc_zeros::<u32>(grow(hl, need_len)))?,
-            ));
-        }
-        let Some((ucol_idx, ucol_len)) = bufs.0.as_mut() else {
-            return Ok(None);
+        let groups = ix.q_heads * ix.q_blocks.div_ceil(group);
+        let (need_idx, need_len) = (ix.n_col.max(1), groups.max(1));
+        let ensure = |slot: &mut Option<(CudaSlice<u32>, CudaSlice<u32>)>| -> Result<()> {
+            let fits = slot
+                .as_ref()
+                .is_some_and(|(i, l)| i.len() >= need_idx && l.len() >= need_len);
+            if !fits {
+                let grow = |have: usize, need: usize| need.max(have + have / 2);
+                let (hi, hl) = slot.as_ref().map_or((0, 0), |(i, l)| (i.len(), l.len()));
+                *slot = None; // freed first, so that the pool can reuse the memory
+                *slot = Some((
+                    drv("alloc", s.alloc_zeros::<u32>(grow(hi, need_idx)))?,
+                    drv("alloc", s.alloc_zeros::<u32>(grow(hl, need_len)))?,
+                ));
+            }
+            Ok(())
         };
-        let (heads_i, blocks_i) = (ix.q_heads as i32, ix.q_blocks as i32);
-        let mut b = s.launch_builder(f);
-        b.arg(&ix.col_off)
-            .arg(&ix.col_idx)
-            .arg(&heads_i)
-            .arg(&blocks_i)
-            .arg(&mut *ucol_idx)
-            .arg(&mut *ucol_len);
+        ensure(&mut bufs.out)?;
+        if group == 3 {
+            ensure(&mut bufs.pass)?;
+        }
+        let mask = (1u32 << token_bits) - 1;
+        let tag = |block: usize| 1u32 << (token_bits + block);
+        let (heads_i, blocks_i, group_i) = (ix.q_heads as i32, ix.q_blocks as i32, group as i32);
         let cfg = LaunchConfig {
-            grid_dim: (grid_u32(pairs)?, 1, 1),
+            grid_dim: (grid_u32(groups)?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `ix_pair_union`; col_off holds q_heads * q_blocks + 1 offsets into col_idx
-        // (the index's invariant), the union of a pair fits the space of its two lists (n_col entries
-        // in all, no more than ucol_idx holds), and ucol_len holds at least one entry per pair.
-        drv("ix_pair_union launch", unsafe { b.launch(cfg) })?;
-        Ok(Some((ucol_idx, ucol_len)))
+        let UnionBufs { out, pass } = bufs;
+        let Some((out_idx, out_len)) = out.as_mut() else {
+            return Ok(None);
+        };
+        // one pass: list a (block `a_block`'s, or `earlier`'s lists) with block `b_block`'s
+        let merge = |earlier: Option<(&CudaSlice<u32>, &CudaSlice<u32>)>,
+                     a_block: usize,
+                     b_block: usize,
+                     (o_idx, o_len): (&mut CudaSlice<u32>, &mut CudaSlice<u32>)|
+         -> Result<()> {
+            let (a_src, a_len) = earlier.unwrap_or((&self.dummy, &self.dummy));
+            let a_pass = i32::from(earlier.is_some());
+            let (a_tag, b_tag) = (
+                if earlier.is_some() { 0 } else { tag(a_block) },
+                tag(b_block),
+            );
+            let (a_block_i, b_block_i) = (a_block as i32, b_block as i32);
+            let mut b = s.launch_builder(f);
+            b.arg(&ix.col_off)
+                .arg(&ix.col_idx)
+                .arg(&heads_i)
+                .arg(&blocks_i)
+                .arg(&group_i)
+                .arg(a_src)
+                .arg(a_len)
+                .arg(&a_pass)
+                .arg(&a_block_i)
+                .arg(&b_block_i)
+                .arg(&mask)
+                .arg(&a_tag)
+                .arg(&b_tag)
+                .arg(o_idx)
+                .arg(o_len);
+            // SAFETY: matches `ix_group_union`; col_off holds q_heads * q_blocks + 1 offsets into
+            // col_idx (the index's invariant); the union of a group fits the space of its lists
+            // (n_col entries in all, no more than the output holds); the lengths hold at least one
+            // entry per group; an earlier pass's output (read when a_pass is set) was written by
+            // the launch before on the same stream for this index.
+            drv("ix_group_union launch", unsafe { b.launch(cfg) }).map(|_| ())
+        };
+        if group == 2 {
+            merge(None, 0, 1, (&mut *out_idx, &mut *out_len))?;
+        } else {
+            let Some((pass_idx, pass_len)) = pass.as_mut() else {
+                return Ok(None);
+            };
+            merge(None, 0, 1, (&mut *pass_idx, &mut *pass_len))?;
+            merge(
+                Some((&*pass_idx, &*pass_len)),
+                0,
+                2,
+                (&mut *out_idx, &mut *out_len),
+            )?;
+        }
+        Ok(Some((out_idx, out_len)))
     }
 
-    /// The union buffers of [`SparsePrefill::pair_union`], locked until the launch that reads them
+    /// The union buffers of [`SparsePrefill::group_union`], locked until the launch that reads them
     /// is queued.
     fn lock_union_bufs(&self) -> Result<std::sync::MutexGuard<'_, UnionBufs>> {
         self.union_bufs
