@@ -866,8 +866,8 @@ extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS
 // (count 256) before its first write there, and each consumer thread arrives on it once its Q
 // fragments are in registers. That sixth stage (the fifth had cost the Q tiles' 32 KB) lets one more
 // tile be in flight: the consumers had waited for tiles (27 polls of the `full` barrier per tile at
-// 128K, H200, 2026-11-29). NC = 3 (head_dim 64): NS = 8 stages of 16 KB, then the three Q tiles
-// (24 KB), the ones tile and 3 NS x 64 positions: 164,040 bytes.
+// 128K, H200, 2026-11-29). NC = 3 (head_dim 64): NS = 11 stages of 16 KB, then the three Q tiles
+// (24 KB), the ones tile and 3 NS x 64 positions: 215,568 bytes.
 template <int D, int NC>
 __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
@@ -879,9 +879,9 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             int use_union) {
     static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
     // With two consumers their Q tiles pass through the last of 6 stages; with three (head_dim 64) Q
-    // has its own tiles after 8 stages.
+    // has its own tiles after 11 stages (8 were 1% slower on sparse layers, 2026-11-30).
     constexpr bool Q_IN_STAGE = NC == 2;
-    constexpr int BM = 64, BN = 64, NS = NC == 2 ? 6 : 8;
+    constexpr int BM = 64, BN = 64, NS = NC == 2 ? 6 : 11;
     constexpr int TILE_BYTES = BM * D * 2;
     constexpr int NONE = 0x7fffffff;
     constexpr int DONE = 8;   // DONE << w: warpgroup w has no tile from this one on (bits 3..5)
@@ -1358,7 +1358,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
                        tmv, pair_heads, ucol_idx, ucol_len, use_union);
 }
 
-// Three consumer warpgroups (query blocks 3p..3p+2 of one head), 8 stages, Q in its own tiles; no head
+// Three consumer warpgroups (query blocks 3p..3p+2 of one head), 11 stages, Q in its own tiles; no head
 // pairing (the host passes pair_heads = 0); union column lists of three blocks.
 extern "C" __global__ void __launch_bounds__(512, 1)
     attn_fwd_ws3_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
@@ -1367,4 +1367,5 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     attn_fwd_ws<64, 3>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
                        tmv, pair_heads, ucol_idx, ucol_len, use_union);
 }
+
 #endif

@@ -582,26 +582,24 @@ extern "C" __global__ void ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ sr
     warp_copy(col_idx + col_off[e], s.col_idx + s.col_off[f], s.col_off[f + 1] - s.col_off[f]);
 }
 
-// The column lists of a group of G neighbouring query blocks (G - 1 passes of this kernel) as one
-// list, for the warp-specialized attention kernels (one CTA computes the G blocks and then loads each
-// column tile once instead of once per block). Entries of the union, ascending, carry their blocks in
-// the top G bits (block Gp + i in bit 32 - G + i) over the token (below 2^(32 - G) - 1, checked by the
-// host). The union of group p of head h goes from offset col_off[h * q_blocks + Gp] on (the lists' own
-// space, so no sizes are read back); its length to out_len[h * q_groups + p]. Lists must be ascending
-// without repeats (HeadIndex's).
+// The column lists of a group of G (2 or 3) neighbouring query blocks as one list, for the
+// warp-specialized attention kernels (one CTA computes the G blocks and then loads each column tile
+// once instead of once per block). Entries of the union, ascending, carry their blocks in the top G
+// bits (block Gp + i in bit 32 - G + i) over the token (below 2^(32 - G) - 1, checked by the host).
+// The union of group p of head h goes from offset col_off[h * q_blocks + Gp] on (the lists' own
+// space, so no sizes are read back); its length to out_len[h * q_groups + p]. Lists must be
+// ascending without repeats (HeadIndex's).
 //
-// One pass merges two lists: list a is either the column list of block Gp + a_block (its entries
-// tagged a_tag) or, with a_pass, the output of an earlier pass (a_src from the group's offset on,
-// a_len[w] entries, already tagged), and list b the column list of block Gp + b_block (tagged b_tag); a block
-// past the last has an empty list. Tokens compare under `mask` (the low 32 - G bits). G = 2: one pass
-// (blocks 0 and 1, tags bits 30 and 31); G = 3: blocks 0 and 1 into a scratch list (bits 29 and 30),
-// then that list and block 2 (bit 31).
+// One CTA per group merges two lists at a time: G = 2, blocks 0 and 1 (tags bits 30 and 31); G = 3,
+// blocks 0 and 1 into the scratch list pass_idx (same offsets; bits 29 and 30), then that list and
+// block 2 (bit 31), in the same CTA (one launch). Tokens compare under the low 32 - G bits; a block
+// past the last has an empty list.
 //
-// One CTA per group, the merge in tiles of UN_TILE merged positions (both copies of a shared entry
+// Each merge runs in tiles of UN_TILE merged positions (both copies of a shared entry
 // counted): the next UN_TILE entries of each list are staged in shared memory (coalesced), each thread
 // finds the start of its UN_PER positions by a binary search on its diagonal (the merge path; ties take
-// block 2p's copy first), counts the entries it emits (a shared entry once, with block 2p's copy,
-// tagged with both blocks), a block scan gives the offsets, and the tile's output is staged and
+// the first list's copy first), counts the entries it emits (a shared entry once, with the first
+// list's copy, tagged with both), a block scan gives the offsets, and the tile's output is staged and
 // written out coalesced. (A warp per pair merging from global memory, each lane its own segment, took
 // 7.8 ms at 128K: every load of the warp touched 32 lines.)
 #define UN_THREADS 256
@@ -621,9 +619,7 @@ __device__ __forceinline__ int un_split(const u32* a, int la, const u32* b, int 
 
 extern "C" __global__ void __launch_bounds__(UN_THREADS)
     ix_group_union(const u32* __restrict__ col_off, const u32* __restrict__ col_idx, int q_heads, int q_blocks,
-                   int group, const u32* __restrict__ a_src, const u32* __restrict__ a_len, int a_pass, int a_block,
-                   int b_block, u32 mask, u32 a_tag, u32 b_tag, u32* __restrict__ out_idx,
-                   u32* __restrict__ out_len) {
+                   int group, u32* __restrict__ pass_idx, u32* __restrict__ out_idx, u32* __restrict__ out_len) {
     __shared__ u32 sa[UN_TILE], sb[UN_TILE + 1], so[UN_TILE];
     __shared__ int warp_sum[UN_THREADS / 32];
     __shared__ int next_i;
@@ -633,87 +629,98 @@ extern "C" __global__ void __launch_bounds__(UN_THREADS)
     if (w >= q_heads * q_groups) return;  // w is the same in the whole CTA
     const int h = w / q_groups, p = w % q_groups;
     const int e = h * q_blocks + group * p;  // the group's first block
+    const int token_bits = 32 - group;
+    const u32 mask = (1u << token_bits) - 1;
+    auto tag = [&](int i) { return 1u << (token_bits + i); };
     // block e + i's column list (empty past the last block)
-    auto list = [&](int i, u32& start) -> int {
+    auto list = [&](int i, const u32*& start) -> int {
         if (group * p + i >= q_blocks) {
-            start = 0;
+            start = col_idx;
             return 0;
         }
-        start = col_off[e + i];
-        return (int)(col_off[e + i + 1] - start);
+        start = col_idx + col_off[e + i];
+        return (int)(col_off[e + i + 1] - col_off[e + i]);
     };
-    u32 a0, b0;
-    int la = list(a_block, a0);
-    const u32* ga = col_idx + a0;
-    if (a_pass) {  // an earlier pass's union
-        a0 = col_off[e];
-        la = (int)a_len[w];
-        ga = a_src + a0;
-    }
-    const int lb = list(b_block, b0), total = la + lb;
-    const u32* gb = col_idx + b0;
-    u32* out = out_idx + col_off[e];
-    int i0 = 0, j0 = 0, written = 0;
-    for (int d0 = 0; d0 < total; d0 += UN_TILE) {
-        const int n_tile = min(UN_TILE, total - d0);
-        // stage the next entries of each list (past the end: END_TOKEN); b one further, for the check
-        // whether the tile's last a entry is shared; a's entry before the tile decides whether the
-        // tile's first b entry was already written
-        for (int k = tid; k < UN_TILE; k += UN_THREADS) sa[k] = i0 + k < la ? ga[i0 + k] : END_TOKEN;
-        for (int k = tid; k <= UN_TILE; k += UN_THREADS) sb[k] = j0 + k < lb ? gb[j0 + k] : END_TOKEN;
-        const u32 a_before = (i0 > 0 ? ga[i0 - 1] : END_TOKEN) & mask;
-        __syncthreads();
-        const int ta = min(UN_TILE, la - i0), tb = min(UN_TILE, lb - j0);  // staged real entries
-        const int d = min(tid * UN_PER, n_tile), d_end = min(d + UN_PER, n_tile);
-        const int i_first = un_split(sa, ta, sb, tb, d, mask);
-        // the thread's positions d..d_end of the merge: run twice, to count and then to write at `dst`
-        auto merge = [&](u32* dst) {
-            int i = i_first, j = d - i_first, cnt = 0;
-            u32 last_a = i > 0 ? sa[i - 1] & mask : a_before;
-            for (int t = d; t < d_end; ++t) {
-                const u32 xt = sa[i], x = xt & mask, y = sb[j] & mask;
-                if (x <= y) {
-                    if (dst) dst[cnt] = xt | a_tag | (x == y ? b_tag : 0u);
-                    ++cnt;
-                    last_a = x;
-                    ++i;
-                } else {
-                    if (y != last_a) {
-                        if (dst) dst[cnt] = y | b_tag;
+    // One pass: the union of ga[0..la) (entries tagged a_tag, or already tagged) and gb[0..lb) (tagged
+    // b_tag) into out; returns its length. Ends with a __syncthreads, after which out is visible to
+    // the whole CTA.
+    auto merge_lists = [&](const u32* ga, int la, const u32* gb, int lb, u32* out, u32 a_tag, u32 b_tag) {
+        const int total = la + lb;
+        int i0 = 0, j0 = 0, written = 0;
+        for (int d0 = 0; d0 < total; d0 += UN_TILE) {
+            const int n_tile = min(UN_TILE, total - d0);
+            // stage the next entries of each list (past the end: END_TOKEN); b one further, for the check
+            // whether the tile's last a entry is shared; a's entry before the tile decides whether the
+            // tile's first b entry was already written
+            for (int k = tid; k < UN_TILE; k += UN_THREADS) sa[k] = i0 + k < la ? ga[i0 + k] : END_TOKEN;
+            for (int k = tid; k <= UN_TILE; k += UN_THREADS) sb[k] = j0 + k < lb ? gb[j0 + k] : END_TOKEN;
+            const u32 a_before = (i0 > 0 ? ga[i0 - 1] : END_TOKEN) & mask;
+            __syncthreads();
+            const int ta = min(UN_TILE, la - i0), tb = min(UN_TILE, lb - j0);  // staged real entries
+            const int d = min(tid * UN_PER, n_tile), d_end = min(d + UN_PER, n_tile);
+            const int i_first = un_split(sa, ta, sb, tb, d, mask);
+            // the thread's positions d..d_end of the merge: run twice, to count and then to write at `dst`
+            auto merge = [&](u32* dst) {
+                int i = i_first, j = d - i_first, cnt = 0;
+                u32 last_a = i > 0 ? sa[i - 1] & mask : a_before;
+                for (int t = d; t < d_end; ++t) {
+                    const u32 xt = sa[i], x = xt & mask, y = sb[j] & mask;
+                    if (x <= y) {
+                        if (dst) dst[cnt] = xt | a_tag | (x == y ? b_tag : 0u);
                         ++cnt;
+                        last_a = x;
+                        ++i;
+                    } else {
+                        if (y != last_a) {
+                            if (dst) dst[cnt] = y | b_tag;
+                            ++cnt;
+                        }
+                        ++j;
                     }
-                    ++j;
                 }
+                return make_int2(cnt, i);
+            };
+            const int2 counted = merge(nullptr);
+            const int cnt = counted.x, i = counted.y;
+            // exclusive scan of cnt over the CTA
+            int inc = cnt;
+#pragma unroll
+            for (int sh = 1; sh < 32; sh <<= 1) {
+                const int v = __shfl_up_sync(0xffffffff, inc, sh);
+                if (lane >= sh) inc += v;
             }
-            return make_int2(cnt, i);
-        };
-        const int2 counted = merge(nullptr);
-        const int cnt = counted.x, i = counted.y;
-        // exclusive scan of cnt over the CTA
-        int inc = cnt;
+            if (lane == 31) warp_sum[warp] = inc;
+            if (tid == UN_THREADS - 1) next_i = i;  // the last thread's segment ends the tile
+            __syncthreads();
+            int before = 0, tile_len = 0;
 #pragma unroll
-        for (int sh = 1; sh < 32; sh <<= 1) {
-            const int v = __shfl_up_sync(0xffffffff, inc, sh);
-            if (lane >= sh) inc += v;
+            for (int k = 0; k < UN_THREADS / 32; ++k) {
+                const int v = warp_sum[k];
+                before += k < warp ? v : 0;
+                tile_len += v;
+            }
+            merge(so + before + inc - cnt);
+            __syncthreads();
+            for (int k = tid; k < tile_len; k += UN_THREADS) out[written + k] = so[k];
+            written += tile_len;
+            const int di = next_i;
+            i0 += di;
+            j0 += n_tile - di;
+            __syncthreads();  // before the next tile overwrites the staged lists and next_i
         }
-        if (lane == 31) warp_sum[warp] = inc;
-        if (tid == UN_THREADS - 1) next_i = i;  // the last thread's segment ends the tile
-        __syncthreads();
-        int before = 0, tile_len = 0;
-#pragma unroll
-        for (int k = 0; k < UN_THREADS / 32; ++k) {
-            const int v = warp_sum[k];
-            before += k < warp ? v : 0;
-            tile_len += v;
-        }
-        merge(so + before + inc - cnt);
-        __syncthreads();
-        for (int k = tid; k < tile_len; k += UN_THREADS) out[written + k] = so[k];
-        written += tile_len;
-        const int di = next_i;
-        i0 += di;
-        j0 += n_tile - di;
-        __syncthreads();  // before the next tile overwrites the staged lists and next_i
+        return written;
+    };
+    const u32 *ga, *gb;
+    const int la = list(0, ga), lb = list(1, gb);
+    int written;
+    if (group == 2) {
+        written = merge_lists(ga, la, gb, lb, out_idx + col_off[e], tag(0), tag(1));
+    } else {  // blocks 0 and 1 into pass_idx, then that union and block 2
+        u32* first = pass_idx + col_off[e];
+        const int l01 = merge_lists(ga, la, gb, lb, first, tag(0), tag(1));
+        const u32* gc;
+        const int lc = list(2, gc);
+        written = merge_lists(first, l01, gc, lc, out_idx + col_off[e], 0u, tag(2));
     }
     if (tid == 0) out_len[w] = (u32)written;
 }

@@ -21,7 +21,7 @@ waits for the consumers' Q loads before its first write to the last stage (where
 passed). --protocol delayed runs edfc24c's (up to two issued tiles unannounced, all announced before
 the producer blocks) and --protocol old the first version (one issued tile unannounced, no
 announcement before blocking), which this check shows can deadlock.
-With --consumers 3 (attn_fwd_ws3_d64: query blocks 3p..3p+2, 8 stages, Q outside the stages) the same
+With --consumers 3 (attn_fwd_ws3_d64: query blocks 3p..3p+2, 11 stages, Q outside the stages) the same
 rules run for three warpgroups; a warpgroup passed by NS - 3 tiles is forced, the one passed by the
 most first, so that two owed a tile at once both get one within NS - 2.
 usage: scripts/gpu/ws-schedule.py [--trials N] [--consumers 2|3] [--ns NS] [--protocol async|delayed|old] [--union]
@@ -204,13 +204,13 @@ def main():
     ap.add_argument('--trials', type=int, default=20000)
     ap.add_argument('--consumers', type=int, choices=[2, 3], default=2,
                     help="consumer warpgroups: 2 (attn_fwd_ws_d*), 3 (attn_fwd_ws3_d64)")
-    ap.add_argument('--ns', type=int, help="stages (default: the kernel's, 6 with two consumers, 8 with three)")
+    ap.add_argument('--ns', type=int, help="stages (default: the kernel's, 6 with two consumers, 11 with three)")
     ap.add_argument('--seed', type=int, default=1)
     ap.add_argument('--protocol', choices=['async', 'delayed', 'old'], default='async')
     ap.add_argument('--union', action='store_true', help="one union column list for both warpgroups")
     o = ap.parse_args()
     nc = o.consumers
-    ns = o.ns or (6 if nc == 2 else 8)
+    ns = o.ns or (6 if nc == 2 else 11)
     rng = random.Random(o.seed)
     for trial in range(o.trials):
         nb = rng.randint(1, 40)

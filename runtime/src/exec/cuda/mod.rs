@@ -229,11 +229,11 @@ pub struct SparsePrefill {
 }
 
 /// [`SparsePrefill::group_union`]'s buffers: the union lists (entries, lengths per group), and for
-/// groups of three the first pass's lists.
+/// groups of three the scratch lists of the first merge.
 #[derive(Debug, Default)]
 struct UnionBufs {
     out: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
-    pass: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
+    pass: Option<CudaSlice<u32>>,
 }
 
 impl SparsePrefill {
@@ -286,7 +286,7 @@ impl SparsePrefill {
                     + 1024) as u32
             };
             if !other && d == 64 && choice != "ws2" {
-                if let Ok(k) = kernel("attn_fwd_ws3_d64", ws_smem(3, 8), 512, 3) {
+                if let Ok(k) = kernel("attn_fwd_ws3_d64", ws_smem(3, 11), 512, 3) {
                     return Ok(k);
                 }
             }
@@ -580,7 +580,7 @@ impl SparsePrefill {
     }
 
     /// The union of the column lists of query blocks `group * p .. group * p + group` (2 or 3) of
-    /// every head (`ix_group_union`, `group - 1` passes): entries tagged with their blocks in the top
+    /// every head (`ix_group_union`, one launch): entries tagged with their blocks in the top
     /// `group` bits, at the first block's offsets, and one length per group, into `bufs` (grown when
     /// too small), which it returns. `None` when [`UNION_ENV`] turned it off or tokens do not fit
     /// the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must be
@@ -594,94 +594,57 @@ impl SparsePrefill {
         let Some(f) = &self.group_union else {
             return Ok(None);
         };
-        let token_bits = 32 - group;
-        if ix.seq_len >= (1 << token_bits) - 1 {
+        if ix.seq_len >= (1 << (32 - group)) - 1 {
             return Ok(None);
         }
         let s = &self.dev.stream;
         let groups = ix.q_heads * ix.q_blocks.div_ceil(group);
         let (need_idx, need_len) = (ix.n_col.max(1), groups.max(1));
-        let ensure = |slot: &mut Option<(CudaSlice<u32>, CudaSlice<u32>)>| -> Result<()> {
-            let fits = slot
-                .as_ref()
-                .is_some_and(|(i, l)| i.len() >= need_idx && l.len() >= need_len);
-            if !fits {
-                let grow = |have: usize, need: usize| need.max(have + have / 2);
-                let (hi, hl) = slot.as_ref().map_or((0, 0), |(i, l)| (i.len(), l.len()));
-                *slot = None; // freed first, so that the pool can reuse the memory
-                *slot = Some((
-                    drv("alloc", s.alloc_zeros::<u32>(grow(hi, need_idx)))?,
-                    drv("alloc", s.alloc_zeros::<u32>(grow(hl, need_len)))?,
-                ));
-            }
-            Ok(())
-        };
-        ensure(&mut bufs.out)?;
-        if group == 3 {
-            ensure(&mut bufs.pass)?;
+        // buffers only grow; a smaller one is freed first, so that the pool can reuse its memory
+        let grow = |have: usize, need: usize| need.max(have + have / 2);
+        let fits =
+            |b: &Option<CudaSlice<u32>>, need: usize| b.as_ref().is_some_and(|b| b.len() >= need);
+        let UnionBufs { out, pass } = bufs;
+        let (hi, hl) = out.as_ref().map_or((0, 0), |(i, l)| (i.len(), l.len()));
+        if hi < need_idx || hl < need_len {
+            *out = None;
+            *out = Some((
+                drv("alloc", s.alloc_zeros::<u32>(grow(hi, need_idx)))?,
+                drv("alloc", s.alloc_zeros::<u32>(grow(hl, need_len)))?,
+            ));
         }
-        let mask = (1u32 << token_bits) - 1;
-        let tag = |block: usize| 1u32 << (token_bits + block);
+        if group == 3 && !fits(pass, need_idx) {
+            let have = pass.as_ref().map_or(0, |b| b.len());
+            *pass = None;
+            *pass = Some(drv("alloc", s.alloc_zeros::<u32>(grow(have, need_idx)))?);
+        }
+        let Some((out_idx, out_len)) = out.as_mut() else {
+            return Ok(None);
+        };
+        let pass_idx = pass.as_mut().filter(|_| group == 3);
         let (heads_i, blocks_i, group_i) = (ix.q_heads as i32, ix.q_blocks as i32, group as i32);
+        let mut b = s.launch_builder(f);
+        b.arg(&ix.col_off)
+            .arg(&ix.col_idx)
+            .arg(&heads_i)
+            .arg(&blocks_i)
+            .arg(&group_i);
+        match pass_idx {
+            Some(p) => b.arg(p),
+            None => b.arg(&self.dummy),
+        };
+        b.arg(&mut *out_idx).arg(&mut *out_len);
         let cfg = LaunchConfig {
             grid_dim: (grid_u32(groups)?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let UnionBufs { out, pass } = bufs;
-        let Some((out_idx, out_len)) = out.as_mut() else {
-            return Ok(None);
-        };
-        // one pass: list a (block `a_block`'s, or `earlier`'s lists) with block `b_block`'s
-        let merge = |earlier: Option<(&CudaSlice<u32>, &CudaSlice<u32>)>,
-                     a_block: usize,
-                     b_block: usize,
-                     (o_idx, o_len): (&mut CudaSlice<u32>, &mut CudaSlice<u32>)|
-         -> Result<()> {
-            let (a_src, a_len) = earlier.unwrap_or((&self.dummy, &self.dummy));
-            let a_pass = i32::from(earlier.is_some());
-            let (a_tag, b_tag) = (
-                if earlier.is_some() { 0 } else { tag(a_block) },
-                tag(b_block),
-            );
-            let (a_block_i, b_block_i) = (a_block as i32, b_block as i32);
-            let mut b = s.launch_builder(f);
-            b.arg(&ix.col_off)
-                .arg(&ix.col_idx)
-                .arg(&heads_i)
-                .arg(&blocks_i)
-                .arg(&group_i)
-                .arg(a_src)
-                .arg(a_len)
-                .arg(&a_pass)
-                .arg(&a_block_i)
-                .arg(&b_block_i)
-                .arg(&mask)
-                .arg(&a_tag)
-                .arg(&b_tag)
-                .arg(o_idx)
-                .arg(o_len);
-            // SAFETY: matches `ix_group_union`; col_off holds q_heads * q_blocks + 1 offsets into
-            // col_idx (the index's invariant); the union of a group fits the space of its lists
-            // (n_col entries in all, no more than the output holds); the lengths hold at least one
-            // entry per group; an earlier pass's output (read when a_pass is set) was written by
-            // the launch before on the same stream for this index.
-            drv("ix_group_union launch", unsafe { b.launch(cfg) }).map(|_| ())
-        };
-        if group == 2 {
-            merge(None, 0, 1, (&mut *out_idx, &mut *out_len))?;
-        } else {
-            let Some((pass_idx, pass_len)) = pass.as_mut() else {
-                return Ok(None);
-            };
-            merge(None, 0, 1, (&mut *pass_idx, &mut *pass_len))?;
-            merge(
-                Some((&*pass_idx, &*pass_len)),
-                0,
-                2,
-                (&mut *out_idx, &mut *out_len),
-            )?;
-        }
+        // SAFETY: matches `ix_group_union`; col_off holds q_heads * q_blocks + 1 offsets into col_idx
+        // (the index's invariant); the union of a group (and, for groups of three, the first merge,
+        // written to pass_idx at the same offsets) fits the space of its lists (n_col entries in
+        // all, no more than out_idx and pass_idx hold); out_len holds at least one entry per group;
+        // the dummy passed for groups of two is never touched.
+        drv("ix_group_union launch", unsafe { b.launch(cfg) })?;
         Ok(Some((out_idx, out_len)))
     }
 
