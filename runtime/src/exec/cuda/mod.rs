@@ -185,6 +185,21 @@ fn attn_smem(head_dim: usize) -> u32 {
     (5 * 64 * head_dim * 2 + 2 * 64 * 4) as u32
 }
 
+/// Dynamic shared memory of the warp-specialized kernels (`attn_fwd_ws*` in attention.cu) with
+/// `consumers` query blocks per CTA (a consumer warpgroup each, plus the producer) and `stages` K/V
+/// stages: the stages (with two consumers the Q tiles pass through the last, with three they have
+/// their own), a 1 KB tile of ones (the row sums by MMA), positions (per stage one list per
+/// consumer), tags, 2 x stages + 1 mbarriers, and 1024 alignment bytes.
+fn ws_smem(head_dim: usize, consumers: usize, stages: usize) -> u32 {
+    let q_tiles = if consumers == 2 { 0 } else { consumers };
+    ((2 * stages + q_tiles) * 64 * head_dim * 2
+        + 1024
+        + consumers * stages * 64 * 4
+        + stages * 8
+        + (2 * stages + 1) * 8
+        + 1024) as u32
+}
+
 /// One compiled attention kernel and how it is launched.
 #[derive(Debug)]
 struct AttnKernel {
@@ -271,27 +286,14 @@ impl SparsePrefill {
             };
             let (wg1, wg3, wg64) = (choice == "wg1", choice == "wg3", choice == "wg64");
             let other = want_mma || wg1 || wg3 || (wg64 && d == 64);
-            // warp-specialized with `consumers` query blocks per CTA: a producer warpgroup and one
-            // consumer warpgroup per block; `stages` K/V stages (with two consumers the Q tiles pass
-            // through the last, with three they have their own), a 1 KB tile of ones (the row sums by
-            // MMA), positions (per stage one list per consumer), tags, 2 x stages + 1 mbarriers,
-            // alignment
-            let ws_smem = |consumers: usize, stages: usize| {
-                let q_tiles = if consumers == 2 { 0 } else { consumers };
-                (((2 * stages + q_tiles) * 64 * d * 2)
-                    + 1024
-                    + consumers * stages * 64 * 4
-                    + stages * 8
-                    + (2 * stages + 1) * 8
-                    + 1024) as u32
-            };
+            // warp-specialized: three consumers (11 stages) at head_dim 64, two (6 stages) otherwise
             if !other && d == 64 && choice != "ws2" {
-                if let Ok(k) = kernel("attn_fwd_ws3_d64", ws_smem(3, 11), 512, 3) {
+                if let Ok(k) = kernel("attn_fwd_ws3_d64", ws_smem(d, 3, 11), 512, 3) {
                     return Ok(k);
                 }
             }
             if !other {
-                if let Ok(k) = kernel(ws, ws_smem(2, 6), 384, 2) {
+                if let Ok(k) = kernel(ws, ws_smem(d, 2, 6), 384, 2) {
                     return Ok(k);
                 }
             }
@@ -930,4 +932,31 @@ pub(crate) fn grid_u32(x: usize) -> Result<u32> {
         .ok()
         .filter(|&g| g < i32::MAX as u32)
         .ok_or_else(|| Error::CudaUnsupported(format!("grid of {x} blocks")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The most dynamic shared memory a CTA may use on sm_90 (227 KB).
+    const SM90_MAX_SMEM: u32 = 227 * 1024;
+
+    /// The warp-specialized kernels' shared memory as launched (and as docs/cuda.md gives it) fits
+    /// one CTA per SM on sm_90; a stage more would not for three consumers at head_dim 64.
+    #[test]
+    fn warp_specialized_shared_memory_fits_sm90() {
+        for (d, consumers, stages, want) in [
+            (128, 2, 6, 201_880),
+            (64, 2, 6, 103_576),
+            (64, 3, 11, 215_568),
+        ] {
+            let got = ws_smem(d, consumers, stages);
+            assert_eq!(
+                got, want,
+                "head_dim {d}, {consumers} consumers, {stages} stages"
+            );
+            assert!(got <= SM90_MAX_SMEM, "{got} bytes");
+        }
+        assert!(ws_smem(64, 3, 12) > SM90_MAX_SMEM);
+    }
 }
