@@ -9,7 +9,8 @@
 //! warp-specialized CTA computes, compares the column tiles loaded today (each block's own list, 64
 //! columns a tile) with tiles of the pair's union list (each loaded once for both blocks, each block
 //! masking the other's columns): loads, and the tiles each warpgroup then computes. The study behind
-//! the union lists the kernels now use (`ix_pair_union`, commit c7fd1b8; docs/perf.md).
+//! the union lists the kernels now use (`ix_pair_union` of commit c7fd1b8, `ix_group_union` since
+//! ef22482; docs/perf.md).
 
 use rayon::prelude::*;
 use runtime::exec::cuda::bench::structured;
