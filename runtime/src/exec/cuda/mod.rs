@@ -37,7 +37,7 @@ mod query_adaptive;
 mod token_select;
 mod vertical_slash;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -243,12 +243,29 @@ pub struct SparsePrefill {
     union_bufs: Mutex<UnionBufs>,
 }
 
-/// [`SparsePrefill::group_union`]'s buffers: the union lists (entries, lengths per group), and for
-/// groups of three the scratch lists of the first merge.
+/// [`SparsePrefill::group_union`]'s buffers: the union lists, their lengths (one per group), and
+/// for groups of three the scratch lists of the first merge.
 #[derive(Debug, Default)]
 struct UnionBufs {
-    out: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
+    idx: Option<CudaSlice<u32>>,
+    len: Option<CudaSlice<u32>>,
     pass: Option<CudaSlice<u32>>,
+}
+
+impl UnionBufs {
+    /// Makes `slot` hold at least `need` entries. Buffers only grow (by half at least); a smaller
+    /// one is freed first, so that the pool can reuse its memory.
+    fn grow(s: &Arc<CudaStream>, slot: &mut Option<CudaSlice<u32>>, need: usize) -> Result<()> {
+        let have = slot.as_ref().map_or(0, CudaSlice::len);
+        if have < need {
+            *slot = None;
+            *slot = Some(drv(
+                "alloc",
+                s.alloc_zeros::<u32>(need.max(have + have / 2)),
+            )?);
+        }
+        Ok(())
+    }
 }
 
 impl SparsePrefill {
@@ -601,26 +618,13 @@ impl SparsePrefill {
         }
         let s = &self.dev.stream;
         let groups = ix.q_heads * ix.q_blocks.div_ceil(group);
-        let (need_idx, need_len) = (ix.n_col.max(1), groups.max(1));
-        // buffers only grow; a smaller one is freed first, so that the pool can reuse its memory
-        let grow = |have: usize, need: usize| need.max(have + have / 2);
-        let fits =
-            |b: &Option<CudaSlice<u32>>, need: usize| b.as_ref().is_some_and(|b| b.len() >= need);
-        let UnionBufs { out, pass } = bufs;
-        let (hi, hl) = out.as_ref().map_or((0, 0), |(i, l)| (i.len(), l.len()));
-        if hi < need_idx || hl < need_len {
-            *out = None;
-            *out = Some((
-                drv("alloc", s.alloc_zeros::<u32>(grow(hi, need_idx)))?,
-                drv("alloc", s.alloc_zeros::<u32>(grow(hl, need_len)))?,
-            ));
+        let UnionBufs { idx, len, pass } = bufs;
+        UnionBufs::grow(s, idx, ix.n_col.max(1))?;
+        UnionBufs::grow(s, len, groups.max(1))?;
+        if group == 3 {
+            UnionBufs::grow(s, pass, ix.n_col.max(1))?;
         }
-        if group == 3 && !fits(pass, need_idx) {
-            let have = pass.as_ref().map_or(0, |b| b.len());
-            *pass = None;
-            *pass = Some(drv("alloc", s.alloc_zeros::<u32>(grow(have, need_idx)))?);
-        }
-        let Some((out_idx, out_len)) = out.as_mut() else {
+        let (Some(out_idx), Some(out_len)) = (idx.as_mut(), len.as_mut()) else {
             return Ok(None);
         };
         let pass_idx = pass.as_mut().filter(|_| group == 3);
