@@ -50,6 +50,10 @@ use runtime::{AttnShape, Error, Result};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return;
+    }
     let r = match args.first().map(String::as_str) {
         Some("compile") => compile(&args[1..]),
         Some("smoke") => smoke(),
@@ -57,7 +61,7 @@ fn main() {
         Some("bench") => bench(&args[1..]),
         Some("plan") => plan_bench(&args[1..]),
         _ => {
-            eprintln!("usage: cuda_bench compile DIR | smoke | check DIR ... | bench DIR ...");
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     };
@@ -73,6 +77,22 @@ fn main() {
     }
 }
 
+const USAGE: &str =
+    "usage: cuda_bench compile DIR | smoke | check DIR ... | plan DIR ... | bench DIR ...
+(the options of each command are in the header of runtime/examples/cuda_bench.rs)";
+
+/// The positional output directory: present, and not an option (`cuda_bench bench --n 8192` would
+/// otherwise create a folder named `--n`).
+fn dir_arg(args: &[String]) -> Result<PathBuf> {
+    match args.first() {
+        Some(d) if !d.starts_with('-') => Ok(PathBuf::from(d)),
+        Some(d) => Err(Error::Shape(format!(
+            "expected the output DIR first, found the option {d}"
+        ))),
+        None => Err(Error::Shape("missing DIR".into())),
+    }
+}
+
 /// `--key value` options after a positional directory.
 struct Opts {
     dir: PathBuf,
@@ -82,10 +102,7 @@ struct Opts {
 
 impl Opts {
     fn parse(args: &[String]) -> Result<Self> {
-        let dir = PathBuf::from(
-            args.first()
-                .ok_or_else(|| Error::Shape("missing DIR".into()))?,
-        );
+        let dir = dir_arg(args)?;
         let mut kv = BTreeMap::new();
         let mut flags = Vec::new();
         let mut i = 1;
@@ -146,10 +163,7 @@ fn round_bf16(x: &mut [f32]) {
 }
 
 fn compile(args: &[String]) -> Result<()> {
-    let dir = PathBuf::from(
-        args.first()
-            .ok_or_else(|| Error::Shape("missing DIR".into()))?,
-    );
+    let dir = dir_arg(args)?;
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     for f in KernelFile::ALL {
         let t = std::time::Instant::now();
