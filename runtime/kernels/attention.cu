@@ -829,6 +829,226 @@ __device__ __forceinline__ void attn_fwd_wg3(const bf16_t* __restrict__ q, const
 extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS) {
     attn_fwd_wg3<128>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense);
 }
+// The tile order of the warp-specialized kernels (docs/cuda.md, "Tile sequence" and "Deadlock rule")
+// for NC query blocks qb0 .. qb0 + NC - 1 of head h (with pair_heads: block qb0 of heads h and h1):
+// the union of their key-block lists in ascending order, each tile tagged with the warpgroups that
+// compute it (bit w), then the column tiles (with a union list, one sequence for all, tagged UNI);
+// a warpgroup passed by FORCE = NS - NC tiles in a row while it has tiles left gets its next one out
+// of order, and the tile after a warpgroup's last carries DONE << w. The producer of the `_merge`
+// kernels runs it in line (sparse runs without a schedule), `ws_schedule` ahead of the launch for the
+// other variant (which takes dense runs in the same order by a formula).
+// Every lane of a warp runs it with the same result; lanes only differ in the list entries they hold.
+template <int NC, int NS>
+struct TileMerge {
+    static constexpr int NONE = 0x7fffffff;
+    // tag bits: 1 << w warpgroup w computes the tile; DONE << w it has no tile from this one on; END no
+    // more tiles; UNI a column tile of the group's union list (each warpgroup masks the others' columns)
+    static constexpr int DONE = 8, END = 64, UNI = 128, FORCE = NS - NC;
+    // With three consumers lane l of chunk[w] holds entry 32 k + l of list w (k = ib[w] / 32) and
+    // nchunk[w] entry 32 (k + 1) + l, loaded when the chunk before is taken up, i.e. 32 entries ahead:
+    // one entry ahead left three consumers waiting for tiles (16% of their stall samples on the `full`
+    // barrier at head_dim 64, 128K, against 3.5% in dense runs; chunks took 2.4-2.8% off sparse
+    // attention there), while at head_dim 128 the chunks' shuffles cost 1% (2026-11-30). With two,
+    // vb[w] is the next entry and nb[w] the one after, loaded one tile ahead.
+    static constexpr bool CHUNKS = NC == 3;
+    const u32* blk_idx;
+    bool dense, uni, shared_cols;
+    int lane, live;
+    // per warpgroup: its key-block list (off, len), its column list (coff, clen; with a shared union
+    // list warpgroup 0's holds it), ct its column tiles and jc those taken, vb its next block and ib
+    // that block's place in the list, since the tiles since its last own tile (negative before its
+    // first)
+    int off[NC], len[NC], coff[NC], clen[NC], ct[NC], jc[NC], vb[NC], nb[NC], chunk[NC], nchunk[NC], ib[NC],
+        since[NC];
+    int done;  // bit w: warpgroup w has no tile left
+    int pend;  // DONE bits for the next tile
+
+    __device__ __forceinline__ int block(int w, int i) const {
+        return i < len[w] ? (dense ? i : (int)blk_idx[off[w] + i]) : NONE;
+    }
+    __device__ __forceinline__ int entry(int w, int i) const {  // i in warpgroup w's current chunk
+        return dense ? (i < len[w] ? i : NONE) : __shfl_sync(0xffffffff, chunk[w], i & 31);
+    }
+    // whether warpgroup w still has column tiles (with a shared union list, warpgroup 0's)
+    __device__ __forceinline__ bool cols_left(int w) const {
+        return shared_cols && w > 0 ? (live >> w & 1) && jc[0] < ct[0] : jc[w] < ct[w];
+    }
+
+    // The lists of the group: `qb(w)` is warpgroup w's query block and `hw(w)` its head; `uni_`: the
+    // columns come as the union list of ix_group_union, whose lengths (one per group) are `ucol_len`.
+    template <class QB, class HW>
+    __device__ __forceinline__ void init_lists(QB qb, HW hw, int qb0, int q_blocks, int is_dense,
+                                               const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
+                                               const u32* __restrict__ ucol_len, bool uni_, int h, int lane_) {
+        dense = is_dense;
+        uni = uni_;
+        lane = lane_;
+        live = (1 << min(NC, q_blocks - qb0)) - 1;
+        shared_cols = uni && live > 1;
+#pragma unroll
+        for (int w = 0; w < NC; ++w) {
+            off[w] = len[w] = coff[w] = clen[w] = 0;
+            const int b = qb(w);
+            if (b >= q_blocks) continue;
+            if (dense) {  // the key blocks 0..=b of a causal block
+                len[w] = b + 1;
+            } else {
+                const int e = hw(w) * q_blocks + b;
+                off[w] = blk_off[e];
+                len[w] = blk_off[e + 1] - off[w];
+                coff[w] = col_off[e];
+                clen[w] = col_off[e + 1] - coff[w];
+            }
+        }
+        if (uni) {
+            clen[0] = (int)ucol_len[h * ((q_blocks + NC - 1) / NC) + qb0 / NC];
+#pragma unroll
+            for (int w = 1; w < NC; ++w) clen[w] = 0;
+        }
+    }
+
+    // The merge's state, after init_lists.
+    __device__ __forceinline__ void init_merge(const u32* __restrict__ blk_idx_) {
+        blk_idx = blk_idx_;
+        done = pend = 0;
+#pragma unroll
+        for (int w = 0; w < NC; ++w) {
+            if constexpr (CHUNKS) {
+                chunk[w] = dense ? 0 : block(w, lane);
+                nchunk[w] = dense ? 0 : block(w, 32 + lane);
+                vb[w] = entry(w, 0);
+            } else {
+                vb[w] = block(w, 0);
+                nb[w] = block(w, 1);
+            }
+            ib[w] = jc[w] = 0;
+            ct[w] = (clen[w] + 63) / 64;
+            since[w] = -(1 << 30);
+        }
+#pragma unroll
+        for (int w = 0; w < NC; ++w) done |= (vb[w] == NONE && !cols_left(w)) << w;
+    }
+
+    __device__ __forceinline__ bool finished() const { return done == (1 << NC) - 1; }
+
+    // The next tile: a key block (kb >= 0, colw = -1) or a column tile of warpgroup colw (kb = -1;
+    // 0 for a shared union list); returns its tag.
+    __device__ __forceinline__ int next(int& kb, int& colw) {
+        // the warpgroup passed by the most tiles, once that reaches FORCE, gets the next one
+        int force = -1, most = FORCE - 1;
+#pragma unroll
+        for (int w = 0; w < NC; ++w) {
+            if (!(done >> w & 1) && since[w] > most) {
+                force = w;
+                most = since[w];
+            }
+        }
+        kb = colw = -1;
+        if (force >= 0) {
+            int vf = vb[0];
+#pragma unroll
+            for (int w = 1; w < NC; ++w) vf = force == w ? vb[w] : vf;
+            if (vf != NONE) kb = vf; else colw = force;
+        } else {
+            int first = vb[0];
+#pragma unroll
+            for (int w = 1; w < NC; ++w) first = min(first, vb[w]);
+            if (first != NONE) {
+                kb = first;
+            } else {  // the warpgroup with the fewest column tiles taken, among those with some left
+                int fewest = 1 << 30;
+#pragma unroll
+                for (int w = 0; w < NC; ++w) {
+                    if (jc[w] < ct[w] && jc[w] < fewest) {
+                        colw = w;
+                        fewest = jc[w];
+                    }
+                }
+            }
+        }
+        if (uni) colw = colw < 0 ? colw : 0;  // one column sequence, for all
+        int tag = 0;
+        if (kb >= 0) {
+#pragma unroll
+            for (int w = 0; w < NC; ++w) {
+                if (vb[w] == kb) {
+                    tag |= 1 << w;
+                    const int i = ++ib[w];
+                    if constexpr (CHUNKS) {
+                        if ((i & 31) == 0 && !dense) {
+                            chunk[w] = nchunk[w];
+                            nchunk[w] = block(w, i + 32 + lane);
+                        }
+                        vb[w] = entry(w, i);
+                    } else {
+                        vb[w] = nb[w];
+                        nb[w] = block(w, i + 1);
+                    }
+                }
+            }
+        } else {
+            tag = shared_cols ? live | UNI : 1 << colw;
+#pragma unroll
+            for (int w = 0; w < NC; ++w) jc[w] += colw == w;
+        }
+#pragma unroll
+        for (int w = 0; w < NC; ++w) since[w] = (tag >> w) & 1 ? 0 : since[w] + 1;
+        tag |= pend;
+        pend = 0;
+#pragma unroll
+        for (int w = 0; w < NC; ++w) {
+            if (!(done >> w & 1) && vb[w] == NONE && !cols_left(w)) {
+                done |= 1 << w;
+                pend |= DONE << w;
+            }
+        }
+        return tag;
+    }
+};
+
+// A schedule entry (ws_schedule, read by attn_fwd_ws): the tile's key block in the low 24 bits
+// (SCHED_COLUMN for a column tile; blocks stay below it for n < 2^30 - 64), its tag in the top 8.
+#define SCHED_COLUMN 0xffffffu
+
+// Where the schedule of the group whose first query block is entry e0 (= h * q_blocks + qb0) starts:
+// past the space of every group before it. A group has at most one tile per list entry and per column
+// tile of its blocks, plus END: sum(len) + sum(ceil(clen / 64)) + 1 entries (with a union list no more
+// column tiles than without), which the difference of this offset to the next group's covers for
+// groups of two or three blocks (one or more live).
+__device__ __forceinline__ u64 sched_base(const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
+                                          int e0) {
+    return (u64)blk_off[e0] + col_off[e0] / 64 + 3 * (u64)e0;
+}
+
+// The tile order of every group of NC query blocks of every head, for the warp-specialized kernel's
+// producer to read instead of merging the lists itself (sparse runs; docs/cuda.md, "Schedules"). One
+// warp per group runs TileMerge and writes its entries 32 at a time, then END.
+template <int NC, int NS>
+__device__ __forceinline__ void ws_schedule(const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
+                                            const u32* __restrict__ col_off, const u32* __restrict__ ucol_len,
+                                            int n, int q_heads, int use_union, u32* __restrict__ sched) {
+    const int lane = threadIdx.x & 31;
+    const int gw = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    const int q_blocks = (n + 63) / 64, q_groups = (q_blocks + NC - 1) / NC;
+    if (gw >= q_heads * q_groups) return;
+    const int h = gw / q_groups, qb0 = NC * (gw % q_groups);
+    TileMerge<NC, NS> m;
+    m.init_lists([&](int w) { return qb0 + w; }, [&](int) { return h; }, qb0, q_blocks, 0, blk_off, col_off,
+                 ucol_len, use_union != 0, h, lane);
+    m.init_merge(blk_idx);
+    u32* out = sched + sched_base(blk_off, col_off, h * q_blocks + qb0);
+    u32 keep = 0;  // lane l: entry 32 k + l of the current run of 32
+    int t = 0;
+    for (; !m.finished(); ++t) {
+        int kb, colw;
+        const int tag = m.next(kb, colw);
+        if (lane == (t & 31)) keep = (kb >= 0 ? (u32)kb : SCHED_COLUMN) | (u32)tag << 24;
+        if ((t & 31) == 31) out[t - 31 + lane] = keep;
+    }
+    if (lane == (t & 31)) keep = SCHED_COLUMN | (u32)TileMerge<NC, NS>::END << 24;
+    if (lane <= (t & 31)) out[(t & ~31) + lane] = keep;
+}
+
 // Warp-specialized variant: one CTA takes NC neighbouring query blocks, NC p .. NC p + NC - 1, of one
 // head (NC = 2: 384 threads, head_dim 128 and, with ATTNPLAN_ATTN=ws2, 64; NC = 3: 512 threads,
 // head_dim 64, as FlashAttention-3 takes 192 query rows there). Warpgroup NC is the producer: it walks
@@ -868,7 +1088,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) attn_fwd_wg3_d128(ATTN_ARGS
 // tile be in flight: the consumers had waited for tiles (27 polls of the `full` barrier per tile at
 // 128K, H200, 2026-11-29). NC = 3 (head_dim 64): NS = 11 stages of 16 KB, then the three Q tiles
 // (24 KB), the ones tile and 3 NS x 64 positions: 215,568 bytes.
-template <int D, int NC>
+template <int D, int NC, bool MERGE>
 __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                             const u32* __restrict__ blk_off, const u32* __restrict__ blk_idx,
@@ -876,20 +1096,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             int n, int q_heads, int group, float scale_log2, int dense,
                                             const TmaDesc& tmk, const TmaDesc& tmv, int pair_heads,
                                             const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
-                                            int use_union) {
+                                            int use_union, const u32* __restrict__ sched) {
     static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
     // With two consumers their Q tiles pass through the last of 6 stages; with three (head_dim 64) Q
     // has its own tiles after 11 stages (8 were 1% slower on sparse layers, 2026-11-30).
     constexpr bool Q_IN_STAGE = NC == 2;
     constexpr int BM = 64, BN = 64, NS = NC == 2 ? 6 : 11;
     constexpr int TILE_BYTES = BM * D * 2;
-    constexpr int NONE = 0x7fffffff;
-    constexpr int DONE = 8;   // DONE << w: warpgroup w has no tile from this one on (bits 3..5)
-    constexpr int END = 64;   // tag of the marker after the last tile
-    constexpr int UNI = 128;  // a column tile of the pair's union list: each warpgroup masks the other's columns
-    // A warpgroup passed by FORCE tiles in a row gets the next one. It may wait at most NS - 1 tiles
-    // ahead (below), and when several are owed a tile at once the others wait one tile each.
-    constexpr int FORCE = NS - NC;
+    // tag bits (TileMerge): member 1 << w, DONE << w, END, UNI
+    constexpr int DONE = TileMerge<NC, NS>::DONE, END = TileMerge<NC, NS>::END, UNI = TileMerge<NC, NS>::UNI;
 
     extern __shared__ __align__(1024) unsigned char smem[];
     const u32 base = (smem_u32(smem) + 1023u) & ~1023u;
@@ -953,82 +1168,47 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         }
         const bf16_t* kh = k + (u64)kvh * n * D;
         const bf16_t* vh = v + (u64)kvh * n * D;
-        // each warpgroup's key-block list (off, len) and column list (coff, clen)
-        int off[NC], len[NC], coff[NC], clen[NC];
+        // The tile order: with a schedule (`ws_schedule`, written before the launch) the producer only
+        // reads it, 32 entries ahead (lane l of sc holds entry 32 k + l, of sn entry 32 (k + 1) + l);
+        // otherwise it runs the merge itself (TileMerge; every producer thread the same, no barrier
+        // couples them). Reading the lists through shared memory instead of straight from global
+        // memory made no difference (74.2 vs 73.4 ms at 128K).
+        const bool uni = use_union && !dense && !paired;
+        TileMerge<NC, NS> m;
+        m.init_lists(qb_of, [&](int w) { return w ? h1 : h; }, qb0, q_blocks, dense, blk_off, col_off, ucol_len,
+                     uni, h, lane);
+        const bool shared_cols = m.shared_cols;
+        // MERGE: the lists are merged in line (TileMerge; sparse runs, dense ones too though the host
+        // runs those on the other variant). Otherwise a sparse run reads the schedule and a dense one
+        // takes key blocks 0..=dlast in order, block t for every warpgroup whose query block is at or
+        // past it, DONE << w on the tile after w's last (no warpgroup is ever passed: no forcing).
+        u64 sbase = 0;
+        u32 sc = 0, sn = 0;
+        int dlast = -1;
+        if constexpr (MERGE) {
+            m.init_merge(blk_idx);
+        } else if (dense) {
 #pragma unroll
-        for (int w = 0; w < NC; ++w) {
-            off[w] = len[w] = coff[w] = clen[w] = 0;
-            const int qb = qb_of(w);
-            if (qb >= q_blocks) continue;
-            if (dense) {  // the key blocks 0..=last of each query block
-                len[w] = (min(qb * BM + BM, n) - 1) / BN + 1;
-            } else {
-                const int e = (w ? h1 : h) * q_blocks + qb;
-                off[w] = blk_off[e];
-                len[w] = blk_off[e + 1] - off[w];
-                coff[w] = col_off[e];
-                clen[w] = col_off[e + 1] - coff[w];
-            }
-        }
-        // With use_union, the blocks' columns come as one list (ix_group_union: the union, each entry
-        // tagged with its blocks in the top NC bits), loaded once for all warpgroups (those whose block
-        // exists: bits of `live`).
-        const int live = (1 << min(NC, q_blocks - qb0)) - 1;
-        const bool uni = use_union && !dense && !paired, shared_cols = uni && live > 1;
-        if (uni) {
-            clen[0] = (int)ucol_len[h * ((q_blocks + NC - 1) / NC) + qb0 / NC];
-#pragma unroll
-            for (int w = 1; w < NC; ++w) clen[w] = 0;
+            for (int w = 0; w < NC; ++w) dlast = qb_of(w) < q_blocks ? max(dlast, qb_of(w)) : dlast;
+        } else {  // never paired (the host's choice)
+            sbase = sched_base(blk_off, col_off, h * q_blocks + qb0);
+            sc = sched[sbase + lane];
+            sn = sched[sbase + 32 + lane];
         }
         const u32* cidx = uni ? ucol_idx : col_idx;
-        // Each producer thread runs the merge by itself (same result in all of them) and publishes its
-        // own copies; no barrier couples them. (Reading the lists through shared memory instead of
-        // straight from global memory made no difference: 74.2 vs 73.4 ms at 128K.)
         const int pt = tid - 128 * NC;
-        auto block = [&](int w, int i) { return i < len[w] ? (dense ? i : (int)blk_idx[off[w] + i]) : NONE; };
         auto column = [&](int off, int len, int e) { return e < len ? (int)cidx[off + e] : POS_NONE; };
-        // List entries are loaded before they are needed, so that their latency overlaps the
-        // producer's other work instead of adding to each tile's (a column tile serves one warpgroup, so
-        // two of them must be issued per tile time; with the loads in line the producer fell behind).
-        // Per warpgroup: vb the next block of its list and ib its index; with two consumers nb the
-        // entry after vb, loaded one tile ahead; with three (CHUNKS), lane l of chunk holds entry
-        // 32 k + l of the list (k = ib / 32) and of nchunk entry 32 (k + 1) + l, loaded when the chunk
-        // before is taken up, i.e. 32 entries ahead: one entry ahead left three consumers waiting for
-        // tiles (16% of their stall samples on the `full` barrier at head_dim 64, 128K, against 3.5%
-        // in dense runs; chunks took 2.4-2.8% off sparse attention there), while at head_dim 128 the
-        // chunks' shuffles cost 1% (2026-11-30). jc the column tiles taken, ct their number; c0, c1
-        // the positions of its next column tile, rows `lane` and `32 + lane`, shuffled to the rows a
-        // thread copies; since the tiles since its last own tile (negative before its first); done
-        // whether it has no tile left.
-        constexpr bool CHUNKS = NC == 3;
-        int vb[NC], nb[NC], chunk[NC], nchunk[NC], ib[NC], jc[NC], ct[NC], c0[NC], c1[NC], since[NC];
-        auto entry = [&](int w, int i) {  // entry i of list w, i in warpgroup w's current chunk
-            return dense ? (i < len[w] ? i : NONE) : __shfl_sync(0xffffffff, chunk[w], i & 31);
-        };
-        int done = 0;  // bit w: warpgroup w has no tile left
-        // whether warpgroup w still has column tiles (with a shared union list, warpgroup 0's)
-        auto cols_left = [&](int w) {
-            return shared_cols && w > 0 ? (live >> w & 1) && jc[0] < ct[0] : jc[w] < ct[w];
-        };
+        // Column lists are loaded one tile ahead: per warpgroup c0, c1 the positions of its next column
+        // tile (rows `lane` and `32 + lane`, shuffled to the rows a thread copies; m.jc counts the tiles
+        // taken). A column tile serves one warpgroup, so two of them must be issued per tile time; with
+        // the loads in line the producer fell behind.
+        int c0[NC], c1[NC];
 #pragma unroll
         for (int w = 0; w < NC; ++w) {
-            if constexpr (CHUNKS) {
-                chunk[w] = dense ? 0 : block(w, lane);
-                nchunk[w] = dense ? 0 : block(w, 32 + lane);
-                vb[w] = entry(w, 0);
-            } else {
-                vb[w] = block(w, 0);
-                nb[w] = block(w, 1);
-            }
-            ib[w] = jc[w] = 0;
-            ct[w] = (clen[w] + BN - 1) / BN;
-            c0[w] = column(coff[w], clen[w], lane);
-            c1[w] = column(coff[w], clen[w], 32 + lane);
-            since[w] = -(1 << 30);
+            m.jc[w] = 0;
+            c0[w] = column(m.coff[w], m.clen[w], lane);
+            c1[w] = column(m.coff[w], m.clen[w], 32 + lane);
         }
-#pragma unroll
-        for (int w = 0; w < NC; ++w) done |= (vb[w] == NONE && !cols_left(w)) << w;
-        int pend = 0;  // DONE bits for the next tile
 
         // thread: rows lr + RS j (j < BN / RS) and 16-byte chunk lc of each tile (RS = 8 for D = 128, 16 for
         // D = 64); with the row's low bits fixed, the 128B swizzle is a per-thread constant
@@ -1046,74 +1226,32 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         // cost it a few instructions instead of 16 cp.async per thread.
         int t = 0;
         for (;; ++t) {
-            if (done == (1 << NC) - 1) break;
-            // the warpgroup passed by the most tiles, once that reaches FORCE, gets the next one
-            int force = -1, most = FORCE - 1;
-#pragma unroll
-            for (int w = 0; w < NC; ++w) {
-                if (!(done >> w & 1) && since[w] > most) {
-                    force = w;
-                    most = since[w];
-                }
-            }
-            int kb = -1, colw = -1;
-            if (force >= 0) {
-                int vf = vb[0];
-#pragma unroll
-                for (int w = 1; w < NC; ++w) vf = force == w ? vb[w] : vf;
-                if (vf != NONE) kb = vf; else colw = force;
-            } else {
-                int first = vb[0];
-#pragma unroll
-                for (int w = 1; w < NC; ++w) first = min(first, vb[w]);
-                if (first != NONE) {
-                    kb = first;
-                } else {  // the warpgroup with the fewest column tiles taken, among those with some left
-                    int fewest = 1 << 30;
-#pragma unroll
-                    for (int w = 0; w < NC; ++w) {
-                        if (jc[w] < ct[w] && jc[w] < fewest) {
-                            colw = w;
-                            fewest = jc[w];
-                        }
-                    }
-                }
-            }
-            if (uni) colw = colw < 0 ? colw : 0;  // one column sequence, for both
-            int tag = 0;
-            if (kb >= 0) {
+            int kb, colw, tag;
+            if constexpr (MERGE) {
+                if (m.finished()) break;
+                tag = m.next(kb, colw);
+            } else if (dense) {
+                if (t > dlast) break;
+                kb = t;
+                colw = -1;
+                tag = 0;
 #pragma unroll
                 for (int w = 0; w < NC; ++w) {
-                    if (vb[w] == kb) {
-                        tag |= 1 << w;
-                        const int i = ++ib[w];
-                        if constexpr (CHUNKS) {
-                            if ((i & 31) == 0 && !dense) {
-                                chunk[w] = nchunk[w];
-                                nchunk[w] = block(w, i + 32 + lane);
-                            }
-                            vb[w] = entry(w, i);
-                        } else {
-                            vb[w] = nb[w];
-                            nb[w] = block(w, i + 1);
-                        }
-                    }
+                    const int b = qb_of(w);
+                    if (b < q_blocks) tag |= (t <= b ? 1 << w : 0) | (t == b + 1 ? DONE << w : 0);
                 }
             } else {
-                tag = shared_cols ? live | UNI : 1 << colw;
-#pragma unroll
-                for (int w = 0; w < NC; ++w) jc[w] += colw == w;
-            }
-#pragma unroll
-            for (int w = 0; w < NC; ++w) since[w] = (tag >> w) & 1 ? 0 : since[w] + 1;
-            tag |= pend;
-            pend = 0;
-#pragma unroll
-            for (int w = 0; w < NC; ++w) {
-                if (!(done >> w & 1) && vb[w] == NONE && !cols_left(w)) {
-                    done |= 1 << w;
-                    pend |= DONE << w;
+                const u32 e = __shfl_sync(0xffffffff, sc, t & 31);
+                if ((t & 31) == 31) {
+                    sc = sn;
+                    sn = sched[sbase + t + 33 + lane];
                 }
+                tag = (int)(e >> 24);
+                if (tag & END) break;
+                kb = (e & SCHED_COLUMN) == SCHED_COLUMN ? -1 : (int)(e & SCHED_COLUMN);
+                colw = kb >= 0 ? -1 : (tag & UNI ? 0 : __ffs(tag & ((1 << NC) - 1)) - 1);
+#pragma unroll
+                for (int w = 0; w < NC; ++w) m.jc[w] += colw == w;
             }
             const int s = t % NS, u = t / NS;
             if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
@@ -1157,8 +1295,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 #pragma unroll
                 for (int w = 0; w < NC; ++w) {
                     if (colw == w) {  // the warpgroup's next column tile
-                        c0[w] = column(coff[w], clen[w], jc[w] * BN + lane);
-                        c1[w] = column(coff[w], clen[w], jc[w] * BN + 32 + lane);
+                        c0[w] = column(m.coff[w], m.clen[w], m.jc[w] * BN + lane);
+                        c1[w] = column(m.coff[w], m.clen[w], m.jc[w] * BN + 32 + lane);
                     }
                 }
                 // a union entry: the token in the low 32 - NC bits, its blocks in the top NC (moved to
@@ -1367,30 +1505,38 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 }
 
 // K and V as TMA tensor maps too (3-D: head_dim, n, kv_heads; 64 x 64 boxes, 128B swizzle, zero fill).
-extern "C" __global__ void __launch_bounds__(384, 1)
-    attn_fwd_ws_d128(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
-                     int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
-                     int use_union) {
-    attn_fwd_ws<128, 2>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                     tmv, pair_heads, ucol_idx, ucol_len, use_union);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    attn_fwd_ws_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
-                    int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
-                    int use_union) {
-    attn_fwd_ws<64, 2>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                       tmv, pair_heads, ucol_idx, ucol_len, use_union);
-}
-
+// Each in two variants: `name` runs dense attention and sparse attention over a tile schedule written
+// before the launch (`sched`, ws_schedule2 / 3); `name_merge` sparse attention whose producer merges
+// the lists itself.
+#define WS_ARGS                                                                                           \
+    ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv, int pair_heads,   \
+        const u32 *__restrict__ ucol_idx, const u32 *__restrict__ ucol_len, int use_union,                 \
+        const u32 *__restrict__ sched
+#define WS_KERNEL(name, threads, D, NC, MERGE)                                                             \
+    extern "C" __global__ void __launch_bounds__(threads, 1) name(WS_ARGS) {                               \
+        attn_fwd_ws<D, NC, MERGE>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group,     \
+                                  scale_log2, dense, tmk, tmv, pair_heads, ucol_idx, ucol_len, use_union,  \
+                                  sched);                                                                  \
+    }
+WS_KERNEL(attn_fwd_ws_d128, 384, 128, 2, false)
+WS_KERNEL(attn_fwd_ws_d64, 384, 64, 2, false)
 // Three consumer warpgroups (query blocks 3p..3p+2 of one head), 11 stages, Q in its own tiles; no head
 // pairing (the host passes pair_heads = 0); union column lists of three blocks.
-extern "C" __global__ void __launch_bounds__(512, 1)
-    attn_fwd_ws3_d64(ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv,
-                     int pair_heads, const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
-                     int use_union) {
-    attn_fwd_ws<64, 3>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group, scale_log2, dense, tmk,
-                       tmv, pair_heads, ucol_idx, ucol_len, use_union);
+WS_KERNEL(attn_fwd_ws3_d64, 512, 64, 3, false)
+WS_KERNEL(attn_fwd_ws_d128_merge, 384, 128, 2, true)
+WS_KERNEL(attn_fwd_ws_d64_merge, 384, 64, 2, true)
+WS_KERNEL(attn_fwd_ws3_d64_merge, 512, 64, 3, true)
+
+// The schedules of the warp-specialized kernels (groups of two query blocks, 6 stages; of three, 11):
+// one warp per group, 4 per CTA.
+#define WS_SCHEDULE_ARGS                                                                                  \
+    const u32 *__restrict__ blk_off, const u32 *__restrict__ blk_idx, const u32 *__restrict__ col_off,    \
+        const u32 *__restrict__ ucol_len, int n, int q_heads, int use_union, u32 *__restrict__ sched
+extern "C" __global__ void __launch_bounds__(128) ws_schedule2(WS_SCHEDULE_ARGS) {
+    ws_schedule<2, 6>(blk_off, blk_idx, col_off, ucol_len, n, q_heads, use_union, sched);
+}
+extern "C" __global__ void __launch_bounds__(128) ws_schedule3(WS_SCHEDULE_ARGS) {
+    ws_schedule<3, 11>(blk_off, blk_idx, col_off, ucol_len, n, q_heads, use_union, sched);
 }
 
 #endif

@@ -4,8 +4,8 @@
 //! tests cover `exec::cuda::bench` (inputs and JSON on the host; one short measurement on a device).
 
 use runtime::exec::cuda::{
-    bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, FlatIndex, Keys, PlanPrefill,
-    SparsePrefill,
+    bench, bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, FlatIndex, Keys, PlanPrefill,
+    SparsePrefill, VerticalSlashBuilder,
 };
 use runtime::exec::{dense_attention, sparse_attention};
 use runtime::pattern::{
@@ -782,5 +782,65 @@ fn group_union_matches_host_merge() {
             longest > 2048,
             "the unions should exceed a merge tile: {longest}"
         );
+    }
+}
+
+/// The warp-specialized kernels give bit-identical outputs whether their producer merges the query
+/// blocks' lists in line or reads the schedule `ws_schedule*` wrote before the launch (the same order
+/// by construction), on GPU-built vertical-slash indexes (scattered diagonals, union column lists)
+/// and block-sparse ones, at lengths whose last group of query blocks is partial.
+#[test]
+fn scheduled_tile_order_gives_identical_outputs() {
+    let Some(mut sp) = device() else { return };
+    for (n, d) in [
+        (64 * 41 - 5, 64usize),
+        (64 * 40 + 3, 64),
+        (64 * 41 - 5, 128),
+    ] {
+        let (hq, hkv) = (6usize, 2usize);
+        let (shape, ctx) = layer(hq, hkv, n, d);
+        let (q, k, v) = bench::structured(&shape, 5).unwrap();
+        let (qd, kd, vd) = (
+            sp.upload_bf16(&q).unwrap(),
+            sp.upload_bf16(&k).unwrap(),
+            sp.upload_bf16(&v).unwrap(),
+        );
+        let mut vs = None;
+        VerticalSlashBuilder::new(&sp, &shape, &ctx)
+            .unwrap()
+            .build(&sp, &qd, &kd, &vec![(40, 300); hq], &mut vs)
+            .unwrap();
+        let mut bs = None;
+        let choices = [BlockChoice::TopK(5), BlockChoice::Coverage(0.7)];
+        BlockSparseBuilder::new(&sp, &shape, &ctx)
+            .unwrap()
+            .build(
+                &sp,
+                &qd,
+                &kd,
+                &[choices[0], choices[1]].repeat(hq / 2),
+                &mut bs,
+            )
+            .unwrap();
+        for (what, ix) in [("vertical-slash", &vs), ("block-sparse", &bs)] {
+            let ix = ix.as_ref().unwrap();
+            let mut run = |from: Option<usize>| {
+                sp.set_schedule_from(from).unwrap();
+                let mut out = sp.zeros::<u16>(q.len()).unwrap();
+                sp.fill(&mut out, 0x7fc0).unwrap(); // NaN
+                sp.forward(&shape, &qd, &kd, &vd, Keys::Index(ix), &mut out)
+                    .unwrap();
+                sp.download(&out).unwrap()
+            };
+            let (inline, scheduled) = (run(None), run(Some(0)));
+            assert!(
+                inline.iter().all(|&x| !bf16_to_f32(x).is_nan()),
+                "{what} n={n} d={d}: unwritten output"
+            );
+            assert!(
+                inline == scheduled,
+                "{what} n={n} d={d}: scheduled output differs"
+            );
+        }
     }
 }

@@ -163,6 +163,9 @@ impl SparsePrefill {
     pub fn download_index(&self, _d: &DeviceIndex) -> Result<FlatIndex> {
         Err(Error::CudaNotCompiled)
     }
+    pub fn set_schedule_from(&mut self, _from: Option<usize>) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
     #[doc(hidden)]
     pub fn download_group_union(
         &self,

@@ -179,6 +179,21 @@ pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 /// loaded separately). Read by [`SparsePrefill::new`].
 pub const UNION_ENV: &str = "ATTNPLAN_UNION_COLS";
 
+/// Environment variable choosing when the warp-specialized kernels read a tile schedule written before
+/// the launch (`ws_schedule*` in attention.cu) instead of merging their query blocks' lists in line
+/// (sparse runs only): unset = the three-consumer kernel (head_dim 64) from [`SCHEDULE_FROM`] tokens
+/// on; `3` = that kernel at any length; `all` = every warp-specialized kernel at any length; `0` =
+/// never. Read by [`SparsePrefill::new`].
+pub const SCHEDULE_ENV: &str = "ATTNPLAN_WS_SCHEDULE";
+
+/// Sequence length from which the three-consumer kernel reads a precomputed schedule by default. The
+/// schedule frees its producer from the merge, which pays where the query blocks of a CTA share few
+/// key blocks (scattered diagonals: the 9 x 3 x 64 benchmark layer 8-10% faster at 64K-128K on the
+/// H200); but the pre-pass merges each group serially before the attention launch, and where the
+/// producer kept up (SmolLM2's plan, whose layers share more) it only costs: that plan's pass was 4%
+/// slower at 32K, 1% at 64K, and level (0.2-1.1% faster) at 128K (docs/perf.md, "Tile schedules").
+pub const SCHEDULE_FROM: usize = 131_072;
+
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
 /// (callers add 1024 bytes so the wgmma kernels can align their tiles to 1024).
 fn attn_smem(head_dim: usize) -> u32 {
@@ -200,6 +215,16 @@ fn ws_smem(head_dim: usize, consumers: usize, stages: usize) -> u32 {
         + 1024) as u32
 }
 
+/// The schedule pre-pass for a warp-specialized kernel's groups of query blocks.
+fn schedule_function(dev: &Device, k: &AttnKernel) -> Result<CudaFunction> {
+    let pre = if k.blocks_per_cta == 3 {
+        "ws_schedule3"
+    } else {
+        "ws_schedule2"
+    };
+    dev.function(KernelFile::Attention, pre, 0)
+}
+
 /// One compiled attention kernel and how it is launched.
 #[derive(Debug)]
 struct AttnKernel {
@@ -211,9 +236,16 @@ struct AttnKernel {
     threads: u32,
     /// Query blocks (of 64 rows) per CTA.
     blocks_per_cta: usize,
-    /// `attn_fwd_ws_d*`: takes three parameters after the common ones (TMA tensor maps of K and V,
-    /// and whether to pair the heads of a KV group).
+    /// `attn_fwd_ws*`: takes eight parameters after the common ones (TMA tensor maps of K and V,
+    /// whether to pair the heads of a KV group, the union column lists, the tile schedule).
     tma: bool,
+    /// `attn_fwd_ws*`: the variant whose producer merges the query blocks' lists itself
+    /// (`<name>_merge`), for sparse runs without a schedule; `f` runs dense ones and sparse ones
+    /// over a schedule.
+    merge: Option<CudaFunction>,
+    /// For sparse runs ([`SCHEDULE_ENV`]): the pre-pass writing the tile order (`ws_schedule2` /
+    /// `ws_schedule3`) and the length from which it runs.
+    schedule: Option<(CudaFunction, usize)>,
 }
 
 /// A `CUtensorMap` passed by value as a kernel parameter (`TmaDesc` in wgmma.cuh).
@@ -244,12 +276,15 @@ pub struct SparsePrefill {
 }
 
 /// [`SparsePrefill::group_union`]'s buffers: the union lists, their lengths (one per group), and
-/// for groups of three the scratch lists of the first merge.
+/// for groups of three the scratch lists of the first merge; and the tile schedules of
+/// [`SparsePrefill::schedule`].
 #[derive(Debug, Default)]
 struct UnionBufs {
     idx: Option<CudaSlice<u32>>,
     len: Option<CudaSlice<u32>>,
     pass: Option<CudaSlice<u32>>,
+    /// The tile schedules ([`SparsePrefill::schedule`]).
+    sched: Option<CudaSlice<u32>>,
 }
 
 impl UnionBufs {
@@ -291,6 +326,15 @@ impl SparsePrefill {
                     threads,
                     blocks_per_cta,
                     tma: name.starts_with("attn_fwd_ws"),
+                    merge: None,
+                    schedule: None,
+                })
+                .and_then(|mut k| {
+                    if k.tma {
+                        let merge = format!("{name}_merge");
+                        k.merge = Some(dev.function(KernelFile::Attention, &merge, smem)?);
+                    }
+                    Ok(k)
                 })
         };
         let pick = |d: usize| -> Result<AttnKernel> {
@@ -328,7 +372,25 @@ impl SparsePrefill {
             }
             kernel(mma, attn_smem(d) + 1024, 128, 1)
         };
-        let attn = [pick(64)?, pick(128)?];
+        let mut attn = [pick(64)?, pick(128)?];
+        let schedule = std::env::var(SCHEDULE_ENV).unwrap_or_default();
+        if !["", "0", "3", "all"].contains(&schedule.as_str()) {
+            return Err(Error::CudaUnsupported(format!(
+                "{SCHEDULE_ENV}={schedule}: expected 0, 3 or all (or unset)"
+            )));
+        }
+        for k in &mut attn {
+            let three = k.tma && k.blocks_per_cta == 3;
+            let from = match schedule.as_str() {
+                "all" if k.tma => Some(0),
+                "3" if three => Some(0),
+                "" if three => Some(SCHEDULE_FROM),
+                _ => None,
+            };
+            if let Some(from) = from {
+                k.schedule = Some((schedule_function(&dev, k)?, from));
+            }
+        }
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         let pair_heads = std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
         let group_union = if std::env::var(UNION_ENV).map_or(true, |v| v != "0") {
@@ -344,6 +406,25 @@ impl SparsePrefill {
             group_union,
             union_bufs: Mutex::new(UnionBufs::default()),
         })
+    }
+
+    /// From which sequence length the warp-specialized kernels read a tile schedule written before
+    /// their launch, on sparse runs: `None` never, `Some(n)` from `n` tokens on (every
+    /// warp-specialized kernel). [`SparsePrefill::new`] sets it from [`SCHEDULE_ENV`] (by default the
+    /// three-consumer kernel from [`SCHEDULE_FROM`]). Same results either way: the schedule is the
+    /// order the kernel would merge in line.
+    pub fn set_schedule_from(&mut self, from: Option<usize>) -> Result<()> {
+        for k in &mut self.attn {
+            if !k.tma {
+                continue;
+            }
+            k.schedule = match (from, k.schedule.take()) {
+                (None, _) => None,
+                (Some(f), Some((pre, _))) => Some((pre, f)),
+                (Some(f), None) => Some((schedule_function(&self.dev, k)?, f)),
+            };
+        }
+        Ok(())
     }
 
     /// The device (name, stream, module cache).
@@ -534,17 +615,32 @@ impl SparsePrefill {
         } else {
             None
         };
-        // the warp-specialized kernels load their query blocks' columns once, as their union
+        // the warp-specialized kernels load their query blocks' columns once, as their union, and
+        // read their tile order from a schedule written before the launch
         let mut bufs = self.lock_union_bufs()?;
         let union = match index {
             Some(ix) if kernel.tma && !pair_heads && ix.n_col > 0 => {
                 self.group_union(ix, kernel.blocks_per_cta, &mut bufs)?
             }
-            _ => None,
+            _ => false,
         };
-        let use_union = i32::from(union.is_some());
-        let (uci, ucl) = union.unwrap_or((&self.dummy, &self.dummy));
-        let mut b = self.dev.stream.launch_builder(&kernel.f);
+        let scheduled = match (index, &kernel.schedule) {
+            (Some(ix), Some((pre, from))) if !pair_heads && n >= *from => {
+                self.schedule(ix, pre, kernel.blocks_per_cta, union, &mut bufs)?
+            }
+            _ => false,
+        };
+        // sparse runs without a schedule: the variant that merges the lists in line
+        let f = match (&kernel.merge, index) {
+            (Some(merge), Some(_)) if !scheduled => merge,
+            _ => &kernel.f,
+        };
+        let use_union = i32::from(union);
+        let dummy = &self.dummy;
+        let uci = bufs.idx.as_ref().filter(|_| union).unwrap_or(dummy);
+        let ucl = bufs.len.as_ref().filter(|_| union).unwrap_or(dummy);
+        let sched = bufs.sched.as_ref().filter(|_| scheduled).unwrap_or(dummy);
+        let mut b = self.dev.stream.launch_builder(f);
         b.arg(&q.inner)
             .arg(&k.inner)
             .arg(&v.inner)
@@ -564,7 +660,8 @@ impl SparsePrefill {
                 .arg(&pair_i)
                 .arg(uci)
                 .arg(ucl)
-                .arg(&use_union);
+                .arg(&use_union)
+                .arg(sched);
         }
         // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps, the
         // pairing flag and the union lists only for the kernels that take them; the maps built for
@@ -588,7 +685,10 @@ impl SparsePrefill {
             )));
         }
         let mut bufs = self.lock_union_bufs()?;
-        let Some((i, l)) = self.group_union(ix, group, &mut bufs)? else {
+        if !self.group_union(ix, group, &mut bufs)? {
+            return Ok(None);
+        }
+        let (Some(i), Some(l)) = (&bufs.idx, &bufs.len) else {
             return Ok(None);
         };
         let s = &self.dev.stream;
@@ -600,32 +700,28 @@ impl SparsePrefill {
 
     /// The union of the column lists of query blocks `group * p .. group * p + group` (2 or 3) of
     /// every head (`ix_group_union`, one launch): entries tagged with their blocks in the top
-    /// `group` bits, at the first block's offsets, and one length per group, into `bufs` (grown when
-    /// too small), which it returns. `None` when [`UNION_ENV`] turned it off or tokens do not fit
-    /// the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must be
-    /// queued before the next call writes them, which holding the lock of `bufs` across both ensures.
-    fn group_union<'b>(
-        &self,
-        ix: &DeviceIndex,
-        group: usize,
-        bufs: &'b mut UnionBufs,
-    ) -> Result<Option<(&'b CudaSlice<u32>, &'b CudaSlice<u32>)>> {
+    /// `group` bits, at the first block's offsets, and one length per group, into `bufs.idx` and
+    /// `bufs.len` (grown when too small). `false` when [`UNION_ENV`] turned it off or tokens do not
+    /// fit the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must
+    /// be queued before the next call writes them, which holding the lock of `bufs` across both
+    /// ensures.
+    fn group_union(&self, ix: &DeviceIndex, group: usize, bufs: &mut UnionBufs) -> Result<bool> {
         let Some(f) = &self.group_union else {
-            return Ok(None);
+            return Ok(false);
         };
         if ix.seq_len >= (1 << (32 - group)) - 1 {
-            return Ok(None);
+            return Ok(false);
         }
         let s = &self.dev.stream;
         let groups = ix.q_heads * ix.q_blocks.div_ceil(group);
-        let UnionBufs { idx, len, pass } = bufs;
+        let UnionBufs { idx, len, pass, .. } = bufs;
         UnionBufs::grow(s, idx, ix.n_col.max(1))?;
         UnionBufs::grow(s, len, groups.max(1))?;
         if group == 3 {
             UnionBufs::grow(s, pass, ix.n_col.max(1))?;
         }
         let (Some(out_idx), Some(out_len)) = (idx.as_mut(), len.as_mut()) else {
-            return Ok(None);
+            return Ok(false);
         };
         let pass_idx = pass.as_mut().filter(|_| group == 3);
         let (heads_i, blocks_i, group_i) = (ix.q_heads as i32, ix.q_blocks as i32, group as i32);
@@ -651,7 +747,59 @@ impl SparsePrefill {
         // all, no more than out_idx and pass_idx hold); out_len holds at least one entry per group;
         // the dummy passed for groups of two is never touched.
         drv("ix_group_union launch", unsafe { b.launch(cfg) })?;
-        Ok(Some((out_idx, out_len)))
+        Ok(true)
+    }
+
+    /// The tile order of every group of `group` query blocks of every head for a warp-specialized
+    /// kernel (`f`: `ws_schedule2` or `ws_schedule3`, one warp per group), into `bufs.sched`; with
+    /// `union`, over the union column lists [`SparsePrefill::group_union`] just queued. `false`
+    /// (the kernel then merges the lists itself) when key blocks could reach the entries' column
+    /// marker. Queued on the stream like the union.
+    fn schedule(
+        &self,
+        ix: &DeviceIndex,
+        f: &CudaFunction,
+        group: usize,
+        union: bool,
+        bufs: &mut UnionBufs,
+    ) -> Result<bool> {
+        if ix.q_blocks >= 0xff_ffff {
+            return Ok(false);
+        }
+        let s = &self.dev.stream;
+        let entries = ix.q_heads * ix.q_blocks;
+        // each group's space (sched_base in attention.cu) and the producer's read-ahead of 64
+        let need = ix.n_blk + ix.n_col / CUDA_BLOCK + 3 * entries + 96;
+        UnionBufs::grow(s, &mut bufs.sched, need)?;
+        let (Some(out), ucl) = (bufs.sched.as_mut(), bufs.len.as_ref()) else {
+            return Ok(false);
+        };
+        let ucl = match ucl {
+            Some(l) if union => l,
+            _ => &self.dummy,
+        };
+        let warps = ix.q_heads * ix.q_blocks.div_ceil(group);
+        let (n_i, heads_i, union_i) = (ix.seq_len as i32, ix.q_heads as i32, i32::from(union));
+        let mut b = s.launch_builder(f);
+        b.arg(&ix.blk_off)
+            .arg(&ix.blk_idx)
+            .arg(&ix.col_off)
+            .arg(ucl)
+            .arg(&n_i)
+            .arg(&heads_i)
+            .arg(&union_i)
+            .arg(&mut *out);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(warps.div_ceil(4))?, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `ws_schedule*`; blk_off and col_off hold q_heads * q_blocks + 1 offsets
+        // (the index's invariant); with `union` the lengths are the union's, queued before; every
+        // group writes within its space from sched_base, at most n_blk + n_col / 64 + 3 * entries
+        // entries in all, which `out` holds.
+        drv("ws_schedule launch", unsafe { b.launch(cfg) })?;
+        Ok(true)
     }
 
     /// The union buffers of [`SparsePrefill::group_union`], locked until the launch that reads them
