@@ -630,9 +630,12 @@ impl SparsePrefill {
             }
             _ => false,
         };
-        // sparse runs without a schedule: the variant that merges the lists in line
+        // sparse runs without a schedule: the variant that merges the lists in line; so do dense
+        // runs of the two-consumer kernels, whose dense attention took 1.5% longer at 128K on the
+        // other variant (same consumer code; docs/perf.md, "Tile schedules")
         let f = match (&kernel.merge, index) {
             (Some(merge), Some(_)) if !scheduled => merge,
+            (Some(merge), None) if kernel.blocks_per_cta == 2 => merge,
             _ => &kernel.f,
         };
         let use_union = i32::from(union);
