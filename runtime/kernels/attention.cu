@@ -1168,20 +1168,18 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         }
         const bf16_t* kh = k + (u64)kvh * n * D;
         const bf16_t* vh = v + (u64)kvh * n * D;
-        // The tile order: with a schedule (`ws_schedule`, written before the launch) the producer only
-        // reads it, 32 entries ahead (lane l of sc holds entry 32 k + l, of sn entry 32 (k + 1) + l);
-        // otherwise it runs the merge itself (TileMerge; every producer thread the same, no barrier
-        // couples them). Reading the lists through shared memory instead of straight from global
-        // memory made no difference (74.2 vs 73.4 ms at 128K).
+        // The tile order. MERGE: the producer merges the lists itself (TileMerge; every producer thread
+        // the same, no barrier couples them; reading the lists through shared memory instead of
+        // straight from global memory made no difference, 74.2 vs 73.4 ms at 128K). Otherwise a sparse
+        // run reads the schedule ws_schedule wrote before the launch, 32 entries ahead (lane l of sc
+        // holds entry 32 k + l, of sn entry 32 (k + 1) + l), and a dense one takes key blocks 0..=dlast
+        // in order, block t for every warpgroup whose query block is at or past it, DONE << w on the
+        // tile after w's last (no warpgroup is ever passed: no forcing). The host runs dense attention
+        // of two consumers on the MERGE variant (1.5% faster at head_dim 128, same consumers).
         const bool uni = use_union && !dense && !paired;
         TileMerge<NC, NS> m;
         m.init_lists(qb_of, [&](int w) { return w ? h1 : h; }, qb0, q_blocks, dense, blk_off, col_off, ucol_len,
                      uni, h, lane);
-        const bool shared_cols = m.shared_cols;
-        // MERGE: the lists are merged in line (TileMerge; sparse runs, dense ones too though the host
-        // runs those on the other variant). Otherwise a sparse run reads the schedule and a dense one
-        // takes key blocks 0..=dlast in order, block t for every warpgroup whose query block is at or
-        // past it, DONE << w on the tile after w's last (no warpgroup is ever passed: no forcing).
         u64 sbase = 0;
         u32 sc = 0, sn = 0;
         int dlast = -1;
