@@ -190,8 +190,9 @@ pub const SCHEDULE_ENV: &str = "ATTNPLAN_WS_SCHEDULE";
 /// schedule frees its producer from the merge, which pays where the query blocks of a CTA share few
 /// key blocks (scattered diagonals: the 9 x 3 x 64 benchmark layer 8-10% faster at 64K-128K on the
 /// H200); but the pre-pass merges each group serially before the attention launch, and where the
-/// producer kept up (SmolLM2's plan, whose layers share more) it only costs: that plan's pass was 4%
-/// slower at 32K, 1% at 64K, and level (0.2-1.1% faster) at 128K (docs/perf.md, "Tile schedules").
+/// producer kept up (SmolLM2's plan, whose layers share more) it only costs: that plan's pass was 5%
+/// slower at 16K, 3.5% at 32K, 1% at 64K, and level (0.2-1.1% faster) at 128K (docs/perf.md,
+/// "Fourteenth session"; docs/cuda.md, "Tile schedules").
 pub const SCHEDULE_FROM: usize = 131_072;
 
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
@@ -236,7 +237,7 @@ struct AttnKernel {
     threads: u32,
     /// Query blocks (of 64 rows) per CTA.
     blocks_per_cta: usize,
-    /// `attn_fwd_ws*`: takes eight parameters after the common ones (TMA tensor maps of K and V,
+    /// `attn_fwd_ws*`: takes seven parameters after the common ones (TMA tensor maps of K and V,
     /// whether to pair the heads of a KV group, the union column lists, the tile schedule).
     tma: bool,
     /// `attn_fwd_ws*`: the variant whose producer merges the query blocks' lists itself
@@ -667,8 +668,10 @@ impl SparsePrefill {
                 .arg(sched);
         }
         // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps, the
-        // pairing flag and the union lists only for the kernels that take them; the maps built for
-        // these K and V buffers, the union for this index); Q/K/V/out lengths were
+        // pairing flag, the union lists and the schedule only for the kernels that take them; the
+        // maps built for these K and V buffers, the union and the schedule for this index, queued
+        // before; the schedule is read only by the non-`_merge` variant on an index, i.e. when
+        // `scheduled`, the dummy otherwise); Q/K/V/out lengths were
         // checked against the shape, and the index's offsets were built for this shape (q_heads,
         // seq_len) by `FlatIndex` or `VerticalSlashBuilder`, which only write in-range entries.
         drv("attn_fwd launch", unsafe { b.launch(cfg) }).map(|_| ())
