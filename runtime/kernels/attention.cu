@@ -1013,8 +1013,10 @@ struct TileMerge {
 // Where the schedule of the group whose first query block is entry e0 (= h * q_blocks + qb0) starts:
 // past the space of every group before it. A group has at most one tile per list entry and per column
 // tile of its blocks, plus END: sum(len) + sum(ceil(clen / 64)) + 1 entries (with a union list no more
-// column tiles than without), which the difference of this offset to the next group's covers for
-// groups of two or three blocks (one or more live).
+// column tiles than without). Over the group's `live` lists, sum(ceil(clen / 64)) is at most the
+// difference of col_off / 64 (rounded down) plus live, so the difference of this offset to the next
+// group's covers it with 2 e0 already; 3 e0 leaves an entry per list to spare (host test
+// `tile_schedules_fit_their_space`, with the host's buffer length `sched_len`).
 __device__ __forceinline__ u64 sched_base(const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
                                           int e0) {
     return (u64)blk_off[e0] + col_off[e0] / 64 + 3 * (u64)e0;

@@ -216,6 +216,14 @@ fn ws_smem(head_dim: usize, consumers: usize, stages: usize) -> u32 {
         + 1024) as u32
 }
 
+/// Entries of the schedule buffer for an index of `n_blk` key-block and `n_col` column entries over
+/// `entries` = q_heads x q_blocks lists: every group's space from `sched_base` in attention.cu
+/// (`blk_off[e0] + col_off[e0] / 64 + 3 e0`) and the producer's read-ahead of up to 64 entries past
+/// its group's END.
+fn sched_len(n_blk: usize, n_col: usize, entries: usize) -> usize {
+    n_blk + n_col / CUDA_BLOCK + 3 * entries + 96
+}
+
 /// The schedule pre-pass for a warp-specialized kernel's groups of query blocks.
 fn schedule_function(dev: &Device, k: &AttnKernel) -> Result<CudaFunction> {
     let pre = if k.blocks_per_cta == 3 {
@@ -774,8 +782,7 @@ impl SparsePrefill {
         }
         let s = &self.dev.stream;
         let entries = ix.q_heads * ix.q_blocks;
-        // each group's space (sched_base in attention.cu) and the producer's read-ahead of 64
-        let need = ix.n_blk + ix.n_col / CUDA_BLOCK + 3 * entries + 96;
+        let need = sched_len(ix.n_blk, ix.n_col, entries);
         UnionBufs::grow(s, &mut bufs.sched, need)?;
         let (Some(out), ucl) = (bufs.sched.as_mut(), bufs.len.as_ref()) else {
             return Ok(false);
@@ -1116,5 +1123,60 @@ mod tests {
             assert!(got <= SM90_MAX_SMEM, "{got} bytes");
         }
         assert!(ws_smem(64, 3, 12) > SM90_MAX_SMEM);
+    }
+
+    /// Each group's schedule fits between its start (`sched_base` in attention.cu, restated here)
+    /// and the next group's, and the producer's read-ahead stays inside [`sched_len`], for groups of
+    /// two and three query blocks whose lists are empty, short or long, column lists of one entry
+    /// (each a whole tile) and partial last groups; with union column lists too (no more tiles).
+    #[test]
+    fn tile_schedules_fit_their_space() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        for case in 0..200 {
+            let group = 2 + case % 2;
+            let (q_heads, q_blocks) = (1 + next(3), 1 + next(20));
+            let entries = q_heads * q_blocks;
+            let lens: Vec<(usize, usize)> = (0..entries)
+                .map(|_| match next(4) {
+                    0 => (0, 0),
+                    1 => (next(3), 1),
+                    2 => (next(40), 1 + next(64)),
+                    _ => (next(200), next(500)),
+                })
+                .collect();
+            let (mut blk_off, mut col_off) = (vec![0usize], vec![0usize]);
+            for &(b, c) in &lens {
+                blk_off.push(blk_off[blk_off.len() - 1] + b);
+                col_off.push(col_off[col_off.len() - 1] + c);
+            }
+            let total = sched_len(blk_off[entries], col_off[entries], entries);
+            let base = |e0: usize| blk_off[e0] + col_off[e0] / CUDA_BLOCK + 3 * e0;
+            for h in 0..q_heads {
+                for qb0 in (0..q_blocks).step_by(group) {
+                    let e0 = h * q_blocks + qb0;
+                    let members = &lens[e0..e0 + group.min(q_blocks - qb0)];
+                    // one tile per list entry and per column tile (a union has no more), then END
+                    let tiles = members
+                        .iter()
+                        .map(|&(b, c)| b + c.div_ceil(CUDA_BLOCK))
+                        .sum::<usize>()
+                        + 1;
+                    assert!(
+                        base(e0) + tiles <= base(e0 + members.len()),
+                        "case {case}: the group at {e0} ({group} blocks) overruns the next"
+                    );
+                    assert!(
+                        base(e0) + tiles + 63 < total,
+                        "case {case}: read-ahead past the buffer"
+                    );
+                }
+            }
+        }
     }
 }
