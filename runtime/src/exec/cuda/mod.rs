@@ -1131,13 +1131,9 @@ mod tests {
     /// (each a whole tile) and partial last groups; with union column lists too (no more tiles).
     #[test]
     fn tile_schedules_fit_their_space() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |m: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % m as u64) as usize
-        };
+        let mut draws = crate::test_util::noise(200 * 4 * 64, 7, 0.5).into_iter();
+        // uniform in 0..m
+        let mut next = |m: usize| (((draws.next().unwrap() + 0.5) * m as f32) as usize).min(m - 1);
         for case in 0..200 {
             let group = 2 + case % 2;
             let (q_heads, q_blocks) = (1 + next(3), 1 + next(20));
