@@ -1527,6 +1527,280 @@ WS_KERNEL(attn_fwd_ws_d128_merge, 384, 128, 2, true)
 WS_KERNEL(attn_fwd_ws_d64_merge, 384, 64, 2, true)
 WS_KERNEL(attn_fwd_ws3_d64_merge, 512, 64, 3, true)
 
+// ---- Dense attention over 128-key tiles (attn_fwd_wsk_d128, attn_fwd_wsk3_d64: the host's kernels
+// for dense runs unless ATTNPLAN_DENSE128=0) ----
+// FlashAttention-3's tiles: NC consumer warpgroups (query blocks NC p .. NC p + NC - 1 of one head:
+// two at head_dim 128, three at 64) and a producer thread, 128 keys per K/V tile, so that the per-tile
+// work that does not grow with the tile (the row reductions' shuffles, the lazy-max test, barrier
+// waits, the loop) is paid once per 128 keys; the 64-key tiles of attn_fwd_ws left the tensor pipe
+// 65% busy on dense attention, their consumers held by that latency (docs/perf.md, "Fifteenth
+// session"). S = Q K^T is m64n128k16 with Q from shared memory (the registers hold S of 128 keys, O
+// and one set of P fragments, made from S once the P V reading the previous set is done, as
+// FlashAttention-3 does); P V is m64n{D}k16 over 8 steps of 16 keys. Warpgroup w computes key tiles
+// 0..T_w (the one holding its diagonal, masked; a 64-row block never straddles a 128-key boundary)
+// and releases the group's later tiles unread. Same arithmetic per cell as attn_fwd_ws (online softmax
+// in log2 units, lazy max, P rounded to bf16, f32 row sums; at head_dim 64 one exponential pair in
+// exp2_emu<64>() on the FMA pipe).
+// Shared memory: the NC Q tiles, NS stages of K and V of 128 keys (NS = 3 at head_dim 128, 6 at 64),
+// 2 NS mbarriers and 1024 alignment bytes: 230,448 / 222,304 bytes.
+
+// The online softmax of one 128-key S tile (rows ra, rb; keys k0 + 8 j + 2 tq (+1) in s[j]): as
+// softmax_tile with f32 row sums, over 16 column groups, leaving P in s as f32 (pack128 makes the bf16
+// fragments once the P V that reads the previous ones is done: one set of P registers, as
+// FlashAttention-3 keeps); `mask` hides the keys past each row. EMU: as exp2_emu.
+template <int EMU>
+__device__ __forceinline__ void softmax_tile128(float (*s)[4], bool mask, int k0, int ra, int rb, int tq,
+                                                float scale_log2, float& m_a, float& m_b, float& l_a,
+                                                float& l_b, float& al_a, float& al_b) {
+    if (mask) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int p0 = k0 + j * 8 + 2 * tq, p1 = p0 + 1;
+            if (p0 > ra) s[j][0] = NEG_INF;
+            if (p1 > ra) s[j][1] = NEG_INF;
+            if (p0 > rb) s[j][2] = NEG_INF;
+            if (p1 > rb) s[j][3] = NEG_INF;
+        }
+    }
+    float ta[8], tb[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        ta[j] = fmaxf(fmaxf(s[j][0], s[j][1]), fmaxf(s[j + 8][0], s[j + 8][1]));
+        tb[j] = fmaxf(fmaxf(s[j][2], s[j][3]), fmaxf(s[j + 8][2], s[j + 8][3]));
+    }
+#pragma unroll
+    for (int w = 4; w >= 1; w >>= 1) {
+#pragma unroll
+        for (int j = 0; j < w; ++j) {
+            ta[j] = fmaxf(ta[j], ta[j + w]);
+            tb[j] = fmaxf(tb[j], tb[j + w]);
+        }
+    }
+    float mx_a = ta[0], mx_b = tb[0];
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
+    const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
+    const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
+    const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
+    al_a = up_a ? fast_exp2(m_a - use_a) : 1.f;
+    al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
+    m_a = mn_a;
+    m_b = mn_b;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const bool fma_pipe = EMU > 0 && j % (EMU > 0 ? EMU : 1) == (EMU > 0 ? EMU : 1) - 1;
+        const float x0 = fmaf(s[j][0], scale_log2, -use_a), x1 = fmaf(s[j][1], scale_log2, -use_a);
+        const float x2 = fmaf(s[j][2], scale_log2, -use_b), x3 = fmaf(s[j][3], scale_log2, -use_b);
+        s[j][0] = fma_pipe ? exp2_fma(x0) : fast_exp2(x0);
+        s[j][1] = fma_pipe ? exp2_fma(x1) : fast_exp2(x1);
+        s[j][2] = fma_pipe ? exp2_fma(x2) : fast_exp2(x2);
+        s[j][3] = fma_pipe ? exp2_fma(x3) : fast_exp2(x3);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        ta[j] = (s[j][0] + s[j][1]) + (s[j + 8][0] + s[j + 8][1]);
+        tb[j] = (s[j][2] + s[j][3]) + (s[j + 8][2] + s[j + 8][3]);
+    }
+#pragma unroll
+    for (int w = 4; w >= 1; w >>= 1) {
+#pragma unroll
+        for (int j = 0; j < w; ++j) {
+            ta[j] += ta[j + w];
+            tb[j] += tb[j + w];
+        }
+    }
+    l_a = l_a * al_a + ta[0];
+    l_b = l_b * al_b + tb[0];
+}
+
+// P of a 128-key tile (f32 in s) as the bf16 A fragments of its 8 P V steps.
+__device__ __forceinline__ void pack128(const float (*s)[4], u32 (*p)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+template <int D, int NC>
+__device__ __forceinline__ void attn_fwd_wsk(const bf16_t* __restrict__ q, bf16_t* __restrict__ out, int n,
+                                             int q_heads, int group, float scale_log2, const TmaDesc& tmk,
+                                             const TmaDesc& tmv) {
+    static_assert((D == 128 && NC == 2) || (D == 64 && NC == 3), "head_dim 128 with two consumers, 64 with three");
+    constexpr int BM = 64, BN = 128, NS = D == 128 ? 3 : 6;
+    constexpr u32 Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const u32 base = (smem_u32(smem) + 1023u) & ~1023u;
+    const u32 sQ = base;                  // warpgroup w's Q tile at sQ + w Q_BYTES (64 rows, D / 64 x 8 KB)
+    const u32 sK = sQ + NC * Q_BYTES;     // stage s at sK + s KV_BYTES: D / 64 column blocks of 128 x 128 B
+    const u32 sV = sK + NS * KV_BYTES;
+    const u32 full = sV + NS * KV_BYTES;  // NS mbarriers (the producer's TMA bytes), then NS `empty`
+    const u32 empty = full + 8 * NS;      // (every consumer thread)
+    const int q_blocks = (n + BM - 1) / BM, q_groups = (q_blocks + NC - 1) / NC;
+    const int id = blockIdx.x;
+    const int pr = q_groups - 1 - id / q_heads;  // heaviest groups of all heads first
+    const int h = id % q_heads, kvh = h / group;
+    // key tiles 0..tiles - 1 reach the group's last row (or n - 1)
+    const int tiles = min(BM * NC * (pr + 1), n) / BN + (min(BM * NC * (pr + 1), n) % BN != 0);
+    const int tid = threadIdx.x, warp = __shfl_sync(0xffffffff, tid >> 5, 0), lane = tid & 31;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, 128 * NC);
+        }
+    }
+    __syncthreads();
+
+    if (warp >= 4 * NC) {
+        // ---- producer: one thread issues the TMA loads (2 D / 64 boxes of 64 x 64 each of K and V per
+        // tile; rows past n come back as zeros) ----
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+        if (tid == 128 * NC) {
+            for (int t = 0; t < tiles; ++t) {
+                const int s = t % NS, u = t / NS;
+                if (u > 0) mbar_wait(empty + 8 * s, (u - 1) & 1);
+                const u32 fb = full + 8 * s;
+                mbar_arrive_expect_tx(fb, 2 * KV_BYTES);
+                const u32 k_st = sK + s * KV_BYTES, v_st = sV + s * KV_BYTES;
+#pragma unroll
+                for (int c = 0; c < D / 64; ++c) {
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const u32 off = c * (BN * 128) + hh * (64 * 128);
+                        tma_load_3d(k_st + off, &tmk, 64 * c, t * BN + 64 * hh, kvh, fb);
+                        tma_load_3d(v_st + off, &tmv, 64 * c, t * BN + 64 * hh, kvh, fb);
+                    }
+                }
+            }
+        }
+        return;
+    }
+
+    // ---- consumers ----
+    if constexpr (NC == 2) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 160;");
+    }
+    const int wg = warp >> 2, wl = warp & 3;
+    const int row0 = (NC * pr + wg) * BM;
+    const int last = min((row0 + BM - 1) / BN, tiles - 1);  // this warpgroup's last tile (its diagonal)
+    const int g = lane >> 2, tq = lane & 3;
+    const int ra = row0 + wl * 16 + g, rb = ra + 8;
+    const u32 sq = sQ + wg * Q_BYTES;
+    {
+        const bf16_t* qh = q + (u64)h * n * D;
+        const int ct = tid & 127, c = ct % (D / 8);
+#pragma unroll
+        for (int p = 0; p < BM * (D / 8) / 128; ++p) {
+            const int r = ct / (D / 8) + p * (128 / (D / 8));
+            const bool ok = row0 + r < n;
+            cp_async16(sq + swz128(r, c), qh + (ok ? (u64)(row0 + r) * D + c * 8 : 0), ok ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();  // the copies are read by wgmma (the async proxy)
+        named_bar_sync(1 + wg, 128);
+    }
+    const u64 q_desc = gmma_desc(sq, 16, 1024);
+    const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, BN * 128, 1024);
+    auto issue_s = [&](float (*s)[4], int st) {
+        const u64 kd = k_desc0 + (u64)((st * KV_BYTES) >> 4);
+        wgmma_fence();
+        wgmma_m64n128k16_ss<0, 0>(&s[0][0], q_desc, kd);  // the first step overwrites s
+#pragma unroll
+        for (int kk = 1; kk < D / 16; ++kk) {
+            const u32 qo = (kk >> 2) * (BM * 128) + (kk & 3) * 32, ko = (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+            wgmma_m64n128k16_ss<0>(&s[0][0], q_desc + (u64)(qo >> 4), kd + (u64)(ko >> 4));
+        }
+        wgmma_commit();
+    };
+    auto issue_pv = [&](float* o, u32 (*p)[4], int st) {
+        const u64 vd = v_desc0 + (u64)((st * KV_BYTES) >> 4);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            if constexpr (D == 128) wgmma_m64n128k16<1>(o, p[kk], vd + (u64)((kk * 2048) >> 4));
+            else wgmma_m64n64k16<1>(o, p[kk], vd + (u64)((kk * 2048) >> 4));
+        }
+        wgmma_commit();
+    };
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
+    float s[16][4];
+    u32 pa[8][4];
+    int ts = 0, tph = 0;  // the current tile's stage and the parity of its phase
+    mbar_wait(full, 0);
+    issue_s(s, 0);
+    wgmma_wait0();
+    {
+        float al_a, al_b;
+        softmax_tile128<exp2_emu<D>()>(s, last == 0, 0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, al_a, al_b);
+        pack128(s, pa);
+    }
+    // S of tile t and P V of tile t - 1 run while the softmax of t does (attn_fwd_ws's pipeline); P of
+    // t replaces that of t - 1 once its P V is done
+    for (int t = 1; t <= last; ++t) {
+        int nts = ts + 1, nph = tph;
+        if (nts == NS) {
+            nts = 0;
+            nph ^= 1;
+        }
+        mbar_wait(full + 8 * nts, nph);
+        issue_s(s, nts);
+        issue_pv(&o[0][0], pa, ts);
+        float al_a, al_b;
+        wgmma_wait<1>();  // S of tile t is done
+        softmax_tile128<exp2_emu<D>()>(s, t == last, t * BN, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, al_a,
+                                       al_b);
+        wgmma_wait0();
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) reg_fence4(pa[kk]);  // P of tile t - 1 stays live until here
+        mbar_arrive(empty + 8 * ts);
+        pack128(s, pa);
+        if (__any_sync(0xffffffff, al_a != 1.f || al_b != 1.f)) {
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                o[i][0] *= al_a;
+                o[i][1] *= al_a;
+                o[i][2] *= al_b;
+                o[i][3] *= al_b;
+            }
+        }
+        ts = nts;
+        tph = nph;
+    }
+    issue_pv(&o[0][0], pa, ts);
+    wgmma_wait0();
+    mbar_arrive(empty + 8 * ts);
+    // the group's later tiles, which other warpgroups compute: released unread, in order
+    for (int t = last + 1; t < tiles; ++t) {
+        if (++ts == NS) {
+            ts = 0;
+            tph ^= 1;
+        }
+        mbar_wait(full + 8 * ts, tph);
+        mbar_arrive(empty + 8 * ts);
+    }
+    store_rows<D>(o, l_a, l_b, out + (u64)h * n * D, ra, rb, n, tq);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_wsk_d128(WS_ARGS) {
+    attn_fwd_wsk<128, 2>(q, out, n, q_heads, group, scale_log2, tmk, tmv);
+}
+extern "C" __global__ void __launch_bounds__(512, 1) attn_fwd_wsk3_d64(WS_ARGS) {
+    attn_fwd_wsk<64, 3>(q, out, n, q_heads, group, scale_log2, tmk, tmv);
+}
+
 // The schedules of the warp-specialized kernels (groups of two query blocks, 6 stages; of three, 11):
 // one warp per group, 4 per CTA.
 #define WS_SCHEDULE_ARGS                                                                                  \

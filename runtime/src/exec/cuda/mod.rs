@@ -169,6 +169,18 @@ pub enum Keys<'a> {
 /// head_dim-64 kernel `attn_fwd_wg_d64` (wrong on the H200, 2026-11-28).
 pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 
+/// Environment variable that, set to `0`, runs dense attention on the warp-specialized kernels'
+/// 64-key tiles instead of `attn_fwd_wsk_d128` / `attn_fwd_wsk3_d64` (128-key tiles, Q in shared
+/// memory; docs/cuda.md, "Dense attention over 128-key tiles"). Read by [`SparsePrefill::new`].
+pub const DENSE128_ENV: &str = "ATTNPLAN_DENSE128";
+
+/// Dynamic shared memory of `attn_fwd_wsk*` (head_dim `d`, `consumers` query blocks per CTA,
+/// `stages` K/V stages of 128 keys): the Q tiles, the stages, 2 x `stages` mbarriers and 1024
+/// alignment bytes.
+fn wsk_smem(d: usize, consumers: usize, stages: usize) -> u32 {
+    (consumers * 64 * d * 2 + stages * 2 * 128 * d * 2 + 2 * stages * 8 + 1024) as u32
+}
+
 /// Environment variable that, set to `0`, keeps the head_dim-128 kernel from pairing the heads of a
 /// KV group that share their indexes (it then pairs neighbouring query blocks, as for other indexes).
 /// Read by [`SparsePrefill::new`].
@@ -255,6 +267,10 @@ struct AttnKernel {
     /// For sparse runs ([`SCHEDULE_ENV`]): the pre-pass writing the tile order (`ws_schedule2` /
     /// `ws_schedule3`) and the length from which it runs.
     schedule: Option<(CudaFunction, usize)>,
+    /// For dense runs (unless [`DENSE128_ENV`] is `0`): the 128-key-tile kernel of this head_dim and
+    /// CTA shape (`attn_fwd_wsk_d128`, `attn_fwd_wsk3_d64`; the same parameters, grid and threads)
+    /// and its dynamic shared memory.
+    dense128: Option<(CudaFunction, u32)>,
 }
 
 /// A `CUtensorMap` passed by value as a kernel parameter (`TmaDesc` in wgmma.cuh).
@@ -337,6 +353,7 @@ impl SparsePrefill {
                     tma: name.starts_with("attn_fwd_ws"),
                     merge: None,
                     schedule: None,
+                    dense128: None,
                 })
                 .and_then(|mut k| {
                     if k.tma {
@@ -382,6 +399,18 @@ impl SparsePrefill {
             kernel(mma, attn_smem(d) + 1024, 128, 1)
         };
         let mut attn = [pick(64)?, pick(128)?];
+        if std::env::var(DENSE128_ENV).map_or(true, |v| v != "0") {
+            for k in &mut attn {
+                let wsk = match k.name {
+                    "attn_fwd_ws_d128" => Some(("attn_fwd_wsk_d128", wsk_smem(128, 2, 3))),
+                    "attn_fwd_ws3_d64" => Some(("attn_fwd_wsk3_d64", wsk_smem(64, 3, 6))),
+                    _ => None,
+                };
+                if let Some((name, smem)) = wsk {
+                    k.dense128 = Some((dev.function(KernelFile::Attention, name, smem)?, smem));
+                }
+            }
+        }
         let schedule = std::env::var(SCHEDULE_ENV).unwrap_or_default();
         if !["", "0", "3", "all"].contains(&schedule.as_str()) {
             return Err(Error::CudaUnsupported(format!(
@@ -610,10 +639,12 @@ impl SparsePrefill {
         let pair_i = i32::from(pair_heads);
         let (n_i, heads_i, group_i) = (n as i32, shape.q_heads as i32, shape.group() as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
+        // dense runs take 128-key tiles (same grid, threads and parameters)
+        let dense128 = kernel.dense128.as_ref().filter(|_| index.is_none());
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (kernel.threads, 1, 1),
-            shared_mem_bytes: kernel.smem,
+            shared_mem_bytes: dense128.map_or(kernel.smem, |d| d.1),
         };
         let (bo, bi, co, ci) = match index {
             Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),
@@ -642,9 +673,10 @@ impl SparsePrefill {
         // sparse runs without a schedule: the variant that merges the lists in line; so do dense
         // runs of the two-consumer kernels, whose dense attention took 1.5% longer at 128K on the
         // other variant (same consumer code; docs/perf.md, "Tile schedules")
-        let f = match (&kernel.merge, index) {
-            (Some(merge), Some(_)) if !scheduled => merge,
-            (Some(merge), None) if kernel.blocks_per_cta == 2 => merge,
+        let f = match (dense128, &kernel.merge, index) {
+            (Some((d128, _)), _, _) => d128,
+            (None, Some(merge), Some(_)) if !scheduled => merge,
+            (None, Some(merge), None) if kernel.blocks_per_cta == 2 => merge,
             _ => &kernel.f,
         };
         let use_union = i32::from(union);
@@ -675,7 +707,8 @@ impl SparsePrefill {
                 .arg(&use_union)
                 .arg(sched);
         }
-        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (the tensor maps, the
+        // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (`attn_fwd_wsk*` take
+        // the warp-specialized kernels' parameters and read only the dense ones; the tensor maps, the
         // pairing flag, the union lists and the schedule only for the kernels that take them; the
         // maps built for these K and V buffers, the union and the schedule for this index, queued
         // before; the schedule is read only by the non-`_merge` variant on an index, i.e. when
