@@ -14,13 +14,14 @@ use super::CUDA_BLOCK;
 pub const GPU_SPARSE_MIN_DENSE_MS: f64 = 0.3;
 
 /// Dense causal attention rate of our kernels on the H200 in TFLOP/s (2·n²·d·H per layer),
-/// head_dim 64 and 128 (docs/perf.md: 380 for SmolLM2-135M's whole 8K pass with
-/// `attn_fwd_ws3_d64`, 6.08 ms for 30 layers; 555 at 8K for head_dim 128).
+/// head_dim 64 and 128, with 128-key tiles (docs/perf.md, "Fifteenth session": 446 for SmolLM2-135M's
+/// whole 8K pass with `attn_fwd_wsk3_d64`, 5.20 ms for 30 layers, 432 for one layer; 656 at 8K with
+/// `attn_fwd_wsk_d128`).
 fn dense_tflops(head_dim: u32) -> f64 {
     if head_dim <= 64 {
-        380.0
+        440.0
     } else {
-        555.0
+        650.0
     }
 }
 
@@ -28,7 +29,7 @@ fn dense_tflops(head_dim: u32) -> f64 {
 /// which a layer's dense attention is predicted to take [`GPU_SPARSE_MIN_DENSE_MS`]. Below it, a
 /// [`PlanPrefill`](super::PlanPrefill) made without `PrefillOptions::dense_below` runs dense even
 /// where the plan's threshold (the calibrator's, which counts no fixed cost per layer) would not.
-/// SmolLM2-135M (9 heads of 64): 9,984 tokens; 32 heads of 128: 4,544.
+/// SmolLM2-135M (9 heads of 64): 10,752 tokens; 32 heads of 128: 4,928.
 pub fn gpu_dense_below(model: &ModelInfo) -> u64 {
     let (heads, d) = (
         model.query_heads.max(1) as f64,
@@ -59,7 +60,7 @@ mod tests {
 
     #[test]
     fn gpu_dense_below_sits_where_dense_attention_takes_the_fixed_cost_twice() {
-        for (heads, d, want) in [(9, 64, 9984), (32, 128, 4544)] {
+        for (heads, d, want) in [(9, 64, 10752), (32, 128, 4928)] {
             let n = gpu_dense_below(&model(heads, d));
             assert_eq!(n, want, "{heads} heads of {d}");
             // the predicted dense time crosses GPU_SPARSE_MIN_DENSE_MS within the last block
