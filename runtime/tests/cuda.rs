@@ -118,6 +118,70 @@ fn dense_keys_match_cpu_dense() {
     }
 }
 
+/// Dense attention on 128-key tiles (`attn_fwd_wsk*`, the default) against the 64-key kernels and the
+/// CPU: lengths past the stage rings (3 stages of 128 keys at head_dim 128, 6 at 64), last groups with
+/// one or two of their query blocks, a last tile only partly inside the sequence.
+#[test]
+fn dense_on_128_key_tiles_matches_the_64_key_kernels() {
+    let Some(mut sp) = device() else { return };
+    for (n, hq, hkv, d) in [
+        (64 * 9 + 7, 4usize, 2usize, 128usize),
+        (64 * 16 + 1, 2, 1, 128),
+        (64 * 13 + 5, 9, 3, 64),
+        (64 * 14, 3, 1, 64),
+        (64 * 19 - 3, 6, 2, 64),
+    ] {
+        let shape = AttnShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            seq_len: n,
+            head_dim: d,
+        };
+        let (q, k, v) = (
+            noise(hq * n * d, 11),
+            noise(hkv * n * d, 12),
+            noise(hkv * n * d, 13),
+        );
+        let mut want = vec![0.0f32; q.len()];
+        dense_attention(&AttentionInput::new(shape, &q, &k, &v).unwrap(), &mut want).unwrap();
+        let (qd, kd, vd) = (
+            sp.upload_bf16(&q).unwrap(),
+            sp.upload_bf16(&k).unwrap(),
+            sp.upload_bf16(&v).unwrap(),
+        );
+        let mut run = |on: bool| {
+            sp.set_dense128(on).unwrap();
+            let mut out = sp.zeros::<u16>(q.len()).unwrap();
+            sp.fill(&mut out, 0x7fc0).unwrap(); // NaN
+            sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
+                .unwrap();
+            sp.download(&out).unwrap()
+        };
+        let (k128, k64) = (run(true), run(false));
+        let worst = |got: &[u16]| {
+            got.iter()
+                .zip(&want)
+                .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
+                .fold(
+                    0.0f32,
+                    |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
+                )
+        };
+        let (e128, e64) = (worst(&k128), worst(&k64));
+        // bf16 output rounding plus bf16 P, as dense_keys_match_cpu_dense; and no worse than the
+        // 64-key kernels by more than an output rounding step
+        assert!(
+            e128 < 2e-2,
+            "n={n} d={d}: 128-key tiles, max abs error {e128}"
+        );
+        assert!(
+            e128 <= e64 + 4e-3,
+            "n={n} d={d}: 128-key {e128} against 64-key {e64}"
+        );
+    }
+    sp.set_dense128(true).unwrap();
+}
+
 /// A plan with every pattern kind (fixtures/plans/valid/every-kind.yaml) run by `PlanPrefill`: each
 /// layer's merged index equals the CPU's `build_index` of every head on the same (bf16) inputs, and
 /// the output matches the CPU sparse executor over those indexes; with `share_kv_group_indexes`

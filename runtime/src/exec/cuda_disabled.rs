@@ -166,6 +166,9 @@ impl SparsePrefill {
     pub fn set_schedule_from(&mut self, _from: Option<usize>) -> Result<()> {
         Err(Error::CudaNotCompiled)
     }
+    pub fn set_dense128(&mut self, _on: bool) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
     #[doc(hidden)]
     pub fn download_group_union(
         &self,

@@ -246,6 +246,21 @@ fn schedule_function(dev: &Device, k: &AttnKernel) -> Result<CudaFunction> {
     dev.function(KernelFile::Attention, pre, 0)
 }
 
+/// The 128-key-tile kernel for the dense runs of warp-specialized kernel `k` (`attn_fwd_wsk_d128`
+/// for `attn_fwd_ws_d128`, `attn_fwd_wsk3_d64` for `attn_fwd_ws3_d64`; none for the others) and its
+/// dynamic shared memory.
+fn dense128_function(dev: &Device, k: &AttnKernel) -> Result<Option<(CudaFunction, u32)>> {
+    let (name, smem) = match k.name {
+        "attn_fwd_ws_d128" => ("attn_fwd_wsk_d128", wsk_smem(128, 2, 3)),
+        "attn_fwd_ws3_d64" => ("attn_fwd_wsk3_d64", wsk_smem(64, 3, 6)),
+        _ => return Ok(None),
+    };
+    Ok(Some((
+        dev.function(KernelFile::Attention, name, smem)?,
+        smem,
+    )))
+}
+
 /// One compiled attention kernel and how it is launched.
 #[derive(Debug)]
 struct AttnKernel {
@@ -401,14 +416,7 @@ impl SparsePrefill {
         let mut attn = [pick(64)?, pick(128)?];
         if std::env::var(DENSE128_ENV).map_or(true, |v| v != "0") {
             for k in &mut attn {
-                let wsk = match k.name {
-                    "attn_fwd_ws_d128" => Some(("attn_fwd_wsk_d128", wsk_smem(128, 2, 3))),
-                    "attn_fwd_ws3_d64" => Some(("attn_fwd_wsk3_d64", wsk_smem(64, 3, 6))),
-                    _ => None,
-                };
-                if let Some((name, smem)) = wsk {
-                    k.dense128 = Some((dev.function(KernelFile::Attention, name, smem)?, smem));
-                }
+                k.dense128 = dense128_function(&dev, k)?;
             }
         }
         let schedule = std::env::var(SCHEDULE_ENV).unwrap_or_default();
@@ -460,6 +468,21 @@ impl SparsePrefill {
                 (None, _) => None,
                 (Some(f), Some((pre, _))) => Some((pre, f)),
                 (Some(f), None) => Some((schedule_function(&self.dev, k)?, f)),
+            };
+        }
+        Ok(())
+    }
+
+    /// Whether dense runs take the 128-key-tile kernels (`attn_fwd_wsk*`, where the warp-specialized
+    /// kernel of that head_dim was chosen) or the warp-specialized kernels' 64-key tiles.
+    /// [`SparsePrefill::new`] turns them on unless [`DENSE128_ENV`] is `0`. The two compute the same
+    /// cells in a different order (results within rounding of each other).
+    pub fn set_dense128(&mut self, on: bool) -> Result<()> {
+        for k in &mut self.attn {
+            k.dense128 = if on {
+                dense128_function(&self.dev, k)?
+            } else {
+                None
             };
         }
         Ok(())
