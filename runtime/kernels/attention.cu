@@ -107,7 +107,7 @@ __device__ __forceinline__ void exp_pair(float (*s)[4], float* ta, float* tb, fl
 // 8j + 2tq + 1). When `mask`, masks the keys past each row (positions `kp`, POS_NONE for missing rows);
 // updates the running max m and sum l (log2 units), writes P as bf16 A fragments to `p` and returns
 // the factors O must be scaled by.
-template <int EMU, int SUMS>
+template <int EMU, int SUMS, bool LAZY_SHFL = false>
 __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool mask, int ra, int rb, int tq,
                                              float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
                                              u32 (*p)[4], float& al_a, float& al_b) {
@@ -136,15 +136,22 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
             tb[j] = fmaxf(tb[j], tb[j + w]);
         }
     }
-    float mx_a = ta[0], mx_b = tb[0];
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
     // The running max moves only when the tile's max passes it by more than RESCALE_LOG2 (as
     // FlashAttention-4 does): then P <= 2^RESCALE_LOG2, which bf16 and the f32 sums hold with the same
     // relative precision, and O needs no rescale (alpha = 1) on most tiles. Starting from -inf any
-    // finite max moves it; a row with no visible key so far keeps -inf (and P = 0).
+    // finite max moves it; a row with no visible key so far keeps -inf (and P = 0). A row moves iff
+    // one of its quad's partial maxima passes the bound, so with LAZY_SHFL the quad's maxima are
+    // reduced (two dependent shuffles per row, ahead of every exponential) only when some row of the
+    // warp moves: same values, 2-7% faster with two consumer warpgroups at head_dim 128 on the H200,
+    // ~1% slower with three at 64 (docs/perf.md, "Fifteenth session").
+    float mx_a = ta[0], mx_b = tb[0];
+    if (!LAZY_SHFL ||
+        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2)) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    }
     const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
     const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
     const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
@@ -1424,7 +1431,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        softmax_tile<exp2_emu<D>(), sums_mode<D>(true)>(s, kpos + (NC * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        softmax_tile<exp2_emu<D>(), sums_mode<D>(true), NC == 2>(s, kpos + (NC * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     p, al_a, al_b);
     };
 
@@ -1576,11 +1583,13 @@ __device__ __forceinline__ void softmax_tile128(float (*s)[4], bool mask, int k0
             tb[j] = fmaxf(tb[j], tb[j + w]);
         }
     }
-    float mx_a = ta[0], mx_b = tb[0];
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    float mx_a = ta[0], mx_b = tb[0];  // as softmax_tile: the quad's maxima only when a row moves
+    if (__any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2)) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    }
     const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
     const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
     const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
