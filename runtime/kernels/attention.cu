@@ -108,7 +108,7 @@ __device__ __forceinline__ void exp_pair(float (*s)[4], float* ta, float* tb, fl
 // updates the running max m and sum l (log2 units), writes P as bf16 A fragments to `p` and returns
 // the factors O must be scaled by.
 template <int EMU, int SUMS, bool LAZY_SHFL = false>
-__device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool mask, int ra, int rb, int tq,
+__device__ __forceinline__ bool softmax_tile(float (*s)[4], const int* kp, bool mask, int ra, int rb, int tq,
                                              float scale_log2, float& m_a, float& m_b, float& l_a, float& l_b,
                                              u32 (*p)[4], float& al_a, float& al_b) {
     if (mask) {
@@ -145,8 +145,12 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
     // warp moves: same values, 2-7% faster with two consumer warpgroups at head_dim 128 on the H200,
     // ~1% slower with three at 64 (docs/perf.md, "Fifteenth session").
     float mx_a = ta[0], mx_b = tb[0];
-    if (!LAZY_SHFL ||
-        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2)) {
+    // with LAZY_SHFL: whether some row of the warp moves, i.e. some alpha is not 1 (returned, so that
+    // the caller's rescale of O needs no vote of its own); without: true
+    const bool moved =
+        !LAZY_SHFL ||
+        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2);
+    if (moved) {
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
         mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
@@ -181,7 +185,7 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
             tb[2 * kk + 1] = bf16x2_sum(p[kk][3]);
         }
     }
-    if (SUMS == SUMS_MMA) return;  // the caller's P.V MMA sums P (l unused)
+    if (SUMS == SUMS_MMA) return moved;  // the caller's P.V MMA sums P (l unused)
 #pragma unroll
     for (int w = 4; w >= 1; w >>= 1) {  // row sums as trees too
 #pragma unroll
@@ -193,6 +197,7 @@ __device__ __forceinline__ void softmax_tile(float (*s)[4], const int* kp, bool 
     const float sum_a = ta[0], sum_b = tb[0];
     l_a = l_a * al_a + sum_a;
     l_b = l_b * al_b + sum_b;
+    return moved;
 }
 
 // Normalizes this thread's O rows (ra, rb) by their softmax sums and stores them as bf16.
@@ -1428,10 +1433,14 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;
     float s[8][4];
     u32 pa[4][4];
-    auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) {
+    // two consumers: the quads' row maxima only when a row of the warp moves (softmax_tile's
+    // LAZY_SHFL), whose vote then also decides the rescale of O (1.5-4% faster sparse at head_dim
+    // 128); three: both on every tile, as before (the vote cost 1-1.5% at head_dim 64, 32K)
+    constexpr bool LAZY = NC == 2;
+    auto softmax = [&](int st, int last, u32 (*p)[4], float& al_a, float& al_b) -> bool {
         // positions ascend within a tile and missing rows are POS_NONE: only a tile whose last position
         // passes the block's first row needs the mask
-        softmax_tile<exp2_emu<D>(), sums_mode<D>(true), NC == 2>(s, kpos + (NC * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
+        return softmax_tile<exp2_emu<D>(), sums_mode<D>(true), LAZY>(s, kpos + (NC * st + wg) * BN, last > row0, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b,
                                     p, al_a, al_b);
     };
 
@@ -1455,13 +1464,13 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         u32 pn[4][4];
         float al_a, al_b;
         wgmma_wait<1>();              // S of tile nx is done
-        softmax(nx, klast, pn, al_a, al_b);  // while P V of tile cur runs
+        const bool moved = softmax(nx, klast, pn, al_a, al_b);  // while P V of tile cur runs
         wgmma_wait0();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) reg_fence4(pa[kk]);  // P of tile cur stays live until here
         release(cur);
         // the lazy max leaves alpha = 1 on most tiles: skip the 64 multiplies when the whole warp may
-        if (__any_sync(0xffffffff, al_a != 1.f || al_b != 1.f)) {
+        if (LAZY ? moved : __any_sync(0xffffffff, al_a != 1.f || al_b != 1.f)) {
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {
                 o[i][0] *= al_a;
@@ -1556,7 +1565,7 @@ WS_KERNEL(attn_fwd_ws3_d64_merge, 512, 64, 3, true)
 // fragments once the P V that reads the previous ones is done: one set of P registers, as
 // FlashAttention-3 keeps); `mask` hides the keys past each row. EMU: as exp2_emu.
 template <int EMU>
-__device__ __forceinline__ void softmax_tile128(float (*s)[4], bool mask, int k0, int ra, int rb, int tq,
+__device__ __forceinline__ bool softmax_tile128(float (*s)[4], bool mask, int k0, int ra, int rb, int tq,
                                                 float scale_log2, float& m_a, float& m_b, float& l_a,
                                                 float& l_b, float& al_a, float& al_b) {
     if (mask) {
@@ -1584,7 +1593,9 @@ __device__ __forceinline__ void softmax_tile128(float (*s)[4], bool mask, int k0
         }
     }
     float mx_a = ta[0], mx_b = tb[0];  // as softmax_tile: the quad's maxima only when a row moves
-    if (__any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2)) {
+    const bool moved =
+        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2);
+    if (moved) {
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
         mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
         mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
@@ -1623,6 +1634,7 @@ __device__ __forceinline__ void softmax_tile128(float (*s)[4], bool mask, int k0
     }
     l_a = l_a * al_a + ta[0];
     l_b = l_b * al_b + tb[0];
+    return moved;  // whether some alpha of the warp is not 1
 }
 
 // P of a 128-key tile (f32 in s) as the bf16 A fragments of its 8 P V steps.
@@ -1769,14 +1781,14 @@ __device__ __forceinline__ void attn_fwd_wsk(const bf16_t* __restrict__ q, bf16_
         issue_pv(&o[0][0], pa, ts);
         float al_a, al_b;
         wgmma_wait<1>();  // S of tile t is done
-        softmax_tile128<exp2_emu<D>()>(s, t == last, t * BN, ra, rb, tq, scale_log2, m_a, m_b, l_a, l_b, al_a,
-                                       al_b);
+        const bool moved = softmax_tile128<exp2_emu<D>()>(s, t == last, t * BN, ra, rb, tq, scale_log2, m_a, m_b,
+                                                          l_a, l_b, al_a, al_b);
         wgmma_wait0();
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) reg_fence4(pa[kk]);  // P of tile t - 1 stays live until here
         mbar_arrive(empty + 8 * ts);
         pack128(s, pa);
-        if (__any_sync(0xffffffff, al_a != 1.f || al_b != 1.f)) {
+        if (moved) {
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {
                 o[i][0] *= al_a;
