@@ -102,6 +102,41 @@ __device__ __forceinline__ void exp_pair(float (*s)[4], float* ta, float* tb, fl
     tb[J] = s[J][2] + s[J][3];
 }
 
+// The running max of rows a and b after a tile whose row maxima, partial over this thread's columns,
+// are mx_a and mx_b (raw scores): it moves only when the tile's max passes it by more than
+// RESCALE_LOG2 (as FlashAttention-4 does): then P <= 2^RESCALE_LOG2, which bf16 and the f32 sums hold
+// with the same relative precision, and O needs no rescale (alpha = 1) on most tiles. Starting from
+// -inf any finite max moves it; a row with no visible key so far keeps -inf (and P = 0). Sets the
+// offsets the exponentials subtract (use_*) and O's factors (al_*). A row moves iff one of its quad's
+// partial maxima passes the bound, so with LAZY the quad's maxima are reduced (two dependent shuffles
+// per row, ahead of every exponential) only when some row of the warp moves: same values, 2-7%
+// faster with two consumer warpgroups at head_dim 128 on the H200, ~1% slower with three at 64
+// (docs/perf.md, "Fifteenth session"). Returns, with LAZY, whether some row of the warp moved, i.e.
+// some alpha is not 1 (so that the caller's rescale of O needs no vote of its own); without, true.
+template <bool LAZY>
+__device__ __forceinline__ bool lazy_row_max(float mx_a, float mx_b, float scale_log2, float& m_a, float& m_b,
+                                             float& use_a, float& use_b, float& al_a, float& al_b) {
+    const bool moved =
+        !LAZY ||
+        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2);
+    if (moved) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
+    }
+    const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
+    const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
+    const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
+    use_a = mn_a == NEG_INF ? 0.f : mn_a;
+    use_b = mn_b == NEG_INF ? 0.f : mn_b;
+    al_a = up_a ? fast_exp2(m_a - use_a) : 1.f;
+    al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
+    m_a = mn_a;
+    m_b = mn_b;
+    return moved;
+}
+
 // The online softmax of one 64-key S tile, shared by every attention kernel: the mma.sync and wgmma
 // accumulators have the same layout (this thread holds rows ra and rb = ra + 8, columns 8j + 2tq and
 // 8j + 2tq + 1). When `mask`, masks the keys past each row (positions `kp`, POS_NONE for missing rows);
@@ -136,34 +171,8 @@ __device__ __forceinline__ bool softmax_tile(float (*s)[4], const int* kp, bool 
             tb[j] = fmaxf(tb[j], tb[j + w]);
         }
     }
-    // The running max moves only when the tile's max passes it by more than RESCALE_LOG2 (as
-    // FlashAttention-4 does): then P <= 2^RESCALE_LOG2, which bf16 and the f32 sums hold with the same
-    // relative precision, and O needs no rescale (alpha = 1) on most tiles. Starting from -inf any
-    // finite max moves it; a row with no visible key so far keeps -inf (and P = 0). A row moves iff
-    // one of its quad's partial maxima passes the bound, so with LAZY_SHFL the quad's maxima are
-    // reduced (two dependent shuffles per row, ahead of every exponential) only when some row of the
-    // warp moves: same values, 2-7% faster with two consumer warpgroups at head_dim 128 on the H200,
-    // ~1% slower with three at 64 (docs/perf.md, "Fifteenth session").
-    float mx_a = ta[0], mx_b = tb[0];
-    // with LAZY_SHFL: whether some row of the warp moves, i.e. some alpha is not 1 (returned, so that
-    // the caller's rescale of O needs no vote of its own); without: true
-    const bool moved =
-        !LAZY_SHFL ||
-        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2);
-    if (moved) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-    }
-    const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
-    const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
-    const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
-    const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-    al_a = up_a ? fast_exp2(m_a - use_a) : 1.f;
-    al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
-    m_a = mn_a;
-    m_b = mn_b;
+    float use_a, use_b;
+    const bool moved = lazy_row_max<LAZY_SHFL>(ta[0], tb[0], scale_log2, m_a, m_b, use_a, use_b, al_a, al_b);
     exp_pair<0, EMU>(s, ta, tb, scale_log2, use_a, use_b);
     exp_pair<1, EMU>(s, ta, tb, scale_log2, use_a, use_b);
     exp_pair<2, EMU>(s, ta, tb, scale_log2, use_a, use_b);
@@ -1592,23 +1601,8 @@ __device__ __forceinline__ bool softmax_tile128(float (*s)[4], bool mask, int k0
             tb[j] = fmaxf(tb[j], tb[j + w]);
         }
     }
-    float mx_a = ta[0], mx_b = tb[0];  // as softmax_tile: the quad's maxima only when a row moves
-    const bool moved =
-        __any_sync(0xffffffff, mx_a * scale_log2 > m_a + RESCALE_LOG2 || mx_b * scale_log2 > m_b + RESCALE_LOG2);
-    if (moved) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, 2));
-    }
-    const float cand_a = mx_a * scale_log2, cand_b = mx_b * scale_log2;
-    const bool up_a = cand_a > m_a + RESCALE_LOG2, up_b = cand_b > m_b + RESCALE_LOG2;
-    const float mn_a = up_a ? cand_a : m_a, mn_b = up_b ? cand_b : m_b;
-    const float use_a = mn_a == NEG_INF ? 0.f : mn_a, use_b = mn_b == NEG_INF ? 0.f : mn_b;
-    al_a = up_a ? fast_exp2(m_a - use_a) : 1.f;
-    al_b = up_b ? fast_exp2(m_b - use_b) : 1.f;
-    m_a = mn_a;
-    m_b = mn_b;
+    float use_a, use_b;
+    const bool moved = lazy_row_max<true>(ta[0], tb[0], scale_log2, m_a, m_b, use_a, use_b, al_a, al_b);
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
         const bool fma_pipe = EMU > 0 && j % (EMU > 0 ? EMU : 1) == (EMU > 0 ? EMU : 1) - 1;

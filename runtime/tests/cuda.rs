@@ -4,8 +4,8 @@
 //! tests cover `exec::cuda::bench` (inputs and JSON on the host; one short measurement on a device).
 
 use runtime::exec::cuda::{
-    bench, bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, FlatIndex, Keys, PlanPrefill,
-    SparsePrefill, VerticalSlashBuilder,
+    bench, bf16_bits, bf16_to_f32, BlockChoice, BlockSparseBuilder, DeviceBuffer, FlatIndex, Keys,
+    PlanPrefill, SparsePrefill, VerticalSlashBuilder,
 };
 use runtime::exec::{dense_attention, sparse_attention};
 use runtime::pattern::{
@@ -55,6 +55,69 @@ fn layer(hq: usize, hkv: usize, n: usize, d: usize) -> (AttnShape, PatternContex
     (shape, ctx)
 }
 
+/// A dense case of `hq` query heads over `hkv` KV heads, `n` tokens of head_dim `d`: noise inputs (seeds
+/// `seed` .. `seed + 2`) on the device and their dense output by the CPU executor.
+struct DenseCase {
+    shape: AttnShape,
+    want: Vec<f32>,
+    q: DeviceBuffer<u16>,
+    k: DeviceBuffer<u16>,
+    v: DeviceBuffer<u16>,
+}
+
+impl DenseCase {
+    fn new(
+        sp: &SparsePrefill,
+        (n, hq, hkv, d): (usize, usize, usize, usize),
+        seed: u64,
+    ) -> Result<Self, Error> {
+        let shape = AttnShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            seq_len: n,
+            head_dim: d,
+        };
+        let (q, k, v) = (
+            noise(hq * n * d, seed),
+            noise(hkv * n * d, seed + 1),
+            noise(hkv * n * d, seed + 2),
+        );
+        let mut want = vec![0.0f32; q.len()];
+        dense_attention(&AttentionInput::new(shape, &q, &k, &v)?, &mut want)?;
+        Ok(Self {
+            shape,
+            want,
+            q: sp.upload_bf16(&q)?,
+            k: sp.upload_bf16(&k)?,
+            v: sp.upload_bf16(&v)?,
+        })
+    }
+
+    /// The device's dense output, written over `poison`, and its largest absolute error against the
+    /// CPU (infinite where it is NaN).
+    fn run(&self, sp: &SparsePrefill, poison: u16) -> Result<f32, Error> {
+        let mut out = sp.zeros::<u16>(self.want.len())?;
+        sp.fill(&mut out, poison)?;
+        sp.forward(
+            &self.shape,
+            &self.q,
+            &self.k,
+            &self.v,
+            Keys::Dense,
+            &mut out,
+        )?;
+        Ok(sp
+            .download(&out)?
+            .iter()
+            .zip(&self.want)
+            .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
+            .fold(
+                0.0f32,
+                |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
+            ))
+    }
+}
+
 #[test]
 fn bf16_rounding_is_nearest_even() {
     assert_eq!(bf16_bits(1.0), 0x3f80);
@@ -82,37 +145,10 @@ fn dense_keys_match_cpu_dense() {
         (129, 8, 2, 128),
         (129, 9, 3, 64),
     ] {
-        let shape = AttnShape {
-            q_heads: hq,
-            kv_heads: hkv,
-            seq_len: n,
-            head_dim: d,
-        };
-        let (q, k, v) = (
-            noise(hq * n * d, 1),
-            noise(hkv * n * d, 2),
-            noise(hkv * n * d, 3),
-        );
-        let mut want = vec![0.0f32; q.len()];
-        dense_attention(&AttentionInput::new(shape, &q, &k, &v).unwrap(), &mut want).unwrap();
-        let (qd, kd, vd) = (
-            sp.upload_bf16(&q).unwrap(),
-            sp.upload_bf16(&k).unwrap(),
-            sp.upload_bf16(&v).unwrap(),
-        );
-        let mut out = sp.zeros::<u16>(q.len()).unwrap();
-        sp.fill(&mut out, 0xffff).unwrap();
-        sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
+        let worst = DenseCase::new(&sp, (n, hq, hkv, d), 1)
+            .unwrap()
+            .run(&sp, 0xffff)
             .unwrap();
-        let got = sp.download(&out).unwrap();
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
-            .fold(
-                0.0f32,
-                |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
-            );
         // bf16 output rounding (2^-9 relative) plus bf16 P in the P.V product
         assert!(worst < 2e-2, "n={n} d={d}: max abs error {worst}");
     }
@@ -131,43 +167,11 @@ fn dense_on_128_key_tiles_matches_the_64_key_kernels() {
         (64 * 14, 3, 1, 64),
         (64 * 19 - 3, 6, 2, 64),
     ] {
-        let shape = AttnShape {
-            q_heads: hq,
-            kv_heads: hkv,
-            seq_len: n,
-            head_dim: d,
-        };
-        let (q, k, v) = (
-            noise(hq * n * d, 11),
-            noise(hkv * n * d, 12),
-            noise(hkv * n * d, 13),
-        );
-        let mut want = vec![0.0f32; q.len()];
-        dense_attention(&AttentionInput::new(shape, &q, &k, &v).unwrap(), &mut want).unwrap();
-        let (qd, kd, vd) = (
-            sp.upload_bf16(&q).unwrap(),
-            sp.upload_bf16(&k).unwrap(),
-            sp.upload_bf16(&v).unwrap(),
-        );
-        let mut run = |on: bool| {
-            sp.set_dense128(on).unwrap();
-            let mut out = sp.zeros::<u16>(q.len()).unwrap();
-            sp.fill(&mut out, 0x7fc0).unwrap(); // NaN
-            sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
-                .unwrap();
-            sp.download(&out).unwrap()
-        };
-        let (k128, k64) = (run(true), run(false));
-        let worst = |got: &[u16]| {
-            got.iter()
-                .zip(&want)
-                .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
-                .fold(
-                    0.0f32,
-                    |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
-                )
-        };
-        let (e128, e64) = (worst(&k128), worst(&k64));
+        let case = DenseCase::new(&sp, (n, hq, hkv, d), 11).unwrap();
+        sp.set_dense128(true).unwrap();
+        let e128 = case.run(&sp, 0x7fc0).unwrap(); // NaN
+        sp.set_dense128(false).unwrap();
+        let e64 = case.run(&sp, 0x7fc0).unwrap();
         // bf16 output rounding plus bf16 P, as dense_keys_match_cpu_dense; and no worse than the
         // 64-key kernels by more than an output rounding step
         assert!(
