@@ -414,11 +414,6 @@ impl SparsePrefill {
             kernel(mma, attn_smem(d) + 1024, 128, 1)
         };
         let mut attn = [pick(64)?, pick(128)?];
-        if std::env::var(DENSE128_ENV).map_or(true, |v| v != "0") {
-            for k in &mut attn {
-                k.dense128 = dense128_function(&dev, k)?;
-            }
-        }
         let schedule = std::env::var(SCHEDULE_ENV).unwrap_or_default();
         if !["", "0", "3", "all"].contains(&schedule.as_str()) {
             return Err(Error::CudaUnsupported(format!(
@@ -444,14 +439,16 @@ impl SparsePrefill {
         } else {
             None
         };
-        Ok(Self {
+        let mut sp = Self {
             dev,
             attn,
             dummy,
             pair_heads,
             group_union,
             union_bufs: Mutex::new(UnionBufs::default()),
-        })
+        };
+        sp.set_dense128(std::env::var(DENSE128_ENV).map_or(true, |v| v != "0"))?;
+        Ok(sp)
     }
 
     /// From which sequence length the warp-specialized kernels read a tile schedule written before
@@ -1162,8 +1159,9 @@ mod tests {
     /// The most dynamic shared memory a CTA may use on sm_90 (227 KB).
     const SM90_MAX_SMEM: u32 = 227 * 1024;
 
-    /// The warp-specialized kernels' shared memory as launched (and as docs/cuda.md gives it) fits
-    /// one CTA per SM on sm_90; a stage more would not for three consumers at head_dim 64.
+    /// The warp-specialized kernels' and the 128-key dense kernels' shared memory as launched (and as
+    /// docs/cuda.md gives it) fits one CTA per SM on sm_90; a stage more would not for three
+    /// consumers at head_dim 64, nor for the 128-key kernel at head_dim 128.
     #[test]
     fn warp_specialized_shared_memory_fits_sm90() {
         for (d, consumers, stages, want) in [
@@ -1179,6 +1177,13 @@ mod tests {
             assert!(got <= SM90_MAX_SMEM, "{got} bytes");
         }
         assert!(ws_smem(64, 3, 12) > SM90_MAX_SMEM);
+        // the 128-key dense kernels, as dense128_function launches them
+        for (d, consumers, stages, want) in [(128, 2, 3, 230_448), (64, 3, 6, 222_304)] {
+            let got = wsk_smem(d, consumers, stages);
+            assert_eq!(got, want, "128-key tiles, head_dim {d}");
+            assert!(got <= SM90_MAX_SMEM, "{got} bytes");
+        }
+        assert!(wsk_smem(128, 2, 4) > SM90_MAX_SMEM);
     }
 
     /// Each group's schedule fits between its start (`sched_base` in attention.cu, restated here)
