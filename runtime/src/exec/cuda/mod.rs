@@ -171,7 +171,8 @@ pub const ATTN_ENV: &str = "ATTNPLAN_ATTN";
 
 /// Environment variable that, set to `0`, runs dense attention on the warp-specialized kernels'
 /// 64-key tiles instead of `attn_fwd_wsk_d128` / `attn_fwd_wsk3_d64` (128-key tiles, Q in shared
-/// memory; docs/cuda.md, "Dense attention over 128-key tiles"). Read by [`SparsePrefill::new`].
+/// memory; docs/cuda.md, "Dense attention over 128-key tiles"); `1` or unset keeps them, another
+/// value is refused. Read by [`SparsePrefill::new`].
 pub const DENSE128_ENV: &str = "ATTNPLAN_DENSE128";
 
 /// Dynamic shared memory of `attn_fwd_wsk*` (head_dim `d`, `consumers` query blocks per CTA,
@@ -447,7 +448,13 @@ impl SparsePrefill {
             group_union,
             union_bufs: Mutex::new(UnionBufs::default()),
         };
-        sp.set_dense128(std::env::var(DENSE128_ENV).map_or(true, |v| v != "0"))?;
+        let dense128 = std::env::var(DENSE128_ENV).unwrap_or_default();
+        if !["", "0", "1"].contains(&dense128.as_str()) {
+            return Err(Error::CudaUnsupported(format!(
+                "{DENSE128_ENV}={dense128}: expected 0 or 1 (or unset)"
+            )));
+        }
+        sp.set_dense128(dense128 != "0")?;
         Ok(sp)
     }
 
