@@ -267,14 +267,38 @@ impl SparsePrefill {
         Ok(stats)
     }
 
-    /// Index building and the sparse kernel for one layer.
-    fn sparse_layer(
+    /// The index each query head of `layer` computes on `input` (heads sharing an index get a copy of
+    /// it), as [`SparsePrefill::forward`] builds it; `None` when the layer would run dense (short
+    /// sequence or a mismatched plan). For comparing another executor's indexes with this one's.
+    pub fn layer_index(
         &self,
         layer: usize,
         input: &AttentionInput<'_>,
-        out: &mut [f32],
-        dense_cells: u64,
-    ) -> Result<PrefillStats> {
+    ) -> Result<Option<Vec<HeadIndex>>> {
+        self.check_input(layer, input)?;
+        if self.fallback.is_some() || (input.shape.seq_len as u64) < self.dense_below {
+            return Ok(None);
+        }
+        let (built, owner, _) = self.build_indexes(layer, input)?;
+        owner
+            .iter()
+            .map(|&o| {
+                built.get(o).cloned().flatten().ok_or_else(|| {
+                    Error::Shape(format!("no index was built for head {o} of layer {layer}"))
+                })
+            })
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+
+    /// Every index owner's index (`None` for heads that use their owner's), the owners, and the
+    /// heads' patterns.
+    #[allow(clippy::type_complexity)]
+    fn build_indexes(
+        &self,
+        layer: usize,
+        input: &AttentionInput<'_>,
+    ) -> Result<(Vec<Option<HeadIndex>>, Vec<usize>, Vec<&Pattern>)> {
         let shape = input.shape;
         let ctx = PatternContext::new(shape.seq_len, &self.plan.defaults);
         let patterns: Vec<&Pattern> = (0..shape.q_heads)
@@ -288,8 +312,6 @@ impl SparsePrefill {
             })
             .collect::<Result<_>>()?;
         let owner = index_owners(self.plan.defaults.share_kv_group_indexes, &shape, &patterns);
-
-        let start = Instant::now();
         let built: Vec<Option<HeadIndex>> = (0..shape.q_heads)
             .into_par_iter()
             .map(|h| {
@@ -302,6 +324,20 @@ impl SparsePrefill {
                 build_index(pattern, &ctx, &qk).map(Some).map_err(err)
             })
             .collect::<Result<_>>()?;
+        Ok((built, owner, patterns))
+    }
+
+    /// Index building and the sparse kernel for one layer.
+    fn sparse_layer(
+        &self,
+        layer: usize,
+        input: &AttentionInput<'_>,
+        out: &mut [f32],
+        dense_cells: u64,
+    ) -> Result<PrefillStats> {
+        let shape = input.shape;
+        let start = Instant::now();
+        let (built, owner, patterns) = self.build_indexes(layer, input)?;
         let index_time = start.elapsed();
 
         let indexes: Vec<&HeadIndex> = owner

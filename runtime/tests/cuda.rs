@@ -352,6 +352,21 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
                     |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
                 );
             assert!(worst < 2e-2, "{what}: max abs error {worst}");
+            // the host form: the same output from host tensors (the inputs are bf16 already)
+            let mut host = vec![f32::NAN; q.len()];
+            pp.forward_host(&sp, layer, &input, &mut host).unwrap();
+            let device: Vec<f32> = sp
+                .download(&out)
+                .unwrap()
+                .into_iter()
+                .map(bf16_to_f32)
+                .collect();
+            assert!(
+                host.iter()
+                    .zip(&device)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: forward_host differs from forward"
+            );
             assert_eq!(stats.shared, 2 * usize::from(share && layer == 1), "{what}");
             let sources = (
                 stats.gpu_vertical_slash,

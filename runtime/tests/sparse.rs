@@ -336,6 +336,10 @@ fn prefill_runs_every_kind_plan() {
                 build_index(&plan.head(layer, h).unwrap().pattern, &ctx, &qk).unwrap()
             })
             .collect();
+        assert_eq!(
+            sp.layer_index(layer, &inp.input()).unwrap().as_deref(),
+            Some(&indexes[..])
+        );
         let mut out = vec![f32::NAN; inp.q.len()];
         let stats = sp.forward(layer, &inp.input(), &mut out).unwrap();
         let want = reference_attention(&inp.input(), |h, i, j| indexes[h].contains(i, j)).unwrap();
@@ -450,6 +454,7 @@ fn below_dense_below_runs_dense() {
         "short",
     );
     assert_eq!(stats.dense_count(DenseReason::ShortSequence), 4);
+    assert_eq!(sp.layer_index(1, &inp.input()).unwrap(), None);
     assert_eq!(stats.index_time, std::time::Duration::ZERO);
     assert_eq!(stats.density(), 1.0);
     assert_eq!(sp.totals().dense_short, 4);
@@ -512,6 +517,10 @@ fn kv_group_sharing_uses_the_first_heads_index() {
     };
     let indexes = [own(0), own(0), own(2), own(3)];
     assert_ne!(own(1), own(0), "heads 0 and 1 should differ on their own");
+    assert_eq!(
+        sp.layer_index(1, &inp.input()).unwrap().as_deref(),
+        Some(&indexes[..])
+    );
     let mut out = vec![f32::NAN; inp.q.len()];
     let stats = sp.forward(1, &inp.input(), &mut out).unwrap();
     let want = reference_attention(&inp.input(), |h, i, j| indexes[h].contains(i, j)).unwrap();

@@ -241,6 +241,15 @@ impl PlanPrefill {
     ) -> Result<LayerStats> {
         Err(Error::CudaNotCompiled)
     }
+    pub fn forward_host(
+        &mut self,
+        _sp: &SparsePrefill,
+        _layer: usize,
+        _input: &crate::AttentionInput<'_>,
+        _out: &mut [f32],
+    ) -> Result<LayerStats> {
+        Err(Error::CudaNotCompiled)
+    }
 }
 
 /// GPU token-select index building; [`TokenSelectBuilder::new`] returns [`Error::CudaNotCompiled`].

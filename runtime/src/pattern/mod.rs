@@ -44,6 +44,7 @@ use schemas::{Defaults, Pattern};
 use crate::error::{Error, Result};
 use crate::AttentionInput;
 
+pub(crate) use index::IndexBuilder;
 pub use index::{causal_cells, HeadIndex, Piece};
 pub use rank::Ranking;
 

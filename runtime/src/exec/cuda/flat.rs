@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 pub use crate::pattern::block_sparse::BlockChoice;
 pub use crate::pattern::token_select::TokenChoice;
-use crate::pattern::HeadIndex;
+use crate::pattern::{HeadIndex, IndexBuilder, PatternContext};
 
 /// Query rows and key columns per kernel block: the CUDA kernels need `block_q == block_k == 64`.
 pub const CUDA_BLOCK: usize = 64;
@@ -173,6 +173,32 @@ impl FlatIndex {
     /// Gathered columns of query block `qb` of head `h` (empty when out of range).
     pub fn columns(&self, h: usize, qb: usize) -> &[u32] {
         Self::row(&self.col_off, &self.col_idx, h * self.q_blocks + qb)
+    }
+
+    /// Head `h`'s lists as a [`HeadIndex`] at `ctx` (whose blocks must be 64 × 64 and whose length
+    /// must be this index's), e.g. to measure the recall of an index the GPU built with the CPU's
+    /// tools. Entries the kernels would not compute (past the causal end) are dropped, as
+    /// [`HeadIndex`] always does; lists that passed [`FlatIndex::check`] lose nothing.
+    pub fn head(&self, h: usize, ctx: &PatternContext) -> Result<HeadIndex> {
+        if h >= self.q_heads
+            || ctx.seq_len != self.seq_len
+            || ctx.block_q != CUDA_BLOCK
+            || ctx.block_k != CUDA_BLOCK
+        {
+            return Err(Error::Shape(format!(
+                "head {h} at seq_len {} with {}x{} blocks: the index has {} heads at seq_len {} \
+                 with {CUDA_BLOCK}x{CUDA_BLOCK} blocks",
+                ctx.seq_len, ctx.block_q, ctx.block_k, self.q_heads, self.seq_len
+            )));
+        }
+        let mut b = IndexBuilder::new(ctx);
+        for qb in 0..self.q_blocks {
+            b.push(
+                self.key_blocks(h, qb).iter().map(|&kb| kb as usize),
+                self.columns(h, qb).iter().map(|&j| j as usize),
+            );
+        }
+        Ok(b.finish())
     }
 
     fn row<'a>(off: &[u32], data: &'a [u32], e: usize) -> &'a [u32] {
@@ -361,6 +387,35 @@ mod tests {
         assert!(flat(&[d.clone(), d.clone(), a.clone(), a.clone()]).pairs_share());
         assert!(!flat(&[d.clone(), a.clone(), a.clone(), a.clone()]).pairs_share());
         assert!(!flat(&[d.clone(), d.clone(), d.clone()]).pairs_share());
+    }
+
+    /// `head` gives back the lists `from_heads` flattened, columns included, and refuses a head or
+    /// a context the index does not have.
+    #[test]
+    fn head_gives_back_each_heads_lists() {
+        let ctx = PatternContext {
+            seq_len: 1000,
+            block_q: 64,
+            block_k: 64,
+            last_q: 64,
+        };
+        // key blocks 0 and the diagonal, columns 70, 71 and 600 where they are causal and outside
+        let mut b = IndexBuilder::new(&ctx);
+        for qb in 0..ctx.q_blocks() {
+            b.push([0, qb], [70, 71, 600]);
+        }
+        let heads = [b.finish(), a_shape::index(&ctx, 16, 64)];
+        assert_eq!(heads[0].columns(15), [70, 71, 600]);
+        let f = FlatIndex::from_heads(1000, &heads).unwrap();
+        for (h, want) in heads.iter().enumerate() {
+            assert_eq!(f.head(h, &ctx).unwrap(), *want);
+        }
+        assert!(matches!(f.head(2, &ctx), Err(Error::Shape(_))));
+        let other = PatternContext {
+            seq_len: 1001,
+            ..ctx
+        };
+        assert!(matches!(f.head(0, &other), Err(Error::Shape(_))));
     }
 
     #[test]

@@ -47,7 +47,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::pattern::{static_index, HeadIndex, PatternContext};
 use crate::prefill::{index_owners, DenseReason, PrefillOptions};
-use crate::AttnShape;
+use crate::{AttentionInput, AttnShape};
 
 /// Where a head's index comes from (the source numbers of `ix_merge_*`).
 const SRC_VS: u32 = 0;
@@ -414,6 +414,39 @@ impl PlanPrefill {
         stats.attention_ms = timed(sp, self.timing, || {
             sp.forward(shape, q, k, v, Keys::Index(ix), out)
         })?;
+        Ok(stats)
+    }
+
+    /// [`PlanPrefill::forward`] on host tensors: `input`'s Q, K, V (f32, rounded to bf16) go to the
+    /// device, the attention comes back into `out` (`[q_heads, seq_len, head_dim]`, f32 of the bf16
+    /// output) once the device is done. For a model whose forward runs on the host (the profiler's),
+    /// so that its attention runs on the GPU; an engine with its tensors on the device calls
+    /// `forward`.
+    pub fn forward_host(
+        &mut self,
+        sp: &SparsePrefill,
+        layer: usize,
+        input: &AttentionInput<'_>,
+        out: &mut [f32],
+    ) -> Result<LayerStats> {
+        let shape = input.shape;
+        let want = shape
+            .q_len()
+            .ok_or_else(|| Error::Shape(format!("attention shape {shape:?} overflows usize")))?;
+        if out.len() != want {
+            return Err(Error::Shape(format!(
+                "out has {} elements, shape {shape:?} needs {want}",
+                out.len()
+            )));
+        }
+        let q = sp.upload_bf16(input.q)?;
+        let k = sp.upload_bf16(input.k)?;
+        let v = sp.upload_bf16(input.v)?;
+        let mut o = sp.zeros::<u16>(want)?;
+        let stats = self.forward(sp, layer, &shape, &q, &k, &v, &mut o)?;
+        for (dst, bits) in out.iter_mut().zip(sp.download(&o)?) {
+            *dst = super::bf16_to_f32(bits);
+        }
         Ok(stats)
     }
 }
