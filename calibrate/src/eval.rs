@@ -31,6 +31,7 @@ use runtime::{AttentionInput, PrefillOptions, SparsePrefill};
 use schemas::Plan;
 use serde::{Deserialize, Serialize};
 
+use crate::gpu_eval::GpuAttention;
 use crate::Error;
 
 /// The sparse forward's attention: the plan's sparse output, with dense computed beside it.
@@ -55,7 +56,11 @@ pub struct EvalAttention {
     pub index_seconds_shared: f64,
     /// The last rows of the next forwards that are decoded tokens, not prefill: attended densely.
     pub decode_rows: usize,
+    /// With `--device cuda`: the plan runs on the GPU, and `prefill` (the CPU's) only on the
+    /// compared forwards, beside it.
+    pub gpu: Option<GpuAttention>,
     dense_out: Vec<f32>,
+    cpu_out: Vec<f32>,
 }
 
 impl EvalAttention {
@@ -74,8 +79,18 @@ impl EvalAttention {
             index_seconds_own: 0.0,
             index_seconds_shared: 0.0,
             decode_rows: 0,
+            gpu: None,
             dense_out: Vec::new(),
+            cpu_out: Vec::new(),
         })
+    }
+
+    /// Runs the plan's attention on the GPU instead ([`GpuAttention`]).
+    pub fn with_gpu(self, gpu: GpuAttention) -> Self {
+        Self {
+            gpu: Some(gpu),
+            ..self
+        }
     }
 
     pub fn prefill(&self) -> &SparsePrefill {
@@ -91,9 +106,23 @@ impl LayerAttention for EvalAttention {
         out: &mut [f32],
     ) -> profiler::Result<()> {
         let start = Instant::now();
-        self.prefill.forward(layer, input, out)?;
+        match &mut self.gpu {
+            Some(gpu) => {
+                gpu.forward(layer, input, out)?;
+                if self.compare_dense {
+                    // the CPU prefill beside it; its time is the sparse attention time
+                    self.sparse_seconds +=
+                        gpu.compare(layer, input, out, &mut self.prefill, &mut self.cpu_out)?;
+                }
+            }
+            None => {
+                self.prefill.forward(layer, input, out)?;
+                if self.compare_dense {
+                    self.sparse_seconds += start.elapsed().as_secs_f64();
+                }
+            }
+        }
         if self.compare_dense {
-            self.sparse_seconds += start.elapsed().as_secs_f64();
             self.dense_out.resize(out.len(), 0.0);
             let start = Instant::now();
             DenseAttention.attend(layer, input, &mut self.dense_out)?;
@@ -110,6 +139,9 @@ impl LayerAttention for EvalAttention {
         }
         if self.measure_recall {
             self.measure(layer, input)?;
+            if let Some(gpu) = &mut self.gpu {
+                gpu.measure_recall(layer, input)?;
+            }
         }
         // After the timing and the output error, which describe the plan's prefill over every row.
         let n = input.shape.seq_len;

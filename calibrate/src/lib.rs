@@ -7,7 +7,8 @@
 //! - [`heads`]: retrieval-head identification (DuoAttention gates, Retrieval Head scores) and hybrid
 //!   plans (the lowest-ranked KV heads streaming).
 //! - [`report`]: the per-head report and summary (text and JSON).
-//! - [`eval`]: dense against sparse prefill on the same inputs.
+//! - [`eval`]: dense against sparse prefill on the same inputs; [`gpu_eval`]: the same with the plan's
+//!   attention on the GPU, compared with the CPU prefill.
 //! - [`cli`]: the subcommands, one file each.
 
 pub mod calibration;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod emit;
 mod error;
 pub mod eval;
+pub mod gpu_eval;
 pub mod heads;
 pub mod report;
 pub mod search;

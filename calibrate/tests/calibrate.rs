@@ -735,6 +735,41 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
         let cells = r["flops_fraction"].as_f64().unwrap();
         assert!(cells > 0.0 && cells < 1.0, "{cells}");
         assert!(r["perplexity_change"].as_f64().unwrap().is_finite());
+        assert_eq!(r["device"], "cpu");
+    }
+    // The plan's attention on the GPU: runs where there is one (and the binary has the feature),
+    // else exits 2 saying which is missing.
+    let out = attnplan(&[
+        "eval",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--data",
+        "synthetic:passkey",
+        "--seq-len",
+        "512",
+        "--samples",
+        "1",
+        "--json",
+        "--device",
+        "cuda",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    match out.status.code() {
+        Some(0) => {
+            let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(r["device"], "cuda");
+            let recall = r["gpu"]["min_head_recall"].as_f64().unwrap();
+            assert!(recall > 0.5 && recall <= 1.0 + 1e-9, "{recall}");
+            assert_eq!(r["sparse"]["accuracy"]["synthetic:passkey"][1], 1);
+        }
+        Some(2) if err.contains("built without the `cuda` feature") => {
+            println!("skipped the GPU eval: attnplan built without the `cuda` feature");
+        }
+        Some(2) if err.contains("no usable CUDA device") => {
+            println!("skipped the GPU eval: {}", err.trim());
+        }
+        code => panic!("exit {code:?}: {err}"),
     }
 }
 

@@ -6,9 +6,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use crate::eval::{eval_sample, DenseCache, EvalAttention, SampleEval};
+use crate::gpu_eval::GpuAttention;
 use profiler::model::DenseAttention;
 use serde::Serialize;
 
+use super::bench::{open_error, Device};
 use super::common::{load_model, DataArgs, Progress};
 use super::{report_plan_error, Outcome};
 
@@ -54,6 +56,12 @@ pub struct Args {
     /// same tokens again (evaluating several plans on the same data runs dense once).
     #[arg(long, value_name = "DIR")]
     pub dense_cache: Option<PathBuf>,
+    /// Where the plan's attention runs: cpu, or cuda (device 0; the rest of the model stays on the
+    /// CPU). With cuda the CPU prefill also runs on the compared samples, and the report adds the
+    /// GPU's output difference to it, the index lists where the two differ, the recall of the GPU's
+    /// indexes and its device times. The GPU follows the plan's own dense threshold.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -162,8 +170,35 @@ struct EvalReport {
     heads_run_dense: u64,
     /// Samples whose dense result came from `--dense-cache` instead of a dense forward.
     dense_from_cache: usize,
+    /// Where the plan's attention ran: `cpu` or `cuda`. With `cuda`, `flops_fraction`,
+    /// `index_seconds` and `heads_run_dense` are the GPU's, the attention times and `head_recall`
+    /// the CPU's (on the compared samples), and `gpu` holds the comparison.
+    device: &'static str,
+    gpu: Option<GpuReport>,
     /// Every sample's figures, in order.
     cases: Vec<Case>,
+}
+
+/// The plan on the GPU against the CPU prefill (`--device cuda`; see `calibrate::gpu_eval`).
+#[derive(Debug, Serialize)]
+struct GpuReport {
+    device: String,
+    dense_below: u64,
+    /// Device time (CUDA events) over every sparse forward, seconds.
+    index_seconds: f64,
+    attention_seconds: f64,
+    /// Per layer: `‖O_gpu − O_cpu‖ / ‖O_cpu‖` on the compared samples.
+    layer_error_vs_cpu: Vec<f64>,
+    mean_layer_error_vs_cpu: f64,
+    worst_layer_error_vs_cpu: f64,
+    /// (head, query block) lists of the compared samples, and those where the GPU's index differs
+    /// from the CPU's built on the same bf16-rounded inputs.
+    lists_compared: u64,
+    lists_differing: u64,
+    /// `[layer][head]` recall of the GPU's indexes on the first sample.
+    head_recall: Vec<Vec<f64>>,
+    mean_head_recall: f64,
+    min_head_recall: f64,
 }
 
 /// One sample under both attentions.
@@ -223,6 +258,11 @@ pub fn run(args: &Args) -> Outcome {
     let mut dense_from_cache = 0;
     let mut cases = Vec::with_capacity(all.len());
     let mut sparse_attn = EvalAttention::new(&plan, &info)?;
+    if args.device == Device::Cuda {
+        let gpu = GpuAttention::new(&plan, &info).map_err(open_error)?;
+        eprintln!("eval: plan's attention on {}", gpu.device);
+        sparse_attn = sparse_attn.with_gpu(gpu);
+    }
     let (mut dense, mut sparse) = (Side::default(), Side::default());
     let progress = Progress::new("evaluating", all.len());
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -277,6 +317,19 @@ pub fn run(args: &Args) -> Outcome {
     dense.finish();
     sparse.finish();
     let totals = sparse_attn.prefill().totals().clone();
+    let gpu = sparse_attn.gpu.as_ref().map(gpu_report);
+    let (flops_fraction, index_seconds, heads_run_dense) = match &sparse_attn.gpu {
+        Some(g) => (
+            g.cells as f64 / g.dense_cells.max(1) as f64,
+            g.index_ms / 1e3,
+            g.dense_heads,
+        ),
+        None => (
+            totals.density(),
+            totals.index_time.as_secs_f64(),
+            totals.dense_short + totals.dense_planned + totals.dense_mismatch,
+        ),
+    };
     let recall: Vec<f64> = sparse_attn.recall.iter().flatten().copied().collect();
     let shared: Vec<f64> = sparse_attn
         .shared_recall
@@ -296,11 +349,11 @@ pub fn run(args: &Args) -> Outcome {
         },
         sources,
         perplexity_change: sparse.perplexity / dense.perplexity - 1.0,
-        flops_fraction: totals.density(),
+        flops_fraction,
         attention_seconds_dense: sparse_attn.dense_seconds,
         attention_seconds_sparse: sparse_attn.sparse_seconds,
         attention_speedup: sparse_attn.dense_seconds / sparse_attn.sparse_seconds.max(1e-12),
-        index_seconds: totals.index_time.as_secs_f64(),
+        index_seconds,
         layer_output_error: sparse_attn
             .err
             .iter()
@@ -321,7 +374,9 @@ pub fn run(args: &Args) -> Outcome {
         index_seconds_shared: sparse_attn.index_seconds_shared,
         agreement,
         compared_samples_per_source: args.compare_samples.min(args.samples),
-        heads_run_dense: totals.dense_short + totals.dense_planned + totals.dense_mismatch,
+        heads_run_dense,
+        device: if gpu.is_some() { "cuda" } else { "cpu" },
+        gpu,
         dense_from_cache,
         cases,
         dense,
@@ -334,6 +389,43 @@ pub fn run(args: &Args) -> Outcome {
     };
     super::print(&text)?;
     Ok(())
+}
+
+/// Mean and minimum over the measured (non-NaN) entries.
+fn mean_min(x: &[Vec<f64>]) -> (f64, f64) {
+    let v: Vec<f64> = x
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|r| !r.is_nan())
+        .collect();
+    (
+        v.iter().sum::<f64>() / v.len().max(1) as f64,
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+    )
+}
+
+fn gpu_report(g: &GpuAttention) -> GpuReport {
+    let err: Vec<f64> = g
+        .err_vs_cpu
+        .iter()
+        .map(|(d, n)| if *n > 0.0 { (d / n).sqrt() } else { 0.0 })
+        .collect();
+    let (mean_head_recall, min_head_recall) = mean_min(&g.recall);
+    GpuReport {
+        device: g.device.clone(),
+        dense_below: g.dense_below(),
+        index_seconds: g.index_ms / 1e3,
+        attention_seconds: g.attention_ms / 1e3,
+        mean_layer_error_vs_cpu: err.iter().sum::<f64>() / err.len().max(1) as f64,
+        worst_layer_error_vs_cpu: err.iter().copied().fold(0.0, f64::max),
+        layer_error_vs_cpu: err,
+        lists_compared: g.lists_compared,
+        lists_differing: g.lists_differing,
+        head_recall: g.recall.clone(),
+        mean_head_recall,
+        min_head_recall,
+    }
 }
 
 fn render(r: &EvalReport) -> String {
@@ -449,6 +541,38 @@ fn render(r: &EvalReport) -> String {
             r.index_seconds_own,
             r.index_seconds_shared
         );
+    }
+    if let Some(g) = &r.gpu {
+        let _ = writeln!(
+            out,
+            "  plan's attention on {} (dense below {} tokens, as the plan says); rest on the CPU",
+            g.device, g.dense_below
+        );
+        let _ = writeln!(
+            out,
+            "  GPU device time              index {:.1} ms, attention {:.1} ms (all sparse \
+             forwards; the attention times above are the CPU's)",
+            1e3 * g.index_seconds,
+            1e3 * g.attention_seconds
+        );
+        if g.lists_compared > 0 || g.worst_layer_error_vs_cpu > 0.0 {
+            let _ = writeln!(
+                out,
+                "  GPU against the CPU prefill  output error mean {:.4}, worst {:.4}; index lists \
+                 differing on the same bf16 inputs {} of {}",
+                g.mean_layer_error_vs_cpu,
+                g.worst_layer_error_vs_cpu,
+                g.lists_differing,
+                g.lists_compared
+            );
+        }
+        if g.min_head_recall.is_finite() {
+            let _ = writeln!(
+                out,
+                "  head recall, GPU's indexes   mean {:.4}, min {:.4}",
+                g.mean_head_recall, g.min_head_recall
+            );
+        }
     }
     if r.dense_from_cache > 0 {
         let _ = writeln!(
