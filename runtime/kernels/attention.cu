@@ -1709,6 +1709,8 @@ __device__ __forceinline__ void attn_fwd_wsk(const bf16_t* __restrict__ q, bf16_
     const int g = lane >> 2, tq = lane & 3;
     const int ra = row0 + wl * 16 + g, rb = ra + 8;
     const u32 sq = sQ + wg * Q_BYTES;
+    // The Q tile, copied as attn_fwd_ws copies its own: one helper for both changed the register
+    // assignment of attn_fwd_ws and cost its sparse launch 1.5% at 128K (docs/perf.md, sixteenth session).
     {
         const bf16_t* qh = q + (u64)h * n * D;
         const int ct = tid & 127, c = ct % (D / 8);
