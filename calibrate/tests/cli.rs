@@ -149,3 +149,51 @@ fn bench_without_cuda_exits_2_saying_why() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--example sparse_bench"));
 }
+
+/// `bench --plan`: a plan that does not validate is refused naming the field before any device is
+/// opened; a valid one runs where there is a device (and the feature), else exits 2 saying which is
+/// missing; `--dense-below` needs `--plan`.
+#[test]
+fn bench_of_a_plan_checks_it_and_says_why_it_cannot_run() {
+    let bad = plans().join("invalid/zero-budget.yaml");
+    let out = attnplan(&["bench", "--device", "cuda", "--plan", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("layers[0].heads[1].pattern.sink"));
+
+    let good = plans().join("valid/every-kind.yaml");
+    let out = attnplan(&[
+        "bench",
+        "--device",
+        "cuda",
+        "--plan",
+        good.to_str().unwrap(),
+        "--lengths",
+        "2K",
+        "--reps",
+        "1",
+        "--dense-below",
+        "0",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    match out.status.code() {
+        Some(0) => {
+            println!("ran on a CUDA device:\n{stdout}");
+            assert!(stdout.contains("plan pass"), "{stdout}");
+        }
+        Some(2) if stderr.contains("built without the `cuda` feature") => {
+            println!("skipped the device run: attnplan built without the `cuda` feature");
+        }
+        Some(2) if stderr.contains("no usable CUDA device") => {
+            println!("skipped the device run: {}", stderr.trim());
+        }
+        code => panic!("exit {code:?}: {stderr}"),
+    }
+    let out = attnplan(&["bench", "--device", "cuda", "--dense-below", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--plan"),
+        "{}",
+        text(&out.stderr)
+    );
+}

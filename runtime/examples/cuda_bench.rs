@@ -925,10 +925,11 @@ fn plan_bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cuda_bench plan DIR --plan FILE --n N [--reps R]`: every layer of a plan file (e.g. the main
-/// job's `out/plan.yaml`) through `PlanPrefill` on structured inputs of the plan's layer shape (the
-/// same inputs for every layer: a timing, not a model run); prints per-layer and total index and
-/// attention times, the dense time of one layer, and where the heads' indexes came from.
+/// `cuda_bench plan DIR --plan FILE --n N [--reps R] [--dense-below T]`: every layer of a plan file
+/// (e.g. the main job's `out/plan.yaml`) through `PlanPrefill` on structured inputs of the plan's
+/// layer shape (`runtime::exec::cuda::plan_bench::time_plan`, as `attnplan bench --device cuda
+/// --plan FILE` runs it); prints per-layer and total index and attention times, the dense time of
+/// one layer, whole passes, and where the heads' indexes came from.
 fn plan_file_bench(o: &Opts) -> Result<()> {
     let path = PathBuf::from(o.str("plan", ""));
     let plan = match schemas::Plan::read(&path) {
@@ -940,7 +941,6 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
         }
     };
     let n = o.num("n", 8192)?;
-    let reps = o.num("reps", 3)?.max(1);
     let options = runtime::PrefillOptions {
         dense_below: match o.kv.contains_key("dense-below") {
             true => Some(o.num("dense-below", 0)? as u64),
@@ -948,97 +948,40 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
         },
         ..runtime::PrefillOptions::default()
     };
-    let m = &plan.model;
-    let shape = AttnShape {
-        q_heads: m.query_heads as usize,
-        kv_heads: m.kv_heads as usize,
-        seq_len: n,
-        head_dim: m.head_dim as usize,
-    };
-    shape.check()?;
-    let PlanSetup {
-        sp,
-        mut pp,
-        q: qd,
-        k: kd,
-        v: vd,
-        mut out,
-    } = PlanSetup::new(&plan, &shape, options)?;
-    let (mut index_ms, mut attn_ms, mut entries) = (0.0f32, 0.0f32, 0usize);
-    let mut heads = [0usize; 5];
-    for layer in 0..m.layers as usize {
-        pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)?; // warm-up (and static caches)
-        let runs = (0..reps)
-            .map(|_| pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out))
-            .collect::<Result<Vec<_>>>()?;
-        let (ix, at) = (
-            bench::median(runs.iter().map(|r| r.index_ms.unwrap_or(0.0)).collect()),
-            bench::median(runs.iter().map(|r| r.attention_ms.unwrap_or(0.0)).collect()),
-        );
-        let r = &runs[0];
+    let sp = SparsePrefill::new(0)?;
+    let t = runtime::exec::cuda::plan_bench::time_plan(&sp, &plan, n, o.num("reps", 3)?, options)?;
+    for (layer, l) in t.layers.iter().enumerate() {
         println!(
-            "layer {layer:>2}: index {ix:.3} ms, attention {at:.3} ms, entries {:?}, dense {:?}",
-            r.entries, r.dense
+            "layer {layer:>2}: index {:.3} ms, attention {:.3} ms, entries {:?}, dense {:?}",
+            l.index_ms, l.attention_ms, l.entries, l.dense
         );
-        index_ms += ix;
-        attn_ms += at;
-        entries += r.entries.0 + r.entries.1;
-        for (slot, c) in heads.iter_mut().zip([
-            r.gpu_vertical_slash,
-            r.gpu_block_sparse,
-            r.gpu_token_select,
-            r.gpu_query_adaptive,
-            r.host_static,
-        ]) {
-            *slot += c;
-        }
-    }
-    let dense_ms = bench::median_ms(&sp, reps, || {
-        sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)
-    })?;
-    // Whole passes as an engine runs them: every layer queued back to back, untimed (no wait but
-    // the list sizes'), one synchronize at the end; host wall time, medians of `reps` after one.
-    let layers = m.layers as usize;
-    pp.set_timing(false);
-    let mut plan_pass = Vec::new();
-    let mut dense_pass = Vec::new();
-    for rep in 0..=reps {
-        let t = std::time::Instant::now();
-        for layer in 0..layers {
-            pp.forward(&sp, layer, &shape, &qd, &kd, &vd, &mut out)?;
-        }
-        sp.synchronize()?;
-        let plan_ms = t.elapsed().as_secs_f32() * 1e3;
-        let t = std::time::Instant::now();
-        for _ in 0..layers {
-            sp.forward(&shape, &qd, &kd, &vd, Keys::Dense, &mut out)?;
-        }
-        sp.synchronize()?;
-        if rep > 0 {
-            plan_pass.push(plan_ms);
-            dense_pass.push(t.elapsed().as_secs_f32() * 1e3);
-        }
     }
     println!(
-        "pass at n={n} ({layers} layers back to back, untimed, one synchronize; wall ms, median of {reps}): plan {:.3}, dense {:.3}",
-        bench::median(plan_pass),
-        bench::median(dense_pass)
+        "pass at n={n} ({} layers back to back, untimed, one synchronize; wall ms, median of {}): \
+         plan {:.3}, dense {:.3}",
+        t.layers.len(),
+        t.reps,
+        t.plan_pass_ms,
+        t.dense_pass_ms
     );
+    let (index_ms, attn_ms) = (t.index_ms(), t.attention_ms());
+    let entries: usize = t.layers.iter().map(|l| l.entries.0 + l.entries.1).sum();
     println!(
         "plan {} at n={n}: {} layers, index {index_ms:.3} ms + attention {attn_ms:.3} ms = {:.3} ms \
-         (index share {:.1}%); dense {:.3} ms ({dense_ms:.3} per layer); {entries} index entries; \
+         (index share {:.1}%); dense {:.3} ms ({:.3} per layer); {entries} index entries; \
          heads: GPU vertical-slash {}, block-sparse {}, token-select {}, query-adaptive {}, host \
          static {}",
         path.display(),
-        m.layers,
+        t.layers.len(),
         index_ms + attn_ms,
         100.0 * index_ms / (index_ms + attn_ms).max(f32::MIN_POSITIVE),
-        dense_ms * m.layers as f32,
-        heads[0],
-        heads[1],
-        heads[2],
-        heads[3],
-        heads[4]
+        t.dense_layer_ms * t.layers.len() as f32,
+        t.dense_layer_ms,
+        t.heads[0],
+        t.heads[1],
+        t.heads[2],
+        t.heads[3],
+        t.heads[4]
     );
     Ok(())
 }

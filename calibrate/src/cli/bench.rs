@@ -9,8 +9,8 @@
 //! table says so instead of failing. The table goes to stdout and progress to stderr; `--json FILE`
 //! writes every figure, atomically, after each length and at the end.
 //!
-//! Without the `cuda` feature (runtime's), or without a driver or device, the command exits 2 with a
-//! message saying which.
+//! With `--plan FILE` it times that plan instead (`bench_plan`). Without the `cuda` feature
+//! (runtime's), or without a driver or device, the command exits 2 with a message saying which.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -70,6 +70,16 @@ pub struct Args {
     /// The baselines script (relative paths from the working directory).
     #[arg(long, default_value = "scripts/gpu/baselines.py")]
     pub baselines_script: PathBuf,
+    /// Time this plan instead, every layer through the runtime's plan runner against dense
+    /// attention, on structured inputs of the plan's layer shape (`--shape`, the vertical-slash
+    /// budgets and the baselines do not apply); `--reps` timed forwards per layer and whole passes.
+    #[arg(long, value_name = "FILE")]
+    pub plan: Option<PathBuf>,
+    /// With --plan: run dense below this many tokens instead of the executor's threshold (the
+    /// larger of the plan's `dense_below` and the GPU's own floor); 0 runs the plan's patterns at
+    /// every length.
+    #[arg(long, value_name = "TOKENS", requires = "plan")]
+    pub dense_below: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -169,6 +179,9 @@ pub fn run(args: &Args) -> Outcome {
     let mut seen = std::collections::BTreeSet::new();
     if let Some(n) = args.lengths.iter().find(|&&n| !seen.insert(n)) {
         return Err(anyhow::anyhow!("--lengths lists {n} twice").into());
+    }
+    if let Some(plan) = &args.plan {
+        return super::bench_plan::run(args, plan);
     }
     let sp = SparsePrefill::new(0).map_err(open_error)?;
     eprintln!("bench: {}", sp.device().describe()?);

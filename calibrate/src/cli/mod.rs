@@ -4,6 +4,7 @@
 //! or I/O error. Output to a closed pipe ends quietly with 0.
 
 mod bench;
+mod bench_plan;
 mod calibrate;
 mod common;
 mod eval;

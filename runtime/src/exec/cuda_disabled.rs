@@ -1,7 +1,8 @@
 //! Stand-in for the CUDA executor when the crate is built without the `cuda` feature: the same types
 //! and functions as `exec/cuda/mod.rs`; everything that would touch a device returns
 //! [`Error::CudaNotCompiled`]. [`FlatIndex`] (host only) is the real one, and so is
-//! [`bench`](mod@bench), which runs against this stub (its `measure` returns the same error).
+//! [`bench`](mod@bench) and [`plan_bench`], which run against this stub (their `measure` and `time_plan`
+//! return the same error).
 
 #[path = "cuda/bench.rs"]
 pub mod bench;
@@ -11,6 +12,8 @@ mod flat;
 mod gpu_threshold;
 #[path = "cuda/layer_stats.rs"]
 mod layer_stats;
+#[path = "cuda/plan_bench.rs"]
+pub mod plan_bench;
 
 use std::marker::PhantomData;
 

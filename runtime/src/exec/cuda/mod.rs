@@ -33,6 +33,7 @@ mod flat;
 mod gpu_threshold;
 mod layer_stats;
 mod plan;
+pub mod plan_bench;
 mod query_adaptive;
 mod token_select;
 mod vertical_slash;
