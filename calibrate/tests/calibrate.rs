@@ -711,7 +711,7 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
     );
     // The plan runs in the model's prefill: `eval` reports both sides, with the answer tokens' own
     // rows dense (decoding) by default and under the plan with --sparse-answer-rows.
-    for (flag, rows) in [(None, "dense"), (Some("--sparse-answer-rows"), "sparse")] {
+    let eval = |extra: &[&str]| {
         let mut args = vec![
             "eval",
             "--plan",
@@ -722,11 +722,15 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
             "512",
             "--samples",
             "1",
-            "--no-head-recall",
             "--json",
         ];
-        args.extend(flag);
-        let out = attnplan(&args);
+        args.extend(extra);
+        attnplan(&args)
+    };
+    for (flag, rows) in [(None, "dense"), (Some("--sparse-answer-rows"), "sparse")] {
+        let mut extra = vec!["--no-head-recall"];
+        extra.extend(flag);
+        let out = eval(&extra);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["answer_rows"], rows);
@@ -739,20 +743,7 @@ fn one_shot_calibration_on_smollm2_gives_a_plan_the_model_accepts() {
     }
     // The plan's attention on the GPU: runs where there is one (and the binary has the feature),
     // else exits 2 saying which is missing.
-    let out = attnplan(&[
-        "eval",
-        "--plan",
-        plan.to_str().unwrap(),
-        "--data",
-        "synthetic:passkey",
-        "--seq-len",
-        "512",
-        "--samples",
-        "1",
-        "--json",
-        "--device",
-        "cuda",
-    ]);
+    let out = eval(&["--device", "cuda"]);
     let err = text(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     match out.status.code() {

@@ -114,6 +114,33 @@ fn inspect_refuses_an_invalid_plan_with_exit_1() {
     assert!(text(&out.stderr).contains("layers[0].heads[1].pattern.sink"));
 }
 
+/// A `--device cuda` command's stdout when it ran (exit 0); `None`, after checking the message,
+/// when it exited 2 because the binary lacks the `cuda` feature or the machine a device. Anything
+/// else fails the test.
+fn ran_on_a_device(out: &Output) -> Option<String> {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    match out.status.code() {
+        Some(0) => {
+            println!("ran on a CUDA device:\n{stdout}");
+            Some(stdout)
+        }
+        Some(2) if stderr.contains("built without the `cuda` feature") => {
+            assert!(
+                stderr.contains("cargo build --release -p calibrate --features cuda"),
+                "{stderr}"
+            );
+            println!("skipped the device run: attnplan built without the `cuda` feature");
+            None
+        }
+        Some(2) if stderr.contains("no usable CUDA device") => {
+            println!("skipped the device run: {}", stderr.trim());
+            None
+        }
+        code => panic!("exit {code:?}: {stderr}"),
+    }
+}
+
 #[test]
 fn bench_without_cuda_exits_2_saying_why() {
     let out = attnplan(&[
@@ -126,24 +153,8 @@ fn bench_without_cuda_exits_2_saying_why() {
         "1",
         "--no-baselines",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    match out.status.code() {
-        Some(0) => {
-            println!("ran on a CUDA device:\n{stdout}");
-            assert!(stdout.contains("baselines: skipped"), "{stdout}");
-        }
-        Some(2) if stderr.contains("built without the `cuda` feature") => {
-            assert!(
-                stderr.contains("cargo build --release -p calibrate --features cuda"),
-                "{stderr}"
-            );
-            println!("skipped the device run: attnplan built without the `cuda` feature");
-        }
-        Some(2) if stderr.contains("no usable CUDA device") => {
-            println!("skipped the device run: {}", stderr.trim());
-        }
-        code => panic!("exit {code:?}: {stderr}"),
+    if let Some(stdout) = ran_on_a_device(&out) {
+        assert!(stdout.contains("baselines: skipped"), "{stdout}");
     }
     let out = attnplan(&["bench", "--device", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
@@ -174,20 +185,8 @@ fn bench_of_a_plan_checks_it_and_says_why_it_cannot_run() {
         "--dense-below",
         "0",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    match out.status.code() {
-        Some(0) => {
-            println!("ran on a CUDA device:\n{stdout}");
-            assert!(stdout.contains("plan pass"), "{stdout}");
-        }
-        Some(2) if stderr.contains("built without the `cuda` feature") => {
-            println!("skipped the device run: attnplan built without the `cuda` feature");
-        }
-        Some(2) if stderr.contains("no usable CUDA device") => {
-            println!("skipped the device run: {}", stderr.trim());
-        }
-        code => panic!("exit {code:?}: {stderr}"),
+    if let Some(stdout) = ran_on_a_device(&out) {
+        assert!(stdout.contains("plan pass"), "{stdout}");
     }
     let out = attnplan(&["bench", "--device", "cuda", "--dense-below", "0"]);
     assert_eq!(out.status.code(), Some(2));

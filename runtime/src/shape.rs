@@ -51,6 +51,19 @@ impl AttnShape {
         }
         Ok(())
     }
+
+    /// [`Error::Shape`] unless an output buffer of `len` elements fits this shape (`q_len`).
+    pub fn check_out(&self, len: usize) -> Result<()> {
+        let want = self
+            .q_len()
+            .ok_or_else(|| Error::Shape(format!("attention shape {self:?} overflows usize")))?;
+        if len != want {
+            return Err(Error::Shape(format!(
+                "output has {len} elements, shape {self:?} needs {want}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One layer's Q, K, V after RoPE, borrowed, in the layout of [`AttnShape`].

@@ -19,7 +19,7 @@
 //! Parallelism: rayon over (query head, query tile); each worker reuses one [`TileState`] (about 50 KB),
 //! so no temporary grows with `seq_len` beyond the packed K (`kv_heads * seq_len * head_dim` floats).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::AttentionInput;
 use rayon::prelude::*;
 
@@ -678,15 +678,7 @@ pub fn dense_attention(input: &AttentionInput<'_>, out: &mut [f32]) -> Result<()
     let shape = input.shape;
     shape.check()?;
     let (t, d) = (shape.seq_len, shape.head_dim);
-    let want = shape
-        .q_len()
-        .ok_or_else(|| Error::Shape(format!("attention shape {shape:?} overflows usize")))?;
-    if out.len() != want {
-        return Err(Error::Shape(format!(
-            "output has {} elements, shape {shape:?} needs {want}",
-            out.len()
-        )));
-    }
+    shape.check_out(out.len())?;
     if t == 0 {
         return Ok(());
     }
@@ -729,7 +721,7 @@ pub fn dense_attention(input: &AttentionInput<'_>, out: &mut [f32]) -> Result<()
 mod tests {
     use super::*;
     use crate::test_util::noise;
-    use crate::AttnShape;
+    use crate::{AttnShape, Error};
 
     /// Causal attention in f64, straight from the definition.
     fn reference(inp: &AttentionInput<'_>) -> Vec<f64> {

@@ -80,15 +80,7 @@ pub fn sparse_attention<I: CellLists>(
     let shape = input.shape;
     shape.check()?;
     let (t, d) = (shape.seq_len, shape.head_dim);
-    let want = shape
-        .q_len()
-        .ok_or_else(|| Error::Shape(format!("attention shape {shape:?} overflows usize")))?;
-    if out.len() != want {
-        return Err(Error::Shape(format!(
-            "output has {} elements, shape {shape:?} needs {want}",
-            out.len()
-        )));
-    }
+    shape.check_out(out.len())?;
     if indexes.len() != shape.q_heads {
         return Err(Error::Shape(format!(
             "{} indexes for {} query heads",

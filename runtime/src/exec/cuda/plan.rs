@@ -430,19 +430,11 @@ impl PlanPrefill {
         out: &mut [f32],
     ) -> Result<LayerStats> {
         let shape = input.shape;
-        let want = shape
-            .q_len()
-            .ok_or_else(|| Error::Shape(format!("attention shape {shape:?} overflows usize")))?;
-        if out.len() != want {
-            return Err(Error::Shape(format!(
-                "out has {} elements, shape {shape:?} needs {want}",
-                out.len()
-            )));
-        }
+        shape.check_out(out.len())?;
         let q = sp.upload_bf16(input.q)?;
         let k = sp.upload_bf16(input.k)?;
         let v = sp.upload_bf16(input.v)?;
-        let mut o = sp.zeros::<u16>(want)?;
+        let mut o = sp.zeros::<u16>(out.len())?;
         let stats = self.forward(sp, layer, &shape, &q, &k, &v, &mut o)?;
         for (dst, bits) in out.iter_mut().zip(sp.download(&o)?) {
             *dst = super::bf16_to_f32(bits);
