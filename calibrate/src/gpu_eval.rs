@@ -4,8 +4,9 @@
 //! [`GpuAttention::forward`] runs a layer through [`PlanPrefill::forward_host`] (Q, K, V rounded to
 //! bf16, the index built and the attention computed on the device, the output brought back). The
 //! threshold is the plan's own `defaults.dense_below`, not the GPU executor's floor
-//! ([`runtime::exec::cuda::gpu_dense_below`]), so that the GPU computes the layers the CPU prefill
-//! computes sparse and the two evaluations compare. On the forwards chosen for comparison,
+//! ([`runtime::exec::cuda::gpu_dense_below`]), and a layer whose index would be slower than dense
+//! attention still computes its index (`PlanPrefill::set_dense_when_faster(false)`), so that the GPU
+//! computes the layers the CPU prefill computes sparse and the two evaluations compare. On the forwards chosen for comparison,
 //! [`GpuAttention::compare`] also runs the CPU prefill on the same f32 inputs (the output the
 //! calibrator's recall describes) and the CPU's index on the bf16-rounded inputs the GPU saw (the
 //! selection the GPU builders are meant to reproduce), and counts the (head, query block) lists where
@@ -55,6 +56,8 @@ impl GpuAttention {
         };
         let mut runner = PlanPrefill::new(&gpu, plan, model, options)?;
         runner.set_timing(true);
+        // every sparse layer computes its index's cells, as the CPU prefill does
+        runner.set_dense_when_faster(false);
         let device = gpu.device().describe()?;
         let (layers, heads) = (model.layers as usize, model.query_heads as usize);
         Ok(Self {

@@ -952,8 +952,16 @@ fn plan_file_bench(o: &Opts) -> Result<()> {
     let t = runtime::exec::cuda::plan_bench::time_plan(&sp, &plan, n, o.num("reps", 3)?, options)?;
     for (layer, l) in t.layers.iter().enumerate() {
         println!(
-            "layer {layer:>2}: index {:.3} ms, attention {:.3} ms, entries {:?}, dense {:?}",
-            l.index_ms, l.attention_ms, l.entries, l.dense
+            "layer {layer:>2}: index {:.3} ms, attention {:.3} ms, entries {:?}, dense {:?}{}",
+            l.index_ms,
+            l.attention_ms,
+            l.entries,
+            l.dense,
+            if l.dense_faster {
+                " (after its index)"
+            } else {
+                ""
+            }
         );
     }
     println!(

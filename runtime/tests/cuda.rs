@@ -289,6 +289,8 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             ..PrefillOptions::default()
         };
         let mut pp = PlanPrefill::new(&sp, &plan, &plan.model, options).unwrap();
+        // the index's cells, as on the CPU, even where dense attention would be faster
+        pp.set_dense_when_faster(false);
         let (n, hq, hkv, d) = (1100usize, 4usize, 2usize, 64usize);
         let shape = AttnShape {
             q_heads: hq,
@@ -381,6 +383,38 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
                 (_, true) => (1, 0, 0, 1, 0), // heads 0, 1 vertical-slash; 2, 3 query-adaptive
             };
             assert_eq!(sources, expected, "{what}");
+        }
+        // A layer whose index covers every causal tile (every head `dense`) runs dense attention
+        // after building it, unless told not to.
+        let mut all_dense = plan.clone();
+        for hp in &mut all_dense.layers[1].heads {
+            hp.pattern = schemas::Pattern::Dense(schemas::Dense {});
+        }
+        let mut dense_expect = vec![0.0f32; q.len()];
+        runtime::exec::dense_attention(&input, &mut dense_expect).unwrap();
+        for faster in [true, false] {
+            let mut pd = PlanPrefill::new(&sp, &all_dense, &plan.model, options).unwrap();
+            pd.set_dense_when_faster(faster);
+            let mut out = sp.zeros::<u16>(q.len()).unwrap();
+            sp.fill(&mut out, 0xffff).unwrap();
+            let stats = pd.forward(&sp, 1, &shape, &qd, &kd, &vd, &mut out).unwrap();
+            assert_eq!(stats.dense, None, "{stats:?}");
+            assert_eq!(stats.dense_faster, faster && sp.dense128(d), "{stats:?}");
+            assert!(pd.last_index().is_some(), "the index is kept either way");
+            let worst = sp
+                .download(&out)
+                .unwrap()
+                .iter()
+                .zip(&dense_expect)
+                .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
+                .fold(
+                    0.0f32,
+                    |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
+                );
+            assert!(
+                worst < 2e-2,
+                "dense when faster {faster}: max abs error {worst}"
+            );
         }
         // without a threshold of its own the executor runs such a short layer dense
         let mut dflt =

@@ -24,7 +24,10 @@ struct Row {
     n: usize,
     dense_below: u64,
     layers: usize,
+    /// Layers that ran dense without building an index (below the threshold).
     dense_layers: usize,
+    /// Layers that built their index, then ran dense attention, predicted faster.
+    dense_after_index: usize,
     index_ms: f32,
     attention_ms: f32,
     dense_layer_ms: f32,
@@ -52,6 +55,7 @@ struct Layer {
     attention_ms: f32,
     entries: (usize, usize),
     dense: Option<String>,
+    dense_after_index: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +75,7 @@ fn row(t: &PlanTiming) -> Row {
         dense_below: t.dense_below,
         layers: t.layers.len(),
         dense_layers: t.dense_layers(),
+        dense_after_index: t.dense_faster_layers(),
         index_ms: t.index_ms(),
         attention_ms: t.attention_ms(),
         dense_layer_ms: t.dense_layer_ms,
@@ -92,6 +97,7 @@ fn row(t: &PlanTiming) -> Row {
                 attention_ms: l.attention_ms,
                 entries: l.entries,
                 dense: l.dense.map(|r| format!("{r:?}")),
+                dense_after_index: l.dense_faster,
             })
             .collect(),
     }
@@ -151,8 +157,9 @@ fn format_table(
         t,
         "Plan {} ({}{} layers of {} query heads over {} KV heads, head_dim {}) on {device}; \
          structured inputs of that shape.\nPer layer: CUDA-event medians of {reps} forwards, summed \
-         over the layers. Pass: every layer queued back to back, one synchronize, host wall time, \
-         median of {reps}. Times in ms.",
+         over the layers. Dense layers: below the threshold; after index: built their index, then \
+         ran dense attention, predicted faster. Pass: every layer queued back to back, one \
+         synchronize, host wall time, median of {reps}. Times in ms.",
         path.display(),
         m.name.as_deref().map_or(String::new(), |n| format!("{n}, ")),
         m.layers,
@@ -162,10 +169,11 @@ fn format_table(
     );
     let _ = writeln!(
         t,
-        "{:>8} {:>11} {:>12} {:>9} {:>10} {:>7} {:>10} {:>11} {:>8}",
+        "{:>8} {:>11} {:>12} {:>11} {:>9} {:>10} {:>7} {:>10} {:>11} {:>8}",
         "n",
         "dense below",
         "dense layers",
+        "after index",
         "index",
         "attention",
         "index%",
@@ -177,10 +185,11 @@ fn format_table(
         let total = r.index_ms + r.attention_ms;
         let _ = writeln!(
             t,
-            "{:>8} {:>11} {:>12} {:>9.3} {:>10.3} {:>6.1}% {:>10.3} {:>11.3} {:>7.2}x",
+            "{:>8} {:>11} {:>12} {:>11} {:>9.3} {:>10.3} {:>6.1}% {:>10.3} {:>11.3} {:>7.2}x",
             r.n,
             r.dense_below,
             format!("{}/{}", r.dense_layers, r.layers),
+            r.dense_after_index,
             r.index_ms,
             r.attention_ms,
             100.0 * r.index_ms / total.max(f32::MIN_POSITIVE),

@@ -18,7 +18,9 @@ pub mod plan_bench;
 use std::marker::PhantomData;
 
 pub use flat::{BlockChoice, FlatIndex, TokenChoice, CUDA_BLOCK};
-pub use gpu_threshold::{gpu_dense_below, GPU_SPARSE_MIN_DENSE_MS};
+pub use gpu_threshold::{
+    gpu_dense_below, sparse_attention_pays, sparse_tile_cost, GPU_SPARSE_MIN_DENSE_MS,
+};
 pub use layer_stats::LayerStats;
 
 use crate::error::{Error, Result};
@@ -169,6 +171,9 @@ impl SparsePrefill {
     pub fn set_schedule_from(&mut self, _from: Option<usize>) -> Result<()> {
         Err(Error::CudaNotCompiled)
     }
+    pub fn dense128(&self, _head_dim: usize) -> bool {
+        false
+    }
     pub fn set_dense128(&mut self, _on: bool) -> Result<()> {
         Err(Error::CudaNotCompiled)
     }
@@ -206,6 +211,9 @@ impl SparsePrefill {
     }
 }
 
+/// `0` turns off `PlanPrefill::set_dense_when_faster` at `new` (as with the feature).
+pub const DENSE_WHEN_FASTER_ENV: &str = "ATTNPLAN_DENSE_WHEN_FASTER";
+
 /// A plan run on the GPU; [`PlanPrefill::new`] returns [`Error::CudaNotCompiled`].
 #[derive(Debug)]
 pub struct PlanPrefill {
@@ -228,6 +236,7 @@ impl PlanPrefill {
         None
     }
     pub fn set_timing(&mut self, _on: bool) {}
+    pub fn set_dense_when_faster(&mut self, _on: bool) {}
     pub fn dense_below(&self) -> u64 {
         self.plan.defaults.dense_below
     }

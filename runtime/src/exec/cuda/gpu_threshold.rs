@@ -4,6 +4,7 @@
 use schemas::ModelInfo;
 
 use super::CUDA_BLOCK;
+use crate::AttnShape;
 
 /// The GPU's fixed cost of a sparse layer is repaid only above this predicted dense attention time
 /// per layer, in milliseconds. Building a layer's index costs about 0.15 ms on the H200 whatever the
@@ -40,6 +41,32 @@ pub fn gpu_dense_below(model: &ModelInfo) -> u64 {
     n.div_ceil(CUDA_BLOCK as u64) * CUDA_BLOCK as u64
 }
 
+/// What one computed 64 × 64 tile of sparse attention costs on the H200 relative to a tile of dense
+/// attention on 128-key tiles (`attn_fwd_wsk*`), taken at the low end of what was measured
+/// (docs/perf.md, "Sixteenth session", `cuda_bench bench` A/B rounds on the benchmark's structured
+/// inputs): head_dim 128, 1.31× at 32K (sparse 8.46–8.66 ms over 52% of the cells against dense
+/// 12.44–12.51 ms) and 1.22× at 128K; head_dim 64, 1.53× at 32K and 1.47× at 128K. The sparse kernels
+/// run 64-key tiles, whose per-tile work (barriers, softmax bookkeeping) 128-key tiles halve.
+pub fn sparse_tile_cost(head_dim: usize) -> f64 {
+    if head_dim <= 64 {
+        1.45
+    } else {
+        1.2
+    }
+}
+
+/// Whether attention over an index of `entries` (key blocks, gathered columns; all heads) is
+/// predicted to take less time than dense attention for `shape`, a computed tile costing `cost`
+/// dense ones. Dense attention computes `q_blocks (q_blocks + 1) / 2` tiles of 64 × 64 per head;
+/// the index one per key block and one per 64 gathered columns (a lower bound: each list's columns
+/// are tiled on their own).
+pub fn sparse_attention_pays(shape: &AttnShape, entries: (usize, usize), cost: f64) -> bool {
+    let q_blocks = shape.seq_len.div_ceil(CUDA_BLOCK) as f64;
+    let dense = shape.q_heads as f64 * q_blocks * (q_blocks + 1.0) / 2.0;
+    let sparse = entries.0 as f64 + (entries.1 as f64 / CUDA_BLOCK as f64).ceil();
+    sparse * cost < dense
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +99,27 @@ mod tests {
         // SmolLM2-135M's 8K layers run dense on the GPU, its 16K layers follow the plan
         let smol = gpu_dense_below(&model(9, 64));
         assert!(8192 < smol && smol < 16384);
+    }
+
+    /// The break-even density is 1 / cost: a full index never pays, half the tiles pays at a cost
+    /// below 2, and 64 gathered columns count as one tile.
+    #[test]
+    fn sparse_attention_pays_below_one_over_the_tile_cost() {
+        let shape = AttnShape {
+            q_heads: 2,
+            kv_heads: 1,
+            seq_len: 640, // 10 query blocks: 55 causal tiles per head
+            head_dim: 64,
+        };
+        assert!(!sparse_attention_pays(&shape, (110, 0), 1.0));
+        assert!(sparse_attention_pays(&shape, (109, 0), 1.0));
+        assert!(sparse_attention_pays(&shape, (55, 0), 1.9));
+        assert!(!sparse_attention_pays(&shape, (55, 0), 2.0));
+        assert!(!sparse_attention_pays(&shape, (54, 64), 2.0));
+        assert!(sparse_attention_pays(&shape, (53, 64), 2.0));
+        for d in [64, 128] {
+            let c = sparse_tile_cost(d);
+            assert!(c > 1.0 && c < 2.0, "{c}");
+        }
     }
 }

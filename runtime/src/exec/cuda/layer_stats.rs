@@ -23,6 +23,10 @@ pub struct LayerStats {
     pub shared: usize,
     /// Key-block and gathered-column entries of the layer's index (0 when dense).
     pub entries: (usize, usize),
+    /// The index was built, but computing its tiles was predicted to take longer than dense
+    /// attention ([`sparse_attention_pays`](super::sparse_attention_pays)), so dense attention ran
+    /// ([`PlanPrefill::set_dense_when_faster`](super::PlanPrefill::set_dense_when_faster)).
+    pub dense_faster: bool,
     /// Device milliseconds spent building (and merging) the index, CUDA events; `None` unless
     /// timing was asked for (`PlanPrefill::set_timing`), since it waits for the device.
     pub index_ms: Option<f32>,

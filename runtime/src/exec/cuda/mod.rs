@@ -48,8 +48,10 @@ use cudarc::driver::{
 pub use block_sparse::BlockSparseBuilder;
 pub use device::{Device, KernelFile};
 pub use flat::{BlockChoice, FlatIndex, TokenChoice, CUDA_BLOCK};
-pub use gpu_threshold::{gpu_dense_below, GPU_SPARSE_MIN_DENSE_MS};
-pub use plan::{LayerStats, PlanPrefill};
+pub use gpu_threshold::{
+    gpu_dense_below, sparse_attention_pays, sparse_tile_cost, GPU_SPARSE_MIN_DENSE_MS,
+};
+pub use plan::{LayerStats, PlanPrefill, DENSE_WHEN_FASTER_ENV};
 pub use token_select::TokenSelectBuilder;
 pub use vertical_slash::VerticalSlashBuilder;
 
@@ -491,6 +493,11 @@ impl SparsePrefill {
             };
         }
         Ok(())
+    }
+
+    /// Whether dense runs at `head_dim` take the 128-key-tile kernel ([`SparsePrefill::set_dense128`]).
+    pub fn dense128(&self, head_dim: usize) -> bool {
+        self.attn[usize::from(head_dim != 64)].dense128.is_some()
     }
 
     /// The device (name, stream, module cache).

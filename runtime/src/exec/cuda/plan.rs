@@ -36,7 +36,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use schemas::{ModelInfo, Pattern, Plan};
 
 use super::device::{drv, follow, KernelFile};
-use super::gpu_threshold::gpu_dense_below;
+use super::gpu_threshold::{gpu_dense_below, sparse_attention_pays, sparse_tile_cost};
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
 use super::{
@@ -86,7 +86,14 @@ pub struct PlanPrefill {
     totals: CudaSlice<u32>,
     /// Whether `forward` times the index and the attention (CUDA events, waiting for each).
     timing: bool,
+    /// Whether a layer whose index would take longer than dense attention runs dense
+    /// ([`PlanPrefill::set_dense_when_faster`]).
+    dense_when_faster: bool,
 }
+
+/// `0` turns off [`PlanPrefill::set_dense_when_faster`] at `new` (for measuring both ways); `1` or
+/// unset leaves it on; another value is refused.
+pub const DENSE_WHEN_FASTER_ENV: &str = "ATTNPLAN_DENSE_WHEN_FASTER";
 
 /// `PlanPrefill::last`: the merged index.
 const MERGED: u32 = 4;
@@ -110,6 +117,12 @@ impl PlanPrefill {
             ..options
         };
         let checked = crate::SparsePrefill::new(plan, model, options)?;
+        let when_faster = std::env::var(DENSE_WHEN_FASTER_ENV).unwrap_or_default();
+        if !["", "0", "1"].contains(&when_faster.as_str()) {
+            return Err(Error::CudaUnsupported(format!(
+                "{DENSE_WHEN_FASTER_ENV}={when_faster}: expected 0 or 1 (or unset)"
+            )));
+        }
         let f = |name| sp.dev.function(KernelFile::VerticalSlash, name, 0);
         Ok(Self {
             checked,
@@ -133,6 +146,7 @@ impl PlanPrefill {
             },
             totals: drv("alloc", sp.dev.stream.alloc_zeros::<u32>(8))?,
             timing: false,
+            dense_when_faster: when_faster != "0",
         })
     }
 
@@ -142,6 +156,18 @@ impl PlanPrefill {
     /// builder, once per layer) and returns as soon as the attention is queued.
     pub fn set_timing(&mut self, on: bool) {
         self.timing = on;
+    }
+
+    /// Whether a layer runs dense attention after all when its index, once built, is predicted to
+    /// take longer to compute than dense attention: its tiles times [`sparse_tile_cost`] against
+    /// the dense tiles ([`sparse_attention_pays`]; only where dense runs on 128-key tiles, whose
+    /// rate the cost is measured against). The index's cost is spent either way; the attention
+    /// then takes the faster path. Such a layer reports [`LayerStats::dense_faster`] and keeps its
+    /// index as [`PlanPrefill::last_index`]. On by default (unless [`DENSE_WHEN_FASTER_ENV`] is
+    /// `0`); off, every sparse layer computes its index's cells, as the CPU prefill does (e.g. to
+    /// compare the two).
+    pub fn set_dense_when_faster(&mut self, on: bool) {
+        self.dense_when_faster = on;
     }
 
     /// The plan being run.
@@ -411,9 +437,15 @@ impl PlanPrefill {
             .last_index()
             .ok_or_else(|| Error::Cuda("no index was built for the layer".into()))?;
         stats.entries = (ix.n_blk, ix.n_col);
-        stats.attention_ms = timed(sp, self.timing, || {
-            sp.forward(shape, q, k, v, Keys::Index(ix), out)
-        })?;
+        stats.dense_faster = self.dense_when_faster
+            && sp.dense128(shape.head_dim)
+            && !sparse_attention_pays(shape, stats.entries, sparse_tile_cost(shape.head_dim));
+        let keys = if stats.dense_faster {
+            Keys::Dense
+        } else {
+            Keys::Index(ix)
+        };
+        stats.attention_ms = timed(sp, self.timing, || sp.forward(shape, q, k, v, keys, out))?;
         Ok(stats)
     }
 

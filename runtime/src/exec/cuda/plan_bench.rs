@@ -19,8 +19,10 @@ pub struct PlanLayerTiming {
     pub attention_ms: f32,
     /// Key-block and column entries of the layer's index (0 when it ran dense).
     pub entries: (usize, usize),
-    /// Why the layer ran dense, if it did.
+    /// Why the layer ran dense, if it did before building an index.
     pub dense: Option<DenseReason>,
+    /// Whether it ran dense after building its index ([`LayerStats::dense_faster`]).
+    pub dense_faster: bool,
 }
 
 /// What [`time_plan`] measured at one length.
@@ -53,9 +55,14 @@ impl PlanTiming {
         self.layers.iter().map(|l| l.attention_ms).sum()
     }
 
-    /// Layers that ran dense.
+    /// Layers that ran dense without an index (short sequence, mismatched plan).
     pub fn dense_layers(&self) -> usize {
         self.layers.iter().filter(|l| l.dense.is_some()).count()
+    }
+
+    /// Layers that built their index and then ran dense, predicted faster.
+    pub fn dense_faster_layers(&self) -> usize {
+        self.layers.iter().filter(|l| l.dense_faster).count()
     }
 
     /// Dense pass over plan pass.
@@ -117,6 +124,7 @@ pub fn time_plan(
             attention_ms: ms(|r| r.attention_ms),
             entries: r.entries,
             dense: r.dense,
+            dense_faster: r.dense_faster,
         });
         for (slot, c) in timing.heads.iter_mut().zip([
             r.gpu_vertical_slash,
