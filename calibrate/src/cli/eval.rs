@@ -493,14 +493,18 @@ fn render(r: &EvalReport) -> String {
             r.index_seconds
         );
     } else {
+        // with --device cuda both times are the CPU's, and the GPU's index time has its own line
+        let index = match r.gpu {
+            Some(_) => "CPU prefill beside the GPU".to_string(),
+            None => format!("index building {:.3} s", r.index_seconds),
+        };
         let _ = writeln!(
             out,
-            "  {:<28} {:>12.3} {:>12.3}  ({:.2}x; index building {:.3} s)",
+            "  {:<28} {:>12.3} {:>12.3}  ({:.2}x; {index})",
             "attention time (s)",
             r.attention_seconds_dense,
             r.attention_seconds_sparse,
             r.attention_speedup,
-            r.index_seconds
         );
         let (worst_layer, worst) =
             r.layer_output_error
