@@ -40,6 +40,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use runtime::exec::cuda::bench::{self, noise, structured, write_index, write_u16, BenchConfig};
+use runtime::exec::cuda::plan_bench::LayerBuffers;
 use runtime::exec::cuda::{
     bf16_bits, bf16_to_f32, device, BlockChoice, BlockSparseBuilder, FlatIndex, KernelFile, Keys,
     SparsePrefill, TokenChoice, TokenSelectBuilder, VerticalSlashBuilder,
@@ -762,44 +763,6 @@ fn check(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// What `cuda_bench plan` times a plan with: the device, the plan runner, the benchmark's structured
-/// inputs of the layer shape (bf16 on the device) and an output buffer.
-struct PlanSetup {
-    sp: SparsePrefill,
-    pp: runtime::exec::cuda::PlanPrefill,
-    q: runtime::exec::cuda::DeviceBuffer<u16>,
-    k: runtime::exec::cuda::DeviceBuffer<u16>,
-    v: runtime::exec::cuda::DeviceBuffer<u16>,
-    out: runtime::exec::cuda::DeviceBuffer<u16>,
-}
-
-impl PlanSetup {
-    fn new(
-        plan: &schemas::Plan,
-        shape: &AttnShape,
-        options: runtime::PrefillOptions,
-    ) -> Result<Self> {
-        let sp = SparsePrefill::new(0)?;
-        let mut pp = runtime::exec::cuda::PlanPrefill::new(&sp, plan, &plan.model, options)?;
-        pp.set_timing(true);
-        let (q, k, v) = structured(shape, 7 + shape.seq_len as u64)?;
-        let (q, k, v) = (
-            sp.upload_bf16(&q)?,
-            sp.upload_bf16(&k)?,
-            sp.upload_bf16(&v)?,
-        );
-        let out = sp.zeros::<u16>(q.len())?;
-        Ok(Self {
-            sp,
-            pp,
-            q,
-            k,
-            v,
-            out,
-        })
-    }
-}
-
 /// `cuda_bench plan`: one layer of a mixed plan through `PlanPrefill` on the benchmark's structured
 /// inputs: heads cycle through vertical-slash (v, s), token-select (chunks of 64, keep 8, spread 1,
 /// sink 64, local `--local`), block-sparse (`top_k` = `--topk`) and A-shape (sink 64, local
@@ -880,14 +843,16 @@ fn plan_bench(args: &[String]) -> Result<()> {
             })
             .collect(),
     }];
-    let PlanSetup {
-        sp,
-        mut pp,
+    let sp = SparsePrefill::new(0)?;
+    let options = runtime::PrefillOptions::default();
+    let mut pp = runtime::exec::cuda::PlanPrefill::new(&sp, &plan, &plan.model, options)?;
+    pp.set_timing(true);
+    let LayerBuffers {
         q: qd,
         k: kd,
         v: vd,
         mut out,
-    } = PlanSetup::new(&plan, &shape, runtime::PrefillOptions::default())?;
+    } = LayerBuffers::new(&sp, &shape)?;
     let mut runs = Vec::new();
     for _ in 0..reps + 2 {
         runs.push(pp.forward(&sp, 0, &shape, &qd, &kd, &vd, &mut out)?);

@@ -243,13 +243,7 @@ impl SparsePrefill {
         let n = shape.seq_len;
         let per_head = causal_cells(&(0..n), &(0..n));
         let dense_cells = per_head * shape.q_heads as u64;
-        let all_dense = if self.fallback.is_some() {
-            Some(DenseReason::PlanMismatch)
-        } else if (n as u64) < self.dense_below {
-            Some(DenseReason::ShortSequence)
-        } else {
-            None
-        };
+        let all_dense = self.dense_reason(n);
         let stats = if let Some(reason) = all_dense {
             let start = Instant::now();
             dense_attention(input, out)?;
@@ -267,6 +261,19 @@ impl SparsePrefill {
         Ok(stats)
     }
 
+    /// Why a layer of `seq_len` tokens runs dense as a whole (a mismatched plan under
+    /// `dense_fallback`, or a sequence below the threshold); `None` when its heads follow the plan.
+    /// Shared with the CUDA plan runner.
+    pub(crate) fn dense_reason(&self, seq_len: usize) -> Option<DenseReason> {
+        if self.fallback.is_some() {
+            Some(DenseReason::PlanMismatch)
+        } else if (seq_len as u64) < self.dense_below {
+            Some(DenseReason::ShortSequence)
+        } else {
+            None
+        }
+    }
+
     /// The index each query head of `layer` computes on `input` (heads sharing an index get a copy of
     /// it), as [`SparsePrefill::forward`] builds it; `None` when the layer would run dense (short
     /// sequence or a mismatched plan). For comparing another executor's indexes with this one's.
@@ -276,7 +283,7 @@ impl SparsePrefill {
         input: &AttentionInput<'_>,
     ) -> Result<Option<Vec<HeadIndex>>> {
         self.check_input(layer, input)?;
-        if self.fallback.is_some() || (input.shape.seq_len as u64) < self.dense_below {
+        if self.dense_reason(input.shape.seq_len).is_some() {
             return Ok(None);
         }
         let (built, owner, _) = self.build_indexes(layer, input)?;

@@ -106,16 +106,19 @@ impl DenseCase {
             Keys::Dense,
             &mut out,
         )?;
-        Ok(sp
-            .download(&out)?
-            .iter()
-            .zip(&self.want)
-            .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
-            .fold(
-                0.0f32,
-                |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
-            ))
+        Ok(max_abs_error(&sp.download(&out)?, &self.want))
     }
+}
+
+/// The largest absolute difference of a bf16 output to `want` (infinite where the output is NaN).
+fn max_abs_error(got: &[u16], want: &[f32]) -> f32 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
+        .fold(
+            0.0f32,
+            |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
+        )
 }
 
 #[test]
@@ -343,30 +346,16 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             let refs: Vec<&HeadIndex> = want.iter().collect();
             let mut expect = vec![0.0f32; q.len()];
             sparse_attention(&input, &refs, &mut expect).unwrap();
-            let worst = sp
-                .download(&out)
-                .unwrap()
-                .iter()
-                .zip(&expect)
-                .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
-                .fold(
-                    0.0f32,
-                    |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
-                );
+            let device = sp.download(&out).unwrap();
+            let worst = max_abs_error(&device, &expect);
             assert!(worst < 2e-2, "{what}: max abs error {worst}");
             // the host form: the same output from host tensors (the inputs are bf16 already)
             let mut host = vec![f32::NAN; q.len()];
             pp.forward_host(&sp, layer, &input, &mut host).unwrap();
-            let device: Vec<f32> = sp
-                .download(&out)
-                .unwrap()
-                .into_iter()
-                .map(bf16_to_f32)
-                .collect();
             assert!(
                 host.iter()
                     .zip(&device)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    .all(|(a, &b)| a.to_bits() == bf16_to_f32(b).to_bits()),
                 "{what}: forward_host differs from forward"
             );
             assert_eq!(stats.shared, 2 * usize::from(share && layer == 1), "{what}");
@@ -401,16 +390,7 @@ fn plan_prefill_matches_the_cpu_prefill_on_every_kind() {
             assert_eq!(stats.dense, None, "{stats:?}");
             assert_eq!(stats.dense_faster, faster && sp.dense128(d), "{stats:?}");
             assert!(pd.last_index().is_some(), "the index is kept either way");
-            let worst = sp
-                .download(&out)
-                .unwrap()
-                .iter()
-                .zip(&dense_expect)
-                .map(|(&g, &w)| (bf16_to_f32(g) - w).abs())
-                .fold(
-                    0.0f32,
-                    |a, e| if e.is_nan() { f32::INFINITY } else { a.max(e) },
-                );
+            let worst = max_abs_error(&sp.download(&out).unwrap(), &dense_expect);
             assert!(
                 worst < 2e-2,
                 "dense when faster {faster}: max abs error {worst}"

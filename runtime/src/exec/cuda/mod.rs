@@ -300,6 +300,18 @@ struct TensorMap(cudarc::driver::sys::CUtensorMap);
 // SAFETY: a plain 128-byte struct of integers, copied to the kernel's parameter space as it is.
 unsafe impl DeviceRepr for TensorMap {}
 
+/// The on/off environment switch `name`: unset or `1` on, `0` off; another value is refused
+/// ([`Error::CudaUnsupported`] naming the variable).
+pub(crate) fn env_switch(name: &str) -> Result<bool> {
+    match std::env::var(name).unwrap_or_default().as_str() {
+        "" | "1" => Ok(true),
+        "0" => Ok(false),
+        other => Err(Error::CudaUnsupported(format!(
+            "{name}={other}: expected 0 or 1 (or unset)"
+        ))),
+    }
+}
+
 /// A CUDA device with the compiled attention and index-building kernels.
 #[derive(Debug)]
 pub struct SparsePrefill {
@@ -451,13 +463,7 @@ impl SparsePrefill {
             group_union,
             union_bufs: Mutex::new(UnionBufs::default()),
         };
-        let dense128 = std::env::var(DENSE128_ENV).unwrap_or_default();
-        if !["", "0", "1"].contains(&dense128.as_str()) {
-            return Err(Error::CudaUnsupported(format!(
-                "{DENSE128_ENV}={dense128}: expected 0 or 1 (or unset)"
-            )));
-        }
-        sp.set_dense128(dense128 != "0")?;
+        sp.set_dense128(env_switch(DENSE128_ENV)?)?;
         Ok(sp)
     }
 

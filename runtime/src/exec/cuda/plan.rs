@@ -36,6 +36,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use schemas::{ModelInfo, Pattern, Plan};
 
 use super::device::{drv, follow, KernelFile};
+use super::env_switch;
 use super::gpu_threshold::{gpu_dense_below, sparse_attention_pays, sparse_tile_cost};
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
@@ -46,7 +47,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::pattern::{static_index, HeadIndex, PatternContext};
-use crate::prefill::{index_owners, DenseReason, PrefillOptions};
+use crate::prefill::{index_owners, PrefillOptions};
 use crate::{AttentionInput, AttnShape};
 
 /// Where a head's index comes from (the source numbers of `ix_merge_*`).
@@ -117,12 +118,7 @@ impl PlanPrefill {
             ..options
         };
         let checked = crate::SparsePrefill::new(plan, model, options)?;
-        let when_faster = std::env::var(DENSE_WHEN_FASTER_ENV).unwrap_or_default();
-        if !["", "0", "1"].contains(&when_faster.as_str()) {
-            return Err(Error::CudaUnsupported(format!(
-                "{DENSE_WHEN_FASTER_ENV}={when_faster}: expected 0 or 1 (or unset)"
-            )));
-        }
+        let dense_when_faster = env_switch(DENSE_WHEN_FASTER_ENV)?;
         let f = |name| sp.dev.function(KernelFile::VerticalSlash, name, 0);
         Ok(Self {
             checked,
@@ -146,7 +142,7 @@ impl PlanPrefill {
             },
             totals: drv("alloc", sp.dev.stream.alloc_zeros::<u32>(8))?,
             timing: false,
-            dense_when_faster: when_faster != "0",
+            dense_when_faster,
         })
     }
 
@@ -211,13 +207,7 @@ impl PlanPrefill {
         self.checked.check_shape(layer, shape)?;
         let plan = self.checked.plan();
         let n = shape.seq_len;
-        let dense = if self.checked.fallback_reason().is_some() {
-            Some(DenseReason::PlanMismatch)
-        } else if (n as u64) < self.checked.dense_below() {
-            Some(DenseReason::ShortSequence)
-        } else {
-            None
-        };
+        let dense = self.checked.dense_reason(n);
         self.last = None;
         self.host_from_cache = None;
         if dense.is_some() {

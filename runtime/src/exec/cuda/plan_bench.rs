@@ -7,7 +7,7 @@
 use schemas::Plan;
 
 use super::bench::{median, median_ms, structured};
-use super::{Keys, LayerStats, PlanPrefill, SparsePrefill};
+use super::{DeviceBuffer, Keys, LayerStats, PlanPrefill, SparsePrefill};
 use crate::error::Result;
 use crate::prefill::{DenseReason, PrefillOptions};
 use crate::AttnShape;
@@ -71,6 +71,29 @@ impl PlanTiming {
     }
 }
 
+/// What a plan is timed on: the benchmark's structured inputs of a layer shape ([`structured`],
+/// seeded by the length), bf16 on the device, and an output buffer.
+pub struct LayerBuffers {
+    pub q: DeviceBuffer<u16>,
+    pub k: DeviceBuffer<u16>,
+    pub v: DeviceBuffer<u16>,
+    pub out: DeviceBuffer<u16>,
+}
+
+impl LayerBuffers {
+    /// Generates and uploads the inputs for `shape`; the output is zeroed.
+    pub fn new(sp: &SparsePrefill, shape: &AttnShape) -> Result<Self> {
+        let (q, k, v) = structured(shape, 7 + shape.seq_len as u64)?;
+        let (q, k, v) = (
+            sp.upload_bf16(&q)?,
+            sp.upload_bf16(&k)?,
+            sp.upload_bf16(&v)?,
+        );
+        let out = sp.zeros::<u16>(q.len())?;
+        Ok(Self { q, k, v, out })
+    }
+}
+
 /// Times `plan` at `seq_len` tokens on `sp` (see the module docs): `reps` timed forwards per layer
 /// after one warm-up (which also fills the static patterns' cache), one dense layer, and `reps`
 /// whole passes of each kind after one.
@@ -92,13 +115,7 @@ pub fn time_plan(
     shape.check()?;
     let mut pp = PlanPrefill::new(sp, plan, m, options)?;
     pp.set_timing(true);
-    let (q, k, v) = structured(&shape, 7 + seq_len as u64)?;
-    let (q, k, v) = (
-        sp.upload_bf16(&q)?,
-        sp.upload_bf16(&k)?,
-        sp.upload_bf16(&v)?,
-    );
-    let mut out = sp.zeros::<u16>(q.len())?;
+    let LayerBuffers { q, k, v, mut out } = LayerBuffers::new(sp, &shape)?;
     let layers = m.layers as usize;
     let mut timing = PlanTiming {
         seq_len,
