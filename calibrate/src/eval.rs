@@ -127,15 +127,7 @@ impl LayerAttention for EvalAttention {
             let start = Instant::now();
             DenseAttention.attend(layer, input, &mut self.dense_out)?;
             self.dense_seconds += start.elapsed().as_secs_f64();
-            let (mut diff, mut norm) = (0.0f64, 0.0f64);
-            for (s, d) in out.iter().zip(&self.dense_out) {
-                diff += f64::from(s - d).powi(2);
-                norm += f64::from(*d).powi(2);
-            }
-            if let Some(e) = self.err.get_mut(layer) {
-                e.0 += diff;
-                e.1 += norm;
-            }
+            add_squared_error(&mut self.err, layer, out, &self.dense_out);
         }
         if self.measure_recall {
             self.measure(layer, input)?;
@@ -147,6 +139,20 @@ impl LayerAttention for EvalAttention {
         let n = input.shape.seq_len;
         dense_rows(input, n.saturating_sub(self.decode_rows), out);
         Ok(())
+    }
+}
+
+/// Adds `‖got − want‖²` and `‖want‖²` to `sums[layer]` (a layer's relative output error is the
+/// square root of their ratio over its calls).
+pub(crate) fn add_squared_error(sums: &mut [(f64, f64)], layer: usize, got: &[f32], want: &[f32]) {
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        diff += f64::from(g - w).powi(2);
+        norm += f64::from(*w).powi(2);
+    }
+    if let Some(e) = sums.get_mut(layer) {
+        e.0 += diff;
+        e.1 += norm;
     }
 }
 

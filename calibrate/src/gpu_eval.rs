@@ -18,6 +18,8 @@ use runtime::pattern::{causal_cells, PatternContext};
 use runtime::{AttentionInput, PrefillOptions, SparsePrefill};
 use schemas::{ModelInfo, Pattern, Plan};
 
+use crate::eval::add_squared_error;
+
 /// The plan on the GPU, with the figures gathered over the forwards (see the module docs).
 pub struct GpuAttention {
     gpu: Gpu,
@@ -43,7 +45,8 @@ pub struct GpuAttention {
     pub lists_differing: u64,
     /// `[layer][head]` recall of the GPU's index on the forward that measured it (NaN before).
     pub recall: Vec<Vec<f64>>,
-    rounded: [Vec<f32>; 3],
+    /// Q and K rounded to bf16, as the GPU saw them (indexes read no V).
+    rounded: [Vec<f32>; 2],
 }
 
 impl GpuAttention {
@@ -134,24 +137,16 @@ impl GpuAttention {
         let start = std::time::Instant::now();
         cpu.forward(layer, input, cpu_out)?;
         let seconds = start.elapsed().as_secs_f64();
-        let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for (g, c) in gpu_out.iter().zip(cpu_out.iter()) {
-            diff += f64::from(g - c).powi(2);
-            norm += f64::from(*c).powi(2);
-        }
-        if let Some(e) = self.err_vs_cpu.get_mut(layer) {
-            e.0 += diff;
-            e.1 += norm;
-        }
+        add_squared_error(&mut self.err_vs_cpu, layer, gpu_out, cpu_out);
         let Some(gpu_ix) = &self.last else {
             return Ok(seconds);
         };
-        for (dst, src) in self.rounded.iter_mut().zip([input.q, input.k, input.v]) {
+        for (dst, src) in self.rounded.iter_mut().zip([input.q, input.k]) {
             dst.clear();
             dst.extend(src.iter().map(|&x| bf16_to_f32(bf16_bits(x))));
         }
-        let [q, k, v] = &self.rounded;
-        let rounded = AttentionInput::new(input.shape, q, k, v)?;
+        let [q, k] = &self.rounded;
+        let rounded = AttentionInput::new(input.shape, q, k, input.v)?;
         if let Some(cpu_ix) = cpu.layer_index(layer, &rounded)? {
             for (h, ix) in cpu_ix.iter().enumerate() {
                 for qb in 0..ix.q_blocks() {

@@ -337,6 +337,8 @@ pub fn run(args: &Args) -> Outcome {
         .flatten()
         .copied()
         .collect();
+    let (mean_head_recall, min_head_recall) = mean_min(&recall);
+    let (mean_shared_head_recall, min_shared_head_recall) = mean_min(&shared);
     let report = EvalReport {
         model: model.path().display().to_string(),
         plan: args.plan.display().to_string(),
@@ -354,16 +356,12 @@ pub fn run(args: &Args) -> Outcome {
         attention_seconds_sparse: sparse_attn.sparse_seconds,
         attention_speedup: sparse_attn.dense_seconds / sparse_attn.sparse_seconds.max(1e-12),
         index_seconds,
-        layer_output_error: sparse_attn
-            .err
-            .iter()
-            .map(|(d, n)| if *n > 0.0 { (d / n).sqrt() } else { 0.0 })
-            .collect(),
-        mean_head_recall: recall.iter().sum::<f64>() / recall.len().max(1) as f64,
-        min_head_recall: recall.iter().copied().fold(f64::INFINITY, f64::min),
+        layer_output_error: relative_errors(&sparse_attn.err),
+        mean_head_recall,
+        min_head_recall,
         head_recall: sparse_attn.recall.clone(),
-        mean_shared_head_recall: shared.iter().sum::<f64>() / shared.len().max(1) as f64,
-        min_shared_head_recall: shared.iter().copied().fold(f64::INFINITY, f64::min),
+        mean_shared_head_recall,
+        min_shared_head_recall,
         heads_losing_over_001_shared: recall
             .iter()
             .zip(&shared)
@@ -391,27 +389,26 @@ pub fn run(args: &Args) -> Outcome {
     Ok(())
 }
 
-/// Mean and minimum over the measured (non-NaN) entries.
-fn mean_min(x: &[Vec<f64>]) -> (f64, f64) {
-    let v: Vec<f64> = x
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|r| !r.is_nan())
-        .collect();
+/// Mean and minimum of `v` (NaN and infinity for no values; a NaN entry, e.g. a recall not
+/// measured, makes the mean NaN).
+fn mean_min(v: &[f64]) -> (f64, f64) {
     (
         v.iter().sum::<f64>() / v.len().max(1) as f64,
         v.iter().copied().fold(f64::INFINITY, f64::min),
     )
 }
 
-fn gpu_report(g: &GpuAttention) -> GpuReport {
-    let err: Vec<f64> = g
-        .err_vs_cpu
-        .iter()
+/// Per layer `‖a − b‖ / ‖b‖` from the summed squares `(‖a − b‖², ‖b‖²)` (0 where nothing was summed).
+fn relative_errors(sums: &[(f64, f64)]) -> Vec<f64> {
+    sums.iter()
         .map(|(d, n)| if *n > 0.0 { (d / n).sqrt() } else { 0.0 })
-        .collect();
-    let (mean_head_recall, min_head_recall) = mean_min(&g.recall);
+        .collect()
+}
+
+fn gpu_report(g: &GpuAttention) -> GpuReport {
+    let err = relative_errors(&g.err_vs_cpu);
+    let recall: Vec<f64> = g.recall.iter().flatten().copied().collect();
+    let (mean_head_recall, min_head_recall) = mean_min(&recall);
     GpuReport {
         device: g.device.clone(),
         dense_below: g.dense_below(),
