@@ -804,11 +804,49 @@ fn bench_measures_one_short_length() {
 /// The union of the column lists of each group of two or three query blocks, with each entry's
 /// blocks in the top two or three bits, as the warp-specialized kernels read it: against a host
 /// merge, on lists that overlap in part, are empty, shorter and longer than a warp and than the
-/// kernel's 2,048-entry merge tile, and on a number of query blocks that leaves the last group short.
+/// kernel's rounds of 1,024 entries, on a number of query blocks that leaves the last group short,
+/// and on a sequence long enough that a group's tokens span several of the kernel's 32,768-token
+/// chunks (lists sparse there, with runs crossing the chunk boundaries).
 #[test]
 fn group_union_matches_host_merge() {
     let Some(sp) = device() else { return };
-    let (q_heads, n): (usize, usize) = (3, 64 * 41 - 5);
+    let n: usize = 64 * 41 - 5;
+    let pick = noise(3 * n.div_ceil(64) * n, 11);
+    // list e keeps token t with a probability that depends on e (0 to ~0.9), from a window shared
+    // with its neighbours so that a group's lists overlap
+    let (longest, _) = check_group_union(&sp, 3, n, |e, t| {
+        let p = (e % 7) as f32 / 7.0;
+        t >= (e / 2) % 3 * 40 && pick[e * n + t] * 0.5 + 0.5 < p
+    });
+    assert!(
+        longest > 2048,
+        "the unions should exceed two rounds: {longest}"
+    );
+    // ~70K tokens: list e keeps about 1 token in 64 (a hash of e and t) and, for e % 4 == 1, a run of
+    // 3,000 tokens around each 32,768-token boundary; shared tokens between neighbours come from the
+    // runs and from the hash's coincidences
+    let n = 64 * 1100 - 7;
+    let (_, span) = check_group_union(&sp, 1, n, |e, t| {
+        let run = e % 4 == 1 && (t % 32768 < 1500 || t % 32768 >= 32768 - 1500) && t >= 1500;
+        let hash = (t as u64 ^ (e as u64 / 2) << 20).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58;
+        run || hash == 0
+    });
+    assert!(
+        span > 65536,
+        "a union should cross two chunk boundaries: {span}"
+    );
+}
+
+/// Uploads the lists `keep(e, t)` (token t < n in list e = h * q_blocks + qb) and checks
+/// `ix_group_union` for groups of two and three against a host merge; returns the longest union and
+/// the largest token seen.
+#[allow(clippy::unwrap_used, clippy::expect_used)] // part of the test above: a failure fails it
+fn check_group_union(
+    sp: &SparsePrefill,
+    q_heads: usize,
+    n: usize,
+    keep: impl Fn(usize, usize) -> bool,
+) -> (usize, usize) {
     let q_blocks = n.div_ceil(64);
     let mut f = FlatIndex {
         q_heads,
@@ -818,22 +856,15 @@ fn group_union_matches_host_merge() {
         col_off: vec![0],
         ..FlatIndex::default()
     };
-    let pick = noise(q_heads * q_blocks * n, 11);
     let mut lists = Vec::new();
     for e in 0..q_heads * q_blocks {
-        // list e keeps token t with a probability that depends on e (0 to ~0.9), from a window
-        // shared with its neighbours so that a group's lists overlap
-        let p = (e % 7) as f32 / 7.0;
-        let lo = (e / 2) % 3 * 40;
-        let list: Vec<u32> = (lo..n)
-            .filter(|&t| pick[e * n + t] * 0.5 + 0.5 < p)
-            .map(|t| t as u32)
-            .collect();
+        let list: Vec<u32> = (0..n).filter(|&t| keep(e, t)).map(|t| t as u32).collect();
         f.col_idx.extend_from_slice(&list);
         f.col_off.push(f.col_idx.len() as u32);
         lists.push(list);
     }
     let ix = sp.upload_flat(&f).unwrap();
+    let (mut longest, mut span) = (0, 0);
     for group in [2usize, 3] {
         let (got, len) = sp
             .download_group_union(&ix, group)
@@ -841,7 +872,6 @@ fn group_union_matches_host_merge() {
             .expect("union enabled");
         let q_groups = q_blocks.div_ceil(group);
         let token_bits = 32 - group;
-        let mut longest = 0;
         for h in 0..q_heads {
             for p in 0..q_groups {
                 let e = h * q_blocks + group * p;
@@ -852,6 +882,7 @@ fn group_union_matches_host_merge() {
                 let mut want: Vec<u32> = members.iter().flat_map(|l| l.iter()).copied().collect();
                 want.sort_unstable();
                 want.dedup();
+                span = span.max(want.last().map_or(0, |&t| t as usize));
                 let want: Vec<u32> = want
                     .into_iter()
                     .map(|t| {
@@ -865,21 +896,18 @@ fn group_union_matches_host_merge() {
                 assert_eq!(
                     l,
                     want.len(),
-                    "group of {group}, head {h}, group {p}: union length"
+                    "n {n}, group of {group}, head {h}, group {p}: union length"
                 );
                 assert_eq!(
                     &got[start..start + l],
                     &want[..],
-                    "group of {group}, head {h}, group {p}"
+                    "n {n}, group of {group}, head {h}, group {p}"
                 );
                 longest = longest.max(l);
             }
         }
-        assert!(
-            longest > 2048,
-            "the unions should exceed a merge tile: {longest}"
-        );
     }
+    (longest, span)
 }
 
 /// The warp-specialized kernels give bit-identical outputs whether their producer merges the query

@@ -41,7 +41,7 @@ use super::gpu_threshold::{gpu_dense_below, sparse_attention_pays, sparse_tile_c
 pub use super::layer_stats::LayerStats;
 use super::query_adaptive::QueryAdaptive;
 use super::{
-    counting_index, grid_u32, read_totals, scan_counts, size_lists, warp_per_item, BlockChoice,
+    counting_index, grid_u32, read_totals, scan_counts, size_lists, BlockChoice,
     BlockSparseBuilder, DeviceBuffer, DeviceIndex, FlatIndex, Keys, SparsePrefill, TokenChoice,
     TokenSelectBuilder, VerticalSlashBuilder, CUDA_BLOCK,
 };
@@ -645,10 +645,19 @@ impl Merge {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        let warps = warp_per_item(m)?;
+        // about four CTAs per SM in all (132 SMs on the H200), each head's CTAs striding over its span
+        let per_head = 528usize
+            .div_ceil(shape.q_heads)
+            .clamp(1, m.div_ceil(shape.q_heads));
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(per_head)?, grid_u32(shape.q_heads)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
-        // source list sizes copied; the sources are those `count` checked.
-        drv("ix_merge_copy launch", unsafe { b.launch(warps) })?;
+        // source list sizes copied (head by head, in the same order); the sources are those `count`
+        // checked.
+        drv("ix_merge_copy launch", unsafe { b.launch(cfg) })?;
         Ok(())
     }
 }
