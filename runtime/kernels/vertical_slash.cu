@@ -569,31 +569,42 @@ extern "C" __global__ void ix_merge_count(IX_SRC_ARGS, const u32* __restrict__ s
 }
 
 // A head's lists are contiguous in its source (CSR in query-block order) and in the merged index
-// (same sizes, same order), so each head is one span copied: grid (CTAs per head, q_heads), the CTAs
-// of a head striding over its key blocks and its columns.
+// (same sizes, same order), so the merged lists are the heads' spans end to end. One CTA per run of
+// MC_RUN merged entries (the first blk_ctas CTAs over the key blocks, the rest over the columns) copies
+// the part of each head's span that falls in its run (usually one head, coalesced).
+#define MC_RUN 4096
 extern "C" __global__ void __launch_bounds__(256) ix_merge_copy(IX_SRC_ARGS, const u32* __restrict__ src_id,
                                          const u32* __restrict__ src_over, const u32* __restrict__ src_head,
                                          int q_heads, int q_blocks, const u32* __restrict__ blk_off,
                                          const u32* __restrict__ col_off, u32* __restrict__ blk_idx,
-                                         u32* __restrict__ col_idx) {
-    const int h = blockIdx.y;
-    if (h >= q_heads) return;
-    const IxSrc s = ix_pick(ix_source(src_id, src_over, src_head, h), IX_SRCS);
-    const u32 f0 = src_head[h] * (u32)q_blocks, f1 = f0 + (u32)q_blocks, e0 = (u32)h * (u32)q_blocks;
-    const u32 stride = gridDim.x * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
-    auto span = [&](u32* dst, const u32* src, u32 count) {
-        u32 i = first;
-        for (; i + 3 * stride < count; i += 4 * stride) {
-            const u32 x0 = src[i], x1 = src[i + stride], x2 = src[i + 2 * stride], x3 = src[i + 3 * stride];
-            dst[i] = x0;
-            dst[i + stride] = x1;
-            dst[i + 2 * stride] = x2;
-            dst[i + 3 * stride] = x3;
+                                         u32* __restrict__ col_idx, int blk_ctas) {
+    const bool blk = (int)blockIdx.x < blk_ctas;
+    const u32 r0 = (blk ? blockIdx.x : blockIdx.x - blk_ctas) * MC_RUN;
+    const u32* off = blk ? blk_off : col_off;
+    u32* dst = blk ? blk_idx : col_idx;
+    const u32 r1 = min(r0 + MC_RUN, off[q_heads * q_blocks]);
+    for (int h = 0; h < q_heads; ++h) {
+        const u32 d0 = off[h * q_blocks], d1 = off[(h + 1) * q_blocks];
+        if (d1 <= r0) continue;
+        if (d0 >= r1) break;
+        const IxSrc s = ix_pick(ix_source(src_id, src_over, src_head, h), IX_SRCS);
+        const u32 f0 = src_head[h] * (u32)q_blocks;
+        const u32* src = blk ? s.blk_idx + s.blk_off[f0] : s.col_idx + s.col_off[f0];  // the head's span
+        const u32 a = max(r0, d0), b = min(r1, d1);
+        for (u32 i0 = a + threadIdx.x; i0 < b; i0 += 4 * blockDim.x) {  // four loads in flight
+            u32 x[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const u32 i = i0 + u * blockDim.x;
+                x[u] = i < b ? src[i - d0] : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const u32 i = i0 + u * blockDim.x;
+                if (i < b) dst[i] = x[u];
+            }
         }
-        for (; i < count; i += stride) dst[i] = src[i];
-    };
-    span(blk_idx + blk_off[e0], s.blk_idx + s.blk_off[f0], s.blk_off[f1] - s.blk_off[f0]);
-    span(col_idx + col_off[e0], s.col_idx + s.col_off[f0], s.col_off[f1] - s.col_off[f0]);
+    }
 }
 
 // The column lists of a group of G (2 or 3) neighbouring query blocks as one list, for the
@@ -604,161 +615,237 @@ extern "C" __global__ void __launch_bounds__(256) ix_merge_copy(IX_SRC_ARGS, con
 // space, so no sizes are read back); its length to out_len[h * q_groups + p]. Lists must be
 // ascending without repeats (HeadIndex's).
 //
-// One CTA of UB_THREADS per group, through bitmaps: the tokens [0, end), end one past the group's
-// largest entry, are taken in chunks of UB_CHUNK tokens (one bitmap per block in shared memory). A chunk's
-// entries of each list follow the entries before it (the lists are ascending): the CTA reads them in
-// rounds of UB_LOADS coalesced entries per thread and list, all lists at once, each entry below the
-// chunk's end setting its bit in its block's bitmap in shared memory, until a round meets an entry
-// past the chunk (or the list's end). Then each warp takes UB_WPW consecutive words, counts the tokens
-// of the union (the OR of the bitmaps), a block scan gives its offset, and it writes its tokens word
-// by word (each lane one bit: coalesced stores), each with the bits of the blocks whose bitmap holds
-// it. (Until 2026-11-30 the CTA merged two lists at a time along the merge path, in staged tiles of
-// 2,048 positions, groups of three through a scratch list: 1.6x slower at 16K and 32K, 1.1x at 128K
-// on SmolLM2's plan, docs/perf.md.)
+// One CTA of 256 threads per group, on one of two paths chosen per group by what it costs
+// (union_group):
+// - bitmaps, for groups whose tokens all lie below UB_WORDS * 32 and whose entries are at least
+//   UB_DENSE times their 32-token words (e.g. SmolLM2's column-heavy plan up to 32K): every entry
+//   sets its bit in its block's bitmap in shared memory (reads coalesced); then each warp takes
+//   UB_WPW consecutive words, counts the tokens of the union (the OR of the bitmaps), a block scan
+//   gives its offset, and it writes its tokens word by word, skipping empty words, each lane one
+//   bit (coalesced stores), with the bits of the blocks whose bitmap holds it.
+// - the merge path, for the others (sparse lists over a long range, e.g. 1,000 columns at 128K, and
+//   groups reaching past 32K tokens): two lists at a time, for three blocks 0 and 1 into the scratch
+//   list pass_idx (same offsets; bits 29 and 30), then that list and block 2 (bit 31); tokens
+//   compare under the low 32 - G bits. Each merge runs in tiles of UN_TILE merged positions (both
+//   copies of a shared entry counted): the next UN_TILE entries of each list are staged in shared
+//   memory (coalesced), each thread finds the start of its UN_PER positions by a binary search on its
+//   diagonal (ties take the first list's copy first), counts the entries it emits (a shared entry
+//   once, with the first list's copy, tagged with both), a block scan gives the offsets, and the
+//   tile's output is staged and written out coalesced. (A warp per pair merging from global memory,
+//   each lane its own segment, took 7.8 ms at 128K: every load of the warp touched 32 lines.)
+// Measured in docs/perf.md ("Seventeenth session"), where bitmaps for every group (over longer
+// ranges in chunks) and the two paths as two launches were tried too.
 #define UB_THREADS 256
-#define UB_WORDS 1024                         // bitmap words per chunk and block
+#define UB_WORDS 1024                         // bitmap words per block: tokens below UB_WORDS * 32
 #define UB_WPW (UB_WORDS / (UB_THREADS / 32))  // words per warp
-#define UB_CHUNK (UB_WORDS * 32)
-#define UB_LOADS 4
-#define UB_ROUND (UB_THREADS * UB_LOADS)
+#define UB_DENSE 2  // bitmaps when a group's entries are at least this many times its words
+#define UN_THREADS 256
+#define UN_PER 8
+#define UN_TILE (UN_THREADS * UN_PER)
 
-// Block-wide sums of three ints (UB_THREADS threads; `red` holds 3 * UB_THREADS / 32 ints).
-__device__ __forceinline__ int3 ub_sum3(int3 v, int* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int sh = 16; sh > 0; sh >>= 1) {
-        v.x += __shfl_xor_sync(0xffffffffu, v.x, sh);
-        v.y += __shfl_xor_sync(0xffffffffu, v.y, sh);
-        v.z += __shfl_xor_sync(0xffffffffu, v.z, sh);
-    }
-    if (lane == 0) {
-        red[3 * warp] = v.x;
-        red[3 * warp + 1] = v.y;
-        red[3 * warp + 2] = v.z;
-    }
-    __syncthreads();
-    int3 t = make_int3(0, 0, 0);
-#pragma unroll
-    for (int k = 0; k < UB_THREADS / 32; ++k) {
-        t.x += red[3 * k];
-        t.y += red[3 * k + 1];
-        t.z += red[3 * k + 2];
-    }
-    __syncthreads();  // before red is written again
-    return t;
-}
-
-extern "C" __global__ void __launch_bounds__(UB_THREADS)
-    ix_group_union(const u32* __restrict__ col_off, const u32* __restrict__ col_idx, int q_heads, int q_blocks,
-                   int group, u32* __restrict__ out_idx, u32* __restrict__ out_len) {
-    __shared__ u32 bm[3][UB_WORDS];
-    __shared__ int red[3 * UB_THREADS / 32];
-    __shared__ int past_flags[3];  // per round r, slot r % 3: the lists whose round met the chunk's end
-    const u32 NONE = 0xffffffffu;
-    const int q_groups = (q_blocks + group - 1) / group;
-    const int w = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (w >= q_heads * q_groups) return;  // w is the same in the whole CTA
-    const int h = w / q_groups, p = w % q_groups;
-    const int e = h * q_blocks + group * p;  // the group's first block
-    const int token_bits = 32 - group;
+// A group's lists (absent blocks' empty), one past its largest token, and its path.
+struct UnionGroup {
     const u32* list[3];
-    int len[3], before[3] = {0, 0, 0};  // entries of each list before the current chunk
-    u32 end = 0;                        // one past the largest token of the group
+    int len[3];
+    u32 end;
+    bool bitmap;
+};
+
+__device__ __forceinline__ UnionGroup union_group(const u32* __restrict__ col_off, const u32* __restrict__ col_idx,
+                                                  int q_blocks, int group, int p, int e) {
+    UnionGroup g;
+    g.end = 0;
+    int entries = 0;
 #pragma unroll
     for (int i = 0; i < 3; ++i) {
         const bool real = i < group && group * p + i < q_blocks;
-        len[i] = real ? (int)(col_off[e + i + 1] - col_off[e + i]) : 0;
-        list[i] = col_idx + (real ? col_off[e + i] : 0u);
-        if (len[i] > 0) end = max(end, list[i][len[i] - 1] + 1);
+        g.len[i] = real ? (int)(col_off[e + i + 1] - col_off[e + i]) : 0;
+        g.list[i] = col_idx + (real ? col_off[e + i] : 0u);
+        if (g.len[i] > 0) g.end = max(g.end, g.list[i][g.len[i] - 1] + 1);
+        entries += g.len[i];
     }
-    if (tid < 3) past_flags[tid] = 0;
-    u32* out = out_idx + col_off[e];
-    int written = 0, round = 0;
-    for (u32 c0 = 0; c0 < end; c0 += UB_CHUNK) {
-        const u32 c1 = min(end, c0 + (u32)UB_CHUNK);
-        const int words = (int)((c1 - c0 + 31) >> 5);
-#pragma unroll
-        for (int i = 0; i < 3; ++i)
-            for (int k = tid; k < words; k += UB_THREADS) bm[i][k] = 0u;
-        __syncthreads();
-        int base[3], mine[3] = {0, 0, 0};
-        bool active[3];
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-            base[i] = before[i];
-            active[i] = base[i] < len[i];
-        }
-        while (active[0] || active[1] || active[2]) {
-            u32 t[3][UB_LOADS];
-#pragma unroll
-            for (int i = 0; i < 3; ++i)
-#pragma unroll
-                for (int u = 0; u < UB_LOADS; ++u) {
-                    const int j = base[i] + u * UB_THREADS + tid;
-                    t[i][u] = active[i] && j < len[i] ? list[i][j] : NONE;
-                }
-            int past = 0;
-#pragma unroll
-            for (int i = 0; i < 3; ++i) {
-#pragma unroll
-                for (int u = 0; u < UB_LOADS; ++u) {
-                    if (t[i][u] < c1) {
-                        atomicOr(&bm[i][(t[i][u] - c0) >> 5], 1u << ((t[i][u] - c0) & 31));
-                        ++mine[i];
-                    } else if (t[i][u] != NONE) {
-                        past |= 1 << i;
-                    }
-                }
-                if (active[i] && base[i] + UB_ROUND >= len[i]) past |= 1 << i;  // the same in every thread
-            }
-            const int slot = round % 3;
-            if (past) atomicOr(&past_flags[slot], past);
-            __syncthreads();
-            const int flags = past_flags[slot];
-            if (tid == 0) past_flags[(round + 2) % 3] = 0;  // read last round, written next-but-one
-            ++round;
-#pragma unroll
-            for (int i = 0; i < 3; ++i) {
-                if (flags >> i & 1) active[i] = false;
-                else base[i] += UB_ROUND;  // the whole round was below c1
-            }
-        }
-        if (c1 < end) {  // the next chunk starts after this one's entries
-            const int3 taken = ub_sum3(make_int3(mine[0], mine[1], mine[2]), red);
-            before[0] += taken.x;
-            before[1] += taken.y;
-            before[2] += taken.z;
-        }
-        __syncthreads();  // every bit set
-        // warp `warp` writes words [w0, w1): its count, a block scan for its offset, then word by word
-        // each lane its bit, so that every store of the warp is contiguous
-        const int w0 = warp * UB_WPW, w1 = min(words, w0 + UB_WPW);
-        int cnt = 0;
-        for (int k = w0 + lane; k < w1; k += 32) cnt += __popc(bm[0][k] | bm[1][k] | bm[2][k]);
-#pragma unroll
-        for (int sh = 16; sh > 0; sh >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, sh);
-        if (lane == 0) red[warp] = cnt;
-        __syncthreads();
-        int pre = 0, total = 0;
-#pragma unroll
-        for (int k = 0; k < UB_THREADS / 32; ++k) {
-            const int v = red[k];
-            pre += k < warp ? v : 0;
-            total += v;
-        }
-        u32* dst = out + written + pre;
-        const u32 below = (1u << lane) - 1;
-        for (int k = w0; k < w1; ++k) {
-            const u32 b0 = bm[0][k], b1 = bm[1][k], b2 = bm[2][k], x = b0 | b1 | b2;
-            if (x >> lane & 1u)
-                dst[__popc(x & below)] = (c0 + (u32)k * 32u + (u32)lane) | (b0 >> lane & 1u) << token_bits |
-                                         (b1 >> lane & 1u) << (token_bits + 1) |
-                                         (b2 >> lane & 1u) << min(token_bits + 2, 31);
-            dst += __popc(x);
-        }
-        written += total;
-        __syncthreads();  // before the next chunk clears the bitmaps and red
-    }
-    if (tid == 0) out_len[w] = (u32)written;
+    const u32 words = (g.end + 31) >> 5;
+    g.bitmap = words <= UB_WORDS && (u32)entries >= UB_DENSE * words;
+    return g;
 }
 
+// The number of a's entries among the first d merged positions of a[0..la) and b[0..lb) (shared),
+// tokens compared under `mask`.
+__device__ __forceinline__ int un_split(const u32* a, int la, const u32* b, int lb, int d, u32 mask) {
+    int lo = max(0, d - lb), hi = min(d, la);
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if ((a[mid] & mask) <= (b[d - 1 - mid] & mask)) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// The two paths' shared memory (a CTA takes one path).
+union UnionSmem {
+    struct {
+        u32 sa[UN_TILE], sb[UN_TILE + 1], so[UN_TILE];
+        int warp_sum[UN_THREADS / 32];
+        int next_i;
+    } m;
+    struct {
+        u32 bm[3][UB_WORDS];
+        int warp_sum[UB_THREADS / 32];
+    } b;
+};
+
+// The merge path of ix_group_union; returns the union's length.
+__device__ __forceinline__ int union_merge(UnionSmem& sm, const UnionGroup& g, int group, int token_bits,
+                                          u32* __restrict__ pass, u32* __restrict__ out) {
+    const u32 END_TOKEN = 0xffffffffu;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 mask = (1u << token_bits) - 1;
+    auto tag = [&](int i) { return 1u << (token_bits + i); };
+    // One pass: the union of ga[0..la) (entries tagged a_tag, or already tagged) and gb[0..lb) (tagged
+    // b_tag) into out; returns its length. Ends with a __syncthreads, after which out is visible to
+    // the whole CTA.
+    auto merge_lists = [&](const u32* ga, int la, const u32* gb, int lb, u32* out, u32 a_tag, u32 b_tag) {
+        const int total = la + lb;
+        int i0 = 0, j0 = 0, written = 0;
+        for (int d0 = 0; d0 < total; d0 += UN_TILE) {
+            const int n_tile = min(UN_TILE, total - d0);
+            // stage the next entries of each list (past the end: END_TOKEN); b one further, for the check
+            // whether the tile's last a entry is shared; a's entry before the tile decides whether the
+            // tile's first b entry was already written
+            for (int k = tid; k < UN_TILE; k += UN_THREADS) sm.m.sa[k] = i0 + k < la ? ga[i0 + k] : END_TOKEN;
+            for (int k = tid; k <= UN_TILE; k += UN_THREADS) sm.m.sb[k] = j0 + k < lb ? gb[j0 + k] : END_TOKEN;
+            const u32 a_before = (i0 > 0 ? ga[i0 - 1] : END_TOKEN) & mask;
+            __syncthreads();
+            const int ta = min(UN_TILE, la - i0), tb = min(UN_TILE, lb - j0);  // staged real entries
+            const int d = min(tid * UN_PER, n_tile), d_end = min(d + UN_PER, n_tile);
+            const int i_first = un_split(sm.m.sa, ta, sm.m.sb, tb, d, mask);
+            // the thread's positions d..d_end of the merge: run twice, to count and then to write at `dst`
+            auto merge = [&](u32* dst) {
+                int i = i_first, j = d - i_first, cnt = 0;
+                u32 last_a = i > 0 ? sm.m.sa[i - 1] & mask : a_before;
+                for (int t = d; t < d_end; ++t) {
+                    const u32 xt = sm.m.sa[i], x = xt & mask, y = sm.m.sb[j] & mask;
+                    if (x <= y) {
+                        if (dst) dst[cnt] = xt | a_tag | (x == y ? b_tag : 0u);
+                        ++cnt;
+                        last_a = x;
+                        ++i;
+                    } else {
+                        if (y != last_a) {
+                            if (dst) dst[cnt] = y | b_tag;
+                            ++cnt;
+                        }
+                        ++j;
+                    }
+                }
+                return make_int2(cnt, i);
+            };
+            const int2 counted = merge(nullptr);
+            const int cnt = counted.x, i = counted.y;
+            // exclusive scan of cnt over the CTA
+            int inc = cnt;
+#pragma unroll
+            for (int sh = 1; sh < 32; sh <<= 1) {
+                const int v = __shfl_up_sync(0xffffffff, inc, sh);
+                if (lane >= sh) inc += v;
+            }
+            if (lane == 31) sm.m.warp_sum[warp] = inc;
+            if (tid == UN_THREADS - 1) sm.m.next_i = i;  // the last thread's segment ends the tile
+            __syncthreads();
+            int before = 0, tile_len = 0;
+#pragma unroll
+            for (int k = 0; k < UN_THREADS / 32; ++k) {
+                const int v = sm.m.warp_sum[k];
+                before += k < warp ? v : 0;
+                tile_len += v;
+            }
+            merge(sm.m.so + before + inc - cnt);
+            __syncthreads();
+            for (int k = tid; k < tile_len; k += UN_THREADS) out[written + k] = sm.m.so[k];
+            written += tile_len;
+            const int di = sm.m.next_i;
+            i0 += di;
+            j0 += n_tile - di;
+            __syncthreads();  // before the next tile overwrites the staged lists and next_i
+        }
+        return written;
+    };
+    if (group == 2) return merge_lists(g.list[0], g.len[0], g.list[1], g.len[1], out, tag(0), tag(1));
+    // blocks 0 and 1 into pass, then that union and block 2
+    const int l01 = merge_lists(g.list[0], g.len[0], g.list[1], g.len[1], pass, tag(0), tag(1));
+    return merge_lists(pass, l01, g.list[2], g.len[2], out, 0u, tag(2));
+}
+
+// The bitmap path of ix_group_union; returns the union's length.
+__device__ __forceinline__ int union_bitmap(UnionSmem& sm, const UnionGroup& g, int token_bits,
+                                           u32* __restrict__ out) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int words = (int)((g.end + 31) >> 5);
+#pragma unroll
+    for (int i = 0; i < 3; ++i)
+        for (int k = tid; k < words; k += UB_THREADS) sm.b.bm[i][k] = 0u;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        const u32* l = g.list[i];
+#pragma unroll 4
+        for (int j = tid; j < g.len[i]; j += UB_THREADS) {
+            const u32 t = l[j];
+            atomicOr(&sm.b.bm[i][t >> 5], 1u << (t & 31));
+        }
+    }
+    __syncthreads();
+    // warp `warp` writes words [w0, w1): its count, a block scan for its offset, then word by word
+    // each lane its bit, so that every store of the warp is contiguous; words without a token are
+    // skipped (lane l holds word w0 + 32c + l of each pass c, a ballot finds the others)
+    const int w0 = warp * UB_WPW, w1 = min(words, w0 + UB_WPW);
+    u32 word[UB_WPW / 32];
+    int cnt = 0;
+#pragma unroll
+    for (int c = 0; c < UB_WPW / 32; ++c) {
+        const int k = w0 + 32 * c + lane;
+        word[c] = k < w1 ? sm.b.bm[0][k] | sm.b.bm[1][k] | sm.b.bm[2][k] : 0u;
+        cnt += __popc(word[c]);
+    }
+#pragma unroll
+    for (int sh = 16; sh > 0; sh >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, sh);
+    if (lane == 0) sm.b.warp_sum[warp] = cnt;
+    __syncthreads();
+    int pre = 0, total = 0;
+#pragma unroll
+    for (int k = 0; k < UB_THREADS / 32; ++k) {
+        const int v = sm.b.warp_sum[k];
+        pre += k < warp ? v : 0;
+        total += v;
+    }
+    u32* dst = out + pre;
+    const u32 below = (1u << lane) - 1;
+#pragma unroll
+    for (int c = 0; c < UB_WPW / 32; ++c) {
+        for (u32 nz = __ballot_sync(0xffffffffu, word[c] != 0u); nz; nz &= nz - 1) {
+            const int k = w0 + 32 * c + __ffs(nz) - 1;
+            const u32 x = __shfl_sync(0xffffffffu, word[c], __ffs(nz) - 1);
+            if (x >> lane & 1u)
+                dst[__popc(x & below)] = ((u32)k * 32u + (u32)lane) | (sm.b.bm[0][k] >> lane & 1u) << token_bits |
+                                         (sm.b.bm[1][k] >> lane & 1u) << (token_bits + 1) |
+                                         (sm.b.bm[2][k] >> lane & 1u) << min(token_bits + 2, 31);
+            dst += __popc(x);
+        }
+    }
+    return total;
+}
+
+extern "C" __global__ void __launch_bounds__(UN_THREADS)
+    ix_group_union(const u32* __restrict__ col_off, const u32* __restrict__ col_idx, int q_heads, int q_blocks,
+                   int group, u32* __restrict__ pass_idx, u32* __restrict__ out_idx, u32* __restrict__ out_len) {
+    __shared__ UnionSmem sm;
+    const int q_groups = (q_blocks + group - 1) / group;
+    const int w = blockIdx.x;
+    if (w >= q_heads * q_groups) return;  // w is the same in the whole CTA
+    const int p = w % q_groups;
+    const int e = (w / q_groups) * q_blocks + group * p;  // the group's first block
+    const UnionGroup g = union_group(col_off, col_idx, q_blocks, group, p, e);
+    const int token_bits = 32 - group;
+    const int len = g.bitmap ? union_bitmap(sm, g, token_bits, out_idx + col_off[e])
+                             : union_merge(sm, g, group, token_bits, pass_idx + col_off[e], out_idx + col_off[e]);
+    if (threadIdx.x == 0) out_len[w] = (u32)len;
+}

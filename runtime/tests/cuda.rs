@@ -803,10 +803,11 @@ fn bench_measures_one_short_length() {
 
 /// The union of the column lists of each group of two or three query blocks, with each entry's
 /// blocks in the top two or three bits, as the warp-specialized kernels read it: against a host
-/// merge, on lists that overlap in part, are empty, shorter and longer than a warp and than the
-/// kernel's rounds of 1,024 entries, on a number of query blocks that leaves the last group short,
-/// and on a sequence long enough that a group's tokens span several of the kernel's 32,768-token
-/// chunks (lists sparse there, with runs crossing the chunk boundaries).
+/// merge, on lists that overlap in part, are empty, shorter and longer than a warp and than the merge
+/// path's 2,048-position tiles, and on a number of query blocks that leaves the last group short.
+/// The short case's dense groups take the bitmap path (`ix_group_union_dense`); the long ones (~70K
+/// tokens, past the bitmaps' 32,768) and the sparse ones the merge path, which the short case's
+/// groups of nearly empty lists reach too.
 #[test]
 fn group_union_matches_host_merge() {
     let Some(sp) = device() else { return };
@@ -818,12 +819,15 @@ fn group_union_matches_host_merge() {
         let p = (e % 7) as f32 / 7.0;
         t >= (e / 2) % 3 * 40 && pick[e * n + t] * 0.5 + 0.5 < p
     });
-    assert!(
-        longest > 2048,
-        "the unions should exceed two rounds: {longest}"
-    );
+    assert!(longest > 2048, "the unions should exceed a tile: {longest}");
+    let n: usize = 64 * 511 - 5;
+    let pick = noise(n.div_ceil(64) * n, 12);
+    check_group_union(&sp, 1, n, |e, t| {
+        let p = (e % 5) as f32 / 5.0;
+        t >= (e / 2) % 3 * 40 && pick[e * n + t] * 0.5 + 0.5 < p
+    });
     // ~70K tokens: list e keeps about 1 token in 64 (a hash of e and t) and, for e % 4 == 1, a run of
-    // 3,000 tokens around each 32,768-token boundary; shared tokens between neighbours come from the
+    // 3,000 tokens around each multiple of 32,768; shared tokens between neighbours come from the
     // runs and from the hash's coincidences
     let n = 64 * 1100 - 7;
     let (_, span) = check_group_union(&sp, 1, n, |e, t| {
@@ -831,10 +835,14 @@ fn group_union_matches_host_merge() {
         let hash = (t as u64 ^ (e as u64 / 2) << 20).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58;
         run || hash == 0
     });
-    assert!(
-        span > 65536,
-        "a union should cross two chunk boundaries: {span}"
-    );
+    assert!(span > 65536, "a union should reach past 65,536: {span}");
+    // sparse lists over ~70K tokens (about 1 token in 256, the same for neighbours e = 2k, 2k + 1),
+    // across the merge's 2,048-position tiles where a run of 2,500 tokens is kept
+    let (longest, _) = check_group_union(&sp, 2, n, |e, t| {
+        let hash = (t as u64 ^ (e as u64 / 2) << 20).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56;
+        hash == 0 || (e % 5 == 2 && (20_000..22_500).contains(&t))
+    });
+    assert!(longest > 2048, "the merges should exceed a tile: {longest}");
 }
 
 /// Uploads the lists `keep(e, t)` (token t < n in list e = h * q_blocks + qb) and checks

@@ -331,12 +331,14 @@ pub struct SparsePrefill {
     union_bufs: Mutex<UnionBufs>,
 }
 
-/// [`SparsePrefill::group_union`]'s buffers: the union lists and their lengths (one per group); and
-/// the tile schedules of [`SparsePrefill::schedule`].
+/// [`SparsePrefill::group_union`]'s buffers: the union lists, their lengths (one per group), and
+/// for groups of three the scratch lists of the merge path; and the tile schedules of
+/// [`SparsePrefill::schedule`].
 #[derive(Debug, Default)]
 struct UnionBufs {
     idx: Option<CudaSlice<u32>>,
     len: Option<CudaSlice<u32>>,
+    pass: Option<CudaSlice<u32>>,
     /// The tile schedules ([`SparsePrefill::schedule`]).
     sched: Option<CudaSlice<u32>>,
 }
@@ -785,7 +787,8 @@ impl SparsePrefill {
     }
 
     /// The union of the column lists of query blocks `group * p .. group * p + group` (2 or 3) of
-    /// every head (`ix_group_union`, one launch): entries tagged with their blocks in the top
+    /// every head (`ix_group_union`, one launch; bitmaps for dense groups, a merge for the others):
+    /// entries tagged with their blocks in the top
     /// `group` bits, at the first block's offsets, and one length per group, into `bufs.idx` and
     /// `bufs.len` (grown when too small). `false` when [`UNION_ENV`] turned it off or tokens do not
     /// fit the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must
@@ -800,30 +803,39 @@ impl SparsePrefill {
         }
         let s = &self.dev.stream;
         let groups = ix.q_heads * ix.q_blocks.div_ceil(group);
-        let UnionBufs { idx, len, .. } = bufs;
+        let UnionBufs { idx, len, pass, .. } = bufs;
         UnionBufs::grow(s, idx, ix.n_col.max(1))?;
         UnionBufs::grow(s, len, groups.max(1))?;
+        if group == 3 {
+            UnionBufs::grow(s, pass, ix.n_col.max(1))?;
+        }
         let (Some(out_idx), Some(out_len)) = (idx.as_mut(), len.as_mut()) else {
             return Ok(false);
         };
+        let pass_idx = pass.as_mut().filter(|_| group == 3);
         let (heads_i, blocks_i, group_i) = (ix.q_heads as i32, ix.q_blocks as i32, group as i32);
-        let mut b = s.launch_builder(f);
-        b.arg(&ix.col_off)
-            .arg(&ix.col_idx)
-            .arg(&heads_i)
-            .arg(&blocks_i)
-            .arg(&group_i)
-            .arg(&mut *out_idx)
-            .arg(&mut *out_len);
         let cfg = LaunchConfig {
             grid_dim: (grid_u32(groups)?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let mut b = s.launch_builder(f);
+        b.arg(&ix.col_off)
+            .arg(&ix.col_idx)
+            .arg(&heads_i)
+            .arg(&blocks_i)
+            .arg(&group_i);
+        match pass_idx {
+            Some(p) => b.arg(p),
+            None => b.arg(&self.dummy),
+        };
+        b.arg(&mut *out_idx).arg(&mut *out_len);
         // SAFETY: matches `ix_group_union`; col_off holds q_heads * q_blocks + 1 offsets into col_idx
-        // (the index's invariant), each list ascending without repeats; the union of a group fits
-        // the space of its lists (n_col entries in all, which out_idx holds); out_len holds at least
-        // one entry per group.
+        // (the index's invariant), each list ascending without repeats; the union of a group (and,
+        // on the merge path for groups of three, the first merge, written to pass_idx at the same
+        // offsets) fits the space of its lists (n_col entries in all, no more than out_idx and
+        // pass_idx hold); out_len holds at least one entry per group; the dummy passed for groups
+        // of two is never touched.
         drv("ix_group_union launch", unsafe { b.launch(cfg) })?;
         Ok(true)
     }

@@ -633,7 +633,6 @@ impl Merge {
             .as_ref()
             .ok_or_else(|| Error::Cuda("merge copy before its count".into()))?;
         size_lists(sp, ix, totals)?;
-        let m = bufs.m;
         let dims = (
             shape.q_heads as i32,
             shape.seq_len.div_ceil(CUDA_BLOCK) as i32,
@@ -645,18 +644,20 @@ impl Merge {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        // about four CTAs per SM in all (132 SMs on the H200), each head's CTAs striding over its span
-        let per_head = 528usize
-            .div_ceil(shape.q_heads)
-            .clamp(1, m.div_ceil(shape.q_heads));
+        // one CTA per run of 4,096 merged entries (`MC_RUN`), key blocks first
+        let blk_ctas = totals.0.div_ceil(4096);
+        let ctas = (blk_ctas + totals.1.div_ceil(4096)).max(1);
+        let blk_ctas = i32::try_from(blk_ctas)
+            .map_err(|_| Error::Cuda(format!("{} key-block entries", totals.0)))?;
+        b.arg(&blk_ctas);
         let cfg = LaunchConfig {
-            grid_dim: (grid_u32(per_head)?, grid_u32(shape.q_heads)?, 1),
+            grid_dim: (grid_u32(ctas)?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `ix_merge_copy`; the output lists hold the scanned totals, the sums of the
         // source list sizes copied (head by head, in the same order); the sources are those `count`
-        // checked.
+        // checked; blk_ctas CTAs cover the key blocks' totals.0 entries, the rest the columns'.
         drv("ix_merge_copy launch", unsafe { b.launch(cfg) })?;
         Ok(())
     }
