@@ -635,12 +635,11 @@ extern "C" __global__ void __launch_bounds__(256) ix_merge_copy(IX_SRC_ARGS, con
 //   each lane its own segment, took 7.8 ms at 128K: every load of the warp touched 32 lines.)
 // Measured in docs/perf.md ("Seventeenth session"), where bitmaps for every group (over longer
 // ranges in chunks) and the two paths as two launches were tried too.
-#define UB_THREADS 256
+#define UN_THREADS 256                        // threads per group (CTA), both paths
 #define UB_WORDS 1024                         // bitmap words per block: tokens below UB_WORDS * 32
-#define UB_WPW (UB_WORDS / (UB_THREADS / 32))  // words per warp
+#define UB_WPW (UB_WORDS / (UN_THREADS / 32))  // words per warp
 #define UB_DENSE 2  // bitmaps when a group's entries are at least this many times its words
-#define UN_THREADS 256
-#define UN_PER 8
+#define UN_PER 8    // merged positions per thread and tile
 #define UN_TILE (UN_THREADS * UN_PER)
 
 // A group's lists (absent blocks' empty), one past its largest token, and its path.
@@ -680,6 +679,20 @@ __device__ __forceinline__ int un_split(const u32* a, int la, const u32* b, int 
     return lo;
 }
 
+// Of the per-warp values in warp_sum (one per warp of the CTA, written before a __syncthreads): the
+// sum over the warps before `warp`, and in `total` over all.
+__device__ __forceinline__ int un_warps_before(const int* warp_sum, int warp, int& total) {
+    int before = 0;
+    total = 0;
+#pragma unroll
+    for (int k = 0; k < UN_THREADS / 32; ++k) {
+        const int v = warp_sum[k];
+        before += k < warp ? v : 0;
+        total += v;
+    }
+    return before;
+}
+
 // The two paths' shared memory (a CTA takes one path).
 union UnionSmem {
     struct {
@@ -689,7 +702,7 @@ union UnionSmem {
     } m;
     struct {
         u32 bm[3][UB_WORDS];
-        int warp_sum[UB_THREADS / 32];
+        int warp_sum[UN_THREADS / 32];
     } b;
 };
 
@@ -751,13 +764,8 @@ __device__ __forceinline__ int union_merge(UnionSmem& sm, const UnionGroup& g, i
             if (lane == 31) sm.m.warp_sum[warp] = inc;
             if (tid == UN_THREADS - 1) sm.m.next_i = i;  // the last thread's segment ends the tile
             __syncthreads();
-            int before = 0, tile_len = 0;
-#pragma unroll
-            for (int k = 0; k < UN_THREADS / 32; ++k) {
-                const int v = sm.m.warp_sum[k];
-                before += k < warp ? v : 0;
-                tile_len += v;
-            }
+            int tile_len;
+            const int before = un_warps_before(sm.m.warp_sum, warp, tile_len);
             merge(sm.m.so + before + inc - cnt);
             __syncthreads();
             for (int k = tid; k < tile_len; k += UN_THREADS) out[written + k] = sm.m.so[k];
@@ -782,13 +790,13 @@ __device__ __forceinline__ int union_bitmap(UnionSmem& sm, const UnionGroup& g, 
     const int words = (int)((g.end + 31) >> 5);
 #pragma unroll
     for (int i = 0; i < 3; ++i)
-        for (int k = tid; k < words; k += UB_THREADS) sm.b.bm[i][k] = 0u;
+        for (int k = tid; k < words; k += UN_THREADS) sm.b.bm[i][k] = 0u;
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 3; ++i) {
         const u32* l = g.list[i];
 #pragma unroll 4
-        for (int j = tid; j < g.len[i]; j += UB_THREADS) {
+        for (int j = tid; j < g.len[i]; j += UN_THREADS) {
             const u32 t = l[j];
             atomicOr(&sm.b.bm[i][t >> 5], 1u << (t & 31));
         }
@@ -810,13 +818,8 @@ __device__ __forceinline__ int union_bitmap(UnionSmem& sm, const UnionGroup& g, 
     for (int sh = 16; sh > 0; sh >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, sh);
     if (lane == 0) sm.b.warp_sum[warp] = cnt;
     __syncthreads();
-    int pre = 0, total = 0;
-#pragma unroll
-    for (int k = 0; k < UB_THREADS / 32; ++k) {
-        const int v = sm.b.warp_sum[k];
-        pre += k < warp ? v : 0;
-        total += v;
-    }
+    int total;
+    const int pre = un_warps_before(sm.b.warp_sum, warp, total);
     u32* dst = out + pre;
     const u32 below = (1u << lane) - 1;
 #pragma unroll
