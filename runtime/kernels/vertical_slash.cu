@@ -825,8 +825,9 @@ __device__ __forceinline__ int union_bitmap(UnionSmem& sm, const UnionGroup& g, 
 #pragma unroll
     for (int c = 0; c < UB_WPW / 32; ++c) {
         for (u32 nz = __ballot_sync(0xffffffffu, word[c] != 0u); nz; nz &= nz - 1) {
-            const int k = w0 + 32 * c + __ffs(nz) - 1;
-            const u32 x = __shfl_sync(0xffffffffu, word[c], __ffs(nz) - 1);
+            const int j = __ffs(nz) - 1, k = w0 + 32 * c + j;  // the next word with a token
+            const u32 x = __shfl_sync(0xffffffffu, word[c], j);
+            // (for groups of two, bm[2] is empty: the clamped shift only keeps it defined)
             if (x >> lane & 1u)
                 dst[__popc(x & below)] = ((u32)k * 32u + (u32)lane) | (sm.b.bm[0][k] >> lane & 1u) << token_bits |
                                          (sm.b.bm[1][k] >> lane & 1u) << (token_bits + 1) |

@@ -819,7 +819,10 @@ fn group_union_matches_host_merge() {
         let p = (e % 7) as f32 / 7.0;
         t >= (e / 2) % 3 * 40 && pick[e * n + t] * 0.5 + 0.5 < p
     });
-    assert!(longest > 2048, "the unions should exceed a tile: {longest}");
+    assert!(
+        longest > 2048,
+        "the unions should exceed 2,048 entries: {longest}"
+    );
     let n: usize = 64 * 511 - 5;
     let pick = noise(n.div_ceil(64) * n, 12);
     check_group_union(&sp, 1, n, |e, t| {

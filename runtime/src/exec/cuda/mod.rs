@@ -788,9 +788,8 @@ impl SparsePrefill {
 
     /// The union of the column lists of query blocks `group * p .. group * p + group` (2 or 3) of
     /// every head (`ix_group_union`, one launch; bitmaps for dense groups, a merge for the others):
-    /// entries tagged with their blocks in the top
-    /// `group` bits, at the first block's offsets, and one length per group, into `bufs.idx` and
-    /// `bufs.len` (grown when too small). `false` when [`UNION_ENV`] turned it off or tokens do not
+    /// entries tagged with their blocks in the top `group` bits, at the first block's offsets, and
+    /// one length per group, into `bufs.idx` and `bufs.len` (grown when too small). `false` when [`UNION_ENV`] turned it off or tokens do not
     /// fit the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must
     /// be queued before the next call writes them, which holding the lock of `bufs` across both
     /// ensures.
@@ -814,11 +813,6 @@ impl SparsePrefill {
         };
         let pass_idx = pass.as_mut().filter(|_| group == 3);
         let (heads_i, blocks_i, group_i) = (ix.q_heads as i32, ix.q_blocks as i32, group as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (grid_u32(groups)?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let mut b = s.launch_builder(f);
         b.arg(&ix.col_off)
             .arg(&ix.col_idx)
@@ -830,6 +824,11 @@ impl SparsePrefill {
             None => b.arg(&self.dummy),
         };
         b.arg(&mut *out_idx).arg(&mut *out_len);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(groups)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: matches `ix_group_union`; col_off holds q_heads * q_blocks + 1 offsets into col_idx
         // (the index's invariant), each list ascending without repeats; the union of a group (and,
         // on the merge path for groups of three, the first merge, written to pass_idx at the same

@@ -96,6 +96,9 @@ pub struct PlanPrefill {
 /// unset leaves it on; another value is refused.
 pub const DENSE_WHEN_FASTER_ENV: &str = "ATTNPLAN_DENSE_WHEN_FASTER";
 
+/// Merged entries per CTA of `ix_merge_copy` (`MC_RUN` in vertical_slash.cu).
+const MERGE_COPY_RUN: usize = 4096;
+
 /// `PlanPrefill::last`: the merged index.
 const MERGED: u32 = 4;
 
@@ -644,9 +647,9 @@ impl Merge {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        // one CTA per run of 4,096 merged entries (`MC_RUN`), key blocks first
-        let blk_ctas = totals.0.div_ceil(4096);
-        let ctas = (blk_ctas + totals.1.div_ceil(4096)).max(1);
+        // one CTA per run of merged entries, key blocks first
+        let blk_ctas = totals.0.div_ceil(MERGE_COPY_RUN);
+        let ctas = (blk_ctas + totals.1.div_ceil(MERGE_COPY_RUN)).max(1);
         let blk_ctas = i32::try_from(blk_ctas)
             .map_err(|_| Error::Cuda(format!("{} key-block entries", totals.0)))?;
         b.arg(&blk_ctas);
