@@ -136,17 +136,27 @@ __device__ __forceinline__ void hist_inc(u32* hist, u32 bin, bool on) {
     }
 }
 
-// dst[0..count) = src[0..count) by one warp, four loads in flight per lane.
-__device__ __forceinline__ void warp_copy(u32* __restrict__ dst, const u32* __restrict__ src, u32 count) {
-    u32 i = threadIdx.x & 31;
-    for (; i + 96 < count; i += 128) {
-        const u32 x0 = src[i], x1 = src[i + 32], x2 = src[i + 64], x3 = src[i + 96];
-        dst[i] = x0;
-        dst[i + 32] = x1;
-        dst[i + 64] = x2;
-        dst[i + 96] = x3;
+// Threads per CTA of the list fills (`vs_fill`, `ts_fill`: a CTA per (head, query block); host
+// `FILL_THREADS`).
+#define FILL_THREADS 128
+
+// dst[0..count) = src[0..count) by `stride` threads, this one starting at `first`, four loads in flight
+// per thread (a warp: first = lane, stride = 32; a CTA: threadIdx.x, blockDim.x).
+__device__ __forceinline__ void strided_copy(u32* __restrict__ dst, const u32* __restrict__ src, u32 count,
+                                             u32 first, u32 stride) {
+    for (u32 i0 = first; i0 < count; i0 += 4 * stride) {
+        u32 x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const u32 i = i0 + u * stride;
+            x[u] = i < count ? src[i] : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const u32 i = i0 + u * stride;
+            if (i < count) dst[i] = x[u];
+        }
     }
-    for (; i < count; i += 32) dst[i] = src[i];
 }
 
 // hc[bin] += 1 and, with `mass`, hm[bin] += x for every lane with `on`. When all such lanes of the warp

@@ -135,14 +135,16 @@ extern "C" __global__ void ts_count(const u32* __restrict__ cum, int n, int q_he
     }
 }
 
-// One warp per (head, query block): blocks ascending, then the selected tokens in [64 s, 64 l0).
-extern "C" __global__ void ts_fill(const u32* __restrict__ cum, const u32* __restrict__ list, int n, int q_heads,
-                                   const u32* __restrict__ block, const u32* __restrict__ sink,
-                                   const u32* __restrict__ local, const u32* __restrict__ blk_off,
-                                   const u32* __restrict__ col_off, u32* __restrict__ blk_idx,
-                                   u32* __restrict__ col_idx) {
+// One CTA of FILL_THREADS per (head, query block): blocks ascending, then the selected tokens in
+// [64 s, 64 l0) (a copy of up to the head's whole list: a warp per entry, as before, waited on the
+// last blocks' copies).
+extern "C" __global__ void __launch_bounds__(FILL_THREADS)
+    ts_fill(const u32* __restrict__ cum, const u32* __restrict__ list, int n, int q_heads,
+            const u32* __restrict__ block, const u32* __restrict__ sink, const u32* __restrict__ local,
+            const u32* __restrict__ blk_off, const u32* __restrict__ col_off, u32* __restrict__ blk_idx,
+            u32* __restrict__ col_idx) {
     const int q_blocks = (n + 63) / 64;
-    const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int e = blockIdx.x, tid = threadIdx.x;
     if (e >= q_heads * q_blocks) return;
     const int h = e / q_blocks, qb = e % q_blocks;
     if (block[h] == 0) return;
@@ -150,13 +152,13 @@ extern "C" __global__ void ts_fill(const u32* __restrict__ cum, const u32* __res
     ts_blocks(n, qb, sink[h], local[h], s, l0, causal);
     u32* bo = blk_idx + blk_off[e];
     if (l0 <= s) {
-        for (int kb = lane; kb < causal; kb += 32) bo[kb] = kb;
+        for (int kb = tid; kb < causal; kb += FILL_THREADS) bo[kb] = kb;
         return;
     }
-    for (int i = lane; i < s; i += 32) bo[i] = i;
-    for (int i = lane; i < causal - l0; i += 32) bo[s + i] = l0 + i;
+    for (int i = tid; i < s; i += FILL_THREADS) bo[i] = i;
+    for (int i = tid; i < causal - l0; i += FILL_THREADS) bo[s + i] = l0 + i;
     const u32* cu = cum + (u64)h * (n + 1);
     const u32 a = cu[s * 64], b = cu[l0 * 64];
     const u32* li = list + (u64)h * n;
-    warp_copy(col_idx + col_off[e], li + a, b - a);
+    strided_copy(col_idx + col_off[e], li + a, b - a, tid, FILL_THREADS);
 }

@@ -3,7 +3,8 @@
 //
 // 1. vs_est<0>: scores of the last L queries against all keys (mma.sync), per (head, row tile of 64
 //    of the last L rows, chunk of est_tiles * 64 keys, est_tiles <= 8 chosen by the host so that small
-//    layers still fill the GPU): running max and sum of exp2 per row -> `part`.
+//    layers still fill the GPU): running max and sum of exp2 per row -> `part`. Only the heads listed
+//    in est_heads[0..n_est] (those whose scores are read; the others' stay zero).
 // 2. vs_est_reduce: per (head, row): combines the partials into (max, 1 / sum) -> `ml`.
 // 3. vs_est<1>: recomputes the scores, writes p = softmax into a shared 64x64 tile, sums it per key
 //    column (`col`) and per diagonal offset i - j (`diag`), then global f32 atomics (both zeroed before).
@@ -27,7 +28,8 @@ template <int D, int PASS>
 __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n,
                                        int q_heads, int group, int last_q, int est_tiles, float scale_log2,
                                        float2* __restrict__ part, const float2* __restrict__ ml,
-                                       float* __restrict__ col, float* __restrict__ diag) {
+                                       float* __restrict__ col, float* __restrict__ diag,
+                                       const u32* __restrict__ est_heads, int n_est) {
     constexpr int CPR = D / 8, ROWS_PER_PASS = 128 / CPR, PASSES = 64 / ROWS_PER_PASS;
     constexpr int TILE_BYTES = 64 * D * 2;
     constexpr int PLD = 65;  // row stride (floats) of the P tile: conflict-free column and diagonal walks
@@ -35,7 +37,7 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
     const u32 sQ = smem_u32(smem), sK = sQ + TILE_BYTES;  // K: 2 stages
     float* pt = (float*)(smem + 3 * TILE_BYTES);          // [64][PLD] probabilities (PASS 1)
 
-    const int h = blockIdx.x % q_heads, chunk = blockIdx.x / q_heads, rt = blockIdx.y;
+    const int h = (int)est_heads[blockIdx.x % n_est], chunk = blockIdx.x / n_est, rt = blockIdx.y;
     const int chunk_keys = est_tiles * 64, nchunks = (n + chunk_keys - 1) / chunk_keys;
     const int rows_pad = gridDim.y * 64;
     const int i0 = n - last_q + rt * 64;  // first row of this row tile (absolute)
@@ -185,19 +187,19 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
 #define EST_ARGS                                                                                    \
     const bf16_t *__restrict__ q, const bf16_t *__restrict__ k, int n, int q_heads, int group,     \
         int last_q, int est_tiles, float scale_log2, float2 *__restrict__ part, const float2 *__restrict__ ml,    \
-        float *__restrict__ col, float *__restrict__ diag
+        float *__restrict__ col, float *__restrict__ diag, const u32 *__restrict__ est_heads, int n_est
 
 extern "C" __global__ void __launch_bounds__(128) vs_est_max_d128(EST_ARGS) {
-    vs_est<128, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
+    vs_est<128, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d128(EST_ARGS) {
-    vs_est<128, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
+    vs_est<128, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_max_d64(EST_ARGS) {
-    vs_est<64, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
+    vs_est<64, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d64(EST_ARGS) {
-    vs_est<64, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag);
+    vs_est<64, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 
 // One warp per (head, padded row): combines the per-chunk (max, sum) into (max, 1 / sum).
@@ -462,14 +464,23 @@ extern "C" __global__ void __launch_bounds__(1024) vs_scan(const u32* __restrict
     }
 }
 
-// One warp per (head, query block): writes the sorted key blocks and gathered columns.
-extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum,
-                                   const u32* __restrict__ col_list, const u32* __restrict__ bd_list,
-                                   const u32* __restrict__ bd_cnt, int n, int q_heads,
-                                   const u32* __restrict__ blk_off, const u32* __restrict__ col_off,
-                                   u32* __restrict__ blk_idx, u32* __restrict__ col_idx) {
+// One CTA of FILL_THREADS per (head, query block): the sorted key blocks (warp 0), then the gathered
+// columns, i.e. the head's selected columns before the block's end that lie outside its computed
+// tiles. The columns go FILL_THREADS * 4 candidates per round, four per thread with their loads in
+// flight together, tested against the block's tiles in a shared bitmap (set by warp 0 as it writes
+// them) and written in candidate order at offsets from a scan of the warps' counts. (A warp per entry,
+// testing each candidate's tile in `diag_cum`, took 32 µs per layer at 16K on SmolLM2's plan: the
+// last query blocks' thousands of candidates, a few loads in flight per lane, set its time.)
+// Dynamic shared memory: (q_blocks + 31) / 32 words.
+extern "C" __global__ void __launch_bounds__(FILL_THREADS)
+    vs_fill(const u32* __restrict__ col_cum, const u32* __restrict__ diag_cum, const u32* __restrict__ col_list,
+            const u32* __restrict__ bd_list, const u32* __restrict__ bd_cnt, int n, int q_heads,
+            const u32* __restrict__ blk_off, const u32* __restrict__ col_off, u32* __restrict__ blk_idx,
+            u32* __restrict__ col_idx) {
+    extern __shared__ u32 tile_bits[];        // key blocks 0..qb computed for this query block
+    __shared__ u32 kept[4 * FILL_THREADS / 32];  // a round's kept candidates per (slot u, warp)
     const int q_blocks = (n + 63) / 64;
-    const int e = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (e >= q_heads * q_blocks) return;
     const int h = e / q_blocks, qb = e % q_blocks;
     const u32* dcum = diag_cum + (u64)h * (n + 1);
@@ -478,50 +489,74 @@ extern "C" __global__ void vs_fill(const u32* __restrict__ col_cum, const u32* _
     const u32* bdl = bd_list + (u64)h * q_blocks;
     const int last = min(qb * 64 + 64, n) - 1;
     const u32 lt = (1u << lane) - 1;
-    // listed block diagonals dd <= qb, walked from the largest (smallest kb) down: kb ascending
-    int hi_x = (int)bd_cnt[h];
-    {
-        int lo = 0, hi = hi_x;  // first index with dd > qb
-        while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            if ((int)bdl[mid] <= qb) lo = mid + 1;
-            else hi = mid;
+    for (int i = tid; i <= qb / 32; i += FILL_THREADS) tile_bits[i] = 0;
+    __syncthreads();
+    if (warp == 0) {
+        // listed block diagonals dd <= qb, walked from the largest (smallest kb) down: kb ascending
+        int hi_x = (int)bd_cnt[h];
+        {
+            int lo = 0, hi = hi_x;  // first index with dd > qb
+            while (lo < hi) {
+                const int mid = (lo + hi) >> 1;
+                if ((int)bdl[mid] <= qb) lo = mid + 1;
+                else hi = mid;
+            }
+            hi_x = lo;
         }
-        hi_x = lo;
-    }
-    u32 w = blk_off[e];
-    for (int base = 0; base < hi_x; base += 32) {
-        const int x = hi_x - 1 - (base + lane);
-        bool sel = false;
-        int kb = 0;
-        if (x >= 0) {
-            kb = qb - (int)bdl[x];
-            sel = listed_tile_selected(dcum, n, qb, kb);
+        u32 w = blk_off[e];
+        for (int base = 0; base < hi_x; base += 32) {
+            const int x = hi_x - 1 - (base + lane);
+            bool sel = false;
+            int kb = 0;
+            if (x >= 0) {
+                kb = qb - (int)bdl[x];
+                sel = listed_tile_selected(dcum, n, qb, kb);
+            }
+            const u32 bal = __ballot_sync(0xffffffff, sel);
+            if (sel) {
+                blk_idx[w + __popc(bal & lt)] = (u32)kb;
+                atomicOr(&tile_bits[kb >> 5], 1u << (kb & 31));
+            }
+            w += __popc(bal);
         }
-        const u32 bal = __ballot_sync(0xffffffff, sel);
-        if (sel) blk_idx[w + __popc(bal & lt)] = (u32)kb;
-        w += __popc(bal);
     }
-    // candidates 128 at a time, four per lane, so that their loads are in flight together
+    __syncthreads();
+    // the candidates, in rounds; slot u of a round holds candidates base + u * FILL_THREADS + tid
     const int ncand = (int)ccum[last + 1];
-    w = col_off[e];
-    for (int base = 0; base < ncand; base += 128) {
-        u32 j[4];
+    u32 w = col_off[e];
+    for (int base = 0; base < ncand; base += 4 * FILL_THREADS) {
+        u32 j[4], bal[4];
         bool keep[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const int x = base + 32 * u + lane;
+            const int x = base + u * FILL_THREADS + tid;
             j[u] = x < ncand ? list[x] : 0u;
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-            keep[u] = base + 32 * u + lane < ncand && !tile_selected(dcum, n, qb, (int)(j[u] / 64));
+        for (int u = 0; u < 4; ++u) {
+            const u32 kb = j[u] / 64;
+            keep[u] = base + u * FILL_THREADS + tid < ncand && !((tile_bits[kb >> 5] >> (kb & 31)) & 1u);
+            bal[u] = __ballot_sync(0xffffffff, keep[u]);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) kept[u * (FILL_THREADS / 32) + warp] = __popc(bal[u]);
+        }
+        __syncthreads();
+        u32 before = 0, total = 0;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const u32 bal = __ballot_sync(0xffffffff, keep[u]);
-            if (keep[u]) col_idx[w + __popc(bal & lt)] = j[u];
-            w += __popc(bal);
+            for (int v = 0; v < FILL_THREADS / 32; ++v) {
+                const u32 c = kept[u * (FILL_THREADS / 32) + v];
+                before += v < warp ? c : 0u;
+                total += c;
+            }
+            if (keep[u]) col_idx[w + before + __popc(bal[u] & lt)] = j[u];
+            // the next slot starts after this slot's warps
+            before = total;
         }
+        w += total;
+        __syncthreads();  // `kept` is rewritten by the next round
     }
 }
 
@@ -591,19 +626,7 @@ extern "C" __global__ void __launch_bounds__(256) ix_merge_copy(IX_SRC_ARGS, con
         const u32 f0 = src_head[h] * (u32)q_blocks;
         const u32* src = blk ? s.blk_idx + s.blk_off[f0] : s.col_idx + s.col_off[f0];  // the head's span
         const u32 a = max(r0, d0), b = min(r1, d1);
-        for (u32 i0 = a + threadIdx.x; i0 < b; i0 += 4 * blockDim.x) {  // four loads in flight
-            u32 x[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const u32 i = i0 + u * blockDim.x;
-                x[u] = i < b ? src[i - d0] : 0u;
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const u32 i = i0 + u * blockDim.x;
-                if (i < b) dst[i] = x[u];
-            }
-        }
+        strided_copy(dst + a, src + (a - d0), b - a, threadIdx.x, blockDim.x);
     }
 }
 

@@ -980,3 +980,42 @@ fn scheduled_tile_order_gives_identical_outputs() {
         }
     }
 }
+
+#[test]
+fn estimate_for_listed_heads_matches_all_heads_and_zeroes_the_rest() {
+    let Some(sp) = device() else { return };
+    let (shape, ctx) = layer(6, 2, 64 * 37 - 3, 64);
+    let (n, d) = (shape.seq_len, shape.head_dim);
+    let q = sp.upload_bf16(&noise(shape.q_heads * n * d, 31)).unwrap();
+    let k = sp.upload_bf16(&noise(shape.kv_heads * n * d, 32)).unwrap();
+    let mut b = VerticalSlashBuilder::new(&sp, &shape, &ctx).unwrap();
+    b.estimate(&sp, &q, &k).unwrap();
+    let (col_all, diag_all) = b.scores(&sp).unwrap();
+    for listed in [vec![1u32, 4, 5], vec![0], vec![2, 3]] {
+        b.estimate_heads(&sp, &q, &k, &listed).unwrap();
+        let (col, diag) = b.scores(&sp).unwrap();
+        for h in 0..shape.q_heads {
+            let r = h * n..(h + 1) * n;
+            let on = listed.contains(&(h as u32));
+            for (name, got, all) in [("col", &col, &col_all), ("diag", &diag, &diag_all)] {
+                for (j, (&g, &a)) in got[r.clone()].iter().zip(&all[r.clone()]).enumerate() {
+                    // the sums are f32 atomics: their order differs between launches
+                    let want = if on { a } else { 0.0 };
+                    assert!(
+                        (g - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                        "heads {listed:?}: {name}[{h}][{j}] = {g}, want {want}"
+                    );
+                }
+            }
+            if on {
+                let mass: f32 = col[r].iter().sum();
+                // each of the last 64 rows is a distribution over its keys
+                assert!((mass - 64.0).abs() < 1e-2, "head {h}: vertical mass {mass}");
+            }
+        }
+    }
+    for bad in [vec![], vec![2u32, 1], vec![3, 3], vec![6]] {
+        let e = b.estimate_heads(&sp, &q, &k, &bad).unwrap_err();
+        assert!(e.to_string().contains("estimate for heads"), "{bad:?}: {e}");
+    }
+}

@@ -1157,6 +1157,19 @@ pub(crate) fn check_qkv(
     Ok(())
 }
 
+/// Threads of the list fills' CTAs (`FILL_THREADS` in kernels/common.cuh).
+pub(crate) const FILL_THREADS: u32 = 128;
+
+/// The launch shape of the list fills (`vs_fill`, `ts_fill`): one CTA of [`FILL_THREADS`] per (head,
+/// query block) entry, with `smem` bytes of dynamic shared memory.
+pub(crate) fn cta_per_entry(entries: usize, smem: u32) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_u32(entries)?, 1, 1),
+        block_dim: (FILL_THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    })
+}
+
 /// The launch shape of the kernels that give one warp to each of `items` (a (head, query block) entry,
 /// a row): 128-thread CTAs of four warps, `item = blockIdx.x * 4 + threadIdx.x / 32`.
 pub(crate) fn warp_per_item(items: usize) -> Result<LaunchConfig> {

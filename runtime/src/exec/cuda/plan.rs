@@ -293,6 +293,12 @@ impl PlanPrefill {
         let src_of: Vec<(u32, u32)> = (0..shape.q_heads)
             .map(|h| (src[owner[h]], owner[h] as u32))
             .collect();
+        // the heads whose vertical and slash scores are read: their own vertical-slash,
+        // query-adaptive and token-select indexes (the others' scores are not estimated)
+        let est_heads: Vec<u32> = (0..shape.q_heads)
+            .filter(|&h| owner[h] == h && (src[h] == SRC_VS || src[h] == SRC_TS))
+            .map(|h| h as u32)
+            .collect();
         let any_qa = stats.gpu_query_adaptive > 0;
         // query-adaptive heads need both the vertical-slash and the block-sparse builds
         let used = |s: u32| {
@@ -336,7 +342,7 @@ impl PlanPrefill {
                 }
                 if used(SRC_VS) || used(SRC_TS) {
                     let b = builder(vs, shape, |s| VerticalSlashBuilder::new(sp, s, &ctx))?;
-                    b.estimate(sp, q, k)?;
+                    b.estimate_heads(sp, q, k, &est_heads)?;
                 }
                 if used(SRC_TS) {
                     let scores = vs

@@ -14,7 +14,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKern
 
 use super::device::{drv, follow, KernelFile};
 use super::{
-    counted_index, counting_index, grid_u32, warp_per_item, DeviceIndex, ListCounts, SparsePrefill,
+    counted_index, counting_index, cta_per_entry, grid_u32, DeviceIndex, ListCounts, SparsePrefill,
     TokenChoice, VerticalSlashBuilder, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
@@ -280,9 +280,10 @@ impl TokenSelectBuilder {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        let warps = warp_per_item(m)?;
-        // SAFETY: matches `ts_fill`; blk_idx / col_idx hold at least the scanned totals.
-        drv("ts_fill launch", unsafe { b.launch(warps) })?;
+        let cfg = cta_per_entry(m, 0)?;
+        // SAFETY: matches `ts_fill` (one CTA per entry); blk_idx / col_idx hold at least the scanned
+        // totals.
+        drv("ts_fill launch", unsafe { b.launch(cfg) })?;
         *out = Some(ix);
         Ok(())
     }

@@ -11,8 +11,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{drv, KernelFile};
 use super::{
-    check_qkv, counted_index, counting_index, grid_u32, warp_per_item, DeviceBuffer, DeviceIndex,
-    ListCounts, SparsePrefill, CUDA_BLOCK,
+    check_qkv, counted_index, counting_index, cta_per_entry, grid_u32, warp_per_item, DeviceBuffer,
+    DeviceIndex, ListCounts, SparsePrefill, CUDA_BLOCK,
 };
 use crate::error::{Error, Result};
 use crate::pattern::vertical_slash::{FORCED_COLUMNS, FORCED_DIAGONALS};
@@ -29,6 +29,11 @@ fn est_tiles(q_heads: usize, row_tiles: usize, n: usize) -> usize {
 /// Dynamic shared memory of `vs_est_*`: a Q tile, 2 K tiles (64 rows each) and a 64 x 65 f32 P tile.
 fn est_smem(head_dim: usize) -> u32 {
     (3 * 64 * head_dim * 2 + 64 * 65 * 4) as u32
+}
+
+/// Dynamic shared memory of `vs_fill`: a bit per key block.
+fn fill_smem(q_blocks: usize) -> u32 {
+    (q_blocks.div_ceil(32) * 4) as u32
 }
 
 /// Reusable buffers and kernels for one layer shape and `last_q`.
@@ -63,6 +68,9 @@ pub struct VerticalSlashBuilder {
     counts: ListCounts,
     budget_v: CudaSlice<u32>,
     budget_s: CudaSlice<u32>,
+    /// The heads the estimate runs for, on the device, and as last uploaded.
+    est_heads: CudaSlice<u32>,
+    est_heads_host: Vec<u32>,
 }
 
 impl VerticalSlashBuilder {
@@ -109,7 +117,7 @@ impl VerticalSlashBuilder {
             topk: d.function(vs, "vs_topk", 0)?,
             bdiag: d.function(vs, "vs_bdiag", 0)?,
             count: d.function(vs, "vs_count", 0)?,
-            fill: d.function(vs, "vs_fill", 0)?,
+            fill: d.function(vs, "vs_fill", fill_smem(q_blocks))?,
             part: zf(h * row_tiles * 64 * nchunks * 2)?,
             ml: zf(h * row_tiles * 64 * 2)?,
             col: zf(h * n)?,
@@ -122,6 +130,8 @@ impl VerticalSlashBuilder {
             counts: ListCounts::new(d, h * q_blocks)?,
             budget_v: z32(h)?,
             budget_s: z32(h)?,
+            est_heads: z32(h)?,
+            est_heads_host: Vec::new(),
         })
     }
 
@@ -136,17 +146,46 @@ impl VerticalSlashBuilder {
         q: &DeviceBuffer<u16>,
         k: &DeviceBuffer<u16>,
     ) -> Result<()> {
+        let all: Vec<u32> = (0..self.shape.q_heads as u32).collect();
+        self.estimate_heads(sp, q, k, &all)
+    }
+
+    /// Stage 1 for `heads` only (ascending, distinct, each below `q_heads`): the other heads' scores
+    /// are zero. A plan layer estimates only the heads whose scores it reads.
+    pub fn estimate_heads(
+        &mut self,
+        sp: &SparsePrefill,
+        q: &DeviceBuffer<u16>,
+        k: &DeviceBuffer<u16>,
+        heads: &[u32],
+    ) -> Result<()> {
         check_qkv(&self.shape, q, k, k)?;
         let sh = self.shape;
+        if heads.is_empty()
+            || heads.len() > sh.q_heads
+            || heads.windows(2).any(|w| w[0] >= w[1])
+            || heads.iter().any(|&h| h as usize >= sh.q_heads)
+        {
+            return Err(Error::Shape(format!(
+                "estimate for heads {heads:?}: ascending, distinct, below {}",
+                sh.q_heads
+            )));
+        }
         let s = &sp.dev.stream;
+        if self.est_heads_host != heads {
+            let mut dst = self.est_heads.slice_mut(..heads.len());
+            drv("upload", s.memcpy_htod(heads, &mut dst))?;
+            self.est_heads_host = heads.to_vec();
+        }
         drv("memset", s.memset_zeros(&mut self.col))?;
         drv("memset", s.memset_zeros(&mut self.diag))?;
-        let (n, heads, group) = (sh.seq_len as i32, sh.q_heads as i32, sh.group() as i32);
+        let (n, q_heads, group) = (sh.seq_len as i32, sh.q_heads as i32, sh.group() as i32);
         let (last_q, est_tiles) = (self.last_q as i32, self.est_tiles as i32);
+        let n_est = heads.len() as i32;
         let scale_log2 = std::f32::consts::LOG2_E / (sh.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (
-                grid_u32(sh.q_heads * self.nchunks)?,
+                grid_u32(heads.len() * self.nchunks)?,
                 self.row_tiles as u32,
                 1,
             ),
@@ -163,7 +202,7 @@ impl VerticalSlashBuilder {
             b.arg(&q.inner)
                 .arg(&k.inner)
                 .arg(&n)
-                .arg(&heads)
+                .arg(&q_heads)
                 .arg(&group)
                 .arg(&last_q)
                 .arg(&est_tiles)
@@ -171,9 +210,12 @@ impl VerticalSlashBuilder {
                 .arg(&mut self.part)
                 .arg(&self.ml)
                 .arg(&mut self.col)
-                .arg(&mut self.diag);
+                .arg(&mut self.diag)
+                .arg(&self.est_heads)
+                .arg(&n_est);
             // SAFETY: arguments match `vs_est_*` (EST_ARGS); buffers were sized in `new` for this shape:
-            // part [heads][row_tiles*64][nchunks] x 2, ml [heads][row_tiles*64] x 2, col/diag [heads][n].
+            // part [heads][row_tiles*64][nchunks] x 2, ml [heads][row_tiles*64] x 2, col/diag [heads][n];
+            // est_heads holds n_est heads below q_heads (checked above), queued before this launch.
             drv("vs_est launch", unsafe { b.launch(cfg) })?;
             if pass == 0 {
                 let rows = sh.q_heads * self.row_tiles * 64;
@@ -333,7 +375,9 @@ impl VerticalSlashBuilder {
         let n = sh.seq_len;
         let (n_i, heads) = (n as i32, sh.q_heads as i32);
         let mut ix = counted_index(sp, out, &sh, totals, "vertical-slash")?;
-        let warps = warp_per_item(sh.q_heads * n.div_ceil(CUDA_BLOCK))?;
+        let q_blocks = n.div_ceil(CUDA_BLOCK);
+        // the bitmap of one query block's computed tiles
+        let cfg = cta_per_entry(sh.q_heads * q_blocks, fill_smem(q_blocks))?;
         let s = &sp.dev.stream;
         let mut b = s.launch_builder(&self.fill);
         b.arg(&self.col_cum)
@@ -347,8 +391,9 @@ impl VerticalSlashBuilder {
             .arg(&ix.col_off)
             .arg(&mut ix.blk_idx)
             .arg(&mut ix.col_idx);
-        // SAFETY: matches `vs_fill`; blk_idx / col_idx hold at least the scanned totals.
-        drv("vs_fill launch", unsafe { b.launch(warps) })?;
+        // SAFETY: matches `vs_fill` (one CTA per entry, the bitmap's words of shared memory);
+        // blk_idx / col_idx hold at least the scanned totals.
+        drv("vs_fill launch", unsafe { b.launch(cfg) })?;
         *out = Some(ix);
         Ok(())
     }
