@@ -136,6 +136,27 @@ __device__ __forceinline__ void hist_inc(u32* hist, u32 bin, bool on) {
     }
 }
 
+// Thread block clusters (sm_90): this CTA's rank in its cluster, a barrier over the cluster's threads
+// (release / acquire: shared memory written before it is visible to the cluster's CTAs after it), and
+// a u32 at the same shared-memory address in CTA `rank` of the cluster.
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ u32 ld_cluster_u32(const u32* p, u32 rank) {
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    u32 ra, v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(ra) : "memory");
+    return v;
+}
+
 // Threads per CTA of the list fills (`vs_fill`, `ts_fill`: a CTA per (head, query block); host
 // `FILL_THREADS`).
 #define FILL_THREADS 128

@@ -10,7 +10,7 @@
 //    column (`col`) and per diagonal offset i - j (`diag`), then global f32 atomics (both zeroed before).
 // K tiles are double-buffered with cp.async; CTAs of the heads of one KV group are adjacent in the grid,
 // so they read the same K chunk through L2.
-// 4. vs_topk: per (head, columns | diagonals): radix select of the top-k (forced items first, then
+// 4. vs_topk: per (head, columns | diagonals), a cluster of CTAs: radix select of the top-k (forced items first, then
 //    descending score, ties to the lower index), writes inclusive prefix counts `cum[h][0..=n]` of the
 //    selected items and, for columns, the sorted list of selected columns.
 // 5. vs_bdiag: per head, the block diagonals qb - kb whose tiles a selected diagonal touches;
@@ -18,7 +18,7 @@
 //    diagonal, walked through that list, not over all causal key blocks) and of gathered columns
 //    (selected columns <= the block's last row, outside those tiles).
 // 6. vs_scan: exclusive scan of both count arrays -> `blk_off`, `col_off` (the flattened CSR offsets).
-// 7. vs_fill: per (head, query block), one warp: writes the sorted key blocks and columns.
+// 7. vs_fill: per (head, query block), one CTA: writes the sorted key blocks and columns.
 //
 // Scores: q . k in f32 from bf16 products (exact) with tensor-core accumulation order; softmax in f32.
 // The CPU reference uses f32 dots and f64 softmax, so selections can differ only at near-ties.
@@ -235,22 +235,34 @@ __device__ __forceinline__ u32 rank_key(const float* s, int i, int forced) {
     return x > 0.f ? __float_as_uint(x) : 0u;
 }
 
-// grid (2, q_heads), 1024 threads. blockIdx.x == 0: columns (budget v, `forced_cols` forced),
-// 1: diagonals (budget s, `forced_diags` forced). Budgets are per head, already clamped
-// (v <= n, 1 <= s <= n). Writes cum[h][0..=n] (selected items before each index) and, for columns,
-// col_list[h][0..v] (selected columns ascending).
-extern "C" __global__ void __launch_bounds__(1024)
+// A cluster of TK_CLUSTER CTAs of 1024 threads per (columns | diagonals, head): grid
+// (2 * TK_CLUSTER, q_heads), cluster x = 0: columns (budget v, `forced_cols` forced), 1: diagonals
+// (budget s, `forced_diags` forced). Budgets are per head, already clamped (v <= n, 1 <= s <= n).
+// Writes cum[h][0..=n] (selected items before each index) and, for columns, col_list[h][0..v]
+// (selected columns ascending). CTA r of the cluster takes items [r * seg, (r + 1) * seg): each radix
+// pass histograms its own items, and every CTA sums the cluster's histograms through distributed
+// shared memory and takes the same decision; the writes start at offsets from the counts of the
+// CTAs before. (One CTA per (kind, head), 18 CTAs for SmolLM2's 9 heads, took 28 us at 16K: each
+// pass's instructions in a row on one SM.)
+#define TK_CLUSTER 8
+extern "C" __global__ void __cluster_dims__(TK_CLUSTER, 1, 1) __launch_bounds__(1024)
     vs_topk(const float* __restrict__ col, const float* __restrict__ diag, const u32* __restrict__ budget_v,
             const u32* __restrict__ budget_s, int n, int forced_cols, int forced_diags, u32* __restrict__ col_cum,
             u32* __restrict__ diag_cum, u32* __restrict__ col_list) {
-    __shared__ u32 hist[256];
+    __shared__ u32 hists[2][256];  // this CTA's histogram of a pass (two: pass p + 2 reuses p's)
+    __shared__ u32 hist[256];      // the cluster's
     __shared__ u32 s_digit, s_rem, s_total, s_whole;
+    __shared__ u32 s_counts[2];    // this CTA's items above and at the k-th key
+    __shared__ u32 s_eq_prior, s_sel_prior;
     const int h = blockIdx.y, tid = threadIdx.x;
-    const bool cols = blockIdx.x == 0;
+    const u32 rank = cluster_rank();
+    const bool cols = blockIdx.x < TK_CLUSTER;
     const float* s = (cols ? col : diag) + (u64)h * n;
     const int forced = cols ? forced_cols : forced_diags;
     const u32 kk = cols ? budget_v[h] : budget_s[h];
     u32* cum = (cols ? col_cum : diag_cum) + (u64)h * (n + 1);
+    const int seg = ((n + TK_CLUSTER - 1) / TK_CLUSTER + 31) & ~31;
+    const int c0 = min(n, (int)rank * seg), c1 = min(n, c0 + seg);
 
     // Radix select, 8 bits at a time from the top: `prefix` ends as the k-th largest key masked by
     // `pmask`, `rem` the number of items equal to it (under the mask) that are selected (the
@@ -258,19 +270,28 @@ extern "C" __global__ void __launch_bounds__(1024)
     u32 prefix = 0, pmask = 0, rem = kk;
     const bool all = kk >= (u32)n, none = kk == 0, ranked = !all && !none;
     if (ranked) {
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            if (tid < 256) hist[tid] = 0;
+        for (int shift = 24, pass = 0; shift >= 0; shift -= 8, ++pass) {
+            u32* mine = hists[pass & 1];
+            if (tid < 256) mine[tid] = 0;
             __syncthreads();
-            for (int base = 0; base < n; base += 4096) {  // four keys per thread in flight
+            for (int base = c0; base < c1; base += 4096) {  // four keys per thread in flight
                 u32 key[4];
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int i = base + 1024 * u + tid;
-                    key[u] = i < n ? rank_key(s, i, forced) : 0u;
+                    key[u] = i < c1 ? rank_key(s, i, forced) : 0u;
                 }
 #pragma unroll
                 for (int u = 0; u < 4; ++u)
-                    hist_inc(hist, (key[u] >> shift) & 255, base + 1024 * u + tid < n && (key[u] & pmask) == prefix);
+                    hist_inc(mine, (key[u] >> shift) & 255, base + 1024 * u + tid < c1 && (key[u] & pmask) == prefix);
+            }
+            // every CTA's histogram is complete; the pass before's were read by all (its reads came
+            // before this barrier in every CTA), so pass + 1 may zero them
+            cluster_sync();
+            if (tid < 256) {
+                u32 t = 0;
+                for (u32 r = 0; r < TK_CLUSTER; ++r) t += ld_cluster_u32(&mine[tid], r);
+                hist[tid] = t;
             }
             __syncthreads();
             if (tid < 32) {
@@ -304,11 +325,12 @@ extern "C" __global__ void __launch_bounds__(1024)
             if (whole) break;
         }
     }
-    // Two coalesced passes over the warps' runs: the counts above and at the k-th key, then the writes.
+    // Two coalesced passes over the warps' runs of this CTA's items: the counts above and at the k-th
+    // key, then the writes, after the counts of the cluster's CTAs before this one.
     const int lane = tid & 31;
     const u32 lt = (1u << lane) - 1;
-    int a, b;
-    warp_run_1024(n, a, b);
+    const int run = ((c1 - c0 + 1023) / 1024) * 32;
+    const int a = min(c1, c0 + (tid >> 5) * run), b = min(c1, a + run);
     u32 gt = 0, eq = 0;
     if (ranked)
         for (int base = a; base < b; base += 128) {
@@ -325,11 +347,29 @@ extern "C" __global__ void __launch_bounds__(1024)
                 eq += __popc(__ballot_sync(0xffffffffu, in && key[u] == prefix));
             }
         }
-    const u32 eq_before = warps_before_1024(eq, &s_total);
+    const u32 eq_in = warps_before_1024(eq, &s_total);
+    if (tid == 0) s_counts[1] = s_total;
+    warps_before_1024(gt, &s_total);
+    if (tid == 0) s_counts[0] = s_total;
+    cluster_sync();  // every CTA's counts are written
+    if (tid == 0) {
+        // items selected before this CTA's: all of them, or those above the k-th key and the first
+        // `rem` at it in index order
+        u32 eq_acc = 0, sel = 0;
+        for (u32 r = 0; r < rank; ++r) {
+            const u32 g = ld_cluster_u32(&s_counts[0], r), e = ld_cluster_u32(&s_counts[1], r);
+            sel += g + min(e, rem > eq_acc ? rem - eq_acc : 0u);
+            eq_acc += e;
+        }
+        s_eq_prior = eq_acc;
+        s_sel_prior = all ? (u32)c0 : (ranked ? sel : 0u);
+    }
+    __syncthreads();
+    const u32 eq_before = s_eq_prior + eq_in;
     const u32 eq_taken = min(eq, rem > eq_before ? rem - eq_before : 0u);
     const u32 mine = all ? (u32)(b - a) : (ranked ? gt + eq_taken : 0u);
-    u32 run = warps_before_1024(mine, &s_total), e_run = eq_before;
-    if (tid == 0) cum[0] = 0;
+    u32 sel_run = s_sel_prior + warps_before_1024(mine, &s_total), e_run = eq_before;
+    if (rank == 0 && tid == 0) cum[0] = 0;
     for (int base0 = a; base0 < b; base0 += 128) {
         u32 keys[4];
 #pragma unroll
@@ -346,13 +386,14 @@ extern "C" __global__ void __launch_bounds__(1024)
             const u32 eb = __ballot_sync(0xffffffffu, at);
             const bool sel = in && (all || (ranked && (key > prefix || (at && e_run + __popc(eb & lt) < rem))));
             const u32 sb = __ballot_sync(0xffffffffu, sel);
-            const u32 before = run + __popc(sb & lt);
+            const u32 before = sel_run + __popc(sb & lt);
             if (sel && cols) col_list[(u64)h * n + before] = (u32)i;
             if (in) cum[i + 1] = before + sel;
-            run += __popc(sb);
+            sel_run += __popc(sb);
             e_run += __popc(eb);
         }
     }
+    cluster_sync();  // no CTA leaves while another may still read its counts
 }
 
 // Whether key block kb is computed for query block qb: some selected diagonal offset lies in

@@ -31,6 +31,9 @@ fn est_smem(head_dim: usize) -> u32 {
     (3 * 64 * head_dim * 2 + 64 * 65 * 4) as u32
 }
 
+/// CTAs of a `vs_topk` cluster (`TK_CLUSTER` in vertical_slash.cu): one (kind, head)'s ranking.
+const TOPK_CLUSTER: u32 = 8;
+
 /// Dynamic shared memory of `vs_fill`: a bit per key block.
 fn fill_smem(q_blocks: usize) -> u32 {
     (q_blocks.div_ceil(32) * 4) as u32
@@ -323,12 +326,14 @@ impl VerticalSlashBuilder {
             .arg(&mut self.col_cum)
             .arg(&mut self.diag_cum)
             .arg(&mut self.col_list);
+        // a cluster of TOPK_CLUSTER CTAs per (kind, head), the kernel's compile-time cluster shape
         let cfg = LaunchConfig {
-            grid_dim: (2, sh.q_heads as u32, 1),
+            grid_dim: (2 * TOPK_CLUSTER, sh.q_heads as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `vs_topk`; col/diag/col_list are [heads][n], the cums [heads][n + 1].
+        // SAFETY: matches `vs_topk`; col/diag/col_list are [heads][n], the cums [heads][n + 1]; the
+        // grid's x is a whole number of the kernel's clusters.
         drv("vs_topk launch", unsafe { b.launch(cfg) })?;
 
         let mut b = s.launch_builder(&self.bdiag);
