@@ -138,7 +138,7 @@ __device__ __forceinline__ void hist_inc(u32* hist, u32 bin, bool on) {
 
 // Thread block clusters (sm_90): this CTA's rank in its cluster, a barrier over the cluster's threads
 // (release / acquire: shared memory written before it is visible to the cluster's CTAs after it), and
-// a u32 at the same shared-memory address in CTA `rank` of the cluster.
+// a u32 or an f64 at the same shared-memory address in CTA `rank` of the cluster.
 __device__ __forceinline__ u32 cluster_rank() {
     u32 r;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
@@ -154,6 +154,15 @@ __device__ __forceinline__ u32 ld_cluster_u32(const u32* p, u32 rank) {
     u32 ra, v;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
     asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(ra) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ double ld_cluster_f64(const double* p, u32 rank) {
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    u32 ra;
+    double v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(ra) : "memory");
     return v;
 }
 

@@ -8,7 +8,7 @@
 //    of each key block / sqrt(d), f32 as the CPU's `divergence`: means by `a += x / len` in row order,
 //    the CPU's 8-lane dot, softmax in f64) and the true block distribution (the vertical scores of the
 //    vertical-slash estimate summed per key block); src[h] = js < tau[h] ? query-aware : vertical-slash.
-// 2. qa_budgets: per (head, columns | diagonals): the fewest of the vertical-slash ranking (forced items
+// 2. qa_budgets: per (head, columns | diagonals), a cluster of CTAs: the fewest of the vertical-slash ranking (forced items
 //    first, then by descending score, ties to the lower index) whose scores reach gamma of their total,
 //    at least min_tokens (`Ranking::coverage_count`), clamped as `vertical_slash::clamp_budgets`,
 //    written into the vertical-slash builder's budget arrays.
@@ -170,38 +170,54 @@ extern "C" __global__ void __launch_bounds__(QA_THREADS)
     if (tid == 0) src[h] = d < tau[h] ? src_query_aware : src_vertical_slash;
 }
 
-// grid (2, q_heads), 1024 threads: blockIdx.x 0 = columns over `col` (forced_cols first), 1 = diagonals
-// over `diag` (forced_diags first). Heads with mode[h] == 0 are left alone. Writes bv[h] = min(count, n)
-// or bs[h] = clamp(count, 1, n). Dynamic shared memory: per-warp digit histograms (32 x 256 counts and
-// masses, 96 KB), so that the atomics of a pass never contend across warps.
-extern "C" __global__ void __launch_bounds__(1024)
+// A cluster of QA_CLUSTER CTAs of 1024 threads per (columns | diagonals, head): grid
+// (2 * QA_CLUSTER, q_heads), cluster x = 0: columns over `col` (forced_cols first), 1: diagonals over
+// `diag` (forced_diags first). Heads with mode[h] == 0 are left alone. Writes bv[h] = min(count, n) or
+// bs[h] = clamp(count, 1, n). CTA r of the cluster takes items [r * seg, (r + 1) * seg): the total and
+// each radix pass's histograms are summed per CTA, then over the cluster's CTAs in rank order through
+// distributed shared memory, and every CTA takes the same decision. Dynamic shared memory: per-warp
+// digit histograms (32 x 256 counts and masses, 96 KB), so that the atomics of a pass never contend
+// across warps. (One CTA per (kind, head) took 50 us at 16K on SmolLM2's plan.)
+#define QA_CLUSTER 8
+extern "C" __global__ void __cluster_dims__(QA_CLUSTER, 1, 1) __launch_bounds__(1024)
     qa_budgets(const float* __restrict__ col, const float* __restrict__ diag, int n, const u32* __restrict__ mode,
                const double* __restrict__ gamma, const u32* __restrict__ min_tokens, int forced_cols,
                int forced_diags, u32* __restrict__ bv, u32* __restrict__ bs) {
     extern __shared__ __align__(16) double qa_hist[];
     double* wm = qa_hist + (threadIdx.x >> 5) * 256;                      // this warp's masses
     u32* wc = (u32*)(qa_hist + 32 * 256) + (threadIdx.x >> 5) * 256;      // and counts
-    __shared__ u32 hc[256];
+    __shared__ u32 cta_c[2][256];     // this CTA's histogram of a pass (two: pass p + 2 reuses p's),
+    __shared__ double cta_m[2][256];  // read by the cluster
+    __shared__ u32 hc[256];           // the cluster's
     __shared__ double hm[256];
     __shared__ double red[32];
+    __shared__ double s_tot;          // this CTA's total, read by the cluster
     __shared__ u32 s_digit, s_all;
     __shared__ u32 s_above;
     __shared__ double s_acc;
-    const int h = blockIdx.y, kind = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (mode[h] == 0) return;
+    const int h = blockIdx.y, kind = blockIdx.x / QA_CLUSTER, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (mode[h] == 0) return;  // the whole cluster
+    const u32 rank = cluster_rank();
     const float* sc = (kind == 0 ? col : diag) + (u64)h * n;
     const int forced = min(kind == 0 ? forced_cols : forced_diags, n);
     const u32 mn = min(min_tokens[h], (u32)n);
-    // totals: all scores, and the forced ones in index order
+    const int seg = ((n + QA_CLUSTER - 1) / QA_CLUSTER + 31) & ~31;
+    const int c0 = min(n, (int)rank * seg), c1 = min(n, c0 + seg);
+    // totals: all scores (per CTA, then the CTAs in rank order), and the forced ones in index order
     double tot = 0.0;
-    for (int j = tid; j < n; j += 1024) tot += (double)sc[j];
+    for (int j = c0 + tid; j < c1; j += 1024) tot += (double)sc[j];
 #pragma unroll
     for (int sh = 16; sh >= 1; sh >>= 1) tot += __shfl_xor_sync(0xffffffff, tot, sh);
-    __syncthreads();
     if (lane == 0) red[warp] = tot;
     __syncthreads();
+    if (tid == 0) {
+        double t = 0.0;
+        for (int w = 0; w < 32; ++w) t += red[w];
+        s_tot = t;
+    }
+    cluster_sync();
     tot = 0.0;
-    for (int w = 0; w < 32; ++w) tot += red[w];
+    for (u32 r = 0; r < QA_CLUSTER; ++r) tot += ld_cluster_f64(&s_tot, r);
     u32 count;
     if (!(tot > 0.0)) {
         count = mn;  // no mass (or NaN): the floor, as the CPU
@@ -228,6 +244,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                 s_above = 0;
                 s_acc = 0.0;
             }
+            const int p0 = max(c0, forced);
             for (int pass = 3; pass >= 0; --pass) {
                 const int shift = pass * 8;
                 for (int i = lane; i < 256; i += 32) {
@@ -235,27 +252,42 @@ extern "C" __global__ void __launch_bounds__(1024)
                     wm[i] = 0.0;
                 }
                 __syncwarp();
-                for (int base = forced; base < n; base += 4096) {  // four scores per thread in flight
+                for (int base = p0; base < c1; base += 4096) {  // four scores per thread in flight
                     float x[4];
 #pragma unroll
                     for (int u = 0; u < 4; ++u) {
                         const int j = base + 1024 * u + tid;
-                        x[u] = j < n ? sc[j] : 0.f;
+                        x[u] = j < c1 ? sc[j] : 0.f;
                     }
 #pragma unroll
                     for (int u = 0; u < 4; ++u) {
                         const u32 key = __float_as_uint(x[u]);
-                        const bool on = base + 1024 * u + tid < n && (key & pmask) == prefix;
+                        const bool on = base + 1024 * u + tid < c1 && (key & pmask) == prefix;
                         hist_inc_mass(wc, wm, (key >> shift) & 255, (double)x[u], on, true);
                     }
                 }
                 __syncthreads();
+                u32* mc = cta_c[pass & 1];
+                double* mm = cta_m[pass & 1];
                 if (tid < 256) {  // the warps' histograms, summed in warp order
                     u32 c = 0;
                     double w = 0.0;
                     for (int v = 0; v < 32; ++v) {
                         c += ((u32*)(qa_hist + 32 * 256))[v * 256 + tid];
                         w += qa_hist[v * 256 + tid];
+                    }
+                    mc[tid] = c;
+                    mm[tid] = w;
+                }
+                // every CTA's histogram is complete; the pass before's were read by all (before this
+                // barrier in every CTA), so pass - 1 may overwrite them
+                cluster_sync();
+                if (tid < 256) {  // the cluster's, CTAs in rank order
+                    u32 c = 0;
+                    double w = 0.0;
+                    for (u32 r = 0; r < QA_CLUSTER; ++r) {
+                        c += ld_cluster_u32(&mc[tid], r);
+                        w += ld_cluster_f64(&mm[tid], r);
                     }
                     hc[tid] = c;
                     hm[tid] = w;
@@ -316,7 +348,8 @@ extern "C" __global__ void __launch_bounds__(1024)
             }
         }
     }
-    if (tid == 0) {
+    cluster_sync();  // no CTA leaves while another may still read its shared memory
+    if (tid == 0 && rank == 0) {
         if (kind == 0) bv[h] = min(count, (u32)n);
         else bs[h] = max(1u, min(count, (u32)n));
     }

@@ -20,6 +20,9 @@ use crate::AttnShape;
 /// Dynamic shared memory of `qa_budgets`: 32 warps' histograms of 256 counts and 256 masses.
 const BUDGET_SMEM: u32 = 32 * 256 * (8 + 4);
 
+/// CTAs of a `qa_budgets` cluster (`QA_CLUSTER` in query_adaptive.cu): one (kind, head)'s budget.
+const BUDGET_CLUSTER: u32 = 8;
+
 /// Per-head decisions of a layer's query-adaptive heads.
 #[derive(Debug)]
 pub(crate) struct QueryAdaptive {
@@ -167,12 +170,14 @@ impl QueryAdaptive {
             .arg(&fd)
             .arg(bv)
             .arg(bs);
+        // a cluster of BUDGET_CLUSTER CTAs per (kind, head), the kernel's compile-time cluster shape
         let cfg = LaunchConfig {
-            grid_dim: (2, sh.q_heads as u32, 1),
+            grid_dim: (2 * BUDGET_CLUSTER, sh.q_heads as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: BUDGET_SMEM,
         };
-        // SAFETY: matches `qa_budgets` (its histograms in BUDGET_SMEM); scores [q_heads][n], budgets and per-head arrays q_heads.
+        // SAFETY: matches `qa_budgets` (its histograms in BUDGET_SMEM); scores [q_heads][n], budgets
+        // and per-head arrays q_heads; the grid's x is a whole number of the kernel's clusters.
         drv("qa_budgets launch", unsafe { b.launch(cfg) })?;
         Ok(())
     }
