@@ -343,6 +343,15 @@ impl VerticalSlashBuilder {
     ) -> Result<()> {
         Err(Error::CudaNotCompiled)
     }
+    pub fn estimate_heads(
+        &mut self,
+        _sp: &SparsePrefill,
+        _q: &DeviceBuffer<u16>,
+        _k: &DeviceBuffer<u16>,
+        _heads: &[u32],
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
     pub fn select(
         &mut self,
         _sp: &SparsePrefill,
