@@ -1119,7 +1119,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             int n, int q_heads, int group, float scale_log2, int dense,
                                             const TmaDesc& tmk, const TmaDesc& tmv, int pair_heads,
                                             const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
-                                            int use_union, const u32* __restrict__ sched) {
+                                            int use_union, const u32* __restrict__ sched, int interleave) {
     static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
     // With two consumers their Q tiles pass through the last of 6 stages; with three (head_dim 64) Q
     // has its own tiles after 11 stages (8 were 1% slower on sparse layers, 2026-11-30).
@@ -1162,9 +1162,12 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
         h1 = h + 1;
         qb0 = q_blocks - 1 - id % q_blocks;
     } else {
+        // dense runs, and indexed ones the host interleaves (their K and V fit in L2): the heaviest
+        // groups of all heads first; other indexed runs head-major, heaviest group first
         const int q_groups = (q_blocks + NC - 1) / NC;
-        const int pr = dense ? q_groups - 1 - id / q_heads : q_groups - 1 - id % q_groups;
-        h = h1 = dense ? id % q_heads : id / q_groups;
+        const bool across = dense || interleave;
+        const int pr = across ? q_groups - 1 - id / q_heads : q_groups - 1 - id % q_groups;
+        h = h1 = across ? id % q_heads : id / q_groups;
         qb0 = NC * pr;
     }
     auto qb_of = [&](int w) { return paired ? qb0 : qb0 + w; };
@@ -1536,12 +1539,12 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
 #define WS_ARGS                                                                                           \
     ATTN_ARGS, const __grid_constant__ TmaDesc tmk, const __grid_constant__ TmaDesc tmv, int pair_heads,   \
         const u32 *__restrict__ ucol_idx, const u32 *__restrict__ ucol_len, int use_union,                 \
-        const u32 *__restrict__ sched
+        const u32 *__restrict__ sched, int interleave
 #define WS_KERNEL(name, threads, D, NC, MERGE)                                                             \
     extern "C" __global__ void __launch_bounds__(threads, 1) name(WS_ARGS) {                               \
         attn_fwd_ws<D, NC, MERGE>(q, k, v, out, blk_off, blk_idx, col_off, col_idx, n, q_heads, group,     \
                                   scale_log2, dense, tmk, tmv, pair_heads, ucol_idx, ucol_len, use_union,  \
-                                  sched);                                                                  \
+                                  sched, interleave);                                                      \
     }
 WS_KERNEL(attn_fwd_ws_d128, 384, 128, 2, false)
 WS_KERNEL(attn_fwd_ws_d64, 384, 64, 2, false)

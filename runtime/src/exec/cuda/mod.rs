@@ -195,6 +195,21 @@ pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 /// loaded separately). Read by [`SparsePrefill::new`].
 pub const UNION_ENV: &str = "ATTNPLAN_UNION_COLS";
 
+/// Environment variable choosing the CTA order of the warp-specialized kernels' indexed runs:
+/// `interleave` = the heaviest query-block groups of all heads first (as dense runs), `head` =
+/// head-major, each head's heaviest group first; unset = interleaved when the layer's K and V fit in
+/// [`INTERLEAVE_KV_BYTES`], head-major otherwise; another value is refused. Read by
+/// [`SparsePrefill::new`].
+pub const HEAD_ORDER_ENV: &str = "ATTNPLAN_HEAD_ORDER";
+
+/// K and V bytes of a layer up to which its indexed runs interleave the heads' CTAs. Head-major order
+/// keeps a head's K/V hot in L2 while its neighbouring query blocks, which share most key blocks, run;
+/// once a layer's K and V fit in L2 (50 MB on the H200) that is moot, and interleaving the heads
+/// shortens the tail that heads of very different weight leave (SmolLM2's plan: its attention 9.5%
+/// faster at 16K, 3.5% at 32K, where K and V are 12.6 and 25 MB; level at 64K; the 32 x 8 x 128
+/// benchmark layer at 32K, 134 MB, 3% slower interleaved; docs/perf.md, "Eighteenth session").
+pub const INTERLEAVE_KV_BYTES: usize = 32 << 20;
+
 /// Environment variable choosing when the warp-specialized kernels read a tile schedule written before
 /// the launch (`ws_schedule*` in attention.cu) instead of merging their query blocks' lists in line
 /// (sparse runs only): unset = the three-consumer kernel (head_dim 64) from [`SCHEDULE_FROM`] tokens
@@ -322,6 +337,9 @@ pub struct SparsePrefill {
     dummy: CudaSlice<u32>,
     /// Whether indexes shared by head pairs may pair the heads in one CTA ([`PAIR_ENV`], read once).
     pair_heads: bool,
+    /// Indexed runs' CTA order forced by [`HEAD_ORDER_ENV`] (interleaved or not), or `None` for the
+    /// rule of [`INTERLEAVE_KV_BYTES`].
+    head_order: Option<bool>,
     /// `ix_group_union`, when the warp-specialized kernels load their query blocks' columns as one
     /// list ([`UNION_ENV`], read once).
     group_union: Option<CudaFunction>,
@@ -450,6 +468,16 @@ impl SparsePrefill {
         }
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
         let pair_heads = std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
+        let head_order = match std::env::var(HEAD_ORDER_ENV).unwrap_or_default().as_str() {
+            "" => None,
+            "interleave" => Some(true),
+            "head" => Some(false),
+            other => {
+                return Err(Error::CudaUnsupported(format!(
+                    "{HEAD_ORDER_ENV}={other}: expected interleave or head (or unset)"
+                )))
+            }
+        };
         let group_union = if std::env::var(UNION_ENV).map_or(true, |v| v != "0") {
             Some(dev.function(KernelFile::VerticalSlash, "ix_group_union", 0)?)
         } else {
@@ -460,6 +488,7 @@ impl SparsePrefill {
             attn,
             dummy,
             pair_heads,
+            head_order,
             group_union,
             union_bufs: Mutex::new(UnionBufs::default()),
         };
@@ -721,6 +750,10 @@ impl SparsePrefill {
             _ => &kernel.f,
         };
         let use_union = i32::from(union);
+        // indexed runs of a layer whose K and V fit in L2: the heads' CTAs interleaved
+        let kv_bytes = shape.kv_heads * n * shape.head_dim * 2 * 2;
+        let interleave = self.head_order.unwrap_or(kv_bytes <= INTERLEAVE_KV_BYTES);
+        let interleave = i32::from(interleave && !pair_heads);
         let dummy = &self.dummy;
         let uci = bufs.idx.as_ref().filter(|_| union).unwrap_or(dummy);
         let ucl = bufs.len.as_ref().filter(|_| union).unwrap_or(dummy);
@@ -746,11 +779,13 @@ impl SparsePrefill {
                 .arg(uci)
                 .arg(ucl)
                 .arg(&use_union)
-                .arg(sched);
+                .arg(sched)
+                .arg(&interleave);
         }
         // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (`attn_fwd_wsk*` take
         // the warp-specialized kernels' parameters and read only the dense ones; the tensor maps, the
-        // pairing flag, the union lists and the schedule only for the kernels that take them; the
+        // pairing flag, the union lists, the schedule and the CTA-order flag only for the kernels that
+        // take them; the
         // maps built for these K and V buffers, the union and the schedule for this index, queued
         // before; the schedule is read only by the non-`_merge` variant on an index, i.e. when
         // `scheduled`, the dummy otherwise); Q/K/V/out lengths were
