@@ -112,12 +112,18 @@ __device__ __forceinline__ u32 block_scan_1024(u32 x, u32* total) {
     return ws[warp] + inc - x;
 }
 
-// This warp's part [a, b) of n items when a 1024-thread block splits them into 32 contiguous runs of a
-// multiple of 32 items: a warp then walks its run 32 items at a time (coalesced) in the items' order.
+// This warp's part [a, b) of items [lo, hi) when a 1024-thread block splits them into 32 contiguous runs
+// of a multiple of 32 items: a warp then walks its run 32 items at a time (coalesced) in the items'
+// order.
+__device__ __forceinline__ void warp_run_1024(int lo, int hi, int& a, int& b) {
+    const int run = ((hi - lo + 1023) / 1024) * 32;
+    a = min(hi, lo + (int)(threadIdx.x >> 5) * run);
+    b = min(hi, a + run);
+}
+
+// The same for items [0, n).
 __device__ __forceinline__ void warp_run_1024(int n, int& a, int& b) {
-    const int run = ((n + 1023) / 1024) * 32;
-    a = min(n, (int)(threadIdx.x >> 5) * run);
-    b = min(n, a + run);
+    warp_run_1024(0, n, a, b);
 }
 
 // The sum of v over the warps before this one in a 1024-thread block (v the same in every lane of a
@@ -149,21 +155,32 @@ __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
 
-__device__ __forceinline__ u32 ld_cluster_u32(const u32* p, u32 rank) {
+// The address of this CTA's shared-memory location `p` in CTA `rank` of the cluster.
+__device__ __forceinline__ u32 cluster_addr(const void* p, u32 rank) {
     const u32 a = (u32)__cvta_generic_to_shared(p);
-    u32 ra, v;
+    u32 ra;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(ra) : "memory");
+    return ra;
+}
+
+__device__ __forceinline__ u32 ld_cluster_u32(const u32* p, u32 rank) {
+    u32 v;
+    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(cluster_addr(p, rank)) : "memory");
     return v;
 }
 
 __device__ __forceinline__ double ld_cluster_f64(const double* p, u32 rank) {
-    const u32 a = (u32)__cvta_generic_to_shared(p);
-    u32 ra;
     double v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(ra) : "memory");
+    asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(cluster_addr(p, rank)) : "memory");
     return v;
+}
+
+// The items [c0, c1) of n that CTA `rank` of a cluster of `size` takes: contiguous segments of a
+// multiple of 32 items, in rank order.
+__device__ __forceinline__ void cluster_segment(int n, int size, u32 rank, int& c0, int& c1) {
+    const int seg = ((n + size - 1) / size + 31) & ~31;
+    c0 = min(n, (int)rank * seg);
+    c1 = min(n, c0 + seg);
 }
 
 // Threads per CTA of the list fills (`vs_fill`, `ts_fill`: a CTA per (head, query block); host

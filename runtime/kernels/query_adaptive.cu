@@ -8,10 +8,10 @@
 //    of each key block / sqrt(d), f32 as the CPU's `divergence`: means by `a += x / len` in row order,
 //    the CPU's 8-lane dot, softmax in f64) and the true block distribution (the vertical scores of the
 //    vertical-slash estimate summed per key block); src[h] = js < tau[h] ? query-aware : vertical-slash.
-// 2. qa_budgets: per (head, columns | diagonals), a cluster of CTAs: the fewest of the vertical-slash ranking (forced items
-//    first, then by descending score, ties to the lower index) whose scores reach gamma of their total,
-//    at least min_tokens (`Ranking::coverage_count`), clamped as `vertical_slash::clamp_budgets`,
-//    written into the vertical-slash builder's budget arrays.
+// 2. qa_budgets: per (head, columns | diagonals), a cluster of CTAs: the fewest of the vertical-slash
+//    ranking (forced items first, then by descending score, ties to the lower index) whose scores
+//    reach gamma of their total, at least min_tokens (`Ranking::coverage_count`), clamped as
+//    `vertical_slash::clamp_budgets`, written into the vertical-slash builder's budget arrays.
 //
 // The vertical scores are f32 on the GPU and f64 on the CPU, and sums run in another order: a branch
 // can differ only where js and tau agree to ~1e-6, a budget where a cumulative score meets the goal
@@ -195,14 +195,15 @@ extern "C" __global__ void __cluster_dims__(QA_CLUSTER, 1, 1) __launch_bounds__(
     __shared__ u32 s_digit, s_all;
     __shared__ u32 s_above;
     __shared__ double s_acc;
-    const int h = blockIdx.y, kind = blockIdx.x / QA_CLUSTER, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int h = blockIdx.y, kind = blockIdx.x / QA_CLUSTER;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (mode[h] == 0) return;  // the whole cluster
     const u32 rank = cluster_rank();
     const float* sc = (kind == 0 ? col : diag) + (u64)h * n;
     const int forced = min(kind == 0 ? forced_cols : forced_diags, n);
     const u32 mn = min(min_tokens[h], (u32)n);
-    const int seg = ((n + QA_CLUSTER - 1) / QA_CLUSTER + 31) & ~31;
-    const int c0 = min(n, (int)rank * seg), c1 = min(n, c0 + seg);
+    int c0, c1;
+    cluster_segment(n, QA_CLUSTER, rank, c0, c1);
     // totals: all scores (per CTA, then the CTAs in rank order), and the forced ones in index order
     double tot = 0.0;
     for (int j = c0 + tid; j < c1; j += 1024) tot += (double)sc[j];

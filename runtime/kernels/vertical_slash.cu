@@ -10,9 +10,9 @@
 //    column (`col`) and per diagonal offset i - j (`diag`), then global f32 atomics (both zeroed before).
 // K tiles are double-buffered with cp.async; CTAs of the heads of one KV group are adjacent in the grid,
 // so they read the same K chunk through L2.
-// 4. vs_topk: per (head, columns | diagonals), a cluster of CTAs: radix select of the top-k (forced items first, then
-//    descending score, ties to the lower index), writes inclusive prefix counts `cum[h][0..=n]` of the
-//    selected items and, for columns, the sorted list of selected columns.
+// 4. vs_topk: per (head, columns | diagonals), a cluster of CTAs: radix select of the top-k (forced
+//    items first, then descending score, ties to the lower index), writes inclusive prefix counts
+//    `cum[h][0..=n]` of the selected items and, for columns, the sorted list of selected columns.
 // 5. vs_bdiag: per head, the block diagonals qb - kb whose tiles a selected diagonal touches;
 //    vs_count: per (head, query block), one warp: the number of key blocks (tiles touched by a selected
 //    diagonal, walked through that list, not over all causal key blocks) and of gathered columns
@@ -26,7 +26,7 @@
 
 template <int D, int PASS>
 __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, int n,
-                                       int q_heads, int group, int last_q, int est_tiles, float scale_log2,
+                                       int group, int last_q, int est_tiles, float scale_log2,
                                        float2* __restrict__ part, const float2* __restrict__ ml,
                                        float* __restrict__ col, float* __restrict__ diag,
                                        const u32* __restrict__ est_heads, int n_est) {
@@ -185,21 +185,21 @@ __device__ __forceinline__ void vs_est(const bf16_t* __restrict__ q, const bf16_
 }
 
 #define EST_ARGS                                                                                    \
-    const bf16_t *__restrict__ q, const bf16_t *__restrict__ k, int n, int q_heads, int group,     \
+    const bf16_t *__restrict__ q, const bf16_t *__restrict__ k, int n, int group,                  \
         int last_q, int est_tiles, float scale_log2, float2 *__restrict__ part, const float2 *__restrict__ ml,    \
         float *__restrict__ col, float *__restrict__ diag, const u32 *__restrict__ est_heads, int n_est
 
 extern "C" __global__ void __launch_bounds__(128) vs_est_max_d128(EST_ARGS) {
-    vs_est<128, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
+    vs_est<128, 0>(q, k, n, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d128(EST_ARGS) {
-    vs_est<128, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
+    vs_est<128, 1>(q, k, n, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_max_d64(EST_ARGS) {
-    vs_est<64, 0>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
+    vs_est<64, 0>(q, k, n, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 extern "C" __global__ void __launch_bounds__(128) vs_est_sum_d64(EST_ARGS) {
-    vs_est<64, 1>(q, k, n, q_heads, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
+    vs_est<64, 1>(q, k, n, group, last_q, est_tiles, scale_log2, part, ml, col, diag, est_heads, n_est);
 }
 
 // One warp per (head, padded row): combines the per-chunk (max, sum) into (max, 1 / sum).
@@ -261,8 +261,8 @@ extern "C" __global__ void __cluster_dims__(TK_CLUSTER, 1, 1) __launch_bounds__(
     const int forced = cols ? forced_cols : forced_diags;
     const u32 kk = cols ? budget_v[h] : budget_s[h];
     u32* cum = (cols ? col_cum : diag_cum) + (u64)h * (n + 1);
-    const int seg = ((n + TK_CLUSTER - 1) / TK_CLUSTER + 31) & ~31;
-    const int c0 = min(n, (int)rank * seg), c1 = min(n, c0 + seg);
+    int c0, c1;
+    cluster_segment(n, TK_CLUSTER, rank, c0, c1);
 
     // Radix select, 8 bits at a time from the top: `prefix` ends as the k-th largest key masked by
     // `pmask`, `rem` the number of items equal to it (under the mask) that are selected (the
@@ -329,8 +329,8 @@ extern "C" __global__ void __cluster_dims__(TK_CLUSTER, 1, 1) __launch_bounds__(
     // key, then the writes, after the counts of the cluster's CTAs before this one.
     const int lane = tid & 31;
     const u32 lt = (1u << lane) - 1;
-    const int run = ((c1 - c0 + 1023) / 1024) * 32;
-    const int a = min(c1, c0 + (tid >> 5) * run), b = min(c1, a + run);
+    int a, b;
+    warp_run_1024(c0, c1, a, b);
     u32 gt = 0, eq = 0;
     if (ranked)
         for (int base = a; base < b; base += 128) {

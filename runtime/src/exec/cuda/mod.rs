@@ -785,12 +785,11 @@ impl SparsePrefill {
         // SAFETY: argument order and types match `attn_fwd_d*` in attention.cu (`attn_fwd_wsk*` take
         // the warp-specialized kernels' parameters and read only the dense ones; the tensor maps, the
         // pairing flag, the union lists, the schedule and the CTA-order flag only for the kernels that
-        // take them; the
-        // maps built for these K and V buffers, the union and the schedule for this index, queued
-        // before; the schedule is read only by the non-`_merge` variant on an index, i.e. when
-        // `scheduled`, the dummy otherwise); Q/K/V/out lengths were
-        // checked against the shape, and the index's offsets were built for this shape (q_heads,
-        // seq_len) by `FlatIndex` or `VerticalSlashBuilder`, which only write in-range entries.
+        // take them; the maps built for these K and V buffers, the union and the schedule for this
+        // index, queued before; the schedule is read only by the non-`_merge` variant on an index,
+        // i.e. when `scheduled`, the dummy otherwise); Q/K/V/out lengths were checked against the
+        // shape, and the index's offsets were built for this shape (q_heads, seq_len) by `FlatIndex`
+        // or `VerticalSlashBuilder`, which only write in-range entries.
         drv("attn_fwd launch", unsafe { b.launch(cfg) }).map(|_| ())
     }
 
@@ -824,8 +823,8 @@ impl SparsePrefill {
     /// The union of the column lists of query blocks `group * p .. group * p + group` (2 or 3) of
     /// every head (`ix_group_union`, one launch; bitmaps for dense groups, a merge for the others):
     /// entries tagged with their blocks in the top `group` bits, at the first block's offsets, and
-    /// one length per group, into `bufs.idx` and `bufs.len` (grown when too small). `false` when [`UNION_ENV`] turned it off or tokens do not
-    /// fit the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must
+    /// one length per group, into `bufs.idx` and `bufs.len` (grown when too small). `false` when
+    /// [`UNION_ENV`] turned it off or tokens do not fit the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must
     /// be queued before the next call writes them, which holding the lock of `bufs` across both
     /// ensures.
     fn group_union(&self, ix: &DeviceIndex, group: usize, bufs: &mut UnionBufs) -> Result<bool> {

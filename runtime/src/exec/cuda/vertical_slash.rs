@@ -165,7 +165,6 @@ impl VerticalSlashBuilder {
         check_qkv(&self.shape, q, k, k)?;
         let sh = self.shape;
         if heads.is_empty()
-            || heads.len() > sh.q_heads
             || heads.windows(2).any(|w| w[0] >= w[1])
             || heads.iter().any(|&h| h as usize >= sh.q_heads)
         {
@@ -182,7 +181,7 @@ impl VerticalSlashBuilder {
         }
         drv("memset", s.memset_zeros(&mut self.col))?;
         drv("memset", s.memset_zeros(&mut self.diag))?;
-        let (n, q_heads, group) = (sh.seq_len as i32, sh.q_heads as i32, sh.group() as i32);
+        let (n, group) = (sh.seq_len as i32, sh.group() as i32);
         let (last_q, est_tiles) = (self.last_q as i32, self.est_tiles as i32);
         let n_est = heads.len() as i32;
         let scale_log2 = std::f32::consts::LOG2_E / (sh.head_dim as f32).sqrt();
@@ -205,7 +204,6 @@ impl VerticalSlashBuilder {
             b.arg(&q.inner)
                 .arg(&k.inner)
                 .arg(&n)
-                .arg(&q_heads)
                 .arg(&group)
                 .arg(&last_q)
                 .arg(&est_tiles)
@@ -218,7 +216,8 @@ impl VerticalSlashBuilder {
                 .arg(&n_est);
             // SAFETY: arguments match `vs_est_*` (EST_ARGS); buffers were sized in `new` for this shape:
             // part [heads][row_tiles*64][nchunks] x 2, ml [heads][row_tiles*64] x 2, col/diag [heads][n];
-            // est_heads holds n_est heads below q_heads (checked above), queued before this launch.
+            // est_heads holds n_est heads below q_heads (checked above: ascending, so n_est <= q_heads),
+            // queued before this launch.
             drv("vs_est launch", unsafe { b.launch(cfg) })?;
             if pass == 0 {
                 let rows = sh.q_heads * self.row_tiles * 64;
