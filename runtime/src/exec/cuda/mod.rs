@@ -187,12 +187,12 @@ fn wsk_smem(d: usize, consumers: usize, stages: usize) -> u32 {
 
 /// Environment variable that, set to `0`, keeps the head_dim-128 kernel from pairing the heads of a
 /// KV group that share their indexes (it then pairs neighbouring query blocks, as for other indexes).
-/// Read by [`SparsePrefill::new`].
+/// Read by [`SparsePrefill::new`], which refuses values other than `0` and `1`.
 pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 
 /// Environment variable that, set to `0`, keeps the warp-specialized kernels from loading the column
 /// tiles of a CTA's query blocks as one union list (`ix_group_union`; each block's own list is then
-/// loaded separately). Read by [`SparsePrefill::new`].
+/// loaded separately). Read by [`SparsePrefill::new`], which refuses values other than `0` and `1`.
 pub const UNION_ENV: &str = "ATTNPLAN_UNION_COLS";
 
 /// Environment variable choosing the CTA order of the warp-specialized kernels' indexed runs:
@@ -467,7 +467,7 @@ impl SparsePrefill {
             }
         }
         let dummy = drv("alloc", dev.stream.alloc_zeros::<u32>(1))?;
-        let pair_heads = std::env::var(PAIR_ENV).map_or(true, |v| v != "0");
+        let pair_heads = env_switch(PAIR_ENV)?;
         let head_order = match std::env::var(HEAD_ORDER_ENV).unwrap_or_default().as_str() {
             "" => None,
             "interleave" => Some(true),
@@ -478,7 +478,7 @@ impl SparsePrefill {
                 )))
             }
         };
-        let group_union = if std::env::var(UNION_ENV).map_or(true, |v| v != "0") {
+        let group_union = if env_switch(UNION_ENV)? {
             Some(dev.function(KernelFile::VerticalSlash, "ix_group_union", 0)?)
         } else {
             None
@@ -1224,6 +1224,25 @@ pub(crate) fn grid_u32(x: usize) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The on/off switches read `0` and `1` (unset: on) and refuse anything else, naming the
+    /// variable; the variable is this test's own, so no other test sees it.
+    #[test]
+    fn env_switch_refuses_values_other_than_0_and_1() {
+        const NAME: &str = "ATTNPLAN_TEST_ENV_SWITCH";
+        std::env::remove_var(NAME);
+        assert!(env_switch(NAME).unwrap());
+        for (value, want) in [("1", true), ("0", false)] {
+            std::env::set_var(NAME, value);
+            assert_eq!(env_switch(NAME).unwrap(), want, "{NAME}={value}");
+        }
+        for value in ["off", "yes", "2", " 0"] {
+            std::env::set_var(NAME, value);
+            let e = env_switch(NAME).unwrap_err().to_string();
+            assert!(e.contains(&format!("{NAME}={value}")), "{e}");
+        }
+        std::env::remove_var(NAME);
+    }
 
     /// The most dynamic shared memory a CTA may use on sm_90 (227 KB).
     const SM90_MAX_SMEM: u32 = 227 * 1024;
