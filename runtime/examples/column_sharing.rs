@@ -84,22 +84,12 @@ fn run() -> Result<()> {
         for p in (0..q_blocks).step_by(group) {
             let members = p..(p + group).min(q_blocks);
             let warpgroups = members.len();
-            let mut union: Vec<u32> = members
-                .clone()
-                .flat_map(|b| flat.columns(h, b).iter().copied())
-                .collect();
-            union.sort_unstable();
-            union.dedup();
+            let union = sorted_union(members.clone().map(|b| flat.columns(h, b)));
             let own_tiles = members.clone().map(|b| tiles(flat.columns(h, b).len()));
             loads += own_tiles.clone().sum::<usize>();
             busiest += own_tiles.max().unwrap_or(0);
             loads_shared += tiles(union.len());
-            let mut blocks: Vec<u32> = members
-                .clone()
-                .flat_map(|b| flat.key_blocks(h, b).iter().copied())
-                .collect();
-            blocks.sort_unstable();
-            blocks.dedup();
+            let blocks = sorted_union(members.clone().map(|b| flat.key_blocks(h, b)));
             let own_blocks: usize = members.clone().map(|b| flat.key_blocks(h, b).len()).sum();
             work += own_blocks + warpgroups * tiles(union.len());
             let (aligned, greedy) = steps_128(&blocks);
@@ -128,6 +118,14 @@ fn run() -> Result<()> {
         ratio(work_skip, work)
     );
     Ok(())
+}
+
+/// The ascending union of `lists`.
+fn sorted_union<'a>(lists: impl Iterator<Item = &'a [u32]>) -> Vec<u32> {
+    let mut all: Vec<u32> = lists.flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// 128-key steps covering the ascending key blocks `blocks`: at even block pairs (`2y, 2y + 1`), and
