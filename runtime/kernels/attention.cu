@@ -1124,7 +1124,11 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     // With two consumers their Q tiles pass through the last of 6 stages; with three (head_dim 64) Q
     // has its own tiles after 11 stages (8 were 1% slower on sparse layers, 2026-11-30).
     constexpr bool Q_IN_STAGE = NC == 2;
-    constexpr int BM = 64, BN = 64, NS = NC == 2 ? 6 : 11;
+    // Three consumers at head_dim 128 (attn_fwd_ws3_d128, ATTNPLAN_ATTN=ws3) keep Q in shared memory
+    // (S by wgmma with both operands there): their 152 registers do not hold Q besides O, S and two P.
+    // Five stages fit beside the three Q tiles.
+    constexpr bool Q_SMEM = D == 128 && NC == 3;
+    constexpr int BM = 64, BN = 64, NS = NC == 2 ? 6 : (D == 64 ? 11 : 5);
     constexpr int TILE_BYTES = BM * D * 2;
     // tag bits (TileMerge): member 1 << w, DONE << w, END, UNI
     constexpr int DONE = TileMerge<NC, NS>::DONE, END = TileMerge<NC, NS>::END, UNI = TileMerge<NC, NS>::UNI;
@@ -1394,12 +1398,15 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
             fence_proxy_async();
         }
         cp_async_wait<0>();
+        if (Q_SMEM) fence_proxy_async();  // the copies are read by wgmma (the async proxy)
         named_bar_sync(1 + wg, 128);
+        if (!Q_SMEM) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int r = wl * 16 + (lane & 15);
-            const int c2 = kk * 2 + (lane >> 4);
-            ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sq + swz128(r, c2));
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int r = wl * 16 + (lane & 15);
+                const int c2 = kk * 2 + (lane >> 4);
+                ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sq + swz128(r, c2));
+            }
         }
         mbar_arrive(qfree);  // the producer may now fill the last stage (two consumers)
     }
@@ -1432,7 +1439,22 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     // every consumer thread arrives: a branch on the lane here would make ptxas serialize the wgmmas
     auto release = [&](int st) { mbar_arrive(empty + 8 * st); };
     const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
-    auto issue_s = [&](float (*s)[4], int st) { wg_issue_s<D>(s, qf, k_desc0 + (u64)(st * (TILE_BYTES >> 4))); };
+    const u64 q_desc = gmma_desc(sQ + wg * q_step, 16, 1024);
+    auto issue_s = [&](float (*s)[4], int st) {
+        const u64 kd = k_desc0 + (u64)(st * (TILE_BYTES >> 4));
+        if constexpr (Q_SMEM) {
+            wgmma_fence();
+            wgmma_m64n64k16_ss<0, 0>(&s[0][0], q_desc, kd);  // the first step overwrites s
+#pragma unroll
+            for (int kk = 1; kk < D / 16; ++kk) {
+                const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // Q and K: the same layout
+                wgmma_m64n64k16_ss<0>(&s[0][0], q_desc + (u64)(off >> 4), kd + (u64)(off >> 4));
+            }
+            wgmma_commit();
+        } else {
+            wg_issue_s<D>(s, qf, kd);
+        }
+    };
     const u64 ones_desc = gmma_desc(sOnes, 16, 1024);
     float lsum[4] = {0.f, 0.f, 0.f, 0.f};  // MMA_SUMS: rows ra (0, 1) and rb (2, 3), each the whole row's sum
     auto issue_pv = [&](float* o, u32 (*p)[4], int st) {
@@ -1551,9 +1573,11 @@ WS_KERNEL(attn_fwd_ws_d64, 384, 64, 2, false)
 // Three consumer warpgroups (query blocks 3p..3p+2 of one head), 11 stages, Q in its own tiles; no head
 // pairing (the host passes pair_heads = 0); union column lists of three blocks.
 WS_KERNEL(attn_fwd_ws3_d64, 512, 64, 3, false)
+WS_KERNEL(attn_fwd_ws3_d128, 512, 128, 3, false)
 WS_KERNEL(attn_fwd_ws_d128_merge, 384, 128, 2, true)
 WS_KERNEL(attn_fwd_ws_d64_merge, 384, 64, 2, true)
 WS_KERNEL(attn_fwd_ws3_d64_merge, 512, 64, 3, true)
+WS_KERNEL(attn_fwd_ws3_d128_merge, 512, 128, 3, true)
 
 // ---- Dense attention over 128-key tiles (attn_fwd_wsk_d128, attn_fwd_wsk3_d64: the host's kernels
 // for dense runs unless ATTNPLAN_DENSE128=0) ----

@@ -21,8 +21,8 @@ waits for the consumers' Q loads before its first write to the last stage (where
 passed). --protocol delayed runs edfc24c's (up to two issued tiles unannounced, all announced before
 the producer blocks) and --protocol old the first version (one issued tile unannounced, no
 announcement before blocking), which this check shows can deadlock.
-With --consumers 3 (attn_fwd_ws3_d64: query blocks 3p..3p+2, 11 stages, Q outside the stages) the same
-rules run for three warpgroups; a warpgroup passed by NS - 3 tiles is forced, the one passed by the
+With --consumers 3 (attn_fwd_ws3_d64: query blocks 3p..3p+2, 11 stages, Q outside the stages;
+attn_fwd_ws3_d128 the same with 5 stages, --ns 5) the same rules run for three warpgroups; a warpgroup passed by NS - 3 tiles is forced, the one passed by the
 most first, so that two owed a tile at once both get one within NS - 2.
 usage: scripts/gpu/ws-schedule.py [--trials N] [--consumers 2|3] [--ns NS] [--protocol async|delayed|old] [--union]
 """

@@ -165,8 +165,9 @@ pub enum Keys<'a> {
 }
 
 /// Environment variable choosing the attention kernel where the build has wgmma (sm_90a, the default):
-/// unset = `attn_fwd_ws_d128` (warp-specialized, two query blocks per CTA) / `attn_fwd_ws3_d64` (three
-/// query blocks per CTA); `ws2` = `attn_fwd_ws_d64` (two) at head_dim 64; `wg3` =
+/// unset = `attn_fwd_ws3_d128` / `attn_fwd_ws3_d64` (warp-specialized, three query blocks per CTA;
+/// since the nineteenth session at head_dim 128 too); `ws2` = `attn_fwd_ws_d128` / `attn_fwd_ws_d64`
+/// (two query blocks per CTA; head pairs of a KV group that share indexes only here); `wg3` =
 /// the pipelined one-warpgroup `attn_fwd_wg3_d128` (head_dim 64 then runs on mma.sync); `wg1` = the
 /// unpipelined `attn_fwd_wg_d128`; `mma` = mma.sync for both; `wg64` = the unpipelined wgmma
 /// head_dim-64 kernel `attn_fwd_wg_d64` (wrong on the H200, 2026-11-28).
@@ -266,18 +267,35 @@ fn schedule_function(dev: &Device, k: &AttnKernel) -> Result<CudaFunction> {
 }
 
 /// The 128-key-tile kernel for the dense runs of warp-specialized kernel `k` (`attn_fwd_wsk_d128`
-/// for `attn_fwd_ws_d128`, `attn_fwd_wsk3_d64` for `attn_fwd_ws3_d64`; none for the others) and its
-/// dynamic shared memory.
-fn dense128_function(dev: &Device, k: &AttnKernel) -> Result<Option<(CudaFunction, u32)>> {
-    let (name, smem) = match k.name {
-        "attn_fwd_ws_d128" => ("attn_fwd_wsk_d128", wsk_smem(128, 2, 3)),
-        "attn_fwd_ws3_d64" => ("attn_fwd_wsk3_d64", wsk_smem(64, 3, 6)),
+/// for `attn_fwd_ws_d128` and `attn_fwd_ws3_d128`, `attn_fwd_wsk3_d64` for `attn_fwd_ws3_d64`; none
+/// for the others) and its launch shape.
+fn dense128_function(dev: &Device, k: &AttnKernel) -> Result<Option<Dense128>> {
+    let (name, smem, threads, blocks_per_cta) = match k.name {
+        "attn_fwd_ws_d128" | "attn_fwd_ws3_d128" => {
+            ("attn_fwd_wsk_d128", wsk_smem(128, 2, 3), 384, 2)
+        }
+        "attn_fwd_ws3_d64" => ("attn_fwd_wsk3_d64", wsk_smem(64, 3, 6), 512, 3),
         _ => return Ok(None),
     };
-    Ok(Some((
-        dev.function(KernelFile::Attention, name, smem)?,
+    Ok(Some(Dense128 {
+        f: dev.function(KernelFile::Attention, name, smem)?,
         smem,
-    )))
+        threads,
+        blocks_per_cta,
+    }))
+}
+
+/// A 128-key-tile dense kernel ([`dense128_function`]): the warp-specialized kernels' parameters,
+/// its own CTA shape.
+#[derive(Debug)]
+struct Dense128 {
+    f: CudaFunction,
+    /// Dynamic shared memory per CTA.
+    smem: u32,
+    /// Threads per CTA.
+    threads: u32,
+    /// Query blocks (of 64 rows) per CTA.
+    blocks_per_cta: usize,
 }
 
 /// One compiled attention kernel and how it is launched.
@@ -301,10 +319,9 @@ struct AttnKernel {
     /// For sparse runs ([`SCHEDULE_ENV`]): the pre-pass writing the tile order (`ws_schedule2` /
     /// `ws_schedule3`) and the length from which it runs.
     schedule: Option<(CudaFunction, usize)>,
-    /// For dense runs (unless [`DENSE128_ENV`] is `0`): the 128-key-tile kernel of this head_dim and
-    /// CTA shape (`attn_fwd_wsk_d128`, `attn_fwd_wsk3_d64`; the same parameters, grid and threads)
-    /// and its dynamic shared memory.
-    dense128: Option<(CudaFunction, u32)>,
+    /// For dense runs (unless [`DENSE128_ENV`] is `0`): the 128-key-tile kernel of this head_dim
+    /// (`attn_fwd_wsk_d128`, `attn_fwd_wsk3_d64`; the same parameters) and its launch shape.
+    dense128: Option<Dense128>,
 }
 
 /// A `CUtensorMap` passed by value as a kernel parameter (`TmaDesc` in wgmma.cuh).
@@ -428,6 +445,12 @@ impl SparsePrefill {
                     return Ok(k);
                 }
             }
+            // three consumers at head_dim 128 too (Q in shared memory, 5 stages)
+            if !other && d == 128 && choice != "ws2" {
+                if let Ok(k) = kernel("attn_fwd_ws3_d128", ws_smem(d, 3, 5), 512, 3) {
+                    return Ok(k);
+                }
+            }
             if !other {
                 if let Ok(k) = kernel(ws, ws_smem(d, 2, 6), 384, 2) {
                     return Ok(k);
@@ -454,7 +477,7 @@ impl SparsePrefill {
                 "{SCHEDULE_ENV}={schedule}: expected 0, 3 or all (or unset)"
             )));
         }
-        for k in &mut attn {
+        for k in &mut attn.iter_mut().filter(|k| k.name != "attn_fwd_ws3_d128") {
             let three = k.tma && k.blocks_per_cta == 3;
             let from = match schedule.as_str() {
                 "all" if k.tma => Some(0),
@@ -503,7 +526,9 @@ impl SparsePrefill {
     /// order the kernel would merge in line.
     pub fn set_schedule_from(&mut self, from: Option<usize>) -> Result<()> {
         for k in &mut self.attn {
-            if !k.tma {
+            // the schedule pre-passes replay 6 stages for two consumers and 11 for three; the
+            // five-stage attn_fwd_ws3_d128 merges in line
+            if !k.tma || k.name == "attn_fwd_ws3_d128" {
                 continue;
             }
             k.schedule = match (from, k.schedule.take()) {
@@ -701,20 +726,24 @@ impl SparsePrefill {
             && kernel.blocks_per_cta == 2
             && index.is_some_and(|ix| ix.pairs_share)
             && shape.group() % 2 == 0;
+        // dense runs take 128-key tiles (the same parameters; their own CTA shape)
+        let dense128 = kernel.dense128.as_ref().filter(|_| index.is_none());
+        let (threads, blocks_per_cta, smem) = match dense128 {
+            Some(d) => (d.threads, d.blocks_per_cta, d.smem),
+            None => (kernel.threads, kernel.blocks_per_cta, kernel.smem),
+        };
         let grid = if pair_heads {
             grid_u32(q_blocks * (shape.q_heads / 2))?
         } else {
-            grid_u32(q_blocks.div_ceil(kernel.blocks_per_cta) * shape.q_heads)?
+            grid_u32(q_blocks.div_ceil(blocks_per_cta) * shape.q_heads)?
         };
         let pair_i = i32::from(pair_heads);
         let (n_i, heads_i, group_i) = (n as i32, shape.q_heads as i32, shape.group() as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (shape.head_dim as f32).sqrt();
-        // dense runs take 128-key tiles (same grid, threads and parameters)
-        let dense128 = kernel.dense128.as_ref().filter(|_| index.is_none());
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
-            block_dim: (kernel.threads, 1, 1),
-            shared_mem_bytes: dense128.map_or(kernel.smem, |d| d.1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
         };
         let (bo, bi, co, ci) = match index {
             Some(ix) => (&ix.blk_off, &ix.blk_idx, &ix.col_off, &ix.col_idx),
@@ -744,7 +773,7 @@ impl SparsePrefill {
         // runs of the two-consumer kernels, whose dense attention took 1.5% longer at 128K on the
         // other variant (same consumer code; docs/perf.md, "Tile schedules")
         let f = match (dense128, &kernel.merge, index) {
-            (Some((d128, _)), _, _) => d128,
+            (Some(d128), _, _) => &d128.f,
             (None, Some(merge), Some(_)) if !scheduled => merge,
             (None, Some(merge), None) if kernel.blocks_per_cta == 2 => merge,
             _ => &kernel.f,
@@ -1249,13 +1278,14 @@ mod tests {
 
     /// The warp-specialized kernels' and the 128-key dense kernels' shared memory as launched (and as
     /// docs/cuda.md gives it) fits one CTA per SM on sm_90; a stage more would not for three
-    /// consumers at head_dim 64, nor for the 128-key kernel at head_dim 128.
+    /// consumers at either head_dim, nor for the 128-key kernel at head_dim 128.
     #[test]
     fn warp_specialized_shared_memory_fits_sm90() {
         for (d, consumers, stages, want) in [
             (128, 2, 6, 201_880),
             (64, 2, 6, 103_576),
             (64, 3, 11, 215_568),
+            (128, 3, 5, 219_008),
         ] {
             let got = ws_smem(d, consumers, stages);
             assert_eq!(
@@ -1265,6 +1295,7 @@ mod tests {
             assert!(got <= SM90_MAX_SMEM, "{got} bytes");
         }
         assert!(ws_smem(64, 3, 12) > SM90_MAX_SMEM);
+        assert!(ws_smem(128, 3, 6) > SM90_MAX_SMEM);
         // the 128-key dense kernels, as dense128_function launches them
         for (d, consumers, stages, want) in [(128, 2, 3, 230_448), (64, 3, 6, 222_304)] {
             let got = wsk_smem(d, consumers, stages);
