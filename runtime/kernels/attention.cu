@@ -1856,5 +1856,9 @@ extern "C" __global__ void __launch_bounds__(128) ws_schedule2(WS_SCHEDULE_ARGS)
 extern "C" __global__ void __launch_bounds__(128) ws_schedule3(WS_SCHEDULE_ARGS) {
     ws_schedule<3, 11>(blk_off, blk_idx, col_off, ucol_len, n, q_heads, use_union, sched);
 }
+// attn_fwd_ws3_d128's: three consumers, 5 stages (its forcing rule differs with the stage count)
+extern "C" __global__ void __launch_bounds__(128) ws_schedule3_ns5(WS_SCHEDULE_ARGS) {
+    ws_schedule<3, 5>(blk_off, blk_idx, col_off, ucol_len, n, q_heads, use_union, sched);
+}
 
 #endif

@@ -213,15 +213,15 @@ pub const INTERLEAVE_KV_BYTES: usize = 32 << 20;
 
 /// Environment variable choosing when the warp-specialized kernels read a tile schedule written before
 /// the launch (`ws_schedule*` in attention.cu) instead of merging their query blocks' lists in line
-/// (sparse runs only): unset = the three-consumer kernel (head_dim 64) from [`SCHEDULE_FROM`] tokens
-/// on; `3` = that kernel at any length; `all` = every warp-specialized kernel at any length; `0` =
-/// never. Read by [`SparsePrefill::new`].
+/// (sparse runs only): unset = the three-consumer kernels (both head dims) from [`SCHEDULE_FROM`]
+/// tokens on; `3` = those kernels at any length; `all` = every warp-specialized kernel at any length;
+/// `0` = never. Read by [`SparsePrefill::new`].
 pub const SCHEDULE_ENV: &str = "ATTNPLAN_WS_SCHEDULE";
 
-/// Sequence length from which the three-consumer kernel reads a precomputed schedule by default. The
+/// Sequence length from which the three-consumer kernels read a precomputed schedule by default. The
 /// schedule frees its producer from the merge, which pays where the query blocks of a CTA share few
 /// key blocks (scattered diagonals: the 9 x 3 x 64 benchmark layer 8-10% faster at 64K-128K on the
-/// H200); but the pre-pass merges each group serially before the attention launch, and where the
+/// H200, the 32 x 8 x 128 one 0-3% at 128K, docs/perf.md "Nineteenth session"); but the pre-pass merges each group serially before the attention launch, and where the
 /// producer kept up (SmolLM2's plan, whose layers share more) it only costs: that plan's pass was 5%
 /// slower at 16K, 3.5% at 32K, 1% at 64K, and level (0.2-1.1% faster) at 128K (docs/perf.md,
 /// "Fourteenth session"; docs/cuda.md, "Tile schedules").
@@ -258,10 +258,10 @@ fn sched_len(n_blk: usize, n_col: usize, entries: usize) -> usize {
 
 /// The schedule pre-pass for a warp-specialized kernel's groups of query blocks.
 fn schedule_function(dev: &Device, k: &AttnKernel) -> Result<CudaFunction> {
-    let pre = if k.blocks_per_cta == 3 {
-        "ws_schedule3"
-    } else {
-        "ws_schedule2"
+    let pre = match (k.blocks_per_cta, k.name) {
+        (3, "attn_fwd_ws3_d128") => "ws_schedule3_ns5",
+        (3, _) => "ws_schedule3",
+        _ => "ws_schedule2",
     };
     dev.function(KernelFile::Attention, pre, 0)
 }
@@ -477,7 +477,7 @@ impl SparsePrefill {
                 "{SCHEDULE_ENV}={schedule}: expected 0, 3 or all (or unset)"
             )));
         }
-        for k in &mut attn.iter_mut().filter(|k| k.name != "attn_fwd_ws3_d128") {
+        for k in &mut attn {
             let three = k.tma && k.blocks_per_cta == 3;
             let from = match schedule.as_str() {
                 "all" if k.tma => Some(0),
@@ -526,9 +526,7 @@ impl SparsePrefill {
     /// order the kernel would merge in line.
     pub fn set_schedule_from(&mut self, from: Option<usize>) -> Result<()> {
         for k in &mut self.attn {
-            // the schedule pre-passes replay 6 stages for two consumers and 11 for three; the
-            // five-stage attn_fwd_ws3_d128 merges in line
-            if !k.tma || k.name == "attn_fwd_ws3_d128" {
+            if !k.tma {
                 continue;
             }
             k.schedule = match (from, k.schedule.take()) {
