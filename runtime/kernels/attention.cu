@@ -1109,8 +1109,9 @@ __device__ __forceinline__ void ws_schedule(const u32* __restrict__ blk_off, con
 // (count 256) before its first write there, and each consumer thread arrives on it once its Q
 // fragments are in registers. That sixth stage (the fifth had cost the Q tiles' 32 KB) lets one more
 // tile be in flight: the consumers had waited for tiles (27 polls of the `full` barrier per tile at
-// 128K, H200, 2026-11-29). NC = 3 (head_dim 64): NS = 11 stages of 16 KB, then the three Q tiles
-// (24 KB), the ones tile and 3 NS x 64 positions: 215,568 bytes.
+// 128K, H200, 2026-11-29). NC = 3 at head_dim 64: NS = 11 stages of 16 KB, then the three Q tiles
+// (24 KB), the ones tile and 3 NS x 64 positions: 215,568 bytes; at head_dim 128 (since 2026-11-30):
+// NS = 5 stages of 32 KB, the three Q tiles (48 KB), no ones tile: 219,008 bytes.
 template <int D, int NC, bool MERGE>
 __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                             const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
@@ -1121,8 +1122,8 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
                                             const u32* __restrict__ ucol_idx, const u32* __restrict__ ucol_len,
                                             int use_union, const u32* __restrict__ sched, int interleave) {
     static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
-    // With two consumers their Q tiles pass through the last of 6 stages; with three (head_dim 64) Q
-    // has its own tiles after 11 stages (8 were 1% slower on sparse layers, 2026-11-30).
+    // With two consumers their Q tiles pass through the last of 6 stages; with three Q has its own
+    // tiles after the stages (11 at head_dim 64: 8 were 1% slower on sparse layers, 2026-11-30).
     constexpr bool Q_IN_STAGE = NC == 2;
     // Three consumers at head_dim 128 (attn_fwd_ws3_d128, ATTNPLAN_ATTN=ws3) keep Q in shared memory
     // (S by wgmma with both operands there): their 152 registers do not hold Q besides O, S and two P.
