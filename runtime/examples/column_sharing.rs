@@ -20,8 +20,8 @@
 //! 128 at a time; and with each warpgroup skipping the aligned steps that hold none of its blocks
 //! (`aligned skipping`). Work is counted in 64 × 64 tile computations (a 128-key step is two per
 //! warpgroup) against today's (each warpgroup its own key blocks, plus the union's column tiles).
-//! A kernel on such steps (branch `exp/sparse128-steps`) was measured slower than the 64-key tiles
-//! on the H200 (docs/perf.md, "Nineteenth session").
+//! A kernel on such steps (docs/experiments/sparse128-steps.patch) was measured slower than the
+//! 64-key tiles on the H200 (docs/perf.md, "Nineteenth session").
 
 use rayon::prelude::*;
 use runtime::exec::cuda::bench::structured;
