@@ -186,8 +186,9 @@ fn wsk_smem(d: usize, consumers: usize, stages: usize) -> u32 {
     (consumers * 64 * d * 2 + stages * 2 * 128 * d * 2 + 2 * stages * 8 + 1024) as u32
 }
 
-/// Environment variable that, set to `0`, keeps the head_dim-128 kernel from pairing the heads of a
-/// KV group that share their indexes (it then pairs neighbouring query blocks, as for other indexes).
+/// Environment variable that, set to `0`, keeps the two-consumer kernels (`ATTNPLAN_ATTN=ws2`) from
+/// pairing the heads of a KV group that share their indexes (they then pair neighbouring query
+/// blocks, as for other indexes; the default three-consumer kernels never pair heads).
 /// Read by [`SparsePrefill::new`], which refuses values other than `0` and `1`.
 pub const PAIR_ENV: &str = "ATTNPLAN_PAIR_HEADS";
 
@@ -221,10 +222,11 @@ pub const SCHEDULE_ENV: &str = "ATTNPLAN_WS_SCHEDULE";
 /// Sequence length from which the three-consumer kernels read a precomputed schedule by default. The
 /// schedule frees its producer from the merge, which pays where the query blocks of a CTA share few
 /// key blocks (scattered diagonals: the 9 x 3 x 64 benchmark layer 8-10% faster at 64K-128K on the
-/// H200, the 32 x 8 x 128 one 0-3% at 128K, docs/perf.md "Nineteenth session"); but the pre-pass merges each group serially before the attention launch, and where the
-/// producer kept up (SmolLM2's plan, whose layers share more) it only costs: that plan's pass was 5%
-/// slower at 16K, 3.5% at 32K, 1% at 64K, and level (0.2-1.1% faster) at 128K (docs/perf.md,
-/// "Fourteenth session"; docs/cuda.md, "Tile schedules").
+/// H200, the 32 x 8 x 128 one 0-3% at 128K, docs/perf.md "Nineteenth session"); but the pre-pass
+/// merges each group serially before the attention launch, and where the producer kept up
+/// (SmolLM2's plan, whose layers share more) it only costs: that plan's pass was 5% slower at 16K,
+/// 3.5% at 32K, 1% at 64K, and level (0.2-1.1% faster) at 128K (docs/perf.md, "Fourteenth
+/// session"; docs/cuda.md, "Tile schedules").
 pub const SCHEDULE_FROM: usize = 131_072;
 
 /// Dynamic shared memory of the attention kernel: Q, 2 K and 2 V tiles of 64 rows, 2 x 64 positions
@@ -316,8 +318,9 @@ struct AttnKernel {
     /// (`<name>_merge`), for sparse runs without a schedule; `f` runs dense ones and sparse ones
     /// over a schedule.
     merge: Option<CudaFunction>,
-    /// For sparse runs ([`SCHEDULE_ENV`]): the pre-pass writing the tile order (`ws_schedule2` /
-    /// `ws_schedule3`) and the length from which it runs.
+    /// For sparse runs ([`SCHEDULE_ENV`]): the pre-pass writing the tile order (`ws_schedule2`,
+    /// `ws_schedule3` or, for the five-stage `attn_fwd_ws3_d128`, `ws_schedule3_ns5`) and the length
+    /// from which it runs.
     schedule: Option<(CudaFunction, usize)>,
     /// For dense runs (unless [`DENSE128_ENV`] is `0`): the 128-key-tile kernel of this head_dim
     /// (`attn_fwd_wsk_d128`, `attn_fwd_wsk3_d64`; the same parameters) and its launch shape.
