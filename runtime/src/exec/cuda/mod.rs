@@ -525,7 +525,7 @@ impl SparsePrefill {
     /// From which sequence length the warp-specialized kernels read a tile schedule written before
     /// their launch, on sparse runs: `None` never, `Some(n)` from `n` tokens on (every
     /// warp-specialized kernel). [`SparsePrefill::new`] sets it from [`SCHEDULE_ENV`] (by default the
-    /// three-consumer kernel from [`SCHEDULE_FROM`]). Same results either way: the schedule is the
+    /// three-consumer kernels from [`SCHEDULE_FROM`]). Same results either way: the schedule is the
     /// order the kernel would merge in line.
     pub fn set_schedule_from(&mut self, from: Option<usize>) -> Result<()> {
         for k in &mut self.attn {
