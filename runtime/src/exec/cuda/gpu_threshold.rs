@@ -42,16 +42,18 @@ pub fn gpu_dense_below(model: &ModelInfo) -> u64 {
 }
 
 /// What one computed 64 × 64 tile of sparse attention costs on the H200 relative to a tile of dense
-/// attention on 128-key tiles (`attn_fwd_wsk*`), taken at the low end of what was measured
-/// (docs/perf.md, "Sixteenth session", `cuda_bench bench` A/B rounds on the benchmark's structured
-/// inputs): head_dim 128, 1.31× at 32K (sparse 8.46–8.66 ms over 52% of the cells against dense
-/// 12.44–12.51 ms) and 1.22× at 128K; head_dim 64, 1.53× at 32K and 1.47× at 128K. The sparse kernels
-/// run 64-key tiles, whose per-tile work (barriers, softmax bookkeeping) 128-key tiles halve.
+/// attention on 128-key tiles (`attn_fwd_wsk*`), taken at the low end of what was measured on the
+/// benchmark's structured inputs (`attnplan bench --device cuda`, docs/perf.md): head_dim 128 with
+/// three consumer warpgroups (since 5a4fe55), 1.16–1.19× at 32K (sparse 8.04–8.13 ms over 52% of
+/// the cells against dense 12.99–13.38 ms) and 1.17–1.19× at 128K ("Nineteenth session"; 1.22–1.31×
+/// with two consumers, "Sixteenth session"); head_dim 64, 1.53× at 32K and 1.47× at 128K. The
+/// sparse kernels run 64-key tiles, whose per-tile work (barriers, softmax bookkeeping) 128-key
+/// tiles halve.
 pub fn sparse_tile_cost(head_dim: usize) -> f64 {
     if head_dim <= 64 {
         1.45
     } else {
-        1.2
+        1.15
     }
 }
 
