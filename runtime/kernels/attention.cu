@@ -604,6 +604,20 @@ __device__ __forceinline__ void wg_issue_s(float (*s)[4], const u32 (*qf)[4], u6
     wgmma_commit();
 }
 
+// The same with Q in shared memory too (`q_desc` = gmma_desc(Q tile, 16, 1024), the K tile's layout):
+// attn_fwd_ws3_d128, whose consumers' registers do not hold Q.
+template <int D>
+__device__ __forceinline__ void wg_issue_s_ss(float (*s)[4], u64 q_desc, u64 k_desc) {
+    wgmma_fence();
+    wgmma_m64n64k16_ss<0, 0>(&s[0][0], q_desc, k_desc);  // the first step overwrites s
+#pragma unroll
+    for (int kk = 1; kk < D / 16; ++kk) {
+        const u64 off = (u64)(((kk >> 2) * (64 * 128) + (kk & 3) * 32) >> 4);
+        wgmma_m64n64k16_ss<0>(&s[0][0], q_desc + off, k_desc + off);
+    }
+    wgmma_commit();
+}
+
 // O += P V of one 64-key tile for a warpgroup: P fragments `p` in registers, the V tile through
 // `v_desc` = gmma_desc(tile, 64 * 128, 1024) (128B-swizzled, MN-major: D / 64 column blocks of 64 x 128
 // bytes, 8-key groups 1024 bytes apart); one commit group.
@@ -1125,7 +1139,7 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     // With two consumers their Q tiles pass through the last of 6 stages; with three Q has its own
     // tiles after the stages (11 at head_dim 64: 8 were 1% slower on sparse layers, 2026-11-30).
     constexpr bool Q_IN_STAGE = NC == 2;
-    // Three consumers at head_dim 128 (attn_fwd_ws3_d128, ATTNPLAN_ATTN=ws3) keep Q in shared memory
+    // Three consumers at head_dim 128 (attn_fwd_ws3_d128, the default there) keep Q in shared memory
     // (S by wgmma with both operands there): their 152 registers do not hold Q besides O, S and two P.
     // Five stages fit beside the three Q tiles.
     constexpr bool Q_SMEM = D == 128 && NC == 3;
@@ -1440,21 +1454,11 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     // every consumer thread arrives: a branch on the lane here would make ptxas serialize the wgmmas
     auto release = [&](int st) { mbar_arrive(empty + 8 * st); };
     const u64 k_desc0 = gmma_desc(sK, 16, 1024), v_desc0 = gmma_desc(sV, 64 * 128, 1024);
-    const u64 q_desc = gmma_desc(sQ + wg * q_step, 16, 1024);
+    const u64 q_desc = gmma_desc(sQ + wg * q_step, 16, 1024);  // Q_SMEM
     auto issue_s = [&](float (*s)[4], int st) {
         const u64 kd = k_desc0 + (u64)(st * (TILE_BYTES >> 4));
-        if constexpr (Q_SMEM) {
-            wgmma_fence();
-            wgmma_m64n64k16_ss<0, 0>(&s[0][0], q_desc, kd);  // the first step overwrites s
-#pragma unroll
-            for (int kk = 1; kk < D / 16; ++kk) {
-                const u32 off = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // Q and K: the same layout
-                wgmma_m64n64k16_ss<0>(&s[0][0], q_desc + (u64)(off >> 4), kd + (u64)(off >> 4));
-            }
-            wgmma_commit();
-        } else {
-            wg_issue_s<D>(s, qf, kd);
-        }
+        if constexpr (Q_SMEM) wg_issue_s_ss<D>(s, q_desc, kd);
+        else wg_issue_s<D>(s, qf, kd);
     };
     const u64 ones_desc = gmma_desc(sOnes, 16, 1024);
     float lsum[4] = {0.f, 0.f, 0.f, 0.f};  // MMA_SUMS: rows ra (0, 1) and rb (2, 3), each the whole row's sum
@@ -1571,8 +1575,9 @@ __device__ __forceinline__ void attn_fwd_ws(const bf16_t* __restrict__ q, const 
     }
 WS_KERNEL(attn_fwd_ws_d128, 384, 128, 2, false)
 WS_KERNEL(attn_fwd_ws_d64, 384, 64, 2, false)
-// Three consumer warpgroups (query blocks 3p..3p+2 of one head), 11 stages, Q in its own tiles; no head
-// pairing (the host passes pair_heads = 0); union column lists of three blocks.
+// Three consumer warpgroups (query blocks 3p..3p+2 of one head), 11 stages at head_dim 64 and 5 at 128,
+// Q in its own tiles; no head pairing (the host passes pair_heads = 0); union column lists of three
+// blocks.
 WS_KERNEL(attn_fwd_ws3_d64, 512, 64, 3, false)
 WS_KERNEL(attn_fwd_ws3_d128, 512, 128, 3, false)
 WS_KERNEL(attn_fwd_ws_d128_merge, 384, 128, 2, true)
