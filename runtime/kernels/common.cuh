@@ -175,6 +175,21 @@ __device__ __forceinline__ double ld_cluster_f64(const double* p, u32 rank) {
     return v;
 }
 
+// The sum of the value at `p` (this CTA's shared-memory location) over the cluster's SIZE CTAs, in rank
+// order (the same order, hence the same f64 rounding, in every CTA).
+template <int SIZE>
+__device__ __forceinline__ u32 cluster_sum(const u32* p) {
+    u32 t = 0;
+    for (u32 r = 0; r < SIZE; ++r) t += ld_cluster_u32(p, r);
+    return t;
+}
+template <int SIZE>
+__device__ __forceinline__ double cluster_sum(const double* p) {
+    double t = 0.0;
+    for (u32 r = 0; r < SIZE; ++r) t += ld_cluster_f64(p, r);
+    return t;
+}
+
 // The items [c0, c1) of n that CTA `rank` of a cluster of `size` takes: contiguous segments of a
 // multiple of 32 items, in rank order.
 __device__ __forceinline__ void cluster_segment(int n, int size, u32 rank, int& c0, int& c1) {

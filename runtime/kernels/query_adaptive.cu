@@ -217,8 +217,7 @@ extern "C" __global__ void __cluster_dims__(QA_CLUSTER, 1, 1) __launch_bounds__(
         s_tot = t;
     }
     cluster_sync();
-    tot = 0.0;
-    for (u32 r = 0; r < QA_CLUSTER; ++r) tot += ld_cluster_f64(&s_tot, r);
+    tot = cluster_sum<QA_CLUSTER>(&s_tot);
     u32 count;
     if (!(tot > 0.0)) {
         count = mn;  // no mass (or NaN): the floor, as the CPU

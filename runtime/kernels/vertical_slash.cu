@@ -288,11 +288,7 @@ extern "C" __global__ void __cluster_dims__(TK_CLUSTER, 1, 1) __launch_bounds__(
             // every CTA's histogram is complete; the pass before's were read by all (its reads came
             // before this barrier in every CTA), so pass + 1 may zero them
             cluster_sync();
-            if (tid < 256) {
-                u32 t = 0;
-                for (u32 r = 0; r < TK_CLUSTER; ++r) t += ld_cluster_u32(&mine[tid], r);
-                hist[tid] = t;
-            }
+            if (tid < 256) hist[tid] = cluster_sum<TK_CLUSTER>(&mine[tid]);
             __syncthreads();
             if (tid < 32) {
                 // the digit holding the rem-th largest key, walking down from 255: warp 0, lane l
