@@ -25,7 +25,8 @@
 //!     --dense-below, `PrefillOptions::dense_below` replaces the executor's threshold (by default
 //!     the larger of the plan's and `gpu_dense_below`; `--dense-below 0` times the plan's patterns
 //!     at any length).
-//! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D] [--write-inputs]
+//! cuda_bench bench DIR --n N [--reps R] [--v V --s S --last-q L] [--hq H --hkv K --d D]
+//!                 [--band scattered|local] [--write-inputs]
 //!     `runtime::exec::cuda::bench::measure` at one length (by default 32 query heads, 8 KV heads,
 //!     head_dim 128, vertical-slash v=1000 s=6096 last_q=64 on structured inputs); writes
 //!     DIR/bench.json (and inputs + index for scripts/gpu/baselines.py with --write-inputs).
@@ -969,6 +970,7 @@ fn bench(args: &[String]) -> Result<()> {
         q_heads: o.num("hq", bench::Q_HEADS)?,
         kv_heads: o.num("hkv", bench::KV_HEADS)?,
         head_dim: o.num("d", bench::HEAD_DIM)?,
+        band: o.str("band", "scattered").parse().map_err(Error::Shape)?,
         ..BenchConfig::new(o.num("n", 8192)?)
     };
     let sp = SparsePrefill::new(0)?;

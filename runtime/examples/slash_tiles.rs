@@ -2,10 +2,11 @@
 //! CUDA benchmark's structured inputs (CPU only; no GPU needed).
 //!
 //! ```text
-//! cargo run --release -p runtime --features cuda --example slash_tiles -- [N...]
+//! cargo run --release -p runtime --features cuda --example slash_tiles -- [--band B] [N...]
 //! ```
 //!
 //! For each length (default 32768 and 131072), query heads 0..4 of one KV head (the structured
+//! inputs with the local band B, `scattered` by default or `local`; the structured
 //! inputs repeat with period 4 over heads), v = 1000 columns and s = 6096 diagonals from the last 64
 //! queries (the benchmark's settings), the same top columns and diagonals are counted three ways:
 //! - **aligned**: our index: every 64×64 key block that a selected diagonal touches, plus the
@@ -18,14 +19,24 @@
 //!
 //! Every figure is causal cells over the dense causal cells.
 
-use runtime::exec::cuda::bench::{structured, BenchConfig};
+use runtime::exec::cuda::bench::{structured_band, Band, BenchConfig};
 use runtime::pattern::vertical_slash::{selection_cells, VsRanking};
 use runtime::pattern::{causal_cells, HeadQk};
 use runtime::AttnShape;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let lens: Vec<usize> = match std::env::args()
-        .skip(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let band = match args.iter().position(|a| a == "--band") {
+        Some(i) if i + 1 < args.len() => {
+            let b: Band = args[i + 1].parse()?;
+            args.drain(i..i + 2);
+            b
+        }
+        Some(_) => return Err("--band needs a value: scattered or local".into()),
+        None => Band::Scattered,
+    };
+    let lens: Vec<usize> = match args
+        .iter()
         .map(|a| a.parse::<usize>())
         .collect::<Result<Vec<_>, _>>()
     {
@@ -33,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(_) => vec![32_768, 131_072],
         Err(e) => return Err(format!("lengths must be integers: {e}").into()),
     };
+    println!("{band} band");
     println!("| N | head | aligned | ranges | exact | aligned / ranges |");
     println!("|---|---|---|---|---|---|");
     for n in lens {
@@ -44,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             kv_heads: 1,
             head_dim: 128,
         };
-        let (q, k, _) = structured(&shape, cfg.seed())?;
+        let (q, k, _) = structured_band(&shape, cfg.seed(), band)?;
         for h in 0..4 {
             let qh = &q[h * n * 128..(h + 1) * n * 128];
             let ranking = VsRanking::new(&ctx, &HeadQk::new(qh, &k, 128, n)?)?;

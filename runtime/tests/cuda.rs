@@ -724,6 +724,52 @@ fn bench_inputs_are_deterministic_with_sink_lines_and_band() {
     assert!(matches!(structured(&narrow, 9), Err(Error::Shape(_))));
 }
 
+/// The two bands place the top diagonals where their docs say: at 32K with the benchmark's budgets,
+/// the local band's 6096 top diagonals all lie within 8192 offsets of the main one, the scattered
+/// band's mostly beyond (CPU selection, `runtime::pattern::vertical_slash`). `structured` is the
+/// scattered band, and the local band's q_i . k_i is 12 pairs of amplitude 3 in phase (108).
+#[test]
+fn bench_bands_place_the_top_diagonals() {
+    use runtime::exec::cuda::bench::{structured, structured_band, Band, BenchConfig};
+    use runtime::pattern::vertical_slash::VsRanking;
+    let n = 32_768;
+    let cfg = BenchConfig::new(n);
+    let shape = AttnShape {
+        q_heads: 1,
+        kv_heads: 1,
+        ..cfg.shape()
+    };
+    let d = shape.head_dim;
+    let far = |band: Band| {
+        let (q, k, _) = structured_band(&shape, cfg.seed(), band).unwrap();
+        let ranking = VsRanking::new(&cfg.context(), &HeadQk::new(&q, &k, d, n).unwrap()).unwrap();
+        let top = ranking.top_diagonals(cfg.slash);
+        assert_eq!(top.len(), cfg.slash);
+        top.iter().filter(|&&off| off >= 8192).count()
+    };
+    assert_eq!(far(Band::Local), 0);
+    assert!(far(Band::Scattered) > cfg.slash / 2);
+    let small = AttnShape {
+        seq_len: 300,
+        ..shape
+    };
+    assert_eq!(
+        structured(&small, 9).unwrap(),
+        structured_band(&small, 9, Band::Scattered).unwrap()
+    );
+    let (q, k, _) = structured_band(&small, 9, Band::Local).unwrap();
+    let dot: f32 = (8..bench::MIN_STRUCTURED_HEAD_DIM)
+        .map(|c| q[200 * d + c] * k[200 * d + c])
+        .sum();
+    assert!((dot - 108.0).abs() < 1e-3, "{dot}");
+    assert_eq!("local".parse::<Band>(), Ok(Band::Local));
+    assert_eq!(" scattered".parse::<Band>(), Ok(Band::Scattered));
+    assert!("wide"
+        .parse::<Band>()
+        .unwrap_err()
+        .contains("scattered or local"));
+}
+
 #[test]
 fn bench_result_json_keeps_the_keys_baselines_py_reads() {
     use runtime::exec::cuda::bench::{median, BenchConfig, BenchResult};
@@ -757,10 +803,13 @@ fn bench_result_json_keeps_the_keys_baselines_py_reads() {
         &dense_tflops,
         "\"entries\":[35,43]",
         "\"device\":\"GPU \\\"x\\\"\"",
+        "\"band\":\"scattered\"}",
     ] {
         assert!(js.contains(needle), "{needle} missing from {js}");
     }
-    assert!(r.summary().starts_with("bench n=262144: density 0.1350;"));
+    assert!(r
+        .summary()
+        .starts_with("bench n=262144 (scattered band): density 0.1350;"));
     let small = BenchResult {
         config: BenchConfig {
             q_heads: 9,

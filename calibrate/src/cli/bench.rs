@@ -54,6 +54,11 @@ pub struct Args {
     /// layers are 9x3x64.
     #[arg(long, default_value = "32x8x128", value_parser = parse_shape)]
     pub shape: (usize, usize, usize),
+    /// The structured inputs' local band: `scattered` (most top diagonals far from the main one:
+    /// 21% of the cells at 128K) or `local` (the top diagonals are the nearest ones: 10% at 128K,
+    /// shared/GPU.md's "local indexes").
+    #[arg(long, default_value = "scattered", value_parser = parse_band)]
+    pub band: bench::Band,
     /// Skip the baselines (PyTorch SDPA cuDNN, FA2, MInference's Triton kernel).
     #[arg(long)]
     pub no_baselines: bool,
@@ -128,6 +133,10 @@ pub fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
         ));
     }
     Ok((hq, hkv, d))
+}
+
+fn parse_band(s: &str) -> Result<bench::Band, String> {
+    s.parse()
 }
 
 fn parse_reps(s: &str) -> Result<usize, String> {
@@ -243,6 +252,7 @@ fn measure_lengths(
             q_heads,
             kv_heads,
             head_dim,
+            band: args.band,
             ..BenchConfig::new(n)
         };
         let (ours, index) = bench::measure(&sp, &cfg).with_context(|| format!("length {n}"))?;
@@ -463,7 +473,7 @@ pub fn format_table(rows: &[Row], status: &Baselines) -> String {
         let _ = writeln!(
             t,
             "CUDA benchmark on {}, attention kernel {}: {} query heads over {} KV heads, head_dim {}, \
-             bf16, causal; vertical-slash v={} s={} last_q={}; structured inputs.\n\
+             bf16, causal; vertical-slash v={} s={} last_q={}; structured inputs, {} band.\n\
              Times in ms, CUDA-event medians of {} (dense from {} tokens on: of {}); \
              TFLOP/s in parentheses; ratios are baseline / ours.",
             first.ours.device,
@@ -474,6 +484,7 @@ pub fn format_table(rows: &[Row], status: &Baselines) -> String {
             c.vertical,
             c.slash,
             c.last_q,
+            c.band,
             c.sparse_reps(),
             bench::LONG_DENSE,
             BenchConfig {

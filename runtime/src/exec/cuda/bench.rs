@@ -14,7 +14,10 @@
 //!
 //! Structured inputs: noise (sum of three uniforms) plus, per head, an attention sink (token 0), a
 //! local band (12 low-frequency rotary pairs shared by Q and K, so q_i . k_j peaks at i = j and decays
-//! with |i - j|), and 16 heavy key columns ("vertical lines") at fixed positions.
+//! with |i - j|), and 16 heavy key columns ("vertical lines") at fixed positions. [`Band`] picks the
+//! band's frequencies: [`Band::Scattered`] (the default) leaves most top diagonals far from the main
+//! one, [`Band::Local`] makes them the nearest ones, the "local indexes" of shared/GPU.md's
+//! MInference baseline.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -40,6 +43,62 @@ pub const LONG_DENSE: usize = 131072;
 
 /// Rotary pairs of the local band, on dims `8..8 + 2 * PAIRS`.
 const PAIRS: usize = 12;
+
+/// The local band of [`structured`] inputs: its rotary pairs' frequencies (geometric from the
+/// highest to the lowest) and amplitude decide how far its attention reaches, and so where the top
+/// diagonals of a vertical-slash selection land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Band {
+    /// Frequencies 1/16 down to 1/4096 rad per token, amplitude 2: a sharp peak at i = j whose
+    /// sidelobes (where many of the pairs' cosines meet again) reach every offset, so at 128K most
+    /// of the top 6096 diagonals lie far from the main one (at head 0, 5525 beyond 8192 offsets)
+    /// and the index computes 21% of the causal cells. The benchmark's inputs since it began.
+    #[default]
+    Scattered,
+    /// Frequencies 1/4096 down to 1/65536 rad per token, amplitude 3: the band's score falls
+    /// monotonically over the first ~12,800 offsets (the highest pair's half period), so the top
+    /// 6096 diagonals are the nearest ones ("local indexes") and the index computes 10% of the
+    /// causal cells at 128K and 5% at 256K, the densities of shared/GPU.md's MInference baseline.
+    Local,
+}
+
+impl Band {
+    /// Both, in the order the benchmark lists them.
+    pub const ALL: [Band; 2] = [Band::Scattered, Band::Local];
+
+    /// The name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Band::Scattered => "scattered",
+            Band::Local => "local",
+        }
+    }
+
+    /// Highest and lowest frequency (rad per token) and the amplitude of each pair.
+    fn params(self) -> (f32, f32, f32) {
+        match self {
+            Band::Scattered => (1.0 / 16.0, 1.0 / 4096.0, 2.0),
+            Band::Local => (1.0 / 4096.0, 1.0 / 65536.0, 3.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Band {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Band {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Band::ALL
+            .into_iter()
+            .find(|b| b.name() == s.trim())
+            .ok_or_else(|| format!("{s:?}: expected a band, scattered or local"))
+    }
+}
 /// Smallest head_dim [`structured`] can fill (the band ends at dim `8 + 2 * PAIRS`).
 pub const MIN_STRUCTURED_HEAD_DIM: usize = 8 + 2 * PAIRS;
 
@@ -63,11 +122,13 @@ pub struct BenchConfig {
     pub kv_heads: usize,
     /// Head dimension, 64 or 128 ([`HEAD_DIM`] by default).
     pub head_dim: usize,
+    /// The structured inputs' local band ([`Band::Scattered`] by default).
+    pub band: Band,
 }
 
 impl BenchConfig {
     /// The settings of docs/perf.md at `seq_len` tokens: 10 reps, v 1000, s 6096, last_q 64, 32 query
-    /// heads over 8 KV heads of head_dim 128.
+    /// heads over 8 KV heads of head_dim 128, the scattered band.
     pub fn new(seq_len: usize) -> Self {
         Self {
             seq_len,
@@ -78,6 +139,7 @@ impl BenchConfig {
             q_heads: Q_HEADS,
             kv_heads: KV_HEADS,
             head_dim: HEAD_DIM,
+            band: Band::Scattered,
         }
     }
 
@@ -181,7 +243,7 @@ impl BenchResult {
              \"last_q\":{},\"reps\":{},\"dense_reps\":{},\"density\":{:.5},\"estimate_ms\":{:.4},\
              \"select_ms\":{:.4},\"sparse_attn_ms\":{:.4},\"e2e_ms\":{:.4},\"dense_ms\":{:.4},\
              \"sparse_attn_tflops_on_cells\":{:.1},\"dense_tflops\":{:.1},\"index_share\":{:.4},\
-             \"entries\":[{},{}],\"inputs_s\":{:.1},\"device\":{},\"kernel\":{}}}",
+             \"entries\":[{},{}],\"inputs_s\":{:.1},\"device\":{},\"kernel\":{},\"band\":{}}}",
             c.seq_len,
             c.q_heads,
             c.kv_heads,
@@ -205,6 +267,7 @@ impl BenchResult {
             self.inputs_s,
             json_string(&self.device),
             json_string(&self.kernel),
+            json_string(c.band.name()),
         );
         js
     }
@@ -212,10 +275,11 @@ impl BenchResult {
     /// The one-line summary the benchmark prints per length.
     pub fn summary(&self) -> String {
         format!(
-            "bench n={}: density {:.4}; estimate {:.3} ms, select {:.3} ms, sparse attention {:.3} ms \
+            "bench n={} ({} band): density {:.4}; estimate {:.3} ms, select {:.3} ms, sparse attention {:.3} ms \
              ({:.0} TFLOP/s on computed cells), end-to-end {:.3} ms (index share {:.1}%), dense {:.3} ms \
              ({:.0} TFLOP/s); inputs {:.1} s",
             self.config.seq_len,
+            self.config.band,
             self.density,
             self.estimate_ms,
             self.select_ms,
@@ -281,7 +345,7 @@ pub fn measure(sp: &SparsePrefill, cfg: &BenchConfig) -> Result<(BenchResult, Fl
     let ctx = cfg.context();
     let t0 = Instant::now();
     let (qd, kd, vd) = {
-        let (q, k, v) = structured(&shape, cfg.seed())?;
+        let (q, k, v) = structured_band(&shape, cfg.seed(), cfg.band)?;
         (
             sp.upload_bf16(&q)?,
             sp.upload_bf16(&k)?,
@@ -355,7 +419,8 @@ pub fn write_inputs(dir: &Path, result: &BenchResult, index: &FlatIndex) -> Resu
         source,
     })?;
     let shape = result.config.shape();
-    let (q, k, v) = structured(&shape, result.config.seed())?;
+    let c = &result.config;
+    let (q, k, v) = structured_band(&shape, c.seed(), c.band)?;
     let to_bits = |x: &[f32]| x.par_iter().map(|&y| bf16_bits(y)).collect::<Vec<u16>>();
     write_u16(&dir.join("q.bf16"), &to_bits(&q))?;
     write_u16(&dir.join("k.bf16"), &to_bits(&k))?;
@@ -428,9 +493,18 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Q, K, V (f32) in `shape`'s layout with a sink, a local band and vertical lines (see the module
-/// docs). Needs `head_dim >= MIN_STRUCTURED_HEAD_DIM`.
+/// Q, K, V (f32) in `shape`'s layout with a sink, the scattered local band and vertical lines (see
+/// the module docs). Needs `head_dim >= MIN_STRUCTURED_HEAD_DIM`.
 pub fn structured(shape: &AttnShape, seed: u64) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    structured_band(shape, seed, Band::Scattered)
+}
+
+/// [`structured`] with the local band `band`.
+pub fn structured_band(
+    shape: &AttnShape,
+    seed: u64,
+    band: Band,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     shape.check()?;
     let (n, d) = (shape.seq_len, shape.head_dim);
     if d < MIN_STRUCTURED_HEAD_DIM {
@@ -449,9 +523,9 @@ pub fn structured(shape: &AttnShape, seed: u64) -> Result<(Vec<f32>, Vec<f32>, V
     if n == 0 {
         return Ok((q, k, v));
     }
-    // Rotary pairs on dims 8..8+2*PAIRS: frequencies from 1/16 down to 1/4096 rad per token.
-    let freq = |m: usize| (1.0f32 / 16.0) * (1.0f32 / 256.0).powf(m as f32 / (PAIRS - 1) as f32);
-    let amp = 2.0f32;
+    // Rotary pairs on dims 8..8+2*PAIRS, frequencies geometric from f_hi down to f_lo.
+    let (f_hi, f_lo, amp) = band.params();
+    let freq = |m: usize| f_hi * (f_lo / f_hi).powf(m as f32 / (PAIRS - 1) as f32);
     let lines: Vec<usize> = (0..16).map(|i| (i * 7919 + 1237) % n).collect();
     let band = |row: &mut [f32], pos: usize| {
         for (m, pair) in row[8..8 + 2 * PAIRS].chunks_exact_mut(2).enumerate() {
