@@ -23,10 +23,10 @@ use crate::AttnShape;
 
 /// Threads per CTA of `bs_score` and `bs_select` (`BS_THREADS`; `bs_select` runs one warp per
 /// (head, query block)) and the query/key tile of `bs_score` (`BS_TQ`) in block_sparse.cu.
-const THREADS: u32 = 256;
-const TILE: usize = 64;
+pub(crate) const THREADS: u32 = 256;
+pub(crate) const TILE: usize = 64;
 /// `BS_SKIP`: the mode of a head without an index.
-const SKIP: u32 = 2;
+pub(crate) const SKIP: u32 = 2;
 /// Bound of the pooled-score scratch matrix (`[q_heads][chunk][q_blocks]` f64): the query blocks are
 /// scored and selected in chunks that fit.
 pub const SCRATCH_BYTES: usize = 512 << 20;

@@ -288,3 +288,66 @@ pub(crate) fn follow(dev: &Device, s: &CudaStream, other: &CudaStream) -> Result
     drv("cuEventRecord", marks[which].record(other))?;
     drv("cuStreamWaitEvent", s.wait(&marks[which]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{KernelFile, COMMON};
+
+    /// The value of the first `#define name value` line of `src`, as a number (decimal or hex,
+    /// with an optional `u` suffix).
+    fn define(src: &str, name: &str) -> Option<u64> {
+        let v = src.lines().find_map(|l| {
+            let mut t = l.split_whitespace();
+            (t.next() == Some("#define") && t.next() == Some(name))
+                .then(|| t.next())
+                .flatten()
+        })?;
+        let v = v.trim_end_matches('u');
+        match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => v.parse().ok(),
+        }
+    }
+
+    /// Launch shapes and markers the host mirrors from the kernels' `#define`s: a change on one
+    /// side only fails here instead of on the device.
+    #[test]
+    fn host_constants_match_the_kernels_defines() {
+        use super::super::{block_sparse as bs, plan, query_adaptive as qa, vertical_slash as vs};
+        let cases: [(&str, &str, u64); 8] = [
+            (COMMON, "FILL_THREADS", super::super::FILL_THREADS.into()),
+            (
+                KernelFile::Attention.body(),
+                "SCHED_COLUMN",
+                super::super::SCHED_COLUMN.into(),
+            ),
+            (
+                KernelFile::VerticalSlash.body(),
+                "TK_CLUSTER",
+                vs::TOPK_CLUSTER.into(),
+            ),
+            (
+                KernelFile::VerticalSlash.body(),
+                "MC_RUN",
+                plan::MERGE_COPY_RUN as u64,
+            ),
+            (
+                KernelFile::QueryAdaptive.body(),
+                "QA_CLUSTER",
+                qa::BUDGET_CLUSTER.into(),
+            ),
+            (
+                KernelFile::BlockSparse.body(),
+                "BS_THREADS",
+                bs::THREADS.into(),
+            ),
+            (KernelFile::BlockSparse.body(), "BS_SKIP", bs::SKIP.into()),
+            (KernelFile::BlockSparse.body(), "BS_TQ", bs::TILE as u64),
+        ];
+        for (src, name, host) in cases {
+            assert_eq!(define(src, name), Some(host), "#define {name}");
+        }
+        assert_eq!(define("#define X 0x10u\n", "X"), Some(16));
+        assert_eq!(define("#define XY 3\n", "X"), None);
+    }
+}

@@ -916,7 +916,7 @@ impl SparsePrefill {
         union: bool,
         bufs: &mut UnionBufs,
     ) -> Result<bool> {
-        if ix.q_blocks >= 0xff_ffff {
+        if ix.q_blocks >= SCHED_COLUMN as usize {
             return Ok(false);
         }
         let s = &self.dev.stream;
@@ -1223,6 +1223,10 @@ pub(crate) fn check_qkv(
 
 /// Threads of the list fills' CTAs (`FILL_THREADS` in kernels/common.cuh).
 pub(crate) const FILL_THREADS: u32 = 128;
+
+/// A schedule entry's key block that marks a column tile (`SCHED_COLUMN` in attention.cu): key
+/// blocks must stay below it for the tile schedules to apply.
+pub(crate) const SCHED_COLUMN: u32 = 0xff_ffff;
 
 /// The launch shape of the list fills (`vs_fill`, `ts_fill`): one CTA of [`FILL_THREADS`] per (head,
 /// query block) entry, with `smem` bytes of dynamic shared memory.

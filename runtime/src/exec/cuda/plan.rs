@@ -97,7 +97,7 @@ pub struct PlanPrefill {
 pub const DENSE_WHEN_FASTER_ENV: &str = "ATTNPLAN_DENSE_WHEN_FASTER";
 
 /// Merged entries per CTA of `ix_merge_copy` (`MC_RUN` in vertical_slash.cu).
-const MERGE_COPY_RUN: usize = 4096;
+pub(crate) const MERGE_COPY_RUN: usize = 4096;
 
 /// `PlanPrefill::last`: the merged index.
 const MERGED: u32 = 4;

@@ -21,7 +21,7 @@ use crate::AttnShape;
 const BUDGET_SMEM: u32 = 32 * 256 * (8 + 4);
 
 /// CTAs of a `qa_budgets` cluster (`QA_CLUSTER` in query_adaptive.cu): one (kind, head)'s budget.
-const BUDGET_CLUSTER: u32 = 8;
+pub(crate) const BUDGET_CLUSTER: u32 = 8;
 
 /// Per-head decisions of a layer's query-adaptive heads.
 #[derive(Debug)]

@@ -32,7 +32,7 @@ fn est_smem(head_dim: usize) -> u32 {
 }
 
 /// CTAs of a `vs_topk` cluster (`TK_CLUSTER` in vertical_slash.cu): one (kind, head)'s ranking.
-const TOPK_CLUSTER: u32 = 8;
+pub(crate) const TOPK_CLUSTER: u32 = 8;
 
 /// Dynamic shared memory of `vs_fill`: a bit per key block.
 fn fill_smem(q_blocks: usize) -> u32 {
