@@ -54,11 +54,16 @@ pub struct Args {
     /// layers are 9x3x64.
     #[arg(long, default_value = "32x8x128", value_parser = parse_shape)]
     pub shape: (usize, usize, usize),
-    /// The structured inputs' local band: `scattered` (most top diagonals far from the main one:
-    /// 21% of the cells at 128K) or `local` (the top diagonals are the nearest ones: 10% at 128K,
-    /// shared/GPU.md's "local indexes").
-    #[arg(long, default_value = "scattered", value_parser = parse_band)]
-    pub band: bench::Band,
+    /// The structured inputs' local band, comma-separated for several (a table each):
+    /// `scattered` (most top diagonals far from the main one: 21% of the cells at 128K) or `local`
+    /// (the top diagonals are the nearest ones: 10% at 128K, shared/GPU.md's "local indexes").
+    #[arg(
+        long = "band",
+        value_delimiter = ',',
+        default_value = "scattered",
+        value_parser = parse_band
+    )]
+    pub bands: Vec<bench::Band>,
     /// Skip the baselines (PyTorch SDPA cuDNN, FA2, MInference's Triton kernel).
     #[arg(long)]
     pub no_baselines: bool,
@@ -189,6 +194,10 @@ pub fn run(args: &Args) -> Outcome {
     if let Some(n) = args.lengths.iter().find(|&&n| !seen.insert(n)) {
         return Err(anyhow::anyhow!("--lengths lists {n} twice").into());
     }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(b) = args.bands.iter().find(|&&b| !seen.insert(b.name())) {
+        return Err(anyhow::anyhow!("--band lists {b} twice").into());
+    }
     if let Some(plan) = &args.plan {
         return super::bench_plan::run(args, plan);
     }
@@ -221,7 +230,8 @@ pub fn run(args: &Args) -> Outcome {
     if let (Some(root), Baselines::Pending) = (&inputs, &status) {
         let (st, times) = run_baselines(args, root.path(), &dirs);
         for row in &mut rows {
-            if let Some(t) = times.get(&row.ours.config.seq_len) {
+            let c = &row.ours.config;
+            if let Some(t) = times.get(&(c.seq_len, c.band)) {
                 row.baselines = t.clone();
             }
         }
@@ -235,7 +245,7 @@ pub fn run(args: &Args) -> Outcome {
     Ok(())
 }
 
-/// Measures every length on `sp`, writing the baselines' inputs under `inputs` and the JSON (with
+/// Measures every band at every length on `sp` (bands outer), writing the baselines' inputs under `inputs` and the JSON (with
 /// `status`) after each length. Returns the rows and the input folders.
 fn measure_lengths(
     sp: SparsePrefill,
@@ -245,20 +255,25 @@ fn measure_lengths(
 ) -> anyhow::Result<(Vec<Row>, Vec<PathBuf>)> {
     let mut rows = Vec::new();
     let mut dirs = Vec::new();
-    for &n in &args.lengths {
+    let runs = args
+        .bands
+        .iter()
+        .flat_map(|&band| args.lengths.iter().map(move |&n| (band, n)));
+    for (band, n) in runs {
         let (q_heads, kv_heads, head_dim) = args.shape;
         let cfg = BenchConfig {
             reps: args.reps,
             q_heads,
             kv_heads,
             head_dim,
-            band: args.band,
+            band,
             ..BenchConfig::new(n)
         };
-        let (ours, index) = bench::measure(&sp, &cfg).with_context(|| format!("length {n}"))?;
+        let (ours, index) =
+            bench::measure(&sp, &cfg).with_context(|| format!("length {n}, {band} band"))?;
         eprintln!("{}", ours.summary());
         if let Some(root) = inputs {
-            let dir = root.path().join(format!("n{n}"));
+            let dir = root.path().join(format!("{band}-n{n}"));
             bench::write_inputs(&dir, &ours, &index)?;
             dirs.push(dir);
         }
@@ -345,7 +360,7 @@ fn run_baselines(
     args: &Args,
     root: &Path,
     dirs: &[PathBuf],
-) -> (Baselines, BTreeMap<usize, BaselineTimes>) {
+) -> (Baselines, BTreeMap<(usize, bench::Band), BaselineTimes>) {
     let out_json = root.join("baselines.json");
     eprintln!(
         "bench: baselines: {} {} on {} lengths",
@@ -390,8 +405,11 @@ fn run_baselines(
     }
 }
 
-/// The rows of `baselines.py`'s output: a JSON array of objects with `n` and the baseline keys.
-pub fn parse_baselines(bytes: &[u8]) -> anyhow::Result<BTreeMap<usize, BaselineTimes>> {
+/// The rows of `baselines.py`'s output: a JSON array of objects with `n`, `band` (our `bench.json`
+/// keys, which the script copies) and the baseline keys, keyed by length and band.
+pub fn parse_baselines(
+    bytes: &[u8],
+) -> anyhow::Result<BTreeMap<(usize, bench::Band), BaselineTimes>> {
     let rows: Vec<Value> = serde_json::from_slice(bytes).context("expected a JSON array")?;
     let mut out = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
@@ -400,9 +418,15 @@ pub fn parse_baselines(bytes: &[u8]) -> anyhow::Result<BTreeMap<usize, BaselineT
             .and_then(Value::as_u64)
             .and_then(|n| usize::try_from(n).ok())
             .with_context(|| format!("[{i}].n: expected a token count"))?;
+        let band = r
+            .get("band")
+            .and_then(Value::as_str)
+            .with_context(|| format!("[{i}].band: expected scattered or local"))?
+            .parse::<bench::Band>()
+            .map_err(|e| anyhow::anyhow!("[{i}].band: {e}"))?;
         let ms = |key: &str| r.get(key).and_then(Value::as_f64);
         out.insert(
-            n,
+            (n, band),
             BaselineTimes {
                 cudnn_ms: ms("cudnn_ms"),
                 flash_ms: ms("flash_ms"),
@@ -464,10 +488,42 @@ fn ms(x: Option<f64>) -> String {
     x.map_or_else(|| "n/a".into(), |x| format!("{x:.3}"))
 }
 
-/// The table: a heading with the workload, one line per length, then notes on the baselines.
-/// Times in ms; ratios are baseline / ours (above 1: we are faster).
+/// The table: per band (rows of one band are adjacent), a heading with the workload and one line
+/// per length; then notes on the baselines. Times in ms; ratios are baseline / ours (above 1: we
+/// are faster).
 pub fn format_table(rows: &[Row], status: &Baselines) -> String {
     let mut t = String::new();
+    for (i, band) in rows
+        .chunk_by(|a, b| a.ours.config.band == b.ours.config.band)
+        .enumerate()
+    {
+        if i > 0 {
+            t.push('\n');
+        }
+        band_table(&mut t, band);
+    }
+    match status {
+        Baselines::Skipped => t.push_str("baselines: skipped (--no-baselines)\n"),
+        Baselines::Pending => t.push_str("baselines: not run yet\n"),
+        Baselines::Unavailable(why) => {
+            let _ = writeln!(t, "baselines: not measured: {why}");
+        }
+        Baselines::Failed(why) => {
+            let _ = writeln!(t, "baselines: failed: {why}");
+        }
+        Baselines::Ran => {}
+    }
+    for r in rows {
+        if let Some(e) = &r.baselines.minference_triton_error {
+            let c = &r.ours.config;
+            let _ = writeln!(t, "MInference at N={} ({} band): {e}", c.seq_len, c.band);
+        }
+    }
+    t
+}
+
+/// One band's heading, column names and rows.
+fn band_table(t: &mut String, rows: &[Row]) {
     if let Some(first) = rows.first() {
         let c = &first.ours.config;
         let _ = writeln!(
@@ -533,23 +589,6 @@ pub fn format_table(rows: &[Row], status: &Baselines) -> String {
             ratio(b.flash_ms, f64::from(o.dense_ms)),
         );
     }
-    match status {
-        Baselines::Skipped => t.push_str("baselines: skipped (--no-baselines)\n"),
-        Baselines::Pending => t.push_str("baselines: not run yet\n"),
-        Baselines::Unavailable(why) => {
-            let _ = writeln!(t, "baselines: not measured: {why}");
-        }
-        Baselines::Failed(why) => {
-            let _ = writeln!(t, "baselines: failed: {why}");
-        }
-        Baselines::Ran => {}
-    }
-    for r in rows {
-        if let Some(e) = &r.baselines.minference_triton_error {
-            let _ = writeln!(t, "MInference at N={}: {e}", r.ours.config.seq_len);
-        }
-    }
-    t
 }
 
 #[cfg(test)]
@@ -578,6 +617,21 @@ mod tests {
         assert!(!a.no_baselines);
         assert!(a.json.is_none());
         assert_eq!(a.baselines_script, Path::new("scripts/gpu/baselines.py"));
+        assert_eq!(a.bands, [bench::Band::Scattered]);
+    }
+
+    #[test]
+    fn bench_bands_parse_and_repeats_are_refused() {
+        let a = parse(&["--device", "cuda", "--band", "local,scattered"]).unwrap();
+        assert_eq!(a.bands, [bench::Band::Local, bench::Band::Scattered]);
+        let e = parse(&["--device", "cuda", "--band", "wide"]).unwrap_err();
+        assert!(e.to_string().contains("scattered or local"), "{e}");
+        // refused before any device is opened
+        let a = parse(&["--device", "cuda", "--band", "local,local"]).unwrap();
+        let Err(crate::cli::Failure::Error(e)) = run(&a) else {
+            panic!("--band local,local ran")
+        };
+        assert_eq!(e.to_string(), "--band lists local twice");
     }
 
     #[test]
@@ -676,18 +730,20 @@ mod tests {
         let script = dir.path().join("fake.sh");
         std::fs::write(
             &script,
-            "printf '[{\"n\": 1024, \"cudnn_ms\": 1.5, \"flash_ms\": 2.5}]' > \"$1\"\nexit ${FAIL:-0}\n",
+            "printf '[{\"n\": 1024, \"band\": \"local\", \"cudnn_ms\": 1.5, \"flash_ms\": 2.5}]' \
+             > \"$1\"\nexit ${FAIL:-0}\n",
         )
         .unwrap();
         let mut a = parse(&["--device", "cuda"]).unwrap();
         a.python = "sh".into();
         a.baselines_script = script;
-        let dirs = [dir.path().join("n1024")];
+        let dirs = [dir.path().join("local-n1024")];
         let (status, times) = run_baselines(&a, dir.path(), &dirs);
         assert_eq!(status, Baselines::Ran);
-        assert_eq!(times[&1024].cudnn_ms, Some(1.5));
-        assert_eq!(times[&1024].flash_ms, Some(2.5));
-        assert_eq!(times[&1024].minference_triton_ms, None);
+        let local = (1024, bench::Band::Local);
+        assert_eq!(times[&local].cudnn_ms, Some(1.5));
+        assert_eq!(times[&local].flash_ms, Some(2.5));
+        assert_eq!(times[&local].minference_triton_ms, None);
         // a failing script: the rows it wrote are kept, the status says it failed
         std::fs::write(
             dir.path().join("fake2.sh"),
@@ -764,9 +820,20 @@ mod tests {
         assert!(lines[4].contains("n/a"), "{t}");
         assert_eq!(lines[3].len(), lines[4].len(), "columns align:\n{t}");
         assert!(
-            t.contains("MInference at N=131072: ModuleNotFoundError"),
+            t.contains("MInference at N=131072 (scattered band): ModuleNotFoundError"),
             "{t}"
         );
+        // a second band: its own heading and column names after a blank line
+        let mut local = rows[0].clone();
+        local.ours.config.band = bench::Band::Local;
+        let two = [rows[0].clone(), rows[1].clone(), local];
+        let t = format_table(&two, &Baselines::Ran);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("scattered band"), "{t}");
+        assert_eq!(lines[5], "", "{t}");
+        assert!(lines[6].contains("local band"), "{t}");
+        assert!(lines[8].trim_start().starts_with("N density"), "{t}");
+        assert!(lines[9].trim_start().starts_with("32768"), "{t}");
         let t = format_table(
             &rows[..1],
             &Baselines::Unavailable("python3 not found".into()),
@@ -812,17 +879,24 @@ mod tests {
 
     #[test]
     fn bench_reads_the_baselines_script_output() {
-        let json = br#"[{"n": 8192, "density": 0.9, "cudnn_ms": 0.98, "flash_ms": 1.79,
-            "minference_triton_ms": 1.78}, {"n": 32768, "cudnn_ms": 13.2, "flash_ms": 25.3,
-            "minference_triton_error": "ImportError()"}]"#;
+        use bench::Band::{Local, Scattered};
+        let json = br#"[{"n": 8192, "band": "scattered", "density": 0.9, "cudnn_ms": 0.98,
+            "flash_ms": 1.79, "minference_triton_ms": 1.78}, {"n": 32768, "band": "scattered",
+            "cudnn_ms": 13.2, "flash_ms": 25.3, "minference_triton_error": "ImportError()"},
+            {"n": 8192, "band": "local", "cudnn_ms": 0.97}]"#;
         let t = parse_baselines(json).unwrap();
-        assert_eq!(t[&8192].minference_triton_ms, Some(1.78));
-        assert_eq!(t[&32768].flash_ms, Some(25.3));
+        assert_eq!(t[&(8192, Scattered)].minference_triton_ms, Some(1.78));
+        assert_eq!(t[&(8192, Local)].cudnn_ms, Some(0.97));
+        assert_eq!(t[&(32768, Scattered)].flash_ms, Some(25.3));
         assert_eq!(
-            t[&32768].minference_triton_error.as_deref(),
+            t[&(32768, Scattered)].minference_triton_error.as_deref(),
             Some("ImportError()")
         );
         assert!(parse_baselines(b"{}").is_err());
         assert!(parse_baselines(br#"[{"cudnn_ms": 1}]"#).is_err());
+        let e = parse_baselines(br#"[{"n": 8192}]"#).unwrap_err();
+        assert!(e.to_string().contains("[0].band"), "{e}");
+        let e = parse_baselines(br#"[{"n": 8192, "band": "wide"}]"#).unwrap_err();
+        assert!(e.to_string().contains("[0].band"), "{e}");
     }
 }

@@ -47,7 +47,7 @@ const PAIRS: usize = 12;
 /// The local band of [`structured`] inputs: its rotary pairs' frequencies (geometric from the
 /// highest to the lowest) and amplitude decide how far its attention reaches, and so where the top
 /// diagonals of a vertical-slash selection land.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Band {
     /// Frequencies 1/16 down to 1/4096 rad per token, amplitude 2: a sharp peak at i = j whose
     /// sidelobes (where many of the pairs' cosines meet again) reach every offset, so at 128K most
