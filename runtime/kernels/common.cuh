@@ -132,6 +132,21 @@ __device__ __forceinline__ u32 warps_before_1024(u32 v, u32* total) {
     return block_scan_1024((threadIdx.x & 31) == 31 ? v : 0u, total);
 }
 
+// Of per-warp values sums[0..WARPS) (in shared memory, written before a __syncthreads): the sum over
+// the warps before `warp`, and in `total` over all WARPS.
+template <int WARPS, typename T>
+__device__ __forceinline__ T warp_sums_before(const T* sums, int warp, T& total) {
+    T before = 0;
+    total = 0;
+#pragma unroll
+    for (int k = 0; k < WARPS; ++k) {
+        const T v = sums[k];
+        before += k < warp ? v : (T)0;
+        total += v;
+    }
+    return before;
+}
+
 // hist[bin] += 1 for every lane with `on`, one shared atomic per distinct bin of the warp (scores fall in
 // few bins, where per-lane atomics serialize). Every lane of the warp must call it.
 __device__ __forceinline__ void hist_inc(u32* hist, u32 bin, bool on) {

@@ -580,19 +580,13 @@ extern "C" __global__ void __launch_bounds__(FILL_THREADS)
             for (int u = 0; u < 4; ++u) kept[u * (FILL_THREADS / 32) + warp] = __popc(bal[u]);
         }
         __syncthreads();
-        u32 before = 0, total = 0;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            for (int v = 0; v < FILL_THREADS / 32; ++v) {
-                const u32 c = kept[u * (FILL_THREADS / 32) + v];
-                before += v < warp ? c : 0u;
-                total += c;
-            }
+            u32 slot;
+            const u32 before = warp_sums_before<FILL_THREADS / 32>(kept + u * (FILL_THREADS / 32), warp, slot);
             if (keep[u]) col_idx[w + before + __popc(bal[u] & lt)] = j[u];
-            // the next slot starts after this slot's warps
-            before = total;
+            w += slot;  // the next slot starts after this slot's warps
         }
-        w += total;
         __syncthreads();  // `kept` is rewritten by the next round
     }
 }
@@ -739,20 +733,6 @@ __device__ __forceinline__ int un_split(const u32* a, int la, const u32* b, int 
     return lo;
 }
 
-// Of the per-warp values in warp_sum (one per warp of the CTA, written before a __syncthreads): the
-// sum over the warps before `warp`, and in `total` over all.
-__device__ __forceinline__ int un_warps_before(const int* warp_sum, int warp, int& total) {
-    int before = 0;
-    total = 0;
-#pragma unroll
-    for (int k = 0; k < UN_THREADS / 32; ++k) {
-        const int v = warp_sum[k];
-        before += k < warp ? v : 0;
-        total += v;
-    }
-    return before;
-}
-
 // The two paths' shared memory (a CTA takes one path).
 union UnionSmem {
     struct {
@@ -825,7 +805,7 @@ __device__ __forceinline__ int union_merge(UnionSmem& sm, const UnionGroup& g, i
             if (tid == UN_THREADS - 1) sm.m.next_i = i;  // the last thread's segment ends the tile
             __syncthreads();
             int tile_len;
-            const int before = un_warps_before(sm.m.warp_sum, warp, tile_len);
+            const int before = warp_sums_before<UN_THREADS / 32>(sm.m.warp_sum, warp, tile_len);
             merge(sm.m.so + before + inc - cnt);
             __syncthreads();
             for (int k = tid; k < tile_len; k += UN_THREADS) out[written + k] = sm.m.so[k];
@@ -879,7 +859,7 @@ __device__ __forceinline__ int union_bitmap(UnionSmem& sm, const UnionGroup& g, 
     if (lane == 0) sm.b.warp_sum[warp] = cnt;
     __syncthreads();
     int total;
-    const int pre = un_warps_before(sm.b.warp_sum, warp, total);
+    const int pre = warp_sums_before<UN_THREADS / 32>(sm.b.warp_sum, warp, total);
     u32* dst = out + pre;
     const u32 below = (1u << lane) - 1;
 #pragma unroll
