@@ -190,12 +190,10 @@ pub fn run(args: &Args) -> Outcome {
     if args.device == Device::Cpu {
         return Err(anyhow::anyhow!(CPU_REFUSED).into());
     }
-    let mut seen = std::collections::BTreeSet::new();
-    if let Some(n) = args.lengths.iter().find(|&&n| !seen.insert(n)) {
+    if let Some(n) = first_repeat(&args.lengths) {
         return Err(anyhow::anyhow!("--lengths lists {n} twice").into());
     }
-    let mut seen = std::collections::BTreeSet::new();
-    if let Some(b) = args.bands.iter().find(|&&b| !seen.insert(b.name())) {
+    if let Some(b) = first_repeat(&args.bands) {
         return Err(anyhow::anyhow!("--band lists {b} twice").into());
     }
     if let Some(plan) = &args.plan {
@@ -243,6 +241,12 @@ pub fn run(args: &Args) -> Outcome {
     }
     super::print(&format_table(&rows, &status))?;
     Ok(())
+}
+
+/// The first item of `items` that an earlier one equals.
+fn first_repeat<T: Ord + Copy>(items: &[T]) -> Option<T> {
+    let mut seen = std::collections::BTreeSet::new();
+    items.iter().copied().find(|&x| !seen.insert(x))
 }
 
 /// Measures every band at every length on `sp` (bands outer), writing the baselines' inputs under `inputs` and the JSON (with

@@ -854,9 +854,9 @@ impl SparsePrefill {
     /// every head (`ix_group_union`, one launch; bitmaps for dense groups, a merge for the others):
     /// entries tagged with their blocks in the top `group` bits, at the first block's offsets, and
     /// one length per group, into `bufs.idx` and `bufs.len` (grown when too small). `false` when
-    /// [`UNION_ENV`] turned it off or tokens do not fit the tags' `32 - group` bits. Queued on the stream: the launch that reads the buffers must
-    /// be queued before the next call writes them, which holding the lock of `bufs` across both
-    /// ensures.
+    /// [`UNION_ENV`] turned it off or tokens do not fit the tags' `32 - group` bits. Queued on the
+    /// stream: the launch that reads the buffers must be queued before the next call writes them,
+    /// which holding the lock of `bufs` across both ensures.
     fn group_union(&self, ix: &DeviceIndex, group: usize, bufs: &mut UnionBufs) -> Result<bool> {
         let Some(f) = &self.group_union else {
             return Ok(false);
